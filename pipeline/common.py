@@ -1,0 +1,182 @@
+"""Small shared utilities: user-facing errors, atomic writes, fingerprints, progress, configs."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator, TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class MflagError(Exception):
+    """An error caused by the user's input or environment; the CLI prints it without a traceback."""
+
+
+class ConfigError(MflagError):
+    """A config value is invalid; the message names the field."""
+
+
+# --------------------------------------------------------------------------- atomic files
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success it is fsync'd and moved onto ``path``.
+
+    On any exception the temp file is removed, so ``path`` only ever holds complete content.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any):
+    """``open`` for writing whose result appears under ``path`` only when the block succeeds."""
+    if "r" in mode or "a" in mode:
+        raise ValueError("atomic_open is for writing only")
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **kwargs) as fh:
+            yield fh
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON atomically."""
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True, default=_json_default)
+        fh.write("\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as e:
+        raise MflagError(f"{path}: not valid JSON ({e})") from e
+
+
+def _json_default(o: Any) -> Any:
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    if hasattr(o, "item"):  # numpy / torch scalars
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+# --------------------------------------------------------------------------- fingerprints
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
+
+
+def fingerprint(obj: Any, length: int = 16) -> str:
+    """Stable hex digest of a JSON-able object (dict key order does not matter)."""
+    return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()[:length]
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- configs
+def config_to_dict(cfg: Any) -> dict:
+    """A dataclass config as plain JSON-able values (paths as strings, tuples as lists)."""
+    return json.loads(canonical_json(dataclasses.asdict(cfg)))
+
+
+def save_config(cfg: Any, out_dir: str | os.PathLike, name: str = "config.json", **extra: Any) -> Path:
+    """Write the resolved config a stage ran with next to its outputs."""
+    from pipeline import __version__
+
+    path = Path(out_dir) / name
+    payload = {"config": config_to_dict(cfg), "mflag_version": __version__, **extra}
+    write_json(path, payload)
+    return path
+
+
+# --------------------------------------------------------------------------- progress
+class _LogProgress:
+    """Plain periodic log lines for non-interactive runs (CI, nohup, SLURM logs)."""
+
+    def __init__(self, iterable, total, desc, unit, every_s):
+        self.iterable, self.total, self.desc, self.unit, self.every_s = iterable, total, desc, unit, every_s
+        self.n = 0
+        self._t0 = self._last = time.monotonic()
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self._last >= self.every_s:
+            self._last = now
+            self._emit(now)
+
+    def _emit(self, now: float) -> None:
+        rate = self.n / max(now - self._t0, 1e-9)
+        of = f"/{self.total}" if self.total else ""
+        log.info("%s: %d%s %s (%.1f %s/s)", self.desc, self.n, of, self.unit, rate, self.unit)
+
+    def set_postfix_str(self, s: str) -> None:  # tqdm compatibility
+        pass
+
+    def close(self) -> None:
+        if self.n:
+            self._emit(time.monotonic())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def progress(iterable: Iterable[T] | None = None, total: int | None = None, desc: str = "",
+             unit: str = "it", every_s: float = 10.0):
+    """A tqdm bar on an interactive terminal, periodic log lines otherwise.
+
+    Usable as an iterator wrapper or as a manual counter (``with progress(total=n) as p: p.update()``).
+    Silent when logging is set above INFO (``-q``).
+    """
+    disable = not log.isEnabledFor(logging.INFO)
+    if sys.stderr.isatty() and not disable:
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True)
+    if iterable is None:
+        iterable = iter(())
+    if disable:
+        every_s = float("inf")
+    return _LogProgress(iterable, total, desc, unit, every_s)
