@@ -1,0 +1,149 @@
+"""A tiny stage graph with fingerprinted outputs, for `cli.py run` and `cli.py status`.
+
+Each node has a name, the names of the nodes it depends on, its parameters (JSON-able) and an output
+folder. Its fingerprint hashes the parameters with the fingerprints of its dependencies, so changing
+one option makes that node and everything downstream stale, and nothing upstream. A node that
+finished writes ``stage.json`` (atomically, last) into its folder; a node without one is missing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline import __version__
+from pipeline.common import MflagError, fingerprint, read_json, write_json
+
+STAGE_FILE = "stage.json"
+
+
+@dataclasses.dataclass
+class Node:
+    name: str
+    out_dir: Path
+    params: dict[str, Any]
+    deps: tuple[str, ...] = ()
+    run: Callable[["Node", dict[str, "Node"]], Any] | None = None
+    fingerprint: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeStatus:
+    name: str
+    state: str  # fresh | stale | missing
+    reason: str
+    fingerprint: str
+
+
+def resolve_fingerprints(nodes: list[Node]) -> dict[str, Node]:
+    """Compute fingerprints in dependency order; the node list must already be topologically sorted."""
+    by_name: dict[str, Node] = {}
+    for node in nodes:
+        missing = [d for d in node.deps if d not in by_name]
+        if missing:
+            raise MflagError(f"stage {node.name!r} depends on {missing}, which come later or do not exist")
+        node.fingerprint = fingerprint({
+            "stage": node.name,
+            "params": node.params,
+            "deps": {d: by_name[d].fingerprint for d in node.deps},
+            "mflag_version": __version__,
+        })
+        by_name[node.name] = node
+    return by_name
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            out += _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".") or "(value)"]
+
+
+def node_status(node: Node, by_name: dict[str, Node]) -> NodeStatus:
+    record_path = node.out_dir / STAGE_FILE
+    if not record_path.is_file():
+        return NodeStatus(node.name, "missing", "never completed", node.fingerprint)
+    record = read_json(record_path)
+    if record.get("fingerprint") == node.fingerprint:
+        return NodeStatus(node.name, "fresh", "up to date", node.fingerprint)
+    reasons = []
+    changed = _changed_keys(record.get("params", {}), node.params)
+    if changed:
+        reasons.append("options changed: " + ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else ""))
+    old_deps = record.get("deps", {})
+    for dep in node.deps:
+        if old_deps.get(dep) != by_name[dep].fingerprint:
+            reasons.append(f"upstream {dep} changed")
+    if record.get("mflag_version") != __version__:
+        reasons.append(f"made by mflag {record.get('mflag_version')}")
+    return NodeStatus(node.name, "stale", "; ".join(reasons) or "fingerprint differs", node.fingerprint)
+
+
+def plan(nodes: list[Node], force: tuple[str, ...] = (), from_stage: str | None = None
+         ) -> tuple[dict[str, Node], list[tuple[Node, NodeStatus, bool]]]:
+    """Decide which nodes run: stale, missing, forced, at/after ``from_stage``, or downstream of a rerun.
+
+    Returns the nodes by name and ``(node, status, will_run)`` in execution order.
+    """
+    by_name = resolve_fingerprints(nodes)
+    for name in (*force, *( [from_stage] if from_stage else [])):
+        if name not in by_name and not any(n.startswith(name + ":") for n in by_name):
+            raise MflagError(f"unknown stage {name!r}; stages are: {', '.join(by_name)}")
+
+    def matches(node_name: str, name: str) -> bool:
+        return node_name == name or node_name.startswith(name + ":")
+
+    rerun: set[str] = set()
+    reached_from = from_stage is None
+    out = []
+    for node in nodes:
+        status = node_status(node, by_name)
+        if from_stage and matches(node.name, from_stage):
+            reached_from = True
+        will = (
+            status.state != "fresh"
+            or any(matches(node.name, f) for f in force)
+            or (from_stage is not None and reached_from)
+            or any(d in rerun for d in node.deps)
+        )
+        if will:
+            rerun.add(node.name)
+        out.append((node, status, will))
+    return by_name, out
+
+
+def execute(nodes: list[Node], force: tuple[str, ...] = (), from_stage: str | None = None,
+            log=None) -> list[dict[str, Any]]:
+    """Run what ``plan`` says must run, in order; record each completion in its stage.json."""
+    by_name, steps = plan(nodes, force, from_stage)
+    summary = []
+    for node, status, will in steps:
+        if not will:
+            if log:
+                log.info("stage %s: fresh, skipped", node.name)
+            summary.append({"stage": node.name, "action": "skipped", "seconds": 0.0})
+            continue
+        if log:
+            log.info("stage %s: running (%s)", node.name, status.reason if status.state != "fresh" else "forced")
+        t0 = time.monotonic()
+        node.out_dir.mkdir(parents=True, exist_ok=True)
+        stale_record = node.out_dir / STAGE_FILE
+        if stale_record.exists():
+            stale_record.unlink()  # a crash mid-stage must not leave the old record claiming freshness
+        assert node.run is not None, node.name
+        node.run(node, by_name)
+        seconds = time.monotonic() - t0
+        write_json(stale_record, {
+            "stage": node.name,
+            "fingerprint": node.fingerprint,
+            "params": node.params,
+            "deps": {d: by_name[d].fingerprint for d in node.deps},
+            "mflag_version": __version__,
+            "seconds": round(seconds, 2),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+        summary.append({"stage": node.name, "action": "ran", "seconds": round(seconds, 2)})
+    return summary

@@ -1,0 +1,72 @@
+"""The stage graph behind `cli.py run`: fingerprints, staleness reasons, skip/rerun decisions."""
+from pathlib import Path
+
+import pytest
+
+from pipeline.common import MflagError
+from pipeline.stagegraph import Node, execute, plan
+
+
+def _graph(tmp_path: Path, calls: list, prep_size=256, model="tiny"):
+    def runner(node, by_name):
+        calls.append(node.name)
+        (node.out_dir / "out.txt").write_text(str(node.params))
+
+    return [
+        Node("prepare", tmp_path / "prepare", {"size": prep_size}, (), runner),
+        Node("embed-text", tmp_path / "embed", {"model": model}, ("prepare",), runner),
+        Node("train:mflag", tmp_path / "train", {"orth": 1.0}, ("prepare", "embed-text"), runner),
+        Node("eval:cls", tmp_path / "eval", {"task": "cls"}, ("train:mflag",), runner),
+    ]
+
+
+def test_first_run_runs_everything_and_rerun_skips(tmp_path):
+    calls = []
+    execute(_graph(tmp_path, calls))
+    assert calls == ["prepare", "embed-text", "train:mflag", "eval:cls"]
+    calls.clear()
+    summary = execute(_graph(tmp_path, calls))
+    assert calls == []
+    assert {s["action"] for s in summary} == {"skipped"}
+
+
+def test_changing_text_model_reruns_embed_and_downstream_only(tmp_path):
+    calls = []
+    execute(_graph(tmp_path, calls))
+    calls.clear()
+    nodes = _graph(tmp_path, calls, model="other")
+    _, steps = plan(nodes)
+    states = {n.name: (s.state, s.reason) for n, s, _ in steps}
+    assert states["prepare"][0] == "fresh"
+    assert states["embed-text"] == ("stale", "options changed: model")
+    assert "upstream embed-text changed" in states["train:mflag"][1]
+    execute(nodes)
+    assert calls == ["embed-text", "train:mflag", "eval:cls"]
+
+
+def test_force_and_from(tmp_path):
+    calls = []
+    execute(_graph(tmp_path, calls))
+    calls.clear()
+    execute(_graph(tmp_path, calls), force=("embed-text",))
+    assert calls == ["embed-text", "train:mflag", "eval:cls"]
+    calls.clear()
+    execute(_graph(tmp_path, calls), from_stage="train")  # prefix of "train:mflag"
+    assert calls == ["train:mflag", "eval:cls"]
+    with pytest.raises(MflagError, match="unknown stage"):
+        execute(_graph(tmp_path, calls), force=("nope",))
+
+
+def test_crash_mid_stage_leaves_it_missing(tmp_path):
+    calls = []
+    execute(_graph(tmp_path, calls))
+    nodes = _graph(tmp_path, calls, prep_size=128)
+
+    def boom(node, by_name):
+        raise RuntimeError("killed")
+
+    nodes[0].run = boom
+    with pytest.raises(RuntimeError):
+        execute(nodes)
+    _, steps = plan(_graph(tmp_path, calls, prep_size=128))
+    assert steps[0][1].state == "missing"
