@@ -73,16 +73,376 @@ def cache() -> None:
 
 
 # ==== synth commands (pipeline/synth) ====
+# Synth is a tool utility, not a pipeline stage: the commands call pipeline.synth directly.
+def _echo_summary(summary: dict) -> None:
+    import json
+
+    click.echo(json.dumps(summary, indent=2, sort_keys=True))
+
+
+@synth.command("mimic")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output root.")
+@click.option("--n-studies", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--image-size", type=click.IntRange(min=32), default=256, show_default=True,
+              help="Shorter image side in pixels (real MIMIC is 2000-3000).")
+@click.option("--zip-reports", is_flag=True, help="Write mimic-cxr-reports.zip instead of .txt files.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
+@user_errors
+def synth_mimic(out_dir, n_studies, seed, image_size, zip_reports, workers):
+    """A MIMIC-CXR-JPG 2.0.0 tree with reports, CSVs and chest phantoms."""
+    from pipeline.synth.mimic import write_mimic
+
+    _echo_summary(write_mimic(out_dir, n_studies, seed, image_size=image_size, zip_reports=zip_reports,
+                              workers=workers))
+
+
+def _downstream_command(name: str, default_size: int, extra=()):
+    def command(out_dir, n, seed, image_size, **kwargs):
+        from pipeline.synth.downstream import WRITERS
+
+        _echo_summary(WRITERS[name](out_dir, n, seed, image_size=image_size, **kwargs))
+
+    command.__doc__ = f"The {name} dataset in its published layout, labels from phantom geometry."
+    command = user_errors(command)
+    for opt in reversed(extra):
+        command = opt(command)
+    command = click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)(command)
+    command = click.option("--image-size", type=click.IntRange(min=32), default=default_size,
+                           show_default=True)(command)
+    command = click.option("--seed", type=int, default=0, show_default=True)(command)
+    command = click.option("--n", type=click.IntRange(min=1), default=200, show_default=True,
+                           help="Number of images.")(command)
+    command = click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))(command)
+    return synth.command(name)(command)
+
+
+_monochrome1 = click.option("--monochrome1-fraction", type=click.FloatRange(0, 1), default=0.1,
+                            show_default=True, help="Share of DICOMs stored inverted as MONOCHROME1.")
+_downstream_command("chexpert", 320)
+_downstream_command("rsna", 1024, [_monochrome1])
+_downstream_command("covidx", 384, [click.option("--label-set", type=click.Choice(["A", "B"]), default="A",
+                                                 show_default=True,
+                                                 help="A: normal/pneumonia/COVID-19; B: positive/negative.")])
+_downstream_command("siim", 1024, [_monochrome1])
+_downstream_command("object-cxr", 512)
+
 
 # ==== prepare (stages/prepare.py) ====
+@cli.group()
+def prepare() -> None:
+    """Turn a raw dataset into webdataset shards and a reports file for embed-text."""
+
+
+@prepare.command("mimic")
+@click.option("--root", required=True, type=click.Path(exists=True, file_okay=False),
+              help="MIMIC-CXR-JPG root (holds files/ and the metadata/split CSVs, .csv or .csv.gz).")
+@click.option("--reports", type=click.Path(exists=True),
+              help="Reports folder (files/pNN/...) or mimic-cxr-reports.zip. Default: --root.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--size", default=256, show_default=True, help="Square output size in pixels.")
+@click.option("--views", default="PA,AP", show_default=True, help="ViewPosition values to keep.")
+@click.option("--splits", default="train,validate,test", show_default=True, help="Splits to write.")
+@click.option("--format", "image_format", type=click.Choice(["png", "jpg"]), default="png", show_default=True,
+              help="Image encoding inside the shards.")
+@click.option("--jpeg-quality", default=95, show_default=True, help="Quality for --format jpg.")
+@click.option("--shard-size", default=1000, show_default=True, help="Images per shard.")
+@click.option("--workers", type=int, default=lambda: min(8, os.cpu_count() or 1), show_default="min(8, CPUs)",
+              help="Decoding processes (output does not depend on it).")
+@click.option("--text-sections", default="impression,findings", show_default=True,
+              help="Report sections to join, in this order.")
+@click.option("--section-separator", default=" ", show_default=True, help="Text put between sections.")
+@click.option("--max-bad-fraction", default=0.01, show_default=True,
+              help="Fail when more than this fraction of images is lost to bad input.")
+@click.option("--crop-border/--no-crop-border", default=True, show_default=True,
+              help="Crop the black border before scaling, as the original preprocessing did.")
+@click.option("--force", is_flag=True, help="Rebuild OUT even if it holds another config's outputs.")
+@user_errors
+def prepare_mimic(root, reports, out, size, views, splits, image_format, jpeg_quality, shard_size, workers,
+                  text_sections, section_separator, max_bad_fraction, crop_border, force) -> None:
+    """MIMIC-CXR-JPG images + reports -> OUT/shards/<split>-NNNNNN.tar, OUT/reports.jsonl, manifest."""
+    from stages import prepare as stage
+
+    cfg = stage.PrepareConfig(
+        root=root, reports=reports, out=out, size=size, views=csv_list(views), splits=csv_list(splits),
+        image_format=image_format, jpeg_quality=jpeg_quality, shard_size=shard_size, workers=workers,
+        text_sections=csv_list(text_sections), section_separator=section_separator,
+        max_bad_fraction=max_bad_fraction, crop_border=crop_border, force=force)
+    res = stage.run(cfg)
+    for split, info in res.splits.items():
+        click.echo(f"{split}: {info['count']} images in {len(info['shards'])} shards")
+    click.echo(f"{res.n_studies} studies in {res.out / 'reports.jsonl'}; "
+               f"{res.shards_written} shards written, {res.shards_skipped} reused; manifest {res.out / 'manifest.json'}")
+
 
 # ==== embed-text and cache (stages/embed_text.py, cache/) ====
 
+@cli.command("embed-text")
+@click.option("--reports", required=True, help="reports.jsonl from prepare, or any CSV/JSONL file.")
+@click.option("--out", required=True, help="Cache root; the cache goes to OUT/<fingerprint>/.")
+@click.option("--model", default="microsoft/BiomedVLP-CXR-BERT-general", show_default=True,
+              help="Hub id or local model directory (offline: a local directory).")
+@click.option("--key-column", default="study_id", show_default=True)
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--pooling", type=click.Choice(["cls", "mean", "proj"]), default="cls", show_default=True,
+              help="cls = last_hidden_state[:, 0]; proj = CXR-BERT-specialized projection head.")
+@click.option("--max-length", type=int, default=512, show_default=True, help="Tokens per report (truncation counted).")
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Compute dtype; auto = fp16 on CUDA, fp32 on CPU.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--token-budget", type=int, default=None, help="Padded tokens per batch [8192 CPU, 65536 CUDA].")
+@click.option("--store-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--shard-size", type=int, default=50_000, show_default=True, help="Reports per HDF5 shard.")
+@click.option("--on-empty", type=click.Choice(["skip", "error"]), default="skip", show_default=True)
+@click.option("--num-parts", type=int, default=1, show_default=True, help="Split the work across machines.")
+@click.option("--part", type=int, default=0, show_default=True, help="Which part this run embeds (0-based).")
+@user_errors
+def embed_text(**options) -> None:
+    """Embed every report once with the frozen text encoder into an HDF5 cache."""
+    from stages.embed_text import EmbedTextConfig, run
+
+    result = run(EmbedTextConfig(**options))
+    if int(os.environ.get("RANK", "0")) == 0:
+        state = "complete" if result.complete else "partial (other parts pending)"
+        click.echo(f"{result.cache_dir}  [{state}: {result.count} reports, dim {result.dim}, "
+                   f"{result.shards_written} shards written, {result.shards_skipped} skipped]")
+
+
+@cache.command("info")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@user_errors
+def cache_info_cmd(path: str, as_json: bool) -> None:
+    """Attributes, counts and truncation stats of a text cache (PATH: cache folder or its parent)."""
+    import json
+
+    from cache.verify import cache_info
+
+    info = cache_info(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, sort_keys=True))
+        return
+    click.echo(f"path: {info['path']}")
+    click.echo(f"count: {info['count']}  dim: {info['dim']}  shards: {len(info['shards'])}  "
+               f"bytes: {info['bytes']}")
+    for name, value in sorted(info["attrs"].items()):
+        click.echo(f"{name}: {json.dumps(value, sort_keys=True) if isinstance(value, dict) else value}")
+
+
+@cache.command("verify")
+@click.argument("path")
+@user_errors
+def cache_verify_cmd(path: str) -> None:
+    """Check every shard of a text cache: present, readable, counts, dims, hashes, attributes."""
+    from cache.verify import verify_cache
+
+    report = verify_cache(path)
+    click.echo(f"ok: {report['path']} ({report['count']} embeddings, dim {report['dim']}, "
+               f"{report['shards']} shards)")
+
+
 # ==== train-vision (stages/train_vision.py) ====
 
+@cli.command("train-vision")
+@click.option("--shards", required=True,
+              help="prepare output folder, a folder of .tar shards, or webdataset URLs (brace ranges, "
+                   "'::'-separated lists, pipe: commands).")
+@click.option("--text-cache", default=None, help="Text-embedding cache folder (or its parent) from embed-text.")
+@click.option("--out", required=True, help="Output folder: encoder.pt, projector.pt, metrics.jsonl, checkpoints/.")
+@click.option("--text-mode", type=click.Choice(["cache", "online"]), default="cache", show_default=True,
+              help="online runs the text encoder inside each step (the original design; baseline/ablation).")
+@click.option("--text-model", default=None, help="online mode: hub id or local folder of the text encoder.")
+@click.option("--reports", default=None, help="online mode: reports.jsonl (texts by study_id).")
+@click.option("--unfreeze-last", type=int, default=0, show_default=True,
+              help="online mode: train the last K text-encoder layers.")
+@click.option("--text-pooling", type=click.Choice(["cls", "mean"]), default="cls", show_default=True)
+@click.option("--text-max-length", type=int, default=512, show_default=True,
+              help="online mode: tokens per report, padded like the original.")
+@click.option("--probe-shards", default=None,
+              help="Held-out shards for the probes [validate-*.tar beside the training shards].")
+@click.option("--batch-size", type=int, default=128, show_default=True, help="Global batch over all ranks.")
+@click.option("--epochs", type=int, default=1, show_default=True)
+@click.option("--max-steps", type=int, default=None, help="Total optimizer steps [epochs x steps per epoch].")
+@click.option("--num-samples", type=int, default=None,
+              help="Training samples per epoch [from sizes.json]; needed for pipe:/remote shards.")
+@click.option("--num-workers", type=int, default=2, show_default=True, help="DataLoader workers per rank.")
+@click.option("--shuffle-buffer", type=int, default=1000, show_default=True)
+@click.option("--image-size", type=int, default=256, show_default=True, help="Shard image size (resized if not).")
+@click.option("--crop-size", type=int, default=224, show_default=True)
+@click.option("--aug", type=click.Choice(["original", "light", "none"]), default="original", show_default=True)
+@click.option("--aug-device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cuda: workers only decode; the warp runs batched on the GPU.")
+@click.option("--on-missing", type=click.Choice(["skip", "error"]), default="skip", show_default=True,
+              help="A sample whose study_id is not in the cache: count and skip, or stop.")
+@click.option("--max-bad-fraction", type=float, default=0.01, show_default=True,
+              help="Stop when corrupt samples exceed this fraction of those read.")
+@click.option("--init", default="random", show_default=True, help="random, imagenet, or a state_dict file.")
+@click.option("--text-head", type=click.Choice(["mlp", "none"]), default="mlp", show_default=True,
+              help="mlp: project text too (original code); none: project images into the text space.")
+@click.option("--proj-dim", type=int, default=None, help="Projection size [1024; the cache dim with --text-head none].")
+@click.option("--hidden-dim", type=int, default=2048, show_default=True, help="Projector hidden size.")
+@click.option("--orth-weight", type=float, default=1.0, show_default=True)
+@click.option("--orth-lambda", type=float, default=0.0051, show_default=True, help="Off-diagonal weight.")
+@click.option("--orth-scope", type=click.Choice(["local", "global"]), default="global", show_default=True,
+              help="global: gather z over ranks so the loss does not depend on the GPU count.")
+@click.option("--orth-on", type=click.Choice(["za", "zv"]), default="za", show_default=True,
+              help="za: projected image embedding (BN-normalized); zv: ResNet features.")
+@click.option("--orth-standardize", is_flag=True, help="Standardize z over the batch first (correlation matrix).")
+@click.option("--lr", type=float, default=2e-5, show_default=True)
+@click.option("--weight-decay", type=float, default=0.05, show_default=True)
+@click.option("--schedule", type=click.Choice(["cosine", "restarts", "constant"]), default="cosine",
+              show_default=True)
+@click.option("--warmup-steps", type=int, default=0, show_default=True)
+@click.option("--restart-every", type=int, default=5000, show_default=True, help="restarts: cycle length in steps.")
+@click.option("--min-lr-ratio", type=float, default=0.0, show_default=True)
+@click.option("--grad-clip", type=float, default=None, help="Clip the global grad norm to this value.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
+              show_default=True, help="auto: bf16 on CUDA, fp32 on CPU; losses always in fp32.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True)
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--log-every", type=int, default=10, show_default=True)
+@click.option("--ckpt-every", type=int, default=500, show_default=True)
+@click.option("--probe-every", type=int, default=500, show_default=True)
+@click.option("--probe-size", type=int, default=64, show_default=True, help="Held-out images in the probe batch.")
+@click.option("--keep-checkpoints", type=int, default=2, show_default=True)
+@click.option("--resume", default="auto", show_default=True,
+              help="auto (OUT/checkpoints/latest.pt when present), never, or a checkpoint path.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads per process.")
+@user_errors
+def train_vision(compile_: bool, **options) -> None:
+    """Pre-train the ResNet50 image encoder against cached report embeddings (M-FLAG)."""
+    from stages.train_vision import TrainVisionConfig, run
+
+    summary = run(TrainVisionConfig(compile=compile_, **options))
+    if int(os.environ.get("RANK", "0")) == 0:
+        probe = summary.get("final_probe") or {}
+        click.echo(f"{options['out']}  [{summary['steps']} steps; effective rank of zv "
+                   f"{probe.get('zv_effective_rank', float('nan')):.2f}, R@1 "
+                   f"{probe.get('retrieval_R@1', float('nan')):.2f}]")
+
+
 # ==== eval (stages/evaluate.py) ====
+def _parse_option_value(raw: str):
+    low = raw.strip().lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def _dataset_options(pairs: tuple[str, ...]) -> tuple[tuple[str, object], ...]:
+    out = []
+    for p in pairs:
+        if "=" not in p:
+            raise click.BadParameter(f"expected KEY=VALUE, got {p!r}", param_hint="--dataset-option")
+        k, v = p.split("=", 1)
+        out.append((k.strip().replace("-", "_"), _parse_option_value(v)))
+    return tuple(out)
+
+
+def _seeds(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in csv_list(value))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}", param_hint="--seeds")
+
+
+@cli.command("eval")
+@click.option("--task", type=click.Choice(["cls", "seg", "det"]), required=True,
+              help="cls: linear probe (or --finetune); seg: U-Net; det: Faster R-CNN / RetinaNet with FPN.")
+@click.option("--dataset", type=click.Choice(["chexpert", "rsna", "covidx", "siim", "object-cxr"]), required=True)
+@click.option("--root", type=click.Path(file_okay=False), required=True, help="Dataset folder in its published layout.")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Run folder: results.json, results.md (appended), split/, seeds/, config.json.")
+@click.option("--init", required=True, help="Encoder: random | imagenet | PATH (encoder.pt or a baseline checkpoint).")
+@click.option("--fraction", type=float, default=1.0, show_default=True,
+              help="Share of the training split used (e.g. 0.01, 0.1, 1.0), sampled per seed.")
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds, e.g. 0,1,2.")
+@click.option("--finetune", is_flag=True, help="Train the encoder too (default: frozen encoder).")
+@click.option("--epochs", type=int, default=None,
+              help="Max epochs [default: 100 for the cls linear probe on cached features, 10 otherwise].")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--lr", type=float, default=None,
+              help="AdamW learning rate [default: linear probe 1e-3, seg 3e-4 (1e-4 finetuned), else 1e-4].")
+@click.option("--image-size", type=int, default=224, show_default=True, help="Images are resized to this square.")
+@click.option("--patience", type=int, default=None,
+              help="Early-stopping patience in epochs [default: 10 for the linear probe, 3 otherwise].")
+@click.option("--split-file", type=click.Path(exists=True), default=None,
+              help="Reuse a split (split.json folder, JSON or CSV) instead of generating one.")
+@click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of the generated split (shared by all seeds).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader workers.")
+@click.option("--det-model", type=click.Choice(["fasterrcnn", "retinanet"]), default="fasterrcnn", show_default=True)
+@click.option("--normalize", type=click.Choice(["auto", "imagenet", "half"]), default="auto", show_default=True,
+              help="Input normalisation; auto: ImageNet stats for --init imagenet, mean/std 0.5 otherwise.")
+@click.option("--dataset-option", "dataset_option", multiple=True, metavar="KEY=VALUE",
+              help="Reader option, repeatable (e.g. uncertainty=zeros, frontal_only=false, label_set=B).")
+@user_errors
+def eval_cmd(task, dataset, root, out, init, fraction, seeds, finetune, epochs, batch_size, lr, image_size,
+             patience, split_file, split_seed, device, workers, det_model, normalize, dataset_option) -> None:
+    """Train and test a downstream head on an encoder; writes OUT/results.json and a results.md row."""
+    from stages.evaluate import EvalConfig, run
+
+    cfg = EvalConfig(task=task, dataset=dataset, root=root, out=out, init=init, fraction=fraction,
+                     seeds=_seeds(seeds), finetune=finetune, epochs=epochs, batch_size=batch_size, lr=lr,
+                     image_size=image_size, patience=patience, split_file=split_file, split_seed=split_seed,
+                     device=device, workers=workers, det_model=det_model, normalize=normalize,
+                     dataset_options=_dataset_options(dataset_option))
+    res = run(cfg)
+    p = res["primary_metric"]
+    s = res["summary"].get(p, {})
+    mean = "n/a" if s.get("mean") is None else f"{s['mean']:.4f} ± {s['std']:.4f}"
+    click.echo(f"{task} {dataset} init={init} fraction={fraction}: test {p} {mean} over seeds "
+               f"{','.join(map(str, res['seeds']))} -> {out}/results.json")
+
 
 # ==== run / status (stages/orchestrate.py) ====
+@cli.command("run")
+@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Pipeline YAML (see configs/demo.yaml, configs/mimic.yaml).")
+@click.option("--force", "force", multiple=True, metavar="STAGE",
+              help="Rerun STAGE (a name or prefix: prepare, embed-text, train, train:mflag, eval, ...) "
+                   "and what depends on it. Repeatable.")
+@click.option("--from", "from_stage", metavar="STAGE", help="Rerun STAGE and every stage after it.")
+@click.option("--workdir", type=click.Path(file_okay=False), help="Override the YAML's workdir.")
+@user_errors
+def run_cmd(config_path, force, from_stage, workdir) -> None:
+    """Run every stage of the pipeline in order, skipping stages whose outputs are up to date."""
+    from stages import orchestrate
+
+    cfg = orchestrate.RunConfig(config=config_path, force=tuple(force), from_stage=from_stage, workdir=workdir)
+    res = orchestrate.run(cfg)
+    ran = [s for s in res.steps if s["action"] == "ran"]
+    click.echo(f"{len(ran)} stage(s) ran, {len(res.steps) - len(ran)} up to date; "
+               f"total {sum(s['seconds'] for s in ran):.0f} s")
+    for s in res.steps:
+        click.echo(f"  {s['stage']:<40} {s['action']:<8} {s['seconds']:>7.1f} s")
+    report = res.workdir / "report" / "results.md"
+    if report.is_file():
+        click.echo("")
+        click.echo(report.read_text(encoding="utf-8"))
+        click.echo(f"report: {report}")
+
+
+@cli.command("status")
+@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--workdir", type=click.Path(file_okay=False), help="Override the YAML's workdir.")
+@user_errors
+def status_cmd(config_path, workdir) -> None:
+    """Show each stage of a pipeline as fresh, stale or missing, and why."""
+    from stages import orchestrate
+
+    for st in orchestrate.status(orchestrate.RunConfig(config=config_path, workdir=workdir)):
+        click.echo(f"{st.name:<40} {st.state:<8} {st.reason}")
+
 
 
 def main() -> None:

@@ -3,11 +3,13 @@
 Each node has a name, the names of the nodes it depends on, its parameters (JSON-able) and an output
 folder. Its fingerprint hashes the parameters with the fingerprints of its dependencies, so changing
 one option makes that node and everything downstream stale, and nothing upstream. A node that
-finished writes ``stage.json`` (atomically, last) into its folder; a node without one is missing.
+finished writes ``<folder>.stage.json`` beside its folder (atomically, last; the folder itself
+belongs to the stage); a node without one is missing.
 """
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -15,7 +17,15 @@ from typing import Any, Callable
 from pipeline import __version__
 from pipeline.common import MflagError, fingerprint, read_json, write_json
 
-STAGE_FILE = "stage.json"
+
+
+def record_path(node: "Node") -> Path:
+    """Where a finished node's record lives: beside its folder, so the stage owns the folder."""
+    return node.out_dir.with_name(node.out_dir.name + ".stage.json")
+
+
+def pending_path(node: "Node") -> Path:
+    return node.out_dir.with_name(node.out_dir.name + ".pending.json")
 
 
 @dataclasses.dataclass
@@ -63,10 +73,10 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def node_status(node: Node, by_name: dict[str, Node]) -> NodeStatus:
-    record_path = node.out_dir / STAGE_FILE
-    if not record_path.is_file():
+    path = record_path(node)
+    if not path.is_file():
         return NodeStatus(node.name, "missing", "never completed", node.fingerprint)
-    record = read_json(record_path)
+    record = read_json(path)
     if record.get("fingerprint") == node.fingerprint:
         return NodeStatus(node.name, "fresh", "up to date", node.fingerprint)
     reasons = []
@@ -129,14 +139,11 @@ def execute(nodes: list[Node], force: tuple[str, ...] = (), from_stage: str | No
         if log:
             log.info("stage %s: running (%s)", node.name, status.reason if status.state != "fresh" else "forced")
         t0 = time.monotonic()
-        node.out_dir.mkdir(parents=True, exist_ok=True)
-        stale_record = node.out_dir / STAGE_FILE
-        if stale_record.exists():
-            stale_record.unlink()  # a crash mid-stage must not leave the old record claiming freshness
+        _claim(node)
         assert node.run is not None, node.name
         node.run(node, by_name)
         seconds = time.monotonic() - t0
-        write_json(stale_record, {
+        write_json(record_path(node), {
             "stage": node.name,
             "fingerprint": node.fingerprint,
             "params": node.params,
@@ -145,5 +152,25 @@ def execute(nodes: list[Node], force: tuple[str, ...] = (), from_stage: str | No
             "seconds": round(seconds, 2),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
+        pending_path(node).unlink(missing_ok=True)
         summary.append({"stage": node.name, "action": "ran", "seconds": round(seconds, 2)})
     return summary
+
+
+def _claim(node: Node) -> None:
+    """Prepare ``node.out_dir`` for a run of this fingerprint.
+
+    Outputs of another configuration (a finished stale run, or an interrupted run of other options)
+    are removed so they can never mix with this run's; an interrupted run of the same fingerprint is
+    kept so the stage can resume it.
+    """
+    out = node.out_dir
+    pending = pending_path(node)
+    done = record_path(node)
+    same_pending = pending.is_file() and read_json(pending).get("fingerprint") == node.fingerprint
+    if out.exists() and not same_pending and any(out.iterdir()):
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    done.unlink(missing_ok=True)
+    write_json(pending, {"stage": node.name, "fingerprint": node.fingerprint,
+                         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

@@ -70,3 +70,32 @@ def test_crash_mid_stage_leaves_it_missing(tmp_path):
         execute(nodes)
     _, steps = plan(_graph(tmp_path, calls, prep_size=128))
     assert steps[0][1].state == "missing"
+
+
+def test_stale_outputs_are_removed_but_interrupted_same_config_is_kept(tmp_path):
+    calls = []
+    execute(_graph(tmp_path, calls))
+    leftover = tmp_path / "prepare" / "old-config-output.bin"
+    leftover.write_bytes(b"x")
+    execute(_graph(tmp_path, calls, prep_size=128))  # stale: old outputs must not survive
+    assert not leftover.exists()
+
+    nodes = _graph(tmp_path, calls, prep_size=64)
+    partial = tmp_path / "prepare" / "partial-shard.tar"
+
+    def interrupted(node, by_name):
+        partial.write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    nodes[0].run = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        execute(nodes)
+    seen = []
+
+    def resume(node, by_name):
+        seen.append(partial.exists())
+
+    nodes = _graph(tmp_path, calls, prep_size=64)
+    nodes[0].run = resume
+    execute(nodes)
+    assert seen == [True]  # same options: the partial output is there to resume from

@@ -1,9 +1,14 @@
 """SIIM-ACR Pneumothorax: the relative, column-major run-length encoding of train-rle.csv."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from pipeline.common import MflagError
+from pipeline.common import MflagError, progress
+from pipeline.datasets._common import (DEFAULT_MAX_MISSING, DatasetError, Tally, check_task, dicom_header,
+                                       enforce_missing, find_file, read_csv_rows)
+from pipeline.datasets.base import DatasetSpec, Record
 
 
 class RLEError(MflagError):
@@ -53,3 +58,92 @@ def rle_encode(mask: np.ndarray) -> str:
     lengths = ends - starts
     gaps = starts - np.concatenate([[0], ends[:-1]])
     return " ".join(f"{g} {n}" for g, n in zip(gaps, lengths))
+
+
+# --------------------------------------------------------------------------- reader
+CLASS_NAMES = ("Pneumothorax",)
+_EMPTY = ("-1", "")
+
+
+def check_rle(rle: str, height: int, width: int) -> str | None:
+    """Why ``rle`` cannot be decoded at height x width (None when it can), without decoding it."""
+    try:
+        nums = [int(t) for t in rle.split()]
+    except ValueError as e:
+        return f"non-integer token ({e})"
+    if len(nums) % 2:
+        return f"odd number of tokens ({len(nums)})"
+    pos = 0
+    for start, length in zip(nums[0::2], nums[1::2]):
+        if start < 0 or length <= 0:
+            return f"negative offset or non-positive run ({start} {length})"
+        pos += start + length
+    if pos > height * width:
+        return f"runs end at pixel {pos}, past the end of a {height}x{width} image ({height * width} pixels)"
+    return None
+
+
+def siim_mask(record: Record, height: int, width: int) -> np.ndarray:
+    """Union of the record's RLE rows decoded at its real size, resized (nearest) to height x width."""
+    if record.size is None:
+        raise MflagError(f"SIIM record {record.image_id} has no image size; cannot decode its RLE")
+    h, w = record.size
+    mask = np.zeros((h, w), dtype=np.uint8)
+    for rle in record.rle:
+        mask |= rle_decode(rle, h, w)
+    if (h, w) != (height, width):
+        from PIL import Image
+
+        mask = np.asarray(Image.fromarray(mask * 255).resize((width, height), Image.NEAREST)) // 255
+        mask = mask.astype(np.uint8)
+    return mask
+
+
+def read_siim(root: str | Path, task: str = "seg", max_missing: float = DEFAULT_MAX_MISSING,
+              labels_file: str | None = None, images_dir: str | None = None) -> DatasetSpec:
+    """Read SIIM-ACR into records: rle = the image's non-empty RLE rows (unioned by ``mask_fn``).
+
+    train-rle.csv is read with skipinitialspace; ``-1`` and `` -1`` are empty. DICOMs are found by
+    stem anywhere under dicom-images-train/. Sizes and PatientID come from the DICOM headers
+    (no pixel decode); patient_id falls back to the ImageId when the header has none. Malformed RLE
+    (bad token, odd count, runs past the image end) is an RLEError naming the file and line.
+    """
+    check_task("siim", task, ("seg", "cls"))
+    root = Path(root)
+    # Only train-rle.csv: the later stage_2_train.csv uses absolute, not relative, run starts.
+    csv_path = root / labels_file if labels_file else find_file(root, ("train-rle.csv",), "SIIM RLE CSV")
+    img_dir = root / images_dir if images_dir else find_file(
+        root, ("dicom-images-train", "dicom-images"), "SIIM DICOM folder")
+    rows: dict[str, list[tuple[int, str]]] = {}
+    tally = Tally()
+    for line, row in read_csv_rows(csv_path, ("ImageId", "EncodedPixels"), skipinitialspace=True):
+        tally.add("rows")
+        image_id = row["ImageId"].strip()
+        if not image_id:
+            raise DatasetError(f"{csv_path}:{line}: empty ImageId")
+        rows.setdefault(image_id, []).append((line, row["EncodedPixels"].strip()))
+    files = {p.stem: p for p in sorted(img_dir.rglob("*.dcm"))}
+    records: list[Record] = []
+    for image_id, entries in progress(rows.items(), total=len(rows), desc="SIIM DICOM headers", unit="img"):
+        path = files.get(image_id)
+        if path is None:
+            tally.add("missing_images",
+                      message=f"{csv_path}:{entries[0][0]}: no {image_id}.dcm under {img_dir}, skipped")
+            continue
+        size, pid = dicom_header(path)
+        rles = []
+        for line, rle in entries:
+            if rle in _EMPTY:
+                continue
+            why = check_rle(rle, *size)
+            if why:
+                raise RLEError(f"{csv_path}:{line}: malformed RLE for {image_id}: {why}")
+            rles.append(rle)
+        records.append(Record(image_id=image_id, patient_id=pid or image_id, path=path,
+                              labels=(1.0 if rles else 0.0,), rle=tuple(rles), size=size))
+    enforce_missing(tally, len(rows), csv_path, max_missing)
+    tally.counts["images"] = len(records)
+    tally.counts["positive"] = sum(1 for r in records if r.rle)
+    tally.counts["unlabelled_dicoms"] = len(set(files) - set(rows))
+    return DatasetSpec(name="siim", root=root, records=records, class_names=CLASS_NAMES,
+                       label_kind="multilabel", tasks=("seg", "cls"), mask_fn=siim_mask, counts=tally.counts)

@@ -1,0 +1,121 @@
+"""Object-CXR (foreign objects): train.csv / dev.csv `image_name,annotation` with three shape types."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.common import MflagError
+from pipeline.datasets._common import (DEFAULT_MAX_MISSING, DatasetError, Tally, check_task, clip_box,
+                                       enforce_missing, fill_shapes, image_size, read_csv_rows)
+from pipeline.datasets.base import DatasetSpec, Record
+
+CLASS_NAMES = ("foreign object",)
+KINDS = {0: "rectangle", 1: "ellipse", 2: "polygon"}
+
+Shape = tuple[str, tuple[tuple[float, float], ...]]
+
+
+def parse_annotation(text: str, where: str) -> list[Shape]:
+    """Parse one annotation field into (kind, points) shapes; ``where`` ("file:line") prefixes errors.
+
+    Rectangles and ellipses give their two corners (x1, y1), (x2, y2); polygons their vertices.
+    Empty text is no object. An unknown type or a wrong coordinate count is a DatasetError.
+    """
+    shapes: list[Shape] = []
+    # [pub] a trailing ';' or doubled separators carry no object: skip empty pieces.
+    for k, piece in enumerate(p for p in text.split(";") if p.strip()):
+        tokens = piece.split()
+        try:
+            nums = [float(t) for t in tokens]
+        except ValueError:
+            raise DatasetError(f"{where}: object {k + 1} has a non-numeric token: {piece.strip()!r}") from None
+        kind_idx = nums[0]
+        if kind_idx not in KINDS:
+            raise DatasetError(f"{where}: object {k + 1} has unknown type {tokens[0]!r} (0 rectangle, 1 ellipse, "
+                               f"2 polygon)")
+        kind = KINDS[int(kind_idx)]
+        coords = nums[1:]
+        if kind in ("rectangle", "ellipse") and len(coords) != 4:
+            raise DatasetError(f"{where}: object {k + 1} ({kind}) needs 4 coordinates x1 y1 x2 y2, got {len(coords)}")
+        if kind == "polygon" and (len(coords) % 2 or len(coords) < 6):
+            raise DatasetError(f"{where}: object {k + 1} (polygon) needs an even number (>= 6) of coordinates, "
+                               f"got {len(coords)}")
+        pts = tuple((coords[i], coords[i + 1]) for i in range(0, len(coords), 2))
+        shapes.append((kind, pts))
+    return shapes
+
+
+def _mask(record: Record, height: int, width: int) -> np.ndarray:
+    """Filled rectangles, ellipses and polygons rendered at height x width."""
+    if record.size is None:
+        raise MflagError(f"Object-CXR record {record.image_id} has no image size; cannot render its mask")
+    return fill_shapes(list(zip(record.box_kinds, record.polygons)), record.size, height, width)
+
+
+def read_object_cxr(root: str | Path, task: str = "det", max_missing: float = DEFAULT_MAX_MISSING,
+                    files: tuple[str, ...] = ("train.csv", "dev.csv")) -> DatasetSpec:
+    """Read Object-CXR: one record per image with bounding boxes of every object (clipped to the real
+    image size read from the file header), ``box_kinds`` and outlines in ``polygons``.
+
+    Images live in ``<split>/`` next to ``<split>.csv``; ``official_split`` is "train" or "dev".
+    There is no patient id, so ``patient_id`` = ``image_id`` ("<split>/<image_name>").
+    """
+    check_task("object-cxr", task, ("det", "cls"))
+    root = Path(root)
+    tally = Tally()
+    records: list[Record] = []
+    n_labelled = 0
+    found_any = False
+    for fname in files:
+        csv_path = root / fname
+        if not csv_path.is_file():
+            continue
+        found_any = True
+        split = Path(fname).stem
+        seen: set[str] = set()
+        for line, row in read_csv_rows(csv_path, ("image_name", "annotation")):
+            tally.add("rows")
+            name = row["image_name"].strip()
+            if not name:
+                raise DatasetError(f"{csv_path}:{line}: empty image_name")
+            if name in seen:
+                tally.add("duplicate_rows", message=f"{csv_path}:{line}: duplicate image {name}, skipped")
+                continue
+            seen.add(name)
+            shapes = parse_annotation(row["annotation"], f"{csv_path}:{line}")
+            n_labelled += 1
+            path = root / split / name
+            if not path.is_file():
+                tally.add("missing_images", message=f"{csv_path}:{line}: image {path} not found, skipped")
+                continue
+            size = image_size(path)
+            h, w = size
+            boxes, kinds, outlines = [], [], []
+            for kind, pts in shapes:
+                xs = [p[0] for p in pts]
+                ys = [p[1] for p in pts]
+                box, changed = clip_box((min(xs), min(ys), max(xs), max(ys)), size)
+                if changed:
+                    tally.add("clipped_boxes", message=f"{csv_path}:{line}: {kind} of {name} extends outside "
+                                                       f"the {w}x{h} image, clipped")
+                if box is None:
+                    tally.add("dropped_boxes")
+                    continue
+                clipped = tuple((min(max(x, 0.0), float(w)), min(max(y, 0.0), float(h))) for x, y in pts)
+                if kind in ("rectangle", "ellipse"):
+                    x1, y1, x2, y2 = box
+                    clipped = ((x1, y1), (x2, y1), (x2, y2), (x1, y2))
+                boxes.append(box)
+                kinds.append(kind)
+                outlines.append(clipped)
+            records.append(Record(image_id=f"{split}/{name}", patient_id=f"{split}/{name}", path=path,
+                                  labels=(1.0 if boxes else 0.0,), boxes=tuple(boxes), box_kinds=tuple(kinds),
+                                  polygons=tuple(outlines), size=size, official_split=split))
+    if not found_any:
+        raise MflagError(f"Object-CXR: none of {', '.join(files)} under {root}")
+    enforce_missing(tally, n_labelled, root, max_missing)
+    tally.counts["images"] = len(records)
+    tally.counts["boxes"] = sum(len(r.boxes) for r in records)
+    return DatasetSpec(name="object-cxr", root=root, records=records, class_names=CLASS_NAMES,
+                       label_kind="multilabel", tasks=("det", "cls"), mask_fn=_mask, counts=tally.counts)

@@ -1,0 +1,234 @@
+"""Chest X-ray image reading: any stored format to one uint8 grey channel.
+
+``read_image`` is the one reader every dataset module uses (PNG/JPEG 8/16-bit, grey or RGB, DICOM).
+``load_for_shard`` is the prepare-stage path: border crop, square resize and min-max scaling, with
+large JPEGs decoded at reduced scale (libjpeg's DCT scaling via PIL ``draft``), since full-size
+MIMIC images are 2000-3000 px and full decoding dominates the cost of preparing them.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.common import MflagError
+
+# A pixel at or below this grey level counts as part of a black border. JPEG leaves small non-zero
+# values around a true zero border, so an exact ``== 0`` test would rarely crop anything.
+BORDER_THRESHOLD = 8
+BORDER_FRACTION = 0.02
+
+# Decode-scale headroom for the border crop (1/8 of the target): a 2048 px JPEG at size 256 decodes at
+# 1/4 rather than at 1/8 and then again at 1/4 after the crop; entropy decoding, not the inverse DCT,
+# dominates the decode cost of high-quality radiograph JPEGs, so 1/4 costs about what 1/8 does.
+DRAFT_HEADROOM = 1.125
+
+RESAMPLE = Image.Resampling.LANCZOS
+_DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
+
+
+class ImageError(MflagError):
+    """An image file is missing, unreadable or in an unsupported layout; the message names it."""
+
+
+class MissingImageError(ImageError):
+    """The image file does not exist."""
+
+
+# --------------------------------------------------------------------------- helpers
+def minmax_uint8(a: np.ndarray) -> np.ndarray:
+    """Scale ``a`` linearly so its min maps to 0 and its max to 255 (uint8). A flat image -> zeros.
+
+    255, not 256: the original M-FLAG preprocessing multiplied by 256, which wraps the brightest
+    pixel to 0.
+    """
+    lo, hi = a.min(), a.max()
+    if hi <= lo:
+        return np.zeros(a.shape, np.uint8)
+    if a.dtype == np.uint8:
+        # A 256-entry table is several times faster than float arithmetic on a full-size image.
+        lut = np.clip(np.rint((np.arange(256, dtype=np.float64) - lo) * (255.0 / (int(hi) - int(lo)))), 0, 255)
+        return lut.astype(np.uint8)[a]
+    a = a.astype(np.float64)
+    return np.clip(np.rint((a - float(lo)) * (255.0 / (float(hi) - float(lo)))), 0, 255).astype(np.uint8)
+
+
+def border_box(a: np.ndarray, threshold: int = BORDER_THRESHOLD, inset: int = 1) -> tuple[int, int, int, int]:
+    """``(top, bottom, left, right)`` bounds of the content inside a dark border (whole image if blank).
+
+    Each side that had a border moves ``inset`` pixels further in: the first content pixel is a blend
+    of border and content (JPEG blocks, reduced-scale decoding), and one such dark line would set the
+    minimum of the min-max scaling and darken the whole image.
+    """
+    mask = a > threshold
+    # A line is content when more than 2% of it is above the threshold: lone JPEG specks in a black
+    # border would otherwise stop the crop at the image edge.
+    rows = np.flatnonzero(mask.sum(axis=1) > max(1, BORDER_FRACTION * a.shape[1]))
+    cols = np.flatnonzero(mask.sum(axis=0) > max(1, BORDER_FRACTION * a.shape[0]))
+    if rows.size == 0 or cols.size == 0:
+        return 0, a.shape[0], 0, a.shape[1]
+    t, b, l, r = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    if b - t > 2 * inset + 1 and r - l > 2 * inset + 1:
+        t, l = t + inset * (t > 0), l + inset * (l > 0)
+        b, r = b - inset * (b < a.shape[0]), r - inset * (r < a.shape[1])
+    return t, b, l, r
+
+
+def crop_zero_border(a: np.ndarray, threshold: int = BORDER_THRESHOLD) -> np.ndarray:
+    """Drop the rows and columns at the edges that are (almost) all <= ``threshold``; see ``border_box``."""
+    t, b, l, r = border_box(a, threshold)
+    return a[t:b, l:r]
+
+
+def _is_dicom(path: Path) -> bool:
+    if path.suffix.lower() in _DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _pil_to_gray(im: Image.Image, path: Path) -> np.ndarray:
+    """One grey channel from a PIL image; 8-bit content keeps its values, deeper content is min-maxed."""
+    mode = im.mode
+    if mode == "L":
+        return np.asarray(im, dtype=np.uint8)
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return minmax_uint8(np.asarray(im))
+    if mode in ("RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "P", "PA", "LA", "La", "1"):
+        if mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")
+        # ITU-R 601 luma weights sum to exactly 1 in PIL's fixed point, so grey RGB keeps its values.
+        return np.asarray(im.convert("L"), dtype=np.uint8)
+    raise ImageError(f"{path}: unsupported image mode {mode!r}")
+
+
+def _read_dicom(path: Path) -> np.ndarray:
+    import pydicom
+    from pydicom.multival import MultiValue
+    from pydicom.pixels import apply_modality_lut
+
+    try:
+        ds = pydicom.dcmread(path)
+        arr = ds.pixel_array
+    except Exception as e:  # pydicom raises many types for corrupt or unsupported pixel data
+        raise ImageError(f"{path}: cannot decode DICOM ({type(e).__name__}: {e})") from e
+    if arr.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 1:
+        arr = arr[0]  # multi-frame: the first frame is the radiograph
+    elif arr.ndim == 4:
+        arr = arr[0]
+    if arr.ndim == 3:  # colour DICOM (secondary capture): to luma like the PNG path
+        return np.asarray(Image.fromarray(np.ascontiguousarray(arr.astype(np.uint8))).convert("L"))
+    arr = apply_modality_lut(arr, ds)
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if center is not None and width is not None:
+        # Multi-valued windows list alternatives; the first is the default presentation.
+        c = float(center[0] if isinstance(center, MultiValue) else center)
+        w = float(width[0] if isinstance(width, MultiValue) else width)
+        if w > 1:
+            return _photometric(_windowed(arr, c - w / 2.0, c + w / 2.0), ds)
+    return _photometric(minmax_uint8(arr), ds)
+
+
+def _windowed(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    arr = np.clip(np.asarray(arr, dtype=np.float64), lo, hi)
+    return np.clip(np.rint((arr - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+
+
+def _photometric(a: np.ndarray, ds) -> np.ndarray:
+    # MONOCHROME1 stores bright as low values; invert after scaling so it is exactly 255 - x.
+    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper() == "MONOCHROME1":
+        return (255 - a).astype(np.uint8)
+    return a
+
+
+def _open_pil(path: Path) -> Image.Image:
+    try:
+        im = Image.open(path)
+    except FileNotFoundError as e:
+        raise MissingImageError(f"{path}: image file not found") from e
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"{path}: not a readable image ({e})") from e
+    return im
+
+
+def _decode(im: Image.Image, path: Path) -> np.ndarray:
+    try:
+        im.load()
+    except Exception as e:  # truncated / corrupt data surfaces on load, with varied types
+        raise ImageError(f"{path}: corrupt image data ({type(e).__name__}: {e})") from e
+    return _pil_to_gray(im, path)
+
+
+# --------------------------------------------------------------------------- public API
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read PNG/JPEG (8/16-bit, grey or RGB) or DICOM into a uint8 H x W array of the stored size.
+
+    8-bit content keeps its values; 16-bit and DICOM data are min-max scaled to 0..255 (DICOM after
+    the modality rescale and, when present, its default window); MONOCHROME1 is inverted.
+    Raises ``ImageError`` naming the file, for missing files too.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingImageError(f"{path}: image file not found")
+    if _is_dicom(path):
+        return _read_dicom(path)
+    with _open_pil(path) as im:
+        return _decode(im, path)
+
+
+def _to_square(a: np.ndarray, size: int, crop: bool) -> np.ndarray:
+    if crop:
+        a = crop_zero_border(a)
+    if a.shape != (size, size):
+        a = np.asarray(Image.fromarray(a).resize((size, size), RESAMPLE))
+    # Min-max after the resize (the original scaled before it): extremes of the full-size image are
+    # single noise pixels that the resize averages away, so scaling first leaves the output short of
+    # 0..255 and makes it depend on the decode scale; scaling last gives the same result either way.
+    return minmax_uint8(a)
+
+
+def load_for_shard(path: str | os.PathLike, size: int, crop_border: bool = True,
+                   draft: bool = True) -> tuple[np.ndarray, tuple[int, int]]:
+    """Prepare one image for a shard: ``(uint8 size x size array, original (H, W))``.
+
+    Steps, as in the original M-FLAG preprocessing: optional crop of the dark border, resize (squash)
+    to a square, min-max scaling to 0..255. JPEGs are decoded at 1/2, 1/4 or 1/8 scale when that still
+    leaves at least ``size`` pixels on each side of the (cropped) image; ``draft=False`` forces full
+    decoding (used by the benchmark as the baseline).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingImageError(f"{path}: image file not found")
+    if _is_dicom(path):
+        a = _read_dicom(path)
+        return _to_square(a, size, crop_border), (a.shape[0], a.shape[1])
+    with _open_pil(path) as im:
+        orig = (im.height, im.width)
+        if not (draft and im.format == "JPEG"):
+            return _to_square(_decode(im, path), size, crop_border), orig
+        # With a crop to come, ask for a little headroom: a typical border then still leaves ``size``
+        # pixels and the rare second decode below is only needed for wide borders.
+        want = math.ceil(size * DRAFT_HEADROOM) if crop_border else size
+        im.draft("L", (min(want, im.width), min(want, im.height)))
+        a = _decode(im, path)
+    if crop_border:
+        t, b, l, r = border_box(a)
+        scale = orig[1] / a.shape[1]
+        full_h, full_w = (b - t) * scale, (r - l) * scale  # cropped region in full-resolution pixels
+        if scale > 1 and min(b - t, r - l) < size:
+            # The crop left fewer than ``size`` pixels at this scale: decode again at a scale chosen
+            # for the cropped region, so content the file holds at full detail is never upsampled.
+            want = (math.ceil(size * orig[1] / max(full_w, 1)), math.ceil(size * orig[0] / max(full_h, 1)))
+            with _open_pil(path) as im:
+                im.draft("L", (min(want[0], orig[1]), min(want[1], orig[0])))
+                a = _decode(im, path)
+        a = crop_zero_border(a)
+    return _to_square(a, size, crop=False), orig
+

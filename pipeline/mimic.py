@@ -1,0 +1,297 @@
+"""MIMIC-CXR-JPG 2.0.0 readers: metadata/split CSVs, image paths and report text (folder or zip).
+
+Layout (shared FORMATS.md section 1): ``files/p10/p10000032/s50414267/<dicom_id>.jpg``; reports at
+``files/p10/p10000032/s50414267.txt`` in a folder or inside ``mimic-cxr-reports.zip``. Readers here
+only read; problems with single rows or reports are returned as ``BadItem`` records so the stage can
+count them, name them and decide whether there are too many.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import os
+import re
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from pipeline.common import MflagError
+
+
+METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv"
+SPLIT_CSV = "mimic-cxr-2.0.0-split.csv"
+REPORTS_ZIP = "mimic-cxr-reports.zip"
+METADATA_COLUMNS = ("dicom_id", "subject_id", "study_id", "ViewPosition")
+SPLIT_COLUMNS = ("dicom_id", "study_id", "subject_id", "split")
+
+_REPORT_MEMBER = re.compile(r"(?:^|/)p(\d{2})/p(\d+)/s(\d+)\.txt$")
+_DIGITS = re.compile(r"\d+")
+
+
+class CsvColumnError(MflagError):
+    """A CSV lacks a required column; ``path`` and ``column`` say which."""
+
+    def __init__(self, path: Path, column: str, columns: Sequence[str]):
+        self.path, self.column = path, column
+        super().__init__(f"{path}: missing required column {column!r} (found: {', '.join(columns) or 'none'})")
+
+
+@dataclass(frozen=True)
+class BadItem:
+    """One input problem: ``reason`` (e.g. "missing_image"), where (path or "file:line"), and detail."""
+
+    reason: str
+    where: str
+    detail: str = ""
+    ids: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"reason": self.reason, "where": self.where, "detail": self.detail, **self.ids}
+
+
+@dataclass(frozen=True)
+class MimicImage:
+    """One image row joined across the metadata and split CSVs. Ids are digit strings without prefix."""
+
+    dicom_id: str
+    subject_id: str
+    study_id: str
+    view: str
+    split: str
+
+    @property
+    def relpath(self) -> str:
+        return image_relpath(self.subject_id, self.study_id, self.dicom_id)
+
+
+def image_relpath(subject_id: str, study_id: str, dicom_id: str, ext: str = ".jpg") -> str:
+    """``files/pNN/p<subject>/s<study>/<dicom_id>.jpg`` relative to the MIMIC-CXR-JPG root."""
+    return f"files/p{subject_id[:2]}/p{subject_id}/s{study_id}/{dicom_id}{ext}"
+
+
+def report_relpath(subject_id: str, study_id: str) -> str:
+    """``files/pNN/p<subject>/s<study>.txt`` as in the reports folder and zip."""
+    return f"files/p{subject_id[:2]}/p{subject_id}/s{study_id}.txt"
+
+
+# --------------------------------------------------------------------------- CSVs
+def find_csv(root: str | os.PathLike, name: str) -> Path:
+    """``root/name`` or ``root/name.gz``, whichever exists (plain first: it reads faster)."""
+    root = Path(root)
+    for cand in (root / name, root / f"{name}.gz"):
+        if cand.is_file():
+            return cand
+    raise MflagError(f"{root}: neither {name} nor {name}.gz found")
+
+
+def read_csv(path: str | os.PathLike, required: Sequence[str]) -> Iterator[tuple[int, dict[str, str]]]:
+    """Yield ``(line number, {column: value})`` for the ``required`` columns of a .csv or .csv.gz.
+
+    Raises ``CsvColumnError`` (before yielding anything) when a required column is missing, and
+    ``MflagError`` naming the file when it cannot be read. Only required columns are kept, so the
+    377k-row metadata CSV stays small in memory.
+    """
+    path = Path(path)
+    try:
+        raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    except OSError as e:
+        raise MflagError(f"{path}: cannot open ({e})") from e
+    try:
+        with raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(fh)
+            try:
+                header = next(reader)
+            except StopIteration:
+                header = []
+            header = [h.strip() for h in header]
+            for col in required:
+                if col not in header:
+                    raise CsvColumnError(path, col, header)
+            idx = [header.index(c) for c in required]
+            width = max(idx) + 1
+            for row in reader:
+                if not row:
+                    continue
+                line = reader.line_num
+                if len(row) < width:
+                    yield line, {c: None for c in required}  # the caller reports the short row
+                    continue
+                yield line, {c: row[i].strip() for c, i in zip(required, idx)}
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, csv.Error) as e:
+        raise MflagError(f"{path}: cannot read CSV ({type(e).__name__}: {e})") from e
+
+
+def _id(value: str | None) -> str | None:
+    """MIMIC ids as digit strings; tolerate the float form ("10000032.0") some exports write."""
+    if value is None:
+        return None
+    v = value[:-2] if value.endswith(".0") else value
+    v = v.lstrip("ps") if v[:1] in ("p", "s") else v
+    return v if _DIGITS.fullmatch(v) else None
+
+
+@dataclass
+class MimicIndex:
+    """All images of the selected views and splits, plus what was filtered out and why."""
+
+    images: list[MimicImage]
+    bad: list[BadItem]
+    filtered: dict[str, dict[str, int]]  # {"view": {"LATERAL": n, ...}, "split": {...}}
+    n_rows: int
+    metadata_csv: Path
+    split_csv: Path
+
+
+def load_index(root: str | os.PathLike, views: Sequence[str], splits: Sequence[str]) -> MimicIndex:
+    """Join the metadata and split CSVs of a MIMIC-CXR-JPG root by dicom_id and filter views/splits.
+
+    ``views`` compare case-insensitively with ViewPosition (blank views never match). Malformed or
+    duplicate rows and images without a split row become ``BadItem``s naming "file:line".
+    """
+    root = Path(root)
+    meta_path, split_path = find_csv(root, METADATA_CSV), find_csv(root, SPLIT_CSV)
+    bad: list[BadItem] = []
+    split_of: dict[str, tuple[str, str, str]] = {}
+    for line, row in read_csv(split_path, SPLIT_COLUMNS):
+        where = f"{split_path}:{line}"
+        subj, study, dicom = _id(row["subject_id"]), _id(row["study_id"]), row["dicom_id"]
+        if not dicom or subj is None or study is None or not row["split"]:
+            bad.append(BadItem("bad_csv_row", where, f"malformed row {row}"))
+        elif dicom in split_of:
+            bad.append(BadItem("bad_csv_row", where, f"duplicate dicom_id {dicom}", {"dicom_id": dicom}))
+        else:
+            split_of[dicom] = (row["split"].strip().lower(), subj, study)
+
+    want_views = {v.strip().upper() for v in views}
+    want_splits = {s.strip().lower() for s in splits}
+    filtered: dict[str, dict[str, int]] = {"view": {}, "split": {}}
+    images: list[MimicImage] = []
+    seen: set[str] = set()
+    n_rows = 0
+    for line, row in read_csv(meta_path, METADATA_COLUMNS):
+        n_rows += 1
+        where = f"{meta_path}:{line}"
+        subj, study, dicom = _id(row["subject_id"]), _id(row["study_id"]), row["dicom_id"]
+        if not dicom or subj is None or study is None:
+            bad.append(BadItem("bad_csv_row", where, f"malformed row {row}"))
+            continue
+        ids = {"dicom_id": dicom, "subject_id": subj, "study_id": study}
+        if dicom in seen:
+            bad.append(BadItem("bad_csv_row", where, f"duplicate dicom_id {dicom}", ids))
+            continue
+        seen.add(dicom)
+        view = (row["ViewPosition"] or "").strip()
+        if view.upper() not in want_views:
+            key = view or "(blank)"
+            filtered["view"][key] = filtered["view"].get(key, 0) + 1
+            continue
+        sp = split_of.get(dicom)
+        if sp is None:
+            bad.append(BadItem("no_split_row", where, f"dicom_id {dicom} is not in {split_path.name}", ids))
+            continue
+        split, s_subj, s_study = sp
+        if (s_subj, s_study) != (subj, study):
+            bad.append(BadItem("bad_csv_row", where,
+                               f"{meta_path.name} and {split_path.name} disagree on subject/study of {dicom}", ids))
+            continue
+        if split not in want_splits:
+            filtered["split"][split] = filtered["split"].get(split, 0) + 1
+            continue
+        images.append(MimicImage(dicom, subj, study, view.upper(), split))
+    return MimicIndex(images, bad, filtered, n_rows, meta_path, split_path)
+
+
+# --------------------------------------------------------------------------- reports
+class ReportError(Exception):
+    """A report exists but cannot be read (``reason`` is "unreadable_report" or "empty_report")."""
+
+    def __init__(self, reason: str, where: str, detail: str):
+        self.reason, self.where, self.detail = reason, where, detail
+        super().__init__(f"{where}: {detail}")
+
+
+class ReportSource:
+    """Report text per (subject_id, study_id) from an extracted folder or ``mimic-cxr-reports.zip``.
+
+    ``path`` may be the zip, a folder holding ``mimic-cxr-reports.zip`` (used in preference to any
+    text files beside it), or a folder holding ``files/pNN/...`` (or being ``files/`` itself). Use ``get`` from one process only (zip handles are not
+    shareable across forks); ``close`` when done.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        self.path = path
+        self._zip: zipfile.ZipFile | None = None
+        self._members: dict[str, str] = {}
+        if path.is_dir() and (path / REPORTS_ZIP).is_file():
+            # The zip is the published form; a MIMIC-CXR-JPG root often holds it next to files/.
+            path = path / REPORTS_ZIP
+        if path.is_file():
+            try:
+                self._zip = zipfile.ZipFile(path)
+            except (zipfile.BadZipFile, OSError) as e:
+                raise MflagError(f"{path}: not a readable zip of reports ({e})") from e
+            for name in self._zip.namelist():
+                m = _REPORT_MEMBER.search(name)
+                if m:
+                    self._members[report_relpath(m.group(2), m.group(3))] = name
+            self.where = str(path)
+            if not self._members:
+                raise MflagError(f"{path}: no reports of the form files/pNN/p<subject>/s<study>.txt inside")
+        elif path.is_dir():
+            self._base = path.parent if path.name == "files" else path
+            self.where = str(self._base)
+        else:
+            raise MflagError(f"{path}: reports folder or zip not found")
+
+    @property
+    def is_zip(self) -> bool:
+        return self._zip is not None
+
+    def location(self, subject_id: str, study_id: str) -> str:
+        """Where the report of a study is or would be: a file path or ``zip:member``."""
+        rel = report_relpath(subject_id, study_id)
+        if self._zip is not None:
+            return f"{self.where}:{self._members.get(rel, rel)}"
+        return str(self._base / rel)
+
+    def get(self, subject_id: str, study_id: str) -> str | None:
+        """The report text, or None when the study has no report.
+
+        Raises ``ReportError`` for an unreadable file/zip member (CRC error, bad compression, not
+        UTF-8) or a report with no text at all.
+        """
+        rel = report_relpath(subject_id, study_id)
+        where = self.location(subject_id, study_id)
+        try:
+            if self._zip is not None:
+                member = self._members.get(rel)
+                if member is None:
+                    return None
+                data = self._zip.read(member)
+            else:
+                try:
+                    data = (self._base / rel).read_bytes()
+                except FileNotFoundError:
+                    return None
+            text = data.decode("utf-8")
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError, RuntimeError,
+                UnicodeDecodeError) as e:
+            raise ReportError("unreadable_report", where, f"cannot read report ({type(e).__name__}: {e})") from e
+        if not text.strip():
+            raise ReportError("empty_report", where, "report is empty")
+        return text
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+            self._zip = None
+
+    def __enter__(self) -> "ReportSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

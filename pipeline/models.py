@@ -1,0 +1,193 @@
+"""M-FLAG vision model: torchvision ResNet50 trunk, the original projector MLP, an optional text head.
+
+Text never enters this module as text: report embeddings arrive as (B, D) tensors from the cache, so
+nothing here imports transformers.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torchvision
+from torch import Tensor
+
+from pipeline.common import ConfigError, MflagError
+
+__all__ = [
+    "TRUNK_DIM",
+    "IMAGENET_WEIGHTS",
+    "imagenet_weights_path",
+    "build_resnet50_trunk",
+    "Projector",
+    "MFlagVision",
+    "count_parameters",
+    "encoder_state_dict",
+    "unwrap_model",
+]
+
+TRUNK_DIM = 2048
+# torchvision's ``resnet50(pretrained=True)``, the weights the original code started from.
+IMAGENET_WEIGHTS = torchvision.models.ResNet50_Weights.IMAGENET1K_V1
+
+
+def imagenet_weights_path() -> Path:
+    """Where torchvision caches the ImageNet ResNet50 weights: ``<torch hub dir>/checkpoints/<file>``."""
+    filename = os.path.basename(IMAGENET_WEIGHTS.url)
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def _load_state_file(path: Path) -> dict[str, Tensor]:
+    """Read a state_dict file (optionally nested under "state_dict" / "encoder"); strip DDP/compile prefixes."""
+    if not path.is_file():
+        raise MflagError(f"--init {path}: file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncated zip, not a torch file
+        raise MflagError(f"--init {path}: cannot read a state_dict from this file ({e})") from e
+    for key in ("state_dict", "encoder"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise MflagError(f"--init {path}: expected a state_dict (name -> tensor), optionally nested under "
+                         f"'state_dict' or 'encoder'")
+    out = {}
+    for k, v in obj.items():
+        for prefix in ("module.", "_orig_mod."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def _load_trunk_weights(trunk: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """Strict load except ``fc.*`` (absent from the trunk, ignored in the file); errors name ``source``."""
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    own = trunk.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise MflagError(
+            f"{source}: not a torchvision ResNet50 state_dict: {len(missing)} missing keys "
+            f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}")
+    bad = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
+    if bad:
+        raise MflagError(f"{source}: shape mismatch for {bad[:5]}")
+    trunk.load_state_dict(state, strict=True)
+
+
+def build_resnet50_trunk(init: str = "random") -> nn.Module:
+    """torchvision ResNet50 with ``fc = Identity``: (B, 3, H, W) -> (B, 2048).
+
+    ``init``: "random"; "imagenet" (torchvision's IMAGENET1K_V1 weights, read from the local torch hub
+    cache only, never downloaded here); or a path to a torchvision-layout state_dict file.
+    """
+    if init == "random":
+        return _bare_trunk()
+    if init == "imagenet":
+        path = imagenet_weights_path()
+        if not path.is_file():
+            raise MflagError(
+                f"--init imagenet: ImageNet ResNet50 weights not found at {path}. This tool never downloads "
+                f"at run time; on a machine with network access run once "
+                f"`python -c \"import torchvision; torchvision.models.resnet50(weights='IMAGENET1K_V1')\"` "
+                f"(it fills the torch hub cache; TORCH_HOME moves it), or copy {path.name} from "
+                f"{IMAGENET_WEIGHTS.url} to {path}.")
+    else:
+        path = Path(init).expanduser()
+        if not path.exists():
+            raise ConfigError(f"init: expected 'random', 'imagenet' or a state_dict file; {init!r} is neither")
+    state = _load_state_file(path)  # read (and fail) before paying for the model's random init
+    trunk = _bare_trunk()
+    _load_trunk_weights(trunk, state, str(path))
+    return trunk
+
+
+def _bare_trunk() -> nn.Module:
+    trunk = torchvision.models.resnet50(weights=None)
+    trunk.fc = nn.Identity()
+    return trunk
+
+
+class Projector(nn.Sequential):
+    """The original projector: Linear(in, hidden)-BN-ReLU-Linear(hidden, out)-BN(affine=False).
+
+    (B, in_dim) -> (B, out_dim). Needs B >= 2 in training mode (BatchNorm).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 1024, hidden: int = 2048):
+        super().__init__(
+            nn.Linear(in_dim, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, out_dim),
+            nn.BatchNorm1d(out_dim, affine=False),
+        )
+        self.in_dim, self.out_dim, self.hidden = in_dim, out_dim, hidden
+
+
+class MFlagVision(nn.Module):
+    """ResNet50 trunk + image projector (+ text head) trained against frozen, cached text embeddings.
+
+    ``text_dim``: D of the cache. ``text_head``: "mlp" (the original: a Projector from D to P, default
+    P=1024) or "none" (images projected straight into the frozen text space; P must equal D).
+    ``forward(images (B,3,H,W)) -> (zv (B,2048), za (B,P))``; ``project_text(t (B,D)) -> zt (B,P)``.
+    """
+
+    def __init__(self, text_dim: int, proj_dim: int | None = None, text_head: str = "mlp",
+                 init: str = "random", hidden: int = 2048, trunk: nn.Module | None = None):
+        super().__init__()
+        if text_dim < 1:
+            raise ConfigError(f"text_dim: must be positive, got {text_dim}")
+        if text_head not in ("mlp", "none"):
+            raise ConfigError(f"text_head: expected 'mlp' or 'none', got {text_head!r}")
+        if text_head == "none":
+            if proj_dim is not None and proj_dim != text_dim:
+                raise ConfigError(f"proj_dim: with text_head 'none' images are projected into the text space, "
+                                  f"so proj_dim must equal the cache dimension {text_dim}, got {proj_dim}")
+            proj_dim = text_dim
+        elif proj_dim is None:
+            proj_dim = 1024
+        if proj_dim < 1:
+            raise ConfigError(f"proj_dim: must be positive, got {proj_dim}")
+        self.text_dim, self.proj_dim, self.text_head_kind = text_dim, proj_dim, text_head
+        self.trunk = trunk if trunk is not None else build_resnet50_trunk(init)
+        self.projector = Projector(TRUNK_DIM, proj_dim, hidden)
+        self.text_head = Projector(text_dim, proj_dim, hidden) if text_head == "mlp" else nn.Identity()
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        zv = self.trunk(images)  # (B, 2048)
+        return zv, self.projector(zv)  # (B, P)
+
+    def project_text(self, t: Tensor) -> Tensor:
+        if t.ndim != 2 or t.shape[1] != self.text_dim:
+            raise ValueError(f"project_text expects (B, {self.text_dim}) embeddings, got {tuple(t.shape)}")
+        return self.text_head(t)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
+    """Number of parameters of ``module`` (only those with requires_grad when ``trainable_only``)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def encoder_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Plain torchvision ResNet50 state_dict without ``fc.*`` (CPU tensors) from an MFlagVision or a trunk.
+
+    ``torchvision.models.resnet50().load_state_dict(sd, strict=False)`` reports only ``fc.*`` missing.
+    """
+    model = unwrap_model(model)
+    trunk = unwrap_model(model.trunk) if isinstance(model, MFlagVision) else model
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in trunk.state_dict().items()
+            if not k.startswith("fc.")}

@@ -1,0 +1,68 @@
+"""Learning-rate multipliers for ``torch.optim.lr_scheduler.LambdaLR``.
+
+They are small module-level classes rather than closures so that a scheduler holding them pickles
+and its ``state_dict`` round-trips through a checkpoint.
+"""
+from __future__ import annotations
+
+import math
+
+
+class WarmupCosine:
+    """Linear warmup from 0 to 1 over ``warmup_steps``, then cosine decay to ``min_ratio`` at ``total_steps``.
+
+    ``__call__(step) -> float`` multiplier of the base learning rate; constant after ``total_steps``.
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        if not 0 <= warmup_steps <= total_steps:
+            raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
+        self.warmup_steps = int(warmup_steps)
+        self.total_steps = int(total_steps)
+        self.min_ratio = float(min_ratio)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            # (step + 1) so the very first update already moves the weights
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        t = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+class WarmupCosineRestarts:
+    """Linear warmup, then SGDR cosine cycles (the original M-FLAG code's ``CosineAnnealingWarmRestarts``).
+
+    The first cycle after warmup lasts ``cycle_steps``; each next one ``t_mult`` times longer. Within a
+    cycle the multiplier falls from 1 to ``min_ratio``; at each restart it jumps back to 1.
+    """
+
+    def __init__(self, warmup_steps: int, cycle_steps: int, t_mult: int = 1, min_ratio: float = 0.0):
+        if cycle_steps < 1:
+            raise ValueError(f"cycle_steps must be >= 1, got {cycle_steps}")
+        if t_mult < 1:
+            raise ValueError(f"t_mult must be >= 1, got {t_mult}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.warmup_steps = int(warmup_steps)
+        self.cycle_steps = int(cycle_steps)
+        self.t_mult = int(t_mult)
+        self.min_ratio = float(min_ratio)
+
+    def position(self, step: int) -> tuple[int, int, int]:
+        """(cycle index, step within the cycle, cycle length) for a post-warmup ``step``."""
+        t = step - self.warmup_steps
+        length, cycle = self.cycle_steps, 0
+        while t >= length:
+            t -= length
+            length *= self.t_mult
+            cycle += 1
+        return cycle, t, length
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        _, t, length = self.position(step)
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t / length))

@@ -1,0 +1,375 @@
+"""Frozen text encoders for the embedding cache: loading (CXR-BERT without remote code, or any
+transformers encoder through the Auto classes), pooling, and a tiny BERT builder for tests/demos.
+
+transformers is imported inside the functions so that importing this module stays cheap.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from pipeline.common import MflagError, fingerprint
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEXT_MODEL = "microsoft/BiomedVLP-CXR-BERT-general"
+POOLINGS = ("cls", "mean", "proj")
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# Files a text encoder needs from the hub (no remote code: *.py is never fetched).
+HUB_PATTERNS = ["config.json", "*.safetensors", "pytorch_model.bin", "*.json", "vocab.txt",
+                "*.model", "merges.txt"]
+
+
+class TextModelError(MflagError):
+    """A text encoder cannot be found, downloaded, or loaded as asked."""
+
+
+# --------------------------------------------------------------------------- tiny BERT
+def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 1000, max_length: int = 512):
+    """A lower-casing WordPiece ``BertTokenizerFast`` trained with ``tokenizers`` on ``texts``."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                        show_progress=False)
+    tok.train_from_iterator(list(texts), trainer)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    tok.decoder = decoders.WordPiece()
+    return BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                             cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                             model_max_length=max_length)
+
+
+def random_bert(tokenizer: Any, seed: int = 0, **config: Any) -> torch.nn.Module:
+    """A randomly initialised ``BertModel`` (no pooler) sized for ``tokenizer``; ``config`` overrides
+    BertConfig defaults (12 layers, 768 hidden). The global RNG is left untouched."""
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return BertModel(cfg, add_pooling_layer=False)
+
+
+def build_tiny_bert(texts: Iterable[str], out_dir: str | os.PathLike, hidden: int = 64,
+                    layers: int = 2, heads: int = 2, vocab_size: int = 1000, seed: int = 0,
+                    max_position: int = 512) -> Path:
+    """Train a WordPiece tokenizer on ``texts`` and save it with a randomly initialised small BERT.
+
+    The folder (``config.json``, weights, ``tokenizer.json``, ``vocab.txt``) loads through the same
+    path as a real checkpoint (``load_text_model``). Deterministic for given texts and seed.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_wordpiece_tokenizer(texts, vocab_size, max_position)
+    tokenizer.save_pretrained(out)
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    (out / "vocab.txt").write_text("".join(t + "\n" for t, _ in vocab), encoding="utf-8")
+    model = random_bert(tokenizer, seed, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=4 * hidden,
+                        max_position_embeddings=max_position)
+    model.save_pretrained(out)
+    return out
+
+
+# --------------------------------------------------------------------------- locating a model
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_offline() -> bool:
+    """True when the user asked for offline mode or the hub endpoint is unreachable within ~2 s."""
+    if _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE")):
+        return True
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False  # a direct probe says nothing behind a proxy; huggingface_hub's timeouts apply
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=2.0):
+            return False
+    except OSError:
+        return True
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve_model_dir(model: str) -> tuple[Path, str, str]:
+    """``(local folder, model_id, revision)`` for a local directory or a hub id.
+
+    A hub id is fetched (weights, config and tokenizer files only; never code) or, offline, taken
+    from the local hub cache; an uncached id offline fails at once with advice. The revision is
+    the hub commit hash, or ``sha256:...`` of the weight files of a local folder.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        snap = _snapshot_revision(path.resolve())
+        return path.resolve(), str(path.resolve()), snap or "sha256:" + _weights_hash(path)
+    if path.exists():
+        raise TextModelError(f"--model {model}: is a file; pass a model directory or a hub id")
+    if model.startswith((".", "/", "~")) or model.count("/") > 1 or not _HUB_ID.match(model):
+        raise TextModelError(f"--model {model}: no such directory (and not a hub id like 'org/name')")
+
+    from huggingface_hub import snapshot_download
+
+    offline = hub_offline()
+    try:
+        local = snapshot_download(model, allow_patterns=HUB_PATTERNS, local_files_only=offline)
+    except Exception as e:  # huggingface_hub raises a zoo of types: not cached, offline, 404, gated
+        how = "offline and not in the local hub cache" if offline else f"could not be fetched ({e})"
+        raise TextModelError(
+            f"--model {model}: {how}. Download it on a machine with network access "
+            f"(e.g. `huggingface-cli download {model} --local-dir DIR`) and pass --model DIR "
+            "(a local directory).") from e
+    return Path(local), model, Path(local).name
+
+
+def _snapshot_revision(path: Path) -> str | None:
+    """The commit hash when ``path`` is a hub-cache snapshot folder (``.../snapshots/<hash>``)."""
+    if path.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", path.name):
+        return path.name
+    return None
+
+
+def _weight_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.safetensors"))
+    return files or sorted(path.glob("pytorch_model*.bin"))
+
+
+def _weights_hash(path: Path) -> str:
+    files = _weight_files(path)
+    if not files:
+        raise TextModelError(f"{path}: no model weights (*.safetensors or pytorch_model.bin)")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()[:32]
+
+
+# --------------------------------------------------------------------------- the encoder
+class ProjectionHead(torch.nn.Module):
+    """CXR-BERT-specialized's ``cls_projection_head`` (same parameter names, so its weights load)."""
+
+    def __init__(self, hidden: int, proj: int, act: str, eps: float):
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        self.dense_to_hidden = torch.nn.Linear(hidden, proj)
+        self.transform_act_fn = ACT2FN[act]
+        self.LayerNorm = torch.nn.LayerNorm(proj, eps=eps)
+        self.dense_to_output = torch.nn.Linear(proj, proj)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_to_output(self.LayerNorm(self.transform_act_fn(self.dense_to_hidden(x))))
+
+
+@dataclass
+class TextEncoder:
+    """A frozen encoder with its tokenizer and the facts a cache records about it."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    model_id: str
+    revision: str
+    config_hash: str
+    tokenizer_hash: str
+    hidden_size: int
+    max_positions: int
+    proj: torch.nn.Module | None = None
+    kind: str = "bert"
+    n_params: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def dim(self, pooling: str) -> int:
+        return self.proj.dense_to_output.out_features if pooling == "proj" else self.hidden_size
+
+    def to(self, device: str | torch.device, dtype: torch.dtype) -> "TextEncoder":
+        self.model.to(device=device, dtype=dtype)
+        if self.proj is not None:
+            self.proj.to(device=device, dtype=dtype)
+        return self
+
+    def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+        """(B, L) ids and mask -> (B, D) float32 embeddings; ``proj`` is L2-normalised like the
+        checkpoint's own ``get_projected_text_embeddings``."""
+        h = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+        if pooling == "cls":
+            return h[:, 0].float()
+        if pooling == "mean":
+            m = attention_mask.unsqueeze(-1).float()  # sums in fp32: fp16 could overflow on long reports
+            return (h.float() * m).sum(1) / m.sum(1).clamp_min(1)
+        if pooling == "proj":
+            return torch.nn.functional.normalize(self.proj(h[:, 0]).float(), dim=-1)
+        raise ValueError(f"unknown pooling {pooling!r}")
+
+
+_VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "torch_dtype", "dtype",
+                         "_attn_implementation_autoset", "_commit_hash", "auto_map")
+
+
+def _tokenizer_hash(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+    else:
+        state = {"vocab": tokenizer.get_vocab(), "class": type(tokenizer).__name__}
+    return fingerprint(state, length=32)
+
+
+def load_text_model(model: str, pooling: str = "cls", device: str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> TextEncoder:
+    """Load a frozen encoder in eval mode on ``device``/``dtype`` from a hub id or local folder.
+
+    BERT-family checkpoints (incl. CXR-BERT, whose config names remote code) load as a plain
+    ``BertModel`` from their weights: missing encoder weights fail, the MLM head is ignored, and the
+    -specialized projection head is loaded for ``pooling="proj"``. Others go through AutoModel.
+    """
+    if pooling not in POOLINGS:
+        raise TextModelError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    folder, model_id, revision = resolve_model_dir(model)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise TextModelError(f"{folder}: no config.json; not a transformers model folder")
+    try:
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TextModelError(f"{cfg_path}: not valid JSON ({e})") from e
+    model_type = str(raw.get("model_type", ""))
+    archs = " ".join(raw.get("architectures") or [])
+    if model_type in ("bert", "cxr-bert") or "CXRBert" in archs:
+        enc = _load_bert(folder, raw, pooling)
+    else:
+        enc = _load_auto(folder, pooling)
+    enc.model_id, enc.revision = model_id, revision
+    enc.model.eval().requires_grad_(False)
+    if enc.proj is not None:
+        enc.proj.eval().requires_grad_(False)
+    enc.n_params = sum(p.numel() for p in enc.model.parameters())
+    return enc.to(device, dtype)
+
+
+def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    files = _weight_files(folder)
+    if not files:
+        raise TextModelError(f"{folder}: no model weights (*.safetensors or pytorch_model.bin)")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            if f.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                state.update(load_file(str(f)))
+            else:
+                state.update(torch.load(f, map_location="cpu", weights_only=True))
+        except Exception as e:
+            raise TextModelError(f"{f}: cannot read weights ({e})") from e
+    return state
+
+
+def _load_bert(folder: Path, raw: dict, pooling: str) -> TextEncoder:
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    skip = set(_VOLATILE_CONFIG_KEYS) | {"model_type", "architectures"}
+    config = BertConfig(**{k: v for k, v in raw.items() if k not in skip})
+    state = _read_state_dict(folder)
+    encoder_sd, proj_sd, ignored = {}, {}, []
+    for key, value in state.items():
+        key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        if key.startswith("cls_projection_head."):
+            proj_sd[key[len("cls_projection_head."):]] = value
+        elif key.startswith("cls.") or key.startswith("pooler.") or key.startswith("bert.pooler."):
+            ignored.append(key)  # MLM / NSP heads and the pooler are never used for embeddings
+        else:
+            encoder_sd[key[5:] if key.startswith("bert.") else key] = value
+    model = BertModel(config, add_pooling_layer=False)
+    expected = model.state_dict()
+    missing = sorted(k for k in expected if k not in encoder_sd and not k.endswith(("position_ids", "token_type_ids")))
+    if missing:
+        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise TextModelError(f"{folder}: checkpoint lacks encoder weights {', '.join(missing[:5])}{more}")
+    bad_shape = [k for k, v in encoder_sd.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if bad_shape:
+        raise TextModelError(f"{folder}: weight {bad_shape[0]} has shape {tuple(encoder_sd[bad_shape[0]].shape)}, "
+                             f"config implies {tuple(expected[bad_shape[0]].shape)}")
+    # Old checkpoints (CXR-BERT's included) store the position_ids buffer; it is rebuilt anyway.
+    unexpected = sorted(k for k in encoder_sd if k not in expected and not k.endswith("position_ids"))
+    if unexpected:
+        log.warning("%s: ignoring %d unexpected weights (%s...)", folder, len(unexpected), unexpected[0])
+    model.load_state_dict({k: v for k, v in encoder_sd.items() if k in expected}, strict=False)
+
+    proj = None
+    if pooling == "proj":
+        if not proj_sd:
+            raise TextModelError(f"{folder}: --pooling proj needs a projection head "
+                                 "(cls_projection_head.* weights, as in CXR-BERT-specialized); "
+                                 "this checkpoint has none; use --pooling cls or mean")
+        size = int(raw.get("projection_size") or proj_sd["dense_to_output.weight"].shape[0])
+        proj = ProjectionHead(config.hidden_size, size, config.hidden_act, config.layer_norm_eps)
+        try:
+            proj.load_state_dict(proj_sd, strict=True)
+        except RuntimeError as e:
+            raise TextModelError(f"{folder}: projection head weights do not fit ({e})") from e
+
+    try:
+        tokenizer = BertTokenizerFast.from_pretrained(str(folder))
+    except Exception as e:
+        raise TextModelError(f"{folder}: cannot load the BERT tokenizer ({e})") from e
+    cfg_dict = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    return TextEncoder(model=model, tokenizer=tokenizer, model_id="", revision="",
+                       config_hash=fingerprint(cfg_dict, length=32),
+                       tokenizer_hash=_tokenizer_hash(tokenizer), hidden_size=config.hidden_size,
+                       max_positions=config.max_position_embeddings, proj=proj,
+                       kind="cxr-bert" if raw.get("model_type") == "cxr-bert" else "bert",
+                       extra={"ignored_weights": len(ignored)})
+
+
+def _load_auto(folder: Path, pooling: str) -> TextEncoder:
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    if pooling == "proj":
+        raise TextModelError(f"{folder}: --pooling proj is only for CXR-BERT-style checkpoints")
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+        model, info = AutoModel.from_pretrained(str(folder), output_loading_info=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:
+        raise TextModelError(f"{folder}: cannot load with transformers Auto classes ({e})") from e
+    missing = [k for k in info.get("missing_keys", []) if "pooler" not in k and "position_ids" not in k]
+    if missing:
+        raise TextModelError(f"{folder}: checkpoint lacks encoder weights {', '.join(sorted(missing)[:5])}")
+    if getattr(config, "is_encoder_decoder", False):
+        model = model.get_encoder()
+    cfg_dict = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    return TextEncoder(model=model, tokenizer=tokenizer, model_id="", revision="",
+                       config_hash=fingerprint(cfg_dict, length=32),
+                       tokenizer_hash=_tokenizer_hash(tokenizer),
+                       hidden_size=int(getattr(config, "hidden_size", getattr(config, "d_model", 0))),
+                       max_positions=int(getattr(config, "max_position_embeddings", 0) or 1 << 30),
+                       kind="auto")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]

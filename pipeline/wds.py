@@ -1,0 +1,516 @@
+"""The pre-training data pipeline as webdataset stages.
+
+One readable list (see :func:`train_pipeline`)::
+
+    EpochShards        shards of this (rank, worker), resampled epoch after epoch (never ends)
+    tarfile_to_samples webdataset's tar reader; broken tars are counted and skipped
+    Shuffle            a shuffle buffer
+    FastForward        numbers the raw samples; on resume drops the ones already trained on, undecoded
+    Decode             PNG/JPEG -> uint8 H x W, JSON -> metadata; corrupt samples counted and skipped
+    JoinText           the study's cached report embedding (or report text), joined by study_id
+    Augment            (CPU path only) the augmentation recipe, per sample
+    Batch              fixed-size batches carrying the worker's position and skip counters
+
+Every random choice is a pure function of (seed, epoch, rank, logical worker, sample number), so the
+order of batches is reproducible and a resumed run can fast-forward to where it stopped without
+decoding the samples it skips. Each stage is a module-level class: the pipeline pickles into
+DataLoader workers. The main process takes exactly ``steps_per_epoch`` batches per epoch from the
+loader (the stream itself is endless), so the number of steps never depends on shard boundaries.
+
+Logical workers: the DataLoader hands out batches round-robin, batch i coming from worker i % W. A run
+resumed at step s of an epoch sets ``rotation = s % W`` so that physical worker p plays logical worker
+(p + rotation) % W and batch s again comes from the logical worker it came from before.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pipeline.common import MflagError, read_json
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("png", "jpg", "jpeg")
+
+
+class DataError(MflagError):
+    """Shards or their samples cannot be used (missing, too few, too many bad samples)."""
+
+
+# --------------------------------------------------------------------------- stream state
+@dataclasses.dataclass
+class StreamState:
+    """What every stage of one pipeline copy shares. Pickled into each worker, so the counters are
+    per-worker; batches carry them back to the main process."""
+
+    seed: int = 0
+    epoch: int = 0
+    rank: int = 0
+    world_size: int = 1
+    rotation: int = 0
+    # logical worker -> number of raw samples already consumed this epoch (resume fast-forward)
+    skip: dict = dataclasses.field(default_factory=dict)
+    # counters since the last batch (worker-local after pickling)
+    raw: int = 0
+    missing: int = 0
+    corrupt: int = 0
+    first_missing: str | None = None
+
+    def worker(self) -> tuple[int, int]:
+        """(logical worker id, number of workers) of the calling process."""
+        info = get_worker_info()
+        if info is None:
+            return 0, 1
+        return (info.id + self.rotation) % info.num_workers, info.num_workers
+
+
+def stream_seed(seed: int, epoch: int, rank: int, worker: int, salt: str, index: int = 0) -> int:
+    """A 63-bit seed that depends on every argument (hash-based, so nearby inputs are uncorrelated)."""
+    h = hashlib.sha256(f"{seed}/{epoch}/{rank}/{worker}/{salt}/{index}".encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1
+
+
+class RateLimitedLog:
+    """Warn for the first ``first`` events, then at every power of two, so a bad dataset cannot flood logs."""
+
+    def __init__(self, what: str, first: int = 5):
+        self.what, self.first, self.n = what, first, 0
+
+    def __call__(self, msg: str) -> None:
+        self.n += 1
+        n = self.n
+        if n <= self.first or (n & (n - 1)) == 0:
+            log.warning("%s #%d: %s%s", self.what, n, msg,
+                        "" if n < self.first else " (further warnings rate-limited)")
+
+
+# --------------------------------------------------------------------------- shard lists
+def assign_shards(urls: list[str], rank: int, world_size: int, worker: int, n_workers: int) -> list[str]:
+    """The shards one (rank, worker) reads: split by node, then by worker (disjoint, all used)."""
+    mine = urls[rank::world_size][worker::n_workers]
+    if not mine:
+        raise DataError(f"{len(urls)} shards cannot feed {world_size} rank(s) x {n_workers} worker(s); "
+                        f"rank {rank} worker {worker} got none")
+    return mine
+
+
+class EpochShards(IterableDataset):
+    """First stage: endless ``{"url": ...}`` for this rank and logical worker, a fresh seeded
+    permutation of its shards each pass (resampling without replacement within a pass)."""
+
+    def __init__(self, urls: list[str], state: StreamState):
+        self.urls = list(urls)
+        self.state = state
+
+    def __iter__(self) -> Iterator[dict]:
+        st = self.state
+        w, nw = st.worker()
+        mine = assign_shards(self.urls, st.rank, st.world_size, w, nw)
+        rng = random.Random(stream_seed(st.seed, st.epoch, st.rank, w, "shards"))
+        while True:
+            order = list(mine)
+            rng.shuffle(order)
+            for url in order:
+                yield {"url": url}
+
+
+class CountingHandler:
+    """webdataset error handler: a broken tar (truncated, unreadable) is counted and skipped."""
+
+    def __init__(self, state: StreamState):
+        self.state = state
+        self._warn = RateLimitedLog("unreadable shard data skipped")
+
+    def __call__(self, exn: Exception) -> bool:
+        self.state.corrupt += 1
+        self._warn(f"{type(exn).__name__}: {str(exn)[:300]}")
+        return True
+
+
+class Shuffle:
+    """Shuffle buffer with a (seed, epoch, rank, worker)-determined RNG."""
+
+    def __init__(self, state: StreamState, bufsize: int = 1000, initial: int = 100):
+        self.state, self.bufsize, self.initial = state, int(bufsize), int(min(initial, bufsize))
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        st = self.state
+        if self.bufsize <= 1:
+            yield from src
+            return
+        w, _ = st.worker()
+        rng = random.Random(stream_seed(st.seed, st.epoch, st.rank, w, "shuffle"))
+        buf: list[dict] = []
+        for i, sample in enumerate(src):
+            buf.append(sample)
+            if len(buf) < self.initial:
+                continue
+            if len(buf) < self.bufsize and i % 2 == 0:
+                continue  # below capacity the buffer grows by one sample every two
+            k = rng.randrange(len(buf))
+            buf[k], buf[-1] = buf[-1], buf[k]
+            yield buf.pop()
+        while buf:
+            k = rng.randrange(len(buf))
+            buf[k], buf[-1] = buf[-1], buf[k]
+            yield buf.pop()
+
+
+class FastForward:
+    """Numbers raw samples (1, 2, ...) per logical worker and drops the first ``state.skip[worker]``
+    without decoding them. Counters restart once the skip is done: the skipped samples' misses and
+    errors were counted by the run that trained on them."""
+
+    def __init__(self, state: StreamState):
+        self.state = state
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        st = self.state
+        w, _ = st.worker()
+        skip = int(st.skip.get(w, st.skip.get(str(w), 0)))
+        n = 0
+        for sample in src:
+            n += 1
+            if n <= skip:
+                if n == skip:
+                    st.missing = st.corrupt = 0
+                continue
+            if n == 1:
+                st.missing = st.corrupt = 0
+            st.raw = n
+            sample["__raw__"] = n
+            yield sample
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """PNG/JPEG bytes -> uint8 H x W (grey; colour images are converted)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        if im.mode not in ("L", "I;16", "I"):
+            im = im.convert("L")
+        arr = np.array(im)  # a writable copy: torch.from_numpy warns on read-only arrays
+    if arr.dtype != np.uint8:  # 16-bit PNGs: keep the top 8 bits of the used range
+        arr = arr.astype(np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = ((arr - lo) / max(hi - lo, 1e-6) * 255.0 + 0.5).astype(np.uint8)
+    return arr
+
+
+class Decode:
+    """Raw tar sample -> ``{"key", "study_id", "image" (uint8 H x W at image_size), "url", "raw"}``.
+
+    A sample without image or JSON, an undecodable image or JSON without study_id is counted as corrupt
+    and skipped."""
+
+    def __init__(self, state: StreamState, image_size: int):
+        self.state, self.image_size = state, int(image_size)
+        self._warn = RateLimitedLog("corrupt sample skipped")
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        for sample in src:
+            out = self._decode(sample)
+            if out is not None:
+                yield out
+
+    def _decode(self, sample: dict) -> dict | None:
+        key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
+        try:
+            ext = next((e for e in IMAGE_EXTS if e in sample), None)
+            if ext is None or "json" not in sample:
+                raise ValueError(f"needs an image and a json member, has {sorted(k for k in sample if not k.startswith('__'))}")
+            meta = json.loads(sample["json"])
+            study = meta.get("study_id")
+            if study is None:
+                raise ValueError("json has no study_id")
+            img = decode_image(sample[ext])
+            if img.ndim != 2:
+                raise ValueError(f"image has shape {img.shape}")
+            if img.shape != (self.image_size, self.image_size):
+                img = _resize(img, self.image_size)
+        except Exception as e:  # any decoding failure is a data problem of this one sample
+            self.state.corrupt += 1
+            self._warn(f"{url} sample {key}: {type(e).__name__}: {str(e)[:200]}")
+            return None
+        return {"key": key, "study_id": str(study), "image": img, "url": url, "raw": sample.get("__raw__", 0)}
+
+
+def _resize(img: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
+
+
+# --------------------------------------------------------------------------- text side
+class CacheTargets:
+    """Report embeddings from a text-embedding cache, opened lazily in each process (HDF5 handles do
+    not survive fork)."""
+
+    kind = "cache"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        self._cache = None
+
+    def __getstate__(self):
+        return {"path": self.path, "_cache": None}
+
+    @property
+    def cache(self):
+        if self._cache is None:
+            from cache import TextEmbeddingCache
+
+            self._cache = TextEmbeddingCache(self.path)
+        return self._cache
+
+    def __contains__(self, study_id: str) -> bool:
+        return study_id in self.cache
+
+    def fetch(self, study_ids: list[str]) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.cache.lookup(list(study_ids)), dtype=np.float32))
+
+
+class ReportTexts:
+    """Report texts by study_id (online text mode): ``fetch`` returns the list of strings."""
+
+    kind = "text"
+
+    def __init__(self, texts: dict[str, str]):
+        self.texts = dict(texts)
+
+    def __contains__(self, study_id: str) -> bool:
+        return study_id in self.texts
+
+    def fetch(self, study_ids: list[str]) -> list[str]:
+        return [self.texts[s] for s in study_ids]
+
+
+def read_reports(path: str | os.PathLike) -> dict[str, str]:
+    """``reports.jsonl`` (prepare's output) -> {study_id: text}; a bad line is an error naming it."""
+    path = Path(path)
+    out: dict[str, str] = {}
+    try:
+        fh = open(path, encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"cannot read reports {path}: {e}") from e
+    with fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                out[str(row["study_id"])] = str(row["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise DataError(f"{path} line {i}: expected JSON with study_id and text ({e})") from e
+    return out
+
+
+class JoinText:
+    """Keeps samples whose study_id has a report target; others are counted and skipped with a
+    rate-limited warning, or (``on_missing="error"``) end the stream with an error item."""
+
+    def __init__(self, state: StreamState, targets, on_missing: str = "skip"):
+        if on_missing not in ("skip", "error"):
+            raise ValueError(f"on_missing must be 'skip' or 'error', got {on_missing!r}")
+        self.state, self.targets, self.on_missing = state, targets, on_missing
+        self._warn = RateLimitedLog("sample without a cached report skipped")
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        for sample in src:
+            if sample["study_id"] in self.targets:
+                yield sample
+                continue
+            self.state.missing += 1
+            msg = (f"study_id {sample['study_id']} of sample {sample['key']} ({sample['url']}) "
+                   f"is not in the text cache")
+            if self.on_missing == "error":
+                yield {"__error__": msg + " (--on-missing error)"}
+                return
+            if self.state.first_missing is None:
+                self.state.first_missing = sample["study_id"]
+            self._warn(msg)
+
+
+class Augment:
+    """CPU-side augmentation of single samples; the RNG of each sample is seeded by its position
+    in the stream, so the result does not depend on which process computes it."""
+
+    def __init__(self, state: StreamState, make_fn: Callable[[], Callable[[np.ndarray, int], torch.Tensor]]):
+        self.state, self.make_fn = state, make_fn
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        st = self.state
+        w, _ = st.worker()
+        fn = self.make_fn()
+        for sample in src:
+            if "__error__" not in sample:
+                sample["image"] = fn(sample["image"], stream_seed(st.seed, st.epoch, st.rank, w, "aug",
+                                                                  sample["raw"]))
+            yield sample
+
+
+class Batch:
+    """Groups ``batch_size`` samples into ``{"image", "target", "key", "study_id", "urls", "meta"}``.
+
+    ``image``: uint8 (B, 1, H, W) when not augmented in the worker, else the stacked augmented tensors.
+    ``target``: (B, D) float32 embeddings, or a list of report texts in online mode.
+    ``meta``: logical worker, its raw-sample position after this batch, and the missing/corrupt counts
+    since its previous batch."""
+
+    def __init__(self, state: StreamState, targets, batch_size: int):
+        self.state, self.targets, self.batch_size = state, targets, int(batch_size)
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        st = self.state
+        w, _ = st.worker()
+        buf: list[dict] = []
+        for sample in src:
+            if "__error__" in sample:
+                yield {"error": sample["__error__"], "meta": {"worker": w}}
+                return
+            buf.append(sample)
+            if len(buf) == self.batch_size:
+                yield self._collate(buf, w)
+                buf = []
+
+    def _collate(self, buf: list[dict], w: int) -> dict:
+        st = self.state
+        imgs = [s["image"] for s in buf]
+        if isinstance(imgs[0], np.ndarray):
+            image = torch.from_numpy(np.stack(imgs))[:, None]
+        else:
+            image = torch.stack(imgs)
+        study = [s["study_id"] for s in buf]
+        meta = {"worker": w, "raw": st.raw, "missing": st.missing, "corrupt": st.corrupt,
+                "first_missing": st.first_missing}
+        st.missing = st.corrupt = 0
+        st.first_missing = None
+        return {"image": image, "target": self.targets.fetch(study), "key": [s["key"] for s in buf],
+                "study_id": study, "urls": sorted({s["url"] for s in buf}), "meta": meta}
+
+
+def train_pipeline(urls: list[str], state: StreamState, targets, batch_size: int, image_size: int,
+                   on_missing: str = "skip", shuffle_buffer: int = 1000,
+                   augment: Callable | None = None) -> wds.DataPipeline:
+    """The endless training stream of one rank (see the module docstring)."""
+    stages: list[Any] = [
+        EpochShards(urls, state),
+        wds.tarfile_to_samples(handler=CountingHandler(state)),
+        Shuffle(state, bufsize=shuffle_buffer, initial=min(100, shuffle_buffer)),
+        FastForward(state),
+        Decode(state, image_size),
+        JoinText(state, targets, on_missing),
+    ]
+    if augment is not None:
+        stages.append(Augment(state, augment))
+    stages.append(Batch(state, targets, batch_size))
+    return wds.DataPipeline(*stages)
+
+
+def make_loader(pipeline: wds.DataPipeline, num_workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over an already-batched pipeline (workers re-pickle it at each ``iter``)."""
+    kw: dict[str, Any] = {}
+    if num_workers > 0:
+        kw.update(prefetch_factor=2, persistent_workers=False)
+    return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers,
+                                       pin_memory=pin_memory, **kw)
+
+
+def read_fixed_batch(urls: list[str], targets, n: int, image_size: int) -> dict | None:
+    """The first ``n`` usable samples of ``urls`` in file order (no shuffle, no augmentation), as one
+    batch; ``None`` when there are none. Used for the held-out probe batch."""
+    state = StreamState()
+    pipe = wds.DataPipeline(
+        wds.SimpleShardList(list(urls)),
+        wds.tarfile_to_samples(handler=CountingHandler(state)),
+        Decode(state, image_size),
+        JoinText(state, targets, "skip"),
+    )
+    buf = []
+    for s in pipe:
+        buf.append(s)
+        if len(buf) >= n:
+            break
+    if not buf:
+        return None
+    return Batch(state, targets, len(buf))._collate(buf, 0)
+
+
+# --------------------------------------------------------------------------- shard discovery
+@dataclasses.dataclass(frozen=True)
+class ShardSet:
+    urls: tuple[str, ...]
+    num_samples: int | None  # None when no sizes.json covers the shards
+    root: Path | None  # local folder of the shards, when there is one
+
+
+def _load_sizes(folder: Path) -> dict[str, int]:
+    p = folder / "sizes.json"
+    if not p.is_file():
+        return {}
+    sizes = read_json(p)
+    if not isinstance(sizes, dict):
+        raise DataError(f"{p}: expected an object {{shard name: count}}")
+    return {str(k): int(v) for k, v in sizes.items()}
+
+
+def resolve_shards(spec: str, split: str = "train") -> ShardSet:
+    """``spec`` -> the shard URLs of ``split`` and their sample count.
+
+    ``spec``: a prepare output folder (manifest.json + shards/), a folder of .tar shards (those named
+    ``<split>-*.tar`` if any, else all), or webdataset URLs (brace ranges, ``::``-separated lists,
+    ``pipe:`` commands). Sample counts come from ``sizes.json`` beside local shards."""
+    p = Path(spec)
+    if p.is_dir():
+        if (p / "manifest.json").is_file() and (p / "shards").is_dir():
+            man = read_json(p / "manifest.json")
+            names = ((man.get("splits") or {}).get(split) or {}).get("shards")
+            folder = p / "shards"
+            if not names:
+                raise DataError(f"{p / 'manifest.json'} lists no shards for split {split!r}")
+        else:
+            folder = p
+            tars = sorted(x.name for x in folder.glob("*.tar"))
+            names = [n for n in tars if n.startswith(f"{split}-")] or tars
+            if not names:
+                raise DataError(f"no .tar shards in {folder}")
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise DataError(f"shard {folder / missing[0]} is listed but does not exist")
+        sizes = _load_sizes(folder)
+        count = sum(sizes[n] for n in names) if sizes and all(n in sizes for n in names) else None
+        return ShardSet(tuple(str(folder / n) for n in names), count, folder)
+    urls = wds.shardlists.expand_urls(spec)
+    if not urls:
+        raise DataError(f"no shards in {spec!r}")
+    local = [Path(u) for u in urls if "://" not in u and not u.startswith("pipe:")]
+    if len(local) == len(urls):
+        missing = [u for u in local if not u.is_file()]
+        if missing:
+            raise DataError(f"shard {missing[0]} does not exist")
+        folder = local[0].parent
+        sizes = _load_sizes(folder)
+        names = [u.name for u in local]
+        count = sum(sizes[n] for n in names) if sizes and all(n in sizes for n in names) else None
+        return ShardSet(tuple(urls), count, folder)
+    return ShardSet(tuple(urls), None, None)
+
+
+def heldout_shards(train: ShardSet, split: str = "validate") -> list[str]:
+    """Shards of ``split`` beside local training shards (prepare writes train-/validate-/test-*.tar)."""
+    if train.root is None:
+        return []
+    return [str(x) for x in sorted(train.root.glob(f"{split}-*.tar"))]

@@ -1,0 +1,484 @@
+"""prepare: MIMIC-CXR-JPG images + reports -> webdataset shards, reports.jsonl and a manifest.
+
+Output layout and record formats are in docs/DESIGN.md ("prepare -> shards"). The plan (which image
+goes into which shard) is fixed before any decoding from the sorted image list, so shard content is
+the same for any worker count and for a resumed run. Each finished shard gets a small done-record in
+``OUT/.prepare-state/``; a rerun with the same fingerprint skips shards whose record matches, and a
+rerun with another config refuses to touch OUT unless ``force``.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import shutil
+import tarfile
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from pipeline.common import (ConfigError, MflagError, atomic_open, atomic_path, config_to_dict, fingerprint,
+                             progress, read_json, save_config, write_json)
+from pipeline.imaging import ImageError, MissingImageError, load_for_shard
+from pipeline.mimic import BadItem, CsvColumnError, MimicImage, ReportError, ReportSource, load_index
+from pipeline.reports import extract_sections, join_sections
+
+log = logging.getLogger(__name__)
+
+# Bumped when shard content for the same config changes, so old outputs are never mixed with new.
+FORMAT_VERSION = 1
+STATE_DIR = ".prepare-state"
+# Fixed tar member mtime: identical inputs and config give byte-identical shards on every run.
+TAR_MTIME = 0
+_FORMATS = ("png", "jpg")
+PNG_LEVEL = 1
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """What ``prepare mimic`` does. ``reports`` defaults to ``root`` (reports extracted beside images)."""
+
+    root: str
+    out: str
+    reports: str | None = None
+    size: int = 256
+    views: tuple[str, ...] = ("PA", "AP")
+    splits: tuple[str, ...] = ("train", "validate", "test")
+    image_format: str = "png"
+    jpeg_quality: int = 95
+    shard_size: int = 1000
+    workers: int = 1
+    text_sections: tuple[str, ...] = ("impression", "findings")
+    section_separator: str = " "
+    max_bad_fraction: float = 0.01
+    crop_border: bool = True
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        def setf(name, value):
+            object.__setattr__(self, name, value)
+
+        setf("root", str(self.root))
+        setf("out", str(self.out))
+        setf("reports", str(self.reports) if self.reports is not None else self.root)
+        setf("views", tuple(str(v).strip().upper() for v in self.views if str(v).strip()))
+        setf("splits", tuple(str(s).strip().lower() for s in self.splits if str(s).strip()))
+        setf("text_sections", tuple(str(s).strip().lower() for s in self.text_sections if str(s).strip()))
+        setf("image_format", str(self.image_format).lower().replace("jpeg", "jpg"))
+        if not Path(self.root).is_dir():
+            raise ConfigError(f"root: {self.root} is not a directory")
+        if not Path(self.reports).exists():
+            raise ConfigError(f"reports: {self.reports} does not exist")
+        if not 8 <= self.size <= 4096:
+            raise ConfigError(f"size: {self.size} is outside 8..4096")
+        if not self.views:
+            raise ConfigError("views: give at least one view position (e.g. PA,AP)")
+        if not self.splits:
+            raise ConfigError("splits: give at least one split (train, validate, test)")
+        if not self.text_sections:
+            raise ConfigError("text_sections: give at least one report section (e.g. impression,findings)")
+        if self.image_format not in _FORMATS:
+            raise ConfigError(f"image_format: {self.image_format!r} is not one of {', '.join(_FORMATS)}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError(f"jpeg_quality: {self.jpeg_quality} is outside 1..100")
+        if self.shard_size < 1:
+            raise ConfigError(f"shard_size: {self.shard_size} must be >= 1")
+        if self.workers < 1:
+            raise ConfigError(f"workers: {self.workers} must be >= 1")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ConfigError(f"max_bad_fraction: {self.max_bad_fraction} is outside 0..1")
+
+    def content_dict(self) -> dict:
+        """The settings that change output content (not paths, workers, force or the bad-item limit)."""
+        d = {k: v for k, v in config_to_dict(self).items()
+             if k not in ("root", "out", "reports", "workers", "force", "max_bad_fraction")}
+        if self.image_format != "jpg":
+            d.pop("jpeg_quality")
+        return d
+
+
+@dataclass
+class PrepareResult:
+    out: Path
+    fingerprint: str
+    splits: dict[str, dict]  # split -> {"shards": [...], "count": n}
+    n_images: int
+    n_studies: int
+    shards_written: int
+    shards_skipped: int
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Shard:
+    name: str
+    split: str
+    items: tuple[MimicImage, ...]
+
+
+class TooManyBadItems(MflagError):
+    """More bad inputs than ``max_bad_fraction`` allows; prepare-report.json lists them."""
+
+
+# --------------------------------------------------------------------------- worker
+def _encode(task: tuple[str, int, bool, str, int]) -> tuple[str, object]:
+    """Worker: one image file -> ("ok", (bytes, (H, W))) or (reason, message). Never raises."""
+    path, size, crop, fmt, quality = task
+    try:
+        arr, orig = load_for_shard(path, size, crop_border=crop)
+        from PIL import Image
+
+        buf = io.BytesIO()
+        if fmt == "png":
+            # zlib level 1: about 2.5x faster than the default 6 for ~15% larger files on radiographs;
+            # encoding would otherwise cost as much as the reduced-scale decode itself.
+            Image.fromarray(arr).save(buf, format="PNG", compress_level=PNG_LEVEL)
+        else:
+            Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+        return "ok", (buf.getvalue(), orig)
+    except MissingImageError as e:
+        return "missing_image", str(e)
+    except ImageError as e:
+        return "corrupt_image", str(e)
+    except Exception as e:  # a decoder bug on one file must not kill a multi-hour run
+        return "corrupt_image", f"{path}: {type(e).__name__}: {e}"
+
+
+def _order_key(img: MimicImage) -> str:
+    # A hash order mixes patients and studies within each shard (the CSV order groups them), while
+    # staying a pure function of the dicom_id, so the plan does not depend on CSV row order.
+    return hashlib.blake2b(img.dicom_id.encode(), digest_size=8).hexdigest() + img.dicom_id
+
+
+# --------------------------------------------------------------------------- stage
+def run(cfg: PrepareConfig) -> PrepareResult:
+    """Prepare MIMIC-CXR-JPG into shards under ``cfg.out``; see the module docstring and DESIGN.md."""
+    out = Path(cfg.out)
+    shards_dir, state_dir = out / "shards", out / STATE_DIR
+    root = Path(cfg.root)
+    report = _Report(out)
+    _refuse_other_config(cfg, out)
+
+    try:
+        index = load_index(root, cfg.views, cfg.splits)
+    except CsvColumnError as e:
+        report.bad.append(BadItem("missing_column", str(e.path), str(e), {"column": e.column}))
+        report.write(status="failed", error=str(e))
+        raise
+    for b in index.bad:
+        report.add_bad(b)
+    report.counts["metadata_rows"] = index.n_rows
+    report.counts["filtered_view"] = sum(index.filtered["view"].values())
+    report.counts["filtered_split"] = sum(index.filtered["split"].values())
+    report.filtered = index.filtered
+    images = index.images
+    report.counts["images_selected"] = len(images)
+    # Denominator of the bad fraction: every image that prepare was asked to consider.
+    n_considered = len(images) + sum(1 for b in index.bad if b.reason in ("bad_csv_row", "no_split_row"))
+    if not images:
+        msg = (f"{index.metadata_csv}: no images with views {','.join(cfg.views)} in splits "
+               f"{','.join(cfg.splits)} (filtered by view: {index.filtered['view']}, by split: {index.filtered['split']})")
+        report.write(status="failed", error=msg)
+        raise MflagError(msg)
+
+    # ---- report text per study (main process: the zip handle must not cross a fork)
+    by_study: dict[tuple[str, str], list[MimicImage]] = defaultdict(list)
+    for img in images:
+        by_study[(img.subject_id, img.study_id)].append(img)
+    texts: dict[tuple[str, str], tuple[str, list[str]]] = {}
+    n_bad_images = sum(1 for b in index.bad if b.reason in ("bad_csv_row", "no_split_row"))
+    with ReportSource(cfg.reports) as reports:
+        for key in progress(sorted(by_study, key=lambda k: (int(k[0]), int(k[1]))), total=len(by_study),
+                            desc="reports", unit="study"):
+            subj, study = key
+            ids = {"subject_id": subj, "study_id": study, "n_images": len(by_study[key])}
+            try:
+                raw = reports.get(subj, study)
+            except ReportError as e:
+                report.add_bad(BadItem(e.reason, e.where, e.detail, ids))
+                n_bad_images += len(by_study[key])
+                continue
+            if raw is None:
+                report.add_bad(BadItem("no_report", reports.location(subj, study), "study has no report", ids))
+                n_bad_images += len(by_study[key])
+                continue
+            sections = extract_sections(raw)
+            text, used = join_sections(sections, cfg.text_sections, cfg.section_separator)
+            if not text.strip():
+                present = [s for s in cfg.text_sections if s in sections]
+                reason = "no_text_empty_sections" if present else "no_text_sections_absent"
+                report.add_dropped(reason, reports.location(subj, study),
+                                   f"no text in sections {','.join(cfg.text_sections)} "
+                                   f"(found: {','.join(sorted(sections)) or 'none'})", ids)
+                continue
+            texts[key] = (text, used)
+    report.counts["studies_selected"] = len(by_study)
+    report.counts["studies_with_text"] = len(texts)
+    _check_bad(cfg, report, n_bad_images, n_considered, stage="reading reports")
+
+    # ---- plan: shard assignment from the sorted image list, before any decoding
+    plan: list[_Shard] = []
+    for split in cfg.splits:
+        items = sorted((i for i in images if i.split == split and (i.subject_id, i.study_id) in texts),
+                       key=_order_key)
+        for k in range(0, len(items), cfg.shard_size):
+            plan.append(_Shard(f"{split}-{k // cfg.shard_size:06d}.tar", split, tuple(items[k:k + cfg.shard_size])))
+    if not plan:
+        msg = f"no study among {len(by_study)} has usable report text in sections {','.join(cfg.text_sections)}"
+        report.write(status="failed", error=msg)
+        raise MflagError(f"{msg}; see {report.path}")
+    plan_digest = fingerprint([[s.name, [i.dicom_id for i in s.items]] for s in plan], length=32)
+    fp = fingerprint({"version": FORMAT_VERSION, "config": cfg.content_dict(), "plan": plan_digest})
+    _claim_out(cfg, out, fp)
+
+    # ---- shards
+    done, pending = [], []
+    for shard in plan:
+        rec = _done_record(state_dir, shards_dir, shard, fp)
+        (done if rec is not None else pending).append(shard)
+    if done:
+        log.info("resuming: %d of %d shards already complete", len(done), len(plan))
+    n_pending = sum(len(s.items) for s in pending)
+    max_bad = cfg.max_bad_fraction * n_considered
+    prior_bad = sum(len(read_json(state_dir / f"{s.name}.json")["bad"]) for s in done)
+    running_bad = n_bad_images + prior_bad
+    if pending:
+        tasks = [(str(root / i.relpath), cfg.size, cfg.crop_border, cfg.image_format, cfg.jpeg_quality)
+                 for s in pending for i in s.items]
+        with _results(tasks, cfg.workers) as results, \
+                progress(total=n_pending, desc="prepare", unit="img") as bar:
+            for shard in pending:
+                running_bad += _write_shard(shard, results, shards_dir, state_dir, fp, cfg, bar)
+                if running_bad > max_bad:
+                    break  # the final check below reports it with every item named
+
+    # ---- gather everything from the done-records (they cover resumed and fresh shards alike)
+    splits: dict[str, dict] = {s: {"shards": [], "count": 0} for s in cfg.splits}
+    sizes: dict[str, int] = {}
+    written_studies: set[tuple[str, str]] = set()
+    study_of = {i.dicom_id: (i.subject_id, i.study_id) for s in plan for i in s.items}
+    for shard in plan:
+        rec_path = state_dir / f"{shard.name}.json"
+        if not rec_path.is_file():
+            continue  # only after an early stop for too many bad items
+        rec = read_json(rec_path)
+        for b in rec["bad"]:
+            report.add_bad(BadItem(b["reason"], b["where"], b["detail"],
+                                   {k: b[k] for k in ("dicom_id", "subject_id", "study_id") if k in b}))
+            n_bad_images += 1
+        if rec["count"]:
+            splits[shard.split]["shards"].append(shard.name)
+            splits[shard.split]["count"] += rec["count"]
+            sizes[shard.name] = rec["count"]
+        written_studies.update(study_of[k] for k in rec["keys"])
+    _check_bad(cfg, report, n_bad_images, n_considered, stage="decoding images")
+
+    n_images = sum(sizes.values())
+    empty_shards = [s.name for s in plan if s.name not in sizes]
+    for name in empty_shards:  # every image of that shard was bad: no empty tar in the manifest
+        (shards_dir / name).unlink(missing_ok=True)
+    kept = sorted(written_studies, key=lambda k: (int(k[0]), int(k[1])))
+    with atomic_open(out / "reports.jsonl", "w", encoding="utf-8") as fh:
+        for subj, study in kept:
+            text, used = texts[(subj, study)]
+            fh.write(json.dumps({"study_id": study, "subject_id": subj, "text": text, "sections": used,
+                                 "n_words": len(text.split())}, ensure_ascii=False) + "\n")
+    report.counts.update(images_written=n_images, studies_written=len(kept),
+                         studies_without_images=len(texts) - len(kept), shards=len(sizes))
+    write_json(shards_dir / "sizes.json", sizes)
+    write_json(out / "manifest.json", {
+        "splits": splits, "image_format": cfg.image_format, "size": cfg.size, "fingerprint": fp,
+        "config": cfg.content_dict(), "n_images": n_images, "n_studies": len(kept),
+        "reports": "reports.jsonl", "format_version": FORMAT_VERSION,
+    })
+    report.write(status="ok")
+    save_config(cfg, out, fingerprint=fp)
+    log.info("prepared %d images of %d studies into %d shards under %s (%d written, %d reused)",
+             n_images, len(kept), len(sizes), shards_dir, len(pending), len(done))
+    return PrepareResult(out, fp, splits, n_images, len(kept), len(pending), len(done), dict(report.counts))
+
+
+def _write_shard(shard: _Shard, results: Iterator, shards_dir: Path, state_dir: Path, fp: str,
+                 cfg: PrepareConfig, bar) -> int:
+    """Write one shard from the next ``len(shard.items)`` results; returns its number of bad images."""
+    keys, bad = [], []
+    with atomic_path(shards_dir / shard.name) as tmp:
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as sink:
+            for img in shard.items:
+                status, payload = next(results)
+                bar.update(1)
+                if status != "ok":
+                    item = BadItem(status, str(Path(cfg.root) / img.relpath), str(payload),
+                                   {"dicom_id": img.dicom_id, "subject_id": img.subject_id,
+                                    "study_id": img.study_id})
+                    bad.append(item.to_dict())
+                    continue
+                data, orig = payload
+                meta = {"dicom_id": img.dicom_id, "subject_id": img.subject_id, "study_id": img.study_id,
+                        "view": img.view, "split": img.split, "orig_size": [int(orig[0]), int(orig[1])]}
+                _add_sample(sink, img.dicom_id, {cfg.image_format: data,
+                                                 "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
+                keys.append(img.dicom_id)
+    # The record follows the tar: a kill between the two only costs rebuilding this one shard.
+    write_json(state_dir / f"{shard.name}.json", {
+        "fingerprint": fp, "name": shard.name, "split": shard.split, "count": len(keys),
+        "bytes": (shards_dir / shard.name).stat().st_size, "keys": keys, "bad": bad,
+    })
+    return len(bad)
+
+
+def _add_sample(sink: tarfile.TarFile, key: str, fields: dict[str, bytes]) -> None:
+    # webdataset's member naming (``<key>.<ext>``, fields sorted). Plain tarfile instead of
+    # wds.TarWriter keeps torch out of the prepare stage; fixed metadata keeps shards byte-identical.
+    for ext in sorted(fields):
+        data = fields[ext]
+        ti = tarfile.TarInfo(f"{key}.{ext}")
+        ti.size, ti.mtime, ti.mode = len(data), TAR_MTIME, 0o444
+        sink.addfile(ti, io.BytesIO(data))
+
+
+class _results:
+    """Ordered encode results: a process pool for ``workers`` > 1, inline otherwise."""
+
+    def __init__(self, tasks: list, workers: int):
+        self.tasks, self.workers, self.pool = tasks, workers, None
+
+    def __enter__(self) -> Iterator:
+        if self.workers <= 1:
+            return map(_encode, self.tasks)
+        self.pool = multiprocessing.get_context().Pool(self.workers)
+        # Small chunks keep the ordered stream flowing; imap preserves task order.
+        return self.pool.imap(_encode, self.tasks, chunksize=4)
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+def _done_record(state_dir: Path, shards_dir: Path, shard: _Shard, fp: str) -> dict | None:
+    """The shard's done-record if the shard is complete for this fingerprint, else None."""
+    rec_path, tar = state_dir / f"{shard.name}.json", shards_dir / shard.name
+    if not rec_path.is_file():
+        return None
+    try:
+        rec = read_json(rec_path)
+    except MflagError:
+        return None
+    if rec.get("fingerprint") != fp or rec.get("count", -1) + len(rec.get("bad", [])) != len(shard.items):
+        return None
+    if rec["count"] == 0:
+        return rec  # every image was bad: the empty tar is removed at the end of a run
+    return rec if tar.is_file() and tar.stat().st_size == rec.get("bytes") else None
+
+
+def _outputs(out: Path) -> list[Path]:
+    return [out / n for n in ("manifest.json", "reports.jsonl", "prepare-report.json", "config.json")]
+
+
+def _previous(out: Path) -> tuple[dict | None, bool]:
+    """The fingerprint stamp of an earlier run in OUT, and whether OUT holds shards made otherwise."""
+    shards_dir, stamp = out / "shards", out / STATE_DIR / "fingerprint.json"
+    previous = read_json(stamp) if stamp.is_file() else None
+    foreign = previous is None and ((shards_dir.is_dir() and any(shards_dir.glob("*.tar")))
+                                    or (out / "manifest.json").exists())
+    return previous, foreign
+
+
+def _refuse_other_config(cfg: PrepareConfig, out: Path) -> None:
+    """Fail early, before writing anything, when OUT holds another config's outputs (unless force)."""
+    if cfg.force:
+        return
+    previous, foreign = _previous(out)
+    if foreign:
+        raise MflagError(f"{out}: holds shards or a manifest not made by this prepare run "
+                         f"(no {STATE_DIR}/fingerprint.json); use --force to rebuild, or choose another --out")
+    if previous is not None:
+        old, new = previous.get("config", {}), cfg.content_dict()
+        diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        if diff:
+            raise MflagError(f"{out}: was prepared with a different config ({'; '.join(diff)}); "
+                             f"use --force to rebuild, or choose another --out")
+
+
+def _claim_out(cfg: PrepareConfig, out: Path, fp: str) -> None:
+    """Make OUT ours for fingerprint ``fp``: refuse another config's or input's outputs unless ``force``."""
+    shards_dir, state_dir = out / "shards", out / STATE_DIR
+    stamp = state_dir / "fingerprint.json"
+    previous, foreign = _previous(out)
+    mismatch = previous is not None and previous.get("fingerprint") != fp
+    if cfg.force:
+        if previous is not None or foreign or shards_dir.exists():
+            log.info("--force: removing previous prepare outputs in %s", out)
+        for p in _outputs(out):
+            p.unlink(missing_ok=True)
+        if state_dir.exists():
+            shutil.rmtree(state_dir)
+        if shards_dir.exists():
+            for p in list(shards_dir.glob("*.tar")) + [shards_dir / "sizes.json"]:
+                p.unlink(missing_ok=True)
+    elif foreign or mismatch:
+        _refuse_other_config(cfg, out)  # names the differing settings when the config changed
+        raise MflagError(f"{out}: was prepared from different input data (the image list or reports "
+                         f"changed since); use --force to rebuild, or choose another --out")
+    # Temp files of a killed run (atomic_path leaves them only on SIGKILL) are never valid shards.
+    for tmp in shards_dir.glob(".*.tmp") if shards_dir.exists() else ():
+        tmp.unlink(missing_ok=True)
+    # A previous run's success files are rewritten at the end; remove them now so a crash in
+    # between never leaves a manifest describing shards that are being rebuilt.
+    for p in _outputs(out) + [shards_dir / "sizes.json"]:
+        p.unlink(missing_ok=True)
+    write_json(stamp, {"fingerprint": fp, "config": cfg.content_dict(), "format_version": FORMAT_VERSION})
+
+
+def _check_bad(cfg: PrepareConfig, report: "_Report", n_bad: int, n_total: int, stage: str) -> None:
+    frac = n_bad / max(n_total, 1)
+    report.counts["bad_images"] = n_bad
+    if frac > cfg.max_bad_fraction:
+        msg = (f"too many bad inputs while {stage}: {n_bad} of {n_total} images ({frac:.2%}) > "
+               f"max_bad_fraction {cfg.max_bad_fraction:.2%}; every item is listed in "
+               f"{report.path} (reasons: {dict(report.reason_counts())})")
+        report.write(status="failed", error=msg)
+        raise TooManyBadItems(msg)
+
+
+class _Report:
+    """Accumulates prepare-report.json: counts, filtered counts, every dropped and bad item."""
+
+    def __init__(self, out: Path):
+        self.path = out / "prepare-report.json"
+        self.counts: Counter = Counter()
+        self.filtered: dict = {}
+        self.bad: list[BadItem] = []
+        self.dropped: list[dict] = []
+        self._seen: set = set()
+
+    def add_bad(self, item: BadItem) -> None:
+        key = (item.reason, item.where)
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        log.warning("bad input (%s): %s: %s", item.reason, item.where, item.detail)
+        self.bad.append(item)
+
+    def add_dropped(self, reason: str, where: str, detail: str, ids: dict) -> None:
+        log.debug("dropped (%s): %s", reason, where)
+        self.dropped.append({"reason": reason, "where": where, "detail": detail, **ids})
+
+    def reason_counts(self) -> Counter:
+        return Counter(b.reason for b in self.bad)
+
+    def write(self, status: str, error: str | None = None) -> None:
+        dropped_counts = Counter(d["reason"] for d in self.dropped)
+        write_json(self.path, {
+            "status": status, "error": error,
+            "counts": dict(self.counts),
+            "bad_counts": dict(self.reason_counts()),
+            "dropped_counts": dict(dropped_counts),
+            "filtered": self.filtered,
+            "bad": [b.to_dict() for b in self.bad],
+            "dropped": self.dropped,
+        })

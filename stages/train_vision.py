@@ -1,0 +1,883 @@
+"""train-vision: M-FLAG pre-training of a ResNet50 against frozen report embeddings.
+
+The image stream (``pipeline.wds``) is joined by study_id to embeddings read from the text cache, so
+no text model lives in this process (``text_mode="online"`` runs one per step instead: the original
+design, kept as the baseline and the freezing ablation). Loss = alignment(za, zt) + orth_weight x
+orthogonality(za): by default the orthogonality loss sees the projected image embedding, whose final
+BatchNorm(affine=False) makes zᵀz/B a correlation-like matrix (C_ii near 1) as in Barlow Twins, where
+lam = 0.0051 comes from; ``orth_on="zv"`` applies it to the raw 2048-d ResNet features instead.
+torchrun DDP, AMP, atomic checkpoints and exact resume:
+
+Exact resume. Everything random is either restored from the checkpoint (weights, optimizer, scheduler,
+scaler, RNG states) or a pure function of (seed, epoch, rank, logical worker, sample number): the data
+order and the CPU augmentation. The checkpoint stores, per rank and logical DataLoader worker, how
+many raw samples that worker had consumed; a resumed worker skips those before decoding, and the
+worker rotation (see ``pipeline.wds``) makes the batch order continue where it stopped. On CPU a run
+killed after step k and resumed ends bit-identical to an uninterrupted run.
+
+Orthogonality scope. The default is ``global``: z is all-gathered with gradients, so the loss (and the
+run) does not depend on how many GPUs share the global batch; ``local`` is the original code's
+per-GPU loss. With one process both are the same.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from pipeline import losses, probes
+from pipeline import wds as wdsp
+from pipeline.common import (ConfigError, MflagError, atomic_path, config_to_dict, fingerprint, read_json,
+                             save_config, write_json)
+from pipeline.distributed import DistInfo, barrier, cleanup, init_distributed
+from pipeline.schedules import WarmupCosine, WarmupCosineRestarts
+
+log = logging.getLogger(__name__)
+
+CKPT_FORMAT = 1
+# Fields that do not change what is trained: a resumed run may change them.
+_NON_SEMANTIC = ("out", "resume", "log_every", "ckpt_every", "probe_every", "probe_size", "probe_shards",
+                 "keep_checkpoints", "compile", "threads")
+
+
+class TrainingError(MflagError):
+    """Training cannot continue (non-finite loss, too many bad samples, incompatible checkpoint)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainVisionConfig:
+    """Resolved options of one train-vision run (see ``cli.py train-vision --help`` for each)."""
+
+    shards: str
+    out: str
+    text_cache: str | None = None
+    text_mode: str = "cache"  # cache | online
+    text_model: str | None = None
+    reports: str | None = None
+    unfreeze_last: int = 0
+    text_pooling: str = "cls"
+    text_max_length: int = 512
+    probe_shards: str | None = None
+    batch_size: int = 128  # global, over all ranks
+    epochs: int = 1
+    max_steps: int | None = None
+    num_samples: int | None = None
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    image_size: int = 256
+    crop_size: int = 224
+    aug: str = "original"
+    aug_device: str = "cpu"
+    on_missing: str = "skip"
+    max_bad_fraction: float = 0.01
+    init: str = "random"
+    text_head: str = "mlp"
+    proj_dim: int | None = None  # None: 1024 with text_head mlp, the cache dimension with none
+    hidden_dim: int = 2048
+    orth_weight: float = 1.0
+    orth_lambda: float = 0.0051
+    orth_scope: str = "global"
+    orth_on: str = "za"
+    orth_standardize: bool = False
+    lr: float = 2e-5
+    weight_decay: float = 0.05
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    restart_every: int = 5000
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = None
+    precision: str = "auto"
+    device: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 500
+    probe_every: int = 500
+    probe_size: int = 64
+    keep_checkpoints: int = 2
+    resume: str = "auto"
+    threads: int | None = None
+
+    def __post_init__(self):
+        def need(cond: bool, field: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"{field}: {msg}")
+
+        choice = {"text_mode": ("cache", "online"), "text_pooling": ("cls", "mean"),
+                  "aug": ("original", "light", "none"), "aug_device": ("cpu", "cuda"),
+                  "on_missing": ("skip", "error"), "text_head": ("mlp", "none"),
+                  "orth_scope": ("local", "global"), "orth_on": ("zv", "za"),
+                  "schedule": ("cosine", "restarts", "constant"),
+                  "precision": ("auto", "bf16", "fp16", "fp32"), "device": ("auto", "cpu", "cuda")}
+        for field, allowed in choice.items():
+            need(getattr(self, field) in allowed, field, f"expected one of {allowed}, got {getattr(self, field)!r}")
+        if self.text_mode == "cache":
+            need(bool(self.text_cache), "text_cache", "required with text_mode 'cache'")
+        else:
+            need(bool(self.text_model), "text_model", "required with text_mode 'online'")
+            need(bool(self.reports), "reports", "required with text_mode 'online' (report texts by study_id)")
+        for field in ("batch_size", "epochs", "image_size", "crop_size", "hidden_dim", "log_every",
+                      "ckpt_every", "probe_every", "text_max_length", "restart_every", "keep_checkpoints"):
+            need(getattr(self, field) >= 1, field, f"must be >= 1, got {getattr(self, field)}")
+        for field in ("num_workers", "unfreeze_last", "warmup_steps", "probe_size", "seed"):
+            need(getattr(self, field) >= 0, field, f"must be >= 0, got {getattr(self, field)}")
+        need(self.batch_size >= 2, "batch_size", "BatchNorm in the projector needs at least 2")
+        need(self.crop_size <= self.image_size, "crop_size",
+             f"must be <= image_size ({self.image_size}), got {self.crop_size}")
+        need(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1")
+        need(self.num_samples is None or self.num_samples >= 1, "num_samples", "must be >= 1")
+        need(self.proj_dim is None or self.proj_dim >= 1, "proj_dim", "must be >= 1")
+        need(self.lr > 0, "lr", "must be > 0")
+        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(self.orth_weight >= 0, "orth_weight", "must be >= 0")
+        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        need(0 <= self.max_bad_fraction <= 1, "max_bad_fraction", "must be in [0, 1]")
+        need(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0")
+        need(self.threads is None or self.threads >= 1, "threads", "must be >= 1")
+        need(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
+        need(self.unfreeze_last == 0 or self.text_mode == "online", "unfreeze_last",
+             "only with text_mode 'online' (the cached mode has no text model to train)")
+
+
+# --------------------------------------------------------------------------- text side
+class OnlineTextEncoder(nn.Module):
+    """A transformers encoder run inside each step (the original design): tokenizes report texts
+    (padded to ``max_length`` like the original) and pools (CLS or mean) to (B, H). Frozen except the
+    last ``unfreeze_last`` layers. Build it with :meth:`from_pretrained`."""
+
+    def __init__(self, encoder: nn.Module, tokenizer=None, max_length: int = 512, pooling: str = "cls",
+                 unfreeze_last: int = 0, name: str = "text encoder"):
+        super().__init__()
+        self.encoder, self.tokenizer = encoder, tokenizer
+        self.max_length, self.pooling = max_length, pooling
+        self.encoder.requires_grad_(False)
+        layers = _encoder_layers(self.encoder)
+        if unfreeze_last > len(layers):
+            raise ConfigError(f"unfreeze_last: {name} has {len(layers)} layers, asked for {unfreeze_last}")
+        for layer in layers[len(layers) - unfreeze_last:] if unfreeze_last else []:
+            layer.requires_grad_(True)
+        self.unfreeze_last = unfreeze_last
+        self.dim = int(self.encoder.config.hidden_size)
+
+    @classmethod
+    def from_pretrained(cls, model: str, max_length: int = 512, pooling: str = "cls",
+                        unfreeze_last: int = 0) -> "OnlineTextEncoder":
+        from transformers import AutoModel, AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model)
+            encoder = AutoModel.from_pretrained(model)
+        except (OSError, ValueError) as e:
+            raise MflagError(f"--text-model {model}: cannot load a transformers encoder ({e})") from e
+        return cls(encoder, tokenizer, max_length, pooling, unfreeze_last, name=model)
+
+    def tokenize(self, texts: list[str], device) -> dict[str, torch.Tensor]:
+        tok = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        return {k: v.to(device) for k, v in tok.items()}
+
+    def forward(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        grad = torch.is_grad_enabled() and self.unfreeze_last > 0
+        if not self.unfreeze_last:
+            self.encoder.eval()  # a frozen encoder: no dropout, as when the cache was computed
+        with torch.set_grad_enabled(grad):
+            hidden = self.encoder(**tokens).last_hidden_state  # (B, T, H)
+            if self.pooling == "cls":
+                return hidden[:, 0]
+            mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def _encoder_layers(model: nn.Module) -> list[nn.Module]:
+    for path in ("encoder.layer", "encoder.layers", "layers", "transformer.layer"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        return list(obj)
+    return []
+
+
+class TrainModule(nn.Module):
+    """What DDP wraps: the vision model (+ the online text encoder). forward -> (zv, za, zt)."""
+
+    def __init__(self, vision: nn.Module, text: OnlineTextEncoder | None = None):
+        super().__init__()
+        self.vision = vision
+        self.text = text
+
+    def forward(self, images: torch.Tensor, target) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        zv, za = self.vision(images)
+        t = self.text(target) if self.text is not None else target
+        return zv, za, self.vision.project_text(t)
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint needs: a fully frozen text encoder is reloaded from its source."""
+        sd = self.state_dict()
+        if self.text is not None and not self.text.unfreeze_last:
+            sd = {k: v for k, v in sd.items() if not k.startswith("text.")}
+        return sd
+
+
+# --------------------------------------------------------------------------- one step
+@dataclasses.dataclass
+class StepSettings:
+    orth_weight: float = 1.0
+    orth_lambda: float = 0.0051
+    orth_standardize: bool = False
+    orth_on: str = "za"
+    orth_global: bool = True
+    world_size: int = 1
+    grad_clip: float | None = None
+    autocast_dtype: torch.dtype | None = None
+    channels_last: bool = True
+
+
+def prepare_images(images: torch.Tensor, augmenter, device, channels_last: bool) -> torch.Tensor:
+    """A batch from the loader -> float (B, 3, c, c) on ``device``. uint8 batches (GPU path) are
+    augmented here; the 3 channels are a stride-0 view of the one grey channel."""
+    from pipeline.augment import to_three_channels
+
+    images = images.to(device, non_blocking=True)
+    if augmenter is not None:
+        images = augmenter(images)
+    elif images.shape[1] == 1:
+        images = to_three_channels(images)
+    if channels_last and images.device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
+def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, scaler, images: torch.Tensor, target,
+               s: StepSettings) -> dict[str, torch.Tensor]:
+    """Forward, losses (fp32), backward, optional clipping, optimizer step. Returns 0-dim tensors
+    ``loss, align, orth, grad_norm`` (not synchronised to the host here)."""
+    device_type = images.device.type
+    ac = (torch.autocast(device_type, dtype=s.autocast_dtype) if s.autocast_dtype is not None
+          else contextlib.nullcontext())
+    optimizer.zero_grad(set_to_none=True)
+    with ac:
+        zv, za, zt = module(images, target)
+    align = losses.alignment_loss(za, zt)
+    z = zv if s.orth_on == "zv" else za
+    if s.orth_global and s.world_size > 1:
+        z = losses.gather_with_grad(z, s.world_size)
+    orth = losses.orthogonality_loss(z, lam=s.orth_lambda, standardize=s.orth_standardize)
+    loss = align + s.orth_weight * orth
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip if s.grad_clip else float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    return {"loss": loss.detach(), "align": align.detach(), "orth": orth.detach(), "grad_norm": grad_norm.detach()}
+
+
+# --------------------------------------------------------------------------- helpers
+def _resolve_precision(cfg: TrainVisionConfig, device: str) -> str:
+    if cfg.precision != "auto":
+        if cfg.precision == "fp16" and not device.startswith("cuda"):
+            raise ConfigError("precision: fp16 needs CUDA (use bf16 or fp32 on CPU)")
+        return cfg.precision
+    return "bf16" if device.startswith("cuda") else "fp32"
+
+
+def _rng_state() -> dict:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def semantic_config(cfg: TrainVisionConfig) -> dict:
+    """The config fields that define what is trained (a resumed run must match them)."""
+    d = config_to_dict(cfg)
+    for k in _NON_SEMANTIC:
+        d.pop(k, None)
+    return d
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Atomic ``torch.save`` (temp file + fsync + rename): a checkpoint file is always complete."""
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _publish_latest(path: Path, latest: Path) -> None:
+    """Point ``latest`` at the complete checkpoint ``path`` atomically: a hard link (no copy of a
+    multi-100 MB file; it outlives the pruning of ``path``), or a copy where links are unsupported."""
+    tmp = latest.with_name(f".{latest.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, latest)
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or foreign files
+        raise TrainingError(f"cannot read checkpoint {path}: {e}") from e
+
+
+def _all_gather_object(obj: Any, dist: DistInfo) -> list:
+    if not dist.enabled:
+        return [obj]
+    import torch.distributed as tdist
+
+    out: list = [None] * dist.world_size
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def _any_rank(flag: bool, dist: DistInfo, device) -> bool:
+    if not dist.enabled:
+        return flag
+    import torch.distributed as tdist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    tdist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+def _any_rank_nonfinite(loss: torch.Tensor, dist: DistInfo) -> bool:
+    """True when the loss of any rank is NaN/inf (one host sync per step, all ranks agree)."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if dist.enabled:
+        import torch.distributed as tdist
+
+        tdist.all_reduce(bad)
+    return bool(bad.item() > 0)
+
+
+def _param_checksum(module: nn.Module) -> float:
+    with torch.no_grad():
+        return float(sum(p.detach().double().sum().item() for p in module.parameters()))
+
+
+def _format_count(n: int) -> str:
+    return f"{n / 1e6:.1f}M"
+
+
+def _make_augmenters(cfg: TrainVisionConfig, device: str, rank: int = 0):
+    """(per-sample augmentation factory for the CPU workers or None, batched augmenter for the main
+    process or None, deterministic centre-crop preprocessor for the probe batch)."""
+    from pipeline import augment
+
+    probe_aug = augment.Augmenter("none", device=device, seed=0, out_size=cfg.crop_size)
+    if cfg.aug_device == "cuda":
+        seed = wdsp.stream_seed(cfg.seed, 0, rank, 0, "batch-augment")
+        return None, augment.Augmenter(cfg.aug, device=device, seed=seed, out_size=cfg.crop_size), probe_aug
+    return SampleAugmentFactory(cfg.aug, cfg.crop_size), None, probe_aug
+
+
+class SampleAugmentFactory:
+    """Picklable factory of the worker-side augmentation ``fn(uint8 H x W, seed) -> float (3, c, c)``.
+
+    Each sample's parameters come from a generator seeded by the sample's position in the stream
+    (``pipeline.wds.Augment``), so a resumed run augments every sample exactly as before."""
+
+    def __init__(self, recipe: str, crop: int):
+        self.recipe, self.crop = recipe, crop
+
+    def __call__(self):
+        return _SampleAugment(self.recipe, self.crop)
+
+
+class _SampleAugment:
+    def __init__(self, recipe: str, crop: int):
+        self.recipe, self.crop = recipe, crop
+        self.generator = torch.Generator()
+
+    def __call__(self, image: np.ndarray, seed: int) -> torch.Tensor:
+        from pipeline import augment
+
+        batch = torch.from_numpy(np.ascontiguousarray(image))[None, None]  # (1, 1, H, W)
+        self.generator.manual_seed(seed)
+        hmat, flags, bounds = augment.sample_params(1, self.generator, self.recipe, batch.shape[-1], self.crop,
+                                                    with_bounds=True)
+        x = augment.warp_batch(batch, hmat, self.crop, bounds)
+        if self.recipe != "none":
+            x = augment.autocontrast_batch(x, flags)
+        return augment.normalize(x)[0]  # (1, c, c); the 3-channel view is made after collation
+
+
+# --------------------------------------------------------------------------- the run
+@dataclasses.dataclass
+class _DataPos:
+    """Where the data stream of this rank stands: ``workers`` maps logical worker -> raw samples
+    consumed in the current epoch."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    workers: dict = dataclasses.field(default_factory=dict)
+    raw: int = 0
+    missing: int = 0
+    corrupt: int = 0
+    shards_seen: set = dataclasses.field(default_factory=set)
+
+
+def run(cfg: TrainVisionConfig) -> dict:
+    """Train; returns the summary dict (also written to ``OUT/summary.json``)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dist = init_distributed(cfg.device)
+    try:
+        return _Trainer(cfg, dist).fit()
+    finally:
+        cleanup(dist)
+
+
+class _Trainer:
+    def __init__(self, cfg: TrainVisionConfig, dist: DistInfo):
+        self.cfg, self.dist = cfg, dist
+        self.out = Path(cfg.out)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.device = torch.device(dist.device)
+        if cfg.aug_device == "cuda" and self.device.type != "cuda":
+            raise ConfigError("aug_device: 'cuda' needs a CUDA device")
+        self.precision = _resolve_precision(cfg, dist.device)
+
+    # ------------------------------------------------------------------ set-up
+    def _setup_data(self) -> None:
+        cfg, dist = self.cfg, self.dist
+        self.train = wdsp.resolve_shards(cfg.shards, "train")
+        n = cfg.num_samples or self.train.num_samples
+        if n is None:
+            raise ConfigError("num_samples: the shards have no sizes.json; pass --num-samples "
+                              "(training samples per epoch)")
+        self.num_samples = n
+        if cfg.batch_size % dist.world_size:
+            raise ConfigError(f"batch_size: the global batch {cfg.batch_size} must be divisible by the "
+                              f"world size {dist.world_size}")
+        self.local_batch = cfg.batch_size // dist.world_size
+        if self.local_batch < 2:
+            raise ConfigError(f"batch_size: {self.local_batch} per rank; BatchNorm in the projector needs at least 2")
+        self.steps_per_epoch = max(1, n // cfg.batch_size)
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        slots = dist.world_size * max(1, cfg.num_workers)
+        if len(self.train.urls) < slots:
+            raise wdsp.DataError(
+                f"{len(self.train.urls)} training shard(s) for {dist.world_size} rank(s) x "
+                f"{max(1, cfg.num_workers)} worker(s): need at least {slots} so every worker reads its own "
+                f"shards (lower --num-workers or re-shard with a smaller shard size)")
+        if cfg.text_mode == "cache":
+            from cache import TextEmbeddingCache
+
+            self.cache = TextEmbeddingCache(cfg.text_cache)
+            self.targets = wdsp.CacheTargets(str(self.cache.path))
+            self.text_dim = self.cache.dim
+            self.text_params = self.cache.attrs.get("text_encoder_params")
+            self.text_model_id = self.cache.attrs.get("model_id", "?")
+            if dist.is_main:
+                log.info("text cache %s: %d reports, dim %d", self.cache.path, len(self.cache), self.cache.dim)
+                for k in sorted(self.cache.attrs):
+                    log.info("  cache attr %s = %s", k, self.cache.attrs[k])
+        else:
+            self.cache = None
+            self.targets = wdsp.ReportTexts(wdsp.read_reports(cfg.reports))
+            self.text_dim = None  # known once the text model is loaded
+            self.text_params = None
+            self.text_model_id = cfg.text_model
+
+    def _setup_model(self) -> None:
+        cfg = self.cfg
+        from pipeline.models import MFlagVision, count_parameters
+
+        text = None
+        if cfg.text_mode == "online":
+            text = OnlineTextEncoder.from_pretrained(cfg.text_model, cfg.text_max_length, cfg.text_pooling,
+                                                     cfg.unfreeze_last)
+            self.text_dim = text.dim
+            self.text_params = sum(p.numel() for p in text.encoder.parameters())
+        if cfg.text_head == "none" and cfg.proj_dim is not None and cfg.proj_dim != self.text_dim:
+            raise ConfigError(f"proj_dim: the text embeddings have dimension {self.text_dim}; with --text-head "
+                              f"none images are projected into that space, so --proj-dim must be "
+                              f"{self.text_dim} (got {cfg.proj_dim})")
+        torch.manual_seed(cfg.seed)
+        vision = MFlagVision(self.text_dim, cfg.proj_dim, cfg.text_head, cfg.init, cfg.hidden_dim)
+        self.module = TrainModule(vision, text).to(self.device)
+        if cfg.channels_last:
+            self.module.vision.trunk.to(memory_format=torch.channels_last)
+        self.trainable = count_parameters(self.module)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        # No weight decay on biases and norm parameters, the usual AdamW practice.
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        warm = min(cfg.warmup_steps, self.total_steps)
+        if cfg.schedule == "cosine":
+            fn = WarmupCosine(warm, self.total_steps, cfg.min_lr_ratio)
+        elif cfg.schedule == "restarts":
+            fn = WarmupCosineRestarts(warm, cfg.restart_every, 1, cfg.min_lr_ratio)
+        else:
+            fn = WarmupCosine(warm, self.total_steps, 1.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, fn)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.settings = StepSettings(cfg.orth_weight, cfg.orth_lambda, cfg.orth_standardize, cfg.orth_on,
+                                     cfg.orth_scope == "global", self.dist.world_size, cfg.grad_clip, autocast,
+                                     cfg.channels_last)
+
+    def _report_parameters(self) -> dict:
+        out = {"trainable_params": self.trainable, "text_encoder_params": self.text_params,
+               "text_model": self.text_model_id, "fewer_trainable_vs_finetuned_text": None}
+        if self.text_params and self.cfg.text_mode == "cache":
+            both = self.trainable + int(self.text_params)
+            fewer = 1.0 - self.trainable / both
+            out["fewer_trainable_vs_finetuned_text"] = fewer
+            if self.dist.is_main:
+                log.info("trainable parameters: %s (ResNet50 + projectors); frozen text encoder %s: %s, "
+                         "not loaded in this process", _format_count(self.trainable), self.text_model_id,
+                         _format_count(int(self.text_params)))
+                log.info("  -> %.0f%% fewer trainable parameters than training image and text encoders "
+                         "together (%s)", 100 * fewer, _format_count(both))
+        elif self.dist.is_main:
+            log.info("trainable parameters: %s%s", _format_count(self.trainable),
+                     f"; text encoder {self.text_model_id}: {_format_count(int(self.text_params))}"
+                     if self.text_params else "; the cache does not record text_encoder_params")
+        return out
+
+    # ------------------------------------------------------------------ resume
+    def _resume_path(self) -> Path | None:
+        cfg = self.cfg
+        latest = self.ckpt_dir / "latest.pt"
+        if cfg.resume == "auto":
+            return latest if latest.is_file() else None
+        if cfg.resume == "never":
+            if latest.is_file():
+                raise ConfigError(f"resume: {self.out} already holds checkpoints; use --resume auto or "
+                                  f"another --out")
+            return None
+        p = Path(cfg.resume)
+        if not p.is_file():
+            raise ConfigError(f"resume: checkpoint {p} not found")
+        return p
+
+    def _restore(self, path: Path) -> dict:
+        ck = _load_checkpoint(path)
+        if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
+            raise TrainingError(f"{path}: not a train-vision checkpoint")
+        if ck.get("fingerprint") != self.fingerprint:
+            old = ck.get("semantic_config", {})
+            new = semantic_config(self.cfg)
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ConfigError(f"resume: {path} was written by a different configuration (differs in "
+                              f"{', '.join(diff) or 'fingerprint'}); use another --out or the same options")
+        if ck.get("world_size") != self.dist.world_size:
+            raise ConfigError(f"resume: {path} was written with {ck.get('world_size')} ranks, this run has "
+                              f"{self.dist.world_size}; exact resume needs the same world size")
+        if ck.get("text_dim") != self.text_dim:
+            raise ConfigError(f"resume: {path} has text dimension {ck.get('text_dim')}, the text embeddings "
+                              f"now have {self.text_dim}")
+        missing, unexpected = self.module.load_state_dict(ck["model"], strict=False)
+        bad = [k for k in missing if not k.startswith("text.")] + list(unexpected)
+        if bad:
+            raise TrainingError(f"{path}: model weights do not match ({bad[:5]})")
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        self.scaler.load_state_dict(ck["scaler"])
+        _set_rng_state(ck["rng"][self.dist.rank])
+        if self.batch_aug is not None and ck.get("augmenter"):
+            self.batch_aug.load_state_dict(ck["augmenter"][self.dist.rank])
+        d = ck["data"][self.dist.rank]
+        self.pos = _DataPos(epoch=d["epoch"], step_in_epoch=d["step_in_epoch"],
+                            workers={int(k): int(v) for k, v in d["workers"].items()}, raw=d["raw"],
+                            missing=d["missing"], corrupt=d["corrupt"], shards_seen=set(d["shards_seen"]))
+        log.info("resumed from %s at step %d (epoch %d, step %d of %d)", path, ck["step"], self.pos.epoch,
+                 self.pos.step_in_epoch, self.steps_per_epoch)
+        return ck
+
+    def _checkpoint(self, step: int, final: bool = False) -> Path | None:
+        pos = self.pos
+        data = {"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch, "workers": dict(pos.workers),
+                "raw": pos.raw, "missing": pos.missing, "corrupt": pos.corrupt,
+                "shards_seen": sorted(pos.shards_seen)}
+        all_data = _all_gather_object(data, self.dist)
+        all_rng = _all_gather_object(_rng_state(), self.dist)
+        all_aug = _all_gather_object(self.batch_aug.state_dict() if self.batch_aug is not None else None,
+                                     self.dist)
+        path = self.ckpt_dir / f"step-{step:08d}.pt"
+        if self.dist.is_main:
+            payload = {
+                "format": CKPT_FORMAT, "step": step, "epoch": pos.epoch, "final": final,
+                "model": self.module.checkpoint_state(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": all_rng, "data": all_data, "augmenter": all_aug, "world_size": self.dist.world_size,
+                "config": config_to_dict(self.cfg), "semantic_config": semantic_config(self.cfg),
+                "fingerprint": self.fingerprint, "text_dim": self.text_dim,
+            }
+            save_checkpoint(path, payload)
+            _publish_latest(path, self.ckpt_dir / "latest.pt")
+            for p in sorted(self.ckpt_dir.glob("step-*.pt"))[:-self.cfg.keep_checkpoints]:
+                p.unlink(missing_ok=True)
+        barrier(self.dist)
+        return path
+
+    # ------------------------------------------------------------------ probes
+    def _load_probe(self) -> dict | None:
+        cfg = self.cfg
+        if not self.dist.is_main or cfg.probe_size < 2:
+            return None
+        if cfg.probe_shards:
+            urls = list(wdsp.resolve_shards(cfg.probe_shards, "validate").urls)
+        else:
+            urls = wdsp.heldout_shards(self.train, "validate") or wdsp.heldout_shards(self.train, "test")
+        if not urls:
+            log.warning("no held-out (validate-*/test-*) shards beside the training shards and no "
+                        "--probe-shards: probes disabled")
+            return None
+        batch = wdsp.read_fixed_batch(urls, self.targets, cfg.probe_size, cfg.image_size)
+        if batch is None or len(batch["key"]) < 2:
+            log.warning("the held-out shards %s have fewer than 2 usable samples: probes disabled", urls[:2])
+            return None
+        studies = sorted(set(batch["study_id"]))
+        index = {s: i for i, s in enumerate(studies)}
+        log.info("probe batch: %d held-out images of %d studies from %d shard(s)", len(batch["key"]),
+                 len(studies), len(urls))
+        # one report per held-out study; each image is matched to its own study's report
+        return {"image": batch["image"], "text": self.targets.fetch(studies),
+                "targets": [index[s] for s in batch["study_id"]]}
+
+    @torch.no_grad()
+    def _probe(self, probe: dict) -> tuple[dict, torch.Tensor]:
+        module = self.module
+        was = module.training
+        module.eval()
+        try:
+            images = prepare_images(probe["image"], self.probe_aug, self.device, self.cfg.channels_last)
+            text = probe["text"]
+            if module.text is not None:
+                text = module.text.tokenize(text, self.device)
+            else:
+                text = text.to(self.device)
+            zv, za, zt = module(images, text)
+            report = probes.probe_report(zv.float(), za.float(), zt.float(), probe["targets"])
+            return report, probes.singular_values(zv.float())
+        finally:
+            module.train(was)
+
+    # ------------------------------------------------------------------ main loop
+    def fit(self) -> dict:
+        cfg, dist = self.cfg, self.dist
+        self._setup_data()
+        self._setup_model()
+        self.fingerprint = fingerprint(semantic_config(cfg))
+        summary_path = self.out / "summary.json"
+        if summary_path.is_file() and cfg.resume == "auto":
+            done = read_json(summary_path)
+            if done.get("fingerprint") == self.fingerprint and done.get("steps") == self.total_steps:
+                log.info("%s already holds a finished run of this configuration; nothing to do", self.out)
+                return done
+        params_report = self._report_parameters()
+        sample_aug, self.batch_aug, self.probe_aug = _make_augmenters(cfg, dist.device, dist.rank)
+        self.pos = _DataPos()
+        step = 0
+        resume = self._resume_path()
+        if resume is None and self.ckpt_dir.is_dir() and any(self.ckpt_dir.glob("*.pt")):
+            raise ConfigError(f"resume: {self.ckpt_dir} holds checkpoints but --resume is {cfg.resume!r}")
+        if resume is not None:
+            step = int(self._restore(resume)["step"])
+        if dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out, fingerprint=self.fingerprint, steps_per_epoch=self.steps_per_epoch,
+                        total_steps=self.total_steps, world_size=dist.world_size, precision=self.precision)
+            self._trim_metrics(step)
+        train_module: nn.Module = self.module
+        if dist.enabled:
+            train_module = nn.parallel.DistributedDataParallel(
+                self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            train_module = torch.compile(train_module)
+        probe = self._load_probe()
+        log.info("training %d steps (%d per epoch of %d samples), global batch %d (%d per rank x %d), "
+                 "precision %s, device %s", self.total_steps, self.steps_per_epoch, self.num_samples,
+                 cfg.batch_size, self.local_batch, dist.world_size, self.precision, dist.device)
+        last_good = str(resume) if resume else None
+        window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
+        last_probe: dict = {}
+        self.module.train()
+        while step < self.total_steps:
+            if self.pos.step_in_epoch >= self.steps_per_epoch:
+                self._check_bad(final=True)
+                self.pos = dataclasses.replace(self.pos, epoch=self.pos.epoch + 1, step_in_epoch=0, workers={})
+            nw = max(1, cfg.num_workers)
+            state = wdsp.StreamState(seed=cfg.seed, epoch=self.pos.epoch, rank=dist.rank,
+                                     world_size=dist.world_size, rotation=self.pos.step_in_epoch % nw,
+                                     skip=dict(self.pos.workers))
+            pipe = wdsp.train_pipeline(list(self.train.urls), state, self.targets, self.local_batch,
+                                       cfg.image_size, cfg.on_missing, cfg.shuffle_buffer, sample_aug)
+            loader = wdsp.make_loader(pipe, cfg.num_workers, pin_memory=self.device.type == "cuda")
+            it = iter(loader)
+            try:
+                while self.pos.step_in_epoch < self.steps_per_epoch and step < self.total_steps:
+                    t0 = time.perf_counter()
+                    batch = next(it)
+                    window["wait"] += time.perf_counter() - t0
+                    error = self._account(batch)
+                    if _any_rank(error is not None, dist, self.device):
+                        raise wdsp.DataError(error or "another rank stopped on a data error")
+                    images = prepare_images(batch["image"], self.batch_aug, self.device, cfg.channels_last)
+                    target = batch["target"]
+                    if self.module.text is not None:
+                        target = self.module.text.tokenize(target, self.device)
+                    else:
+                        target = target.to(self.device, non_blocking=True)
+                    out = train_step(train_module, self.optimizer, self.scaler, images, target, self.settings)
+                    self.scheduler.step()
+                    if _any_rank_nonfinite(out["loss"], dist):
+                        raise TrainingError(
+                            f"non-finite loss at step {step + 1} (align {out['align'].item():.4g}, orth "
+                            f"{out['orth'].item():.4g}) on rank {dist.rank}; stopping. The last good checkpoint "
+                            f"is {last_good or 'none (no checkpoint written yet)'}; lower --lr, set "
+                            f"--grad-clip or use --precision fp32")
+                    step += 1
+                    self.pos.step_in_epoch += 1
+                    window["steps"] += 1
+                    if step % cfg.log_every == 0 or step == self.total_steps:
+                        self._log(step, out, window)
+                        window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
+                    if probe is not None and step % cfg.probe_every == 0 and step != self.total_steps:
+                        last_probe, _ = self._probe(probe)
+                        self._write_metrics({"step": step, "epoch": self.pos.epoch,
+                                             **{f"val/{k}": v for k, v in last_probe.items()}})
+                    if step % cfg.ckpt_every == 0 or step == self.total_steps:
+                        self._check_bad(final=self.pos.step_in_epoch >= self.steps_per_epoch
+                                        or step == self.total_steps)
+                        last_good = str(self._checkpoint(step, final=step == self.total_steps))
+            finally:
+                del it
+        self._check_bad(final=True)
+        return self._finish(step, probe, last_probe, params_report)
+
+    def _account(self, batch: dict) -> str | None:
+        """Fold a batch's position and counters into ``self.pos``; returns a fatal data error or None."""
+        if "error" in batch:
+            return batch["error"]
+        meta, pos = batch["meta"], self.pos
+        pos.raw += meta["raw"] - pos.workers.get(meta["worker"], 0)
+        pos.workers[meta["worker"]] = meta["raw"]
+        pos.missing += meta["missing"]
+        pos.corrupt += meta["corrupt"]
+        pos.shards_seen.update(Path(u).name for u in batch["urls"])
+        return None
+
+    def _check_bad(self, final: bool) -> None:
+        """Fail once corrupt samples exceed ``max_bad_fraction`` (judged over at least 1000 samples, or
+        at the end of an epoch or run)."""
+        pos = self.pos
+        seen = pos.raw + pos.corrupt
+        if seen and (final or seen >= 1000) and pos.corrupt / seen > self.cfg.max_bad_fraction:
+            raise wdsp.DataError(
+                f"{pos.corrupt} corrupt samples or unreadable shard parts out of {seen} read on rank "
+                f"{self.dist.rank} ({100 * pos.corrupt / seen:.1f}% > {100 * self.cfg.max_bad_fraction:g}%); "
+                f"the warnings above name the shards and keys; re-run prepare or remove them")
+
+    def _log(self, step: int, out: dict, window: dict) -> None:
+        dt = max(time.perf_counter() - window["t0"], 1e-9)
+        vals = torch.stack([out["loss"], out["align"], out["orth"], out["grad_norm"].float()]).float()
+        if self.dist.enabled:
+            import torch.distributed as tdist
+
+            tdist.all_reduce(vals)
+            vals /= self.dist.world_size
+        loss, align, orth, gnorm = (float(v) for v in vals.cpu())
+        rec = {"step": step, "epoch": self.pos.epoch, "train/loss": loss, "train/align": align,
+               "train/orth": orth, "train/lr": self.optimizer.param_groups[0]["lr"],
+               "train/grad_norm": gnorm, "train/images_per_s": window["steps"] * self.cfg.batch_size / dt,
+               "train/data_wait": window["wait"] / dt, "train/missing": self.pos.missing,
+               "train/corrupt": self.pos.corrupt}
+        if self.dist.is_main:
+            log.info("step %d/%d loss %.4f (align %.4f orth %.4f) lr %.3g %.1f img/s data-wait %.0f%%",
+                     step, self.total_steps, loss, align, orth, rec["train/lr"], rec["train/images_per_s"],
+                     100 * rec["train/data_wait"])
+        self._write_metrics(rec)
+
+    def _write_metrics(self, rec: dict) -> None:
+        if not self.dist.is_main:
+            return
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(rec, sort_keys=True) + "\n")
+
+    def _trim_metrics(self, step: int) -> None:
+        """On resume, drop metric lines past the checkpoint (those steps run again)."""
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return
+        keep = []
+        for ln in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if ln.strip() and json.loads(ln).get("step", 0) <= step:
+                    keep.append(ln)
+            except json.JSONDecodeError:  # a line cut by the kill
+                continue
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+
+    def _finish(self, step: int, probe: dict | None, last_probe: dict, params_report: dict) -> dict:
+        dist = self.dist
+        checksums = _all_gather_object(_param_checksum(self.module), dist)
+        pos = self.pos
+        counts = _all_gather_object({"raw": pos.raw, "missing": pos.missing, "corrupt": pos.corrupt,
+                                     "shards": sorted(pos.shards_seen)}, dist)
+        spectrum = None
+        if probe is not None:
+            last_probe, sv = self._probe(probe)
+            spectrum = sv.tolist()
+            self._write_metrics({"step": step, "epoch": pos.epoch, **{f"val/{k}": v for k, v in last_probe.items()}})
+        summary = {
+            "fingerprint": self.fingerprint, "steps": step, "epochs": pos.epoch + 1,
+            "steps_per_epoch": self.steps_per_epoch, "world_size": dist.world_size,
+            "global_batch": self.cfg.batch_size, "precision": self.precision,
+            "final_probe": last_probe, **params_report,
+            "samples_read": sum(c["raw"] for c in counts), "missing": sum(c["missing"] for c in counts),
+            "corrupt": sum(c["corrupt"] for c in counts),
+            "shards_per_rank": [c["shards"] for c in counts],
+            "param_checksum_per_rank": checksums,
+        }
+        if dist.is_main:
+            from pipeline.models import encoder_state_dict
+
+            if len(set(checksums)) > 1:
+                log.error("ranks ended with different weights: %s", checksums)
+            vision = self.module.vision
+            with atomic_path(self.out / "encoder.pt") as tmp:
+                torch.save(encoder_state_dict(vision), tmp)
+            proj = {"projector": {k: v.cpu() for k, v in vision.projector.state_dict().items()},
+                    "text_head": {k: v.cpu() for k, v in vision.text_head.state_dict().items()},
+                    "text_head_kind": self.cfg.text_head, "text_dim": self.text_dim,
+                    "proj_dim": vision.proj_dim, "hidden_dim": self.cfg.hidden_dim}
+            with atomic_path(self.out / "projector.pt") as tmp:
+                torch.save(proj, tmp)
+            if spectrum is not None:
+                write_json(self.out / "spectrum.json", {"step": step, "n_images": len(probe["targets"]),
+                                                         "zv_singular_values": spectrum})
+            write_json(self.out / "summary.json", summary)
+            log.info("done: %d steps; encoder %s", step, self.out / "encoder.pt")
+        barrier(dist)
+        return summary
