@@ -143,8 +143,11 @@ def prepare() -> None:
 @click.option("--size", default=256, show_default=True, help="Square output size in pixels.")
 @click.option("--views", default="PA,AP", show_default=True, help="ViewPosition values to keep.")
 @click.option("--splits", default="train,validate,test", show_default=True, help="Splits to write.")
-@click.option("--format", "image_format", type=click.Choice(["png", "jpg"]), default="png", show_default=True,
-              help="Image encoding inside the shards.")
+@click.option("--format", "image_format", type=click.Choice(["png", "jpg", "raw"]), default="png",
+              show_default=True,
+              help="Image encoding inside the shards: png (lossless, ~25 KiB per 256 px image), jpg "
+                   "(lossy, smallest), or raw (uint8 array as a .npy member: 64 KiB per 256 px image, "
+                   "no decode cost when training).")
 @click.option("--jpeg-quality", default=95, show_default=True, help="Quality for --format jpg.")
 @click.option("--shard-size", default=1000, show_default=True, help="Images per shard.")
 @click.option("--workers", type=int, default=lambda: min(8, os.cpu_count() or 1), show_default="min(8, CPUs)",
@@ -285,7 +288,7 @@ def cache_verify_cmd(path: str) -> None:
 @click.option("--orth-lambda", type=float, default=0.0051, show_default=True, help="Off-diagonal weight.")
 @click.option("--orth-scope", type=click.Choice(["local", "global"]), default="global", show_default=True,
               help="global: gather z over ranks so the loss does not depend on the GPU count.")
-@click.option("--orth-on", type=click.Choice(["za", "zv"]), default="za", show_default=True,
+@click.option("--orth-on", type=click.Choice(["za", "zv"]), default="zv", show_default=True,
               help="za: projected image embedding (BN-normalized); zv: ResNet features.")
 @click.option("--orth-standardize", is_flag=True, help="Standardize z over the batch first (correlation matrix).")
 @click.option("--lr", type=float, default=2e-5, show_default=True)

@@ -357,6 +357,39 @@ def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimiz
     return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
+# --------------------------------------------------------------------------- random encoders
+@torch.no_grad()
+def calibrate_bn(encoder: nn.Module, source: ImageSource, indices: Sequence[int], settings: TrainSettings,
+                 max_images: int = 512) -> int:
+    """Re-estimate the BatchNorm running statistics of ``encoder`` on (up to ``max_images`` of) the
+    images at ``indices``; weights are untouched. Returns the number of images used.
+
+    A randomly initialised ResNet's running statistics (mean 0, variance 1) describe no data, so a
+    frozen random encoder would run un-normalised (features grow about 50x through the four stages)
+    and heads on it train unstably. Train-mode BN would use batch statistics; this gives the frozen
+    random baseline the same normalisation without training anything.
+    """
+    bns = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    idx = list(indices)[:max_images]
+    if not bns or not idx:
+        return 0
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+    encoder.to(settings.device).train()
+    bs = max(2, settings.batch_size)
+    # no batch of one image: BN cannot take batch statistics of a single 1x1 feature map
+    starts = [s for s in range(0, len(idx), bs) if len(idx) - s > 1 or s == 0]
+    for s in starts:
+        batch = torch.from_numpy(np.stack([source.get(i)[0] for i in idx[s:s + bs]]))
+        encoder(to_input(batch.to(settings.device), settings.norm))
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+    encoder.eval()
+    return len(idx)
+
+
 # --------------------------------------------------------------------------- classification
 def cls_loss(logits: torch.Tensor, y: torch.Tensor, label_kind: str) -> torch.Tensor:
     if label_kind == "multiclass":
@@ -632,6 +665,7 @@ def train_detector(model: nn.Module, train_ds: DetDataset, val_ds: DetDataset, s
                    ) -> FitResult:
     model.to(settings.device)
     opt = _optimizer(model, settings)
+    params = [p for p in model.parameters() if p.requires_grad]
     loader = _loader(train_ds, settings, shuffle=True, collate=collate_det)
     frozen = [model.backbone.body] if not any(p.requires_grad for p in model.backbone.body.parameters()) else []
 
@@ -645,6 +679,8 @@ def train_detector(model: nn.Module, train_ds: DetDataset, val_ds: DetDataset, s
             loss = sum(losses.values())
             opt.zero_grad()
             loss.backward()
+            # detection losses spike early (few positives, random heads); clipping keeps AdamW stable
+            torch.nn.utils.clip_grad_norm_(params, 10.0)
             opt.step()
             total, n = total + loss.item() * len(img), n + len(img)
         return total / max(n, 1)

@@ -21,10 +21,13 @@ from pipeline.common import MflagError
 BORDER_THRESHOLD = 8
 BORDER_FRACTION = 0.02
 
-# Decode-scale headroom for the border crop (1/8 of the target): a 2048 px JPEG at size 256 decodes at
-# 1/4 rather than at 1/8 and then again at 1/4 after the crop; entropy decoding, not the inverse DCT,
-# dominates the decode cost of high-quality radiograph JPEGs, so 1/4 costs about what 1/8 does.
-DRAFT_HEADROOM = 1.125
+# Largest upsample the reduced-scale path accepts after the border crop, as a fraction of ``size``:
+# a 2048 px JPEG at size 256 decodes at 1/8 to exactly 256 px, and a border crop leaves a little
+# less. Re-decoding at 1/4 costs a whole second decode (entropy decoding, the bulk of the decode
+# cost, is the same at every scale), while stretching, say, 240 px of content to 256 changes the
+# result by well under one grey level on average (bench/prepare.py prints it). Wider borders, with
+# more than this much missing, are decoded again at a finer scale, so resolution is never lost badly.
+UPSAMPLE_TOLERANCE = 0.08
 
 RESAMPLE = Image.Resampling.LANCZOS
 _DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
@@ -199,9 +202,11 @@ def load_for_shard(path: str | os.PathLike, size: int, crop_border: bool = True,
     """Prepare one image for a shard: ``(uint8 size x size array, original (H, W))``.
 
     Steps, as in the original M-FLAG preprocessing: optional crop of the dark border, resize (squash)
-    to a square, min-max scaling to 0..255. JPEGs are decoded at 1/2, 1/4 or 1/8 scale when that still
-    leaves at least ``size`` pixels on each side of the (cropped) image; ``draft=False`` forces full
-    decoding (used by the benchmark as the baseline).
+    to a square, min-max scaling to 0..255. JPEGs are decoded at the coarsest of 1/8, 1/4, 1/2 that
+    leaves at least ``size`` pixels on each side; when the border crop then leaves fewer than
+    ``size * (1 - UPSAMPLE_TOLERANCE)`` on a side, the file is decoded again at a finer scale, so the
+    reduced path upsamples by at most that tolerance. ``draft=False`` forces full decoding (the
+    benchmark's baseline).
     """
     path = Path(path)
     if not path.is_file():
@@ -213,22 +218,22 @@ def load_for_shard(path: str | os.PathLike, size: int, crop_border: bool = True,
         orig = (im.height, im.width)
         if not (draft and im.format == "JPEG"):
             return _to_square(_decode(im, path), size, crop_border), orig
-        # With a crop to come, ask for a little headroom: a typical border then still leaves ``size``
-        # pixels and the rare second decode below is only needed for wide borders.
-        want = math.ceil(size * DRAFT_HEADROOM) if crop_border else size
-        im.draft("L", (min(want, im.width), min(want, im.height)))
+        # PIL picks the largest of 1/8, 1/4, 1/2 that keeps each side >= the requested size.
+        im.draft("L", (min(size, im.width), min(size, im.height)))
         a = _decode(im, path)
     if crop_border:
         t, b, l, r = border_box(a)
         scale = orig[1] / a.shape[1]
-        full_h, full_w = (b - t) * scale, (r - l) * scale  # cropped region in full-resolution pixels
-        if scale > 1 and min(b - t, r - l) < size:
-            # The crop left fewer than ``size`` pixels at this scale: decode again at a scale chosen
-            # for the cropped region, so content the file holds at full detail is never upsampled.
+        floor = size * (1.0 - UPSAMPLE_TOLERANCE)
+        if scale > 1 and min(b - t, r - l) < floor:
+            # A wide border left too little content at this scale: decode again at a scale chosen
+            # for the cropped region, so a wide border never costs much resolution.
+            full_h, full_w = (b - t) * scale, (r - l) * scale  # cropped region, full-resolution pixels
             want = (math.ceil(size * orig[1] / max(full_w, 1)), math.ceil(size * orig[0] / max(full_h, 1)))
             with _open_pil(path) as im:
                 im.draft("L", (min(want[0], orig[1]), min(want[1], orig[0])))
                 a = _decode(im, path)
-        a = crop_zero_border(a)
+            t, b, l, r = border_box(a)
+        a = a[t:b, l:r]
     return _to_square(a, size, crop=False), orig
 

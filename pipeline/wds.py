@@ -42,7 +42,7 @@ from pipeline.common import MflagError, read_json
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("png", "jpg", "jpeg")
+IMAGE_EXTS = ("npy", "png", "jpg", "jpeg")
 
 
 class DataError(MflagError):
@@ -194,8 +194,17 @@ class FastForward:
             yield sample
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """PNG/JPEG bytes -> uint8 H x W (grey; colour images are converted)."""
+def decode_image(data: bytes, ext: str = "png") -> np.ndarray:
+    """PNG/JPEG bytes, or the ``.npy`` bytes of a uint8 array (``prepare --format raw``) -> uint8 H x W.
+
+    Colour images are converted to grey. ``.npy`` is read without pickle and needs no decoding, which
+    is what makes raw shards the cheapest input for the loader.
+    """
+    if ext == "npy":
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+        if arr.dtype != np.uint8:
+            raise ValueError(f"npy image has dtype {arr.dtype}, expected uint8")
+        return np.array(arr)  # writable, owns its memory
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
@@ -236,7 +245,7 @@ class Decode:
             study = meta.get("study_id")
             if study is None:
                 raise ValueError("json has no study_id")
-            img = decode_image(sample[ext])
+            img = decode_image(sample[ext], ext)
             if img.ndim != 2:
                 raise ValueError(f"image has shape {img.shape}")
             if img.shape != (self.image_size, self.image_size):

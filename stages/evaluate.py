@@ -301,6 +301,9 @@ def run(cfg: EvalConfig) -> dict:
             feature_cache = {}
         log.info("seed %d: %s on %s, %d train / %d val / %d test images", seed, cfg.task, cfg.dataset,
                  len(train_idx), len(val_idx), len(test_idx))
+        n_bn = 0
+        if cfg.init == "random" and not cfg.finetune:
+            n_bn = ds.calibrate_bn(encoder, source, train_idx, settings)
 
         if cfg.task == "cls" and not cfg.finetune:
             todo = sorted(set(train_idx + val_idx + test_idx) - set(feature_cache))
@@ -339,7 +342,7 @@ def run(cfg: EvalConfig) -> dict:
         result = {
             "seed": seed, "fingerprint": fp, "n_train": len(train_idx), "best_epoch": fitted.best_epoch,
             "epochs_run": len(fitted.history), "selected_by": fitted.selection, "val": best_val,
-            "checkpoint_layout": encoder_info.get("layout"),
+            "checkpoint_layout": encoder_info.get("layout"), "bn_calibration_images": n_bn,
             "test": test, "history": fitted.history, "seconds": round(time.monotonic() - t0, 2),
         }
         write_json(out / "seeds" / f"seed-{seed}.json", _clean_json(result))
@@ -373,6 +376,9 @@ def run(cfg: EvalConfig) -> dict:
                      "selection": f"early stopping on validation {primary} (patience {hp['patience']}); "
                                   "test metrics from the best-validation epoch",
                      "std": "sample standard deviation over seeds (ddof=1; 0 for one seed)",
+                     "random_init": "a frozen random encoder gets its BatchNorm running statistics "
+                                    "re-estimated on the seed's training images (weights stay random)"
+                     if cfg.init == "random" and not cfg.finetune else None,
                      "images": f"resized to {cfg.image_size}x{cfg.image_size}, grey replicated to 3 "
                                f"channels, normalised with {hp['normalize']} mean/std",
                      "cls_features": "linear probe on frozen features computed once, no augmentation"

@@ -172,7 +172,12 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
             if f"synth:{ds}" in {n.name for n in nodes}:
                 deps.append(f"synth:{ds}")
             label = f"{opts['task']}-{ds}"
-            nodes.append(Node(f"eval:{label}:{init}", work / "eval" / label / init,
+            if "fraction" in task:
+                label += f"@{opts['fraction']:g}"
+            if f"eval:{label}:{init}" in {n.name for n in nodes}:
+                raise MflagError(f"eval.tasks: {label} with init {init} is listed twice")
+            folder = init if init in train["variants"] or init in ("random", "imagenet") else f"file-{Path(init).stem}"
+            nodes.append(Node(f"eval:{label}:{init}", work / "eval" / label / folder,
                               {"root": roots[ds], "init": init, **opts}, tuple(deps), _run_eval))
 
     # -- report

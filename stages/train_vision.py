@@ -3,9 +3,11 @@
 The image stream (``pipeline.wds``) is joined by study_id to embeddings read from the text cache, so
 no text model lives in this process (``text_mode="online"`` runs one per step instead: the original
 design, kept as the baseline and the freezing ablation). Loss = alignment(za, zt) + orth_weight x
-orthogonality(za): by default the orthogonality loss sees the projected image embedding, whose final
-BatchNorm(affine=False) makes zᵀz/B a correlation-like matrix (C_ii near 1) as in Barlow Twins, where
-lam = 0.0051 comes from; ``orth_on="zv"`` applies it to the raw 2048-d ResNet features instead.
+orthogonality(zv): as in the original code (``orthogonal_loss(img_emb, img_emb)``) the orthogonality
+loss sees the raw 2048-d ResNet features zv, the latent space whose collapse it is meant to prevent
+and where the collapse diagnostic is measured. ``orth_on="za"`` applies it to the projected
+embedding instead, whose final BatchNorm(affine=False) makes zᵀz/B a correlation-like matrix as in
+Barlow Twins (where lam = 0.0051 comes from).
 torchrun DDP, AMP, atomic checkpoints and exact resume:
 
 Exact resume. Everything random is either restored from the checkpoint (weights, optimizer, scheduler,
@@ -88,7 +90,7 @@ class TrainVisionConfig:
     orth_weight: float = 1.0
     orth_lambda: float = 0.0051
     orth_scope: str = "global"
-    orth_on: str = "za"
+    orth_on: str = "zv"
     orth_standardize: bool = False
     lr: float = 2e-5
     weight_decay: float = 0.05
@@ -239,7 +241,7 @@ class StepSettings:
     orth_weight: float = 1.0
     orth_lambda: float = 0.0051
     orth_standardize: bool = False
-    orth_on: str = "za"
+    orth_on: str = "zv"
     orth_global: bool = True
     world_size: int = 1
     grad_clip: float | None = None
@@ -409,6 +411,9 @@ class SampleAugmentFactory:
 
 
 class _SampleAugment:
+    """Per-sample CPU augmentation in a DataLoader worker, seeded by the sample's position in the
+    stream so that a resumed run augments every sample exactly as the uninterrupted run did."""
+
     def __init__(self, recipe: str, crop: int):
         self.recipe, self.crop = recipe, crop
         self.generator = torch.Generator()
@@ -416,14 +421,8 @@ class _SampleAugment:
     def __call__(self, image: np.ndarray, seed: int) -> torch.Tensor:
         from pipeline import augment
 
-        batch = torch.from_numpy(np.ascontiguousarray(image))[None, None]  # (1, 1, H, W)
-        self.generator.manual_seed(seed)
-        hmat, flags, bounds = augment.sample_params(1, self.generator, self.recipe, batch.shape[-1], self.crop,
-                                                    with_bounds=True)
-        x = augment.warp_batch(batch, hmat, self.crop, bounds)
-        if self.recipe != "none":
-            x = augment.autocontrast_batch(x, flags)
-        return augment.normalize(x)[0]  # (1, c, c); the 3-channel view is made after collation
+        # (1, c, c) normalized float; the 3-channel view is made after collation.
+        return augment.augment_one(image, self.generator.manual_seed(seed), self.recipe, self.crop)
 
 
 # --------------------------------------------------------------------------- the run

@@ -154,6 +154,31 @@ def test_worker_pool_output_identical(tree, tmp_path):
     assert _samples(tmp_path / "w2").keys() == _samples(tmp_path / "w1").keys()
 
 
+def test_raw_format_equals_png_pixel_for_pixel(tree, tmp_path):
+    import webdataset as wds
+
+    root, _ = tree
+    run(_cfg(root, tmp_path / "png"))
+    res = run(_cfg(root, tmp_path / "raw", image_format="raw"))
+    manifest = read_json(tmp_path / "raw" / "manifest.json")
+    assert (manifest["image_format"], manifest["image_key"]) == ("raw", "npy")
+    assert read_json(tmp_path / "png" / "manifest.json")["image_key"] == "png"
+    members = {m for ms in read_shards(tmp_path / "raw" / "shards").values() for m in ms}
+    assert members and all(m.endswith((".npy", ".json")) for m in members)
+
+    def load(out, decode):
+        shards = sorted(str(p) for p in (out / "shards").glob("*.tar"))
+        return {s["__key__"]: s for s in wds.WebDataset(shards, shardshuffle=False).decode(decode)}
+
+    raw, png = load(tmp_path / "raw", "l8"), load(tmp_path / "png", "l8")
+    assert sorted(raw) == sorted(png) and len(raw) == res.n_images == 6
+    for key, s in raw.items():
+        a = s["npy"]
+        assert a.dtype == np.uint8 and a.shape == (32, 32)
+        np.testing.assert_array_equal(a, png[key]["png"])
+        assert s["json"] == png[key]["json"]
+
+
 # --------------------------------------------------------------------------- bad inputs
 def _one_bad_tree(tmp_path, case):
     studies = default_studies()

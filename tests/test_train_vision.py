@@ -28,9 +28,22 @@ def subprocess_env() -> dict:
     return env
 
 
+def test_orthogonality_on_projected_embedding_lets_alignment_fall_fast(tmp_path):
+    # With the orthogonality loss on za (BN-normalised, Barlow-Twins scale) the alignment term
+    # dominates the gradient and falls within a few steps on a fixed batch.
+    world = make_world(tmp_path, n_train=8, n_val=8, per_shard=4)
+    out = tmp_path / "run"
+    tv.run(tiny_config(world, out, batch_size=8, shuffle_buffer=1, lr=2e-5, max_steps=6, ckpt_every=100,
+                       probe_every=100, orth_on="za"))
+    align = [r["train/align"] for r in metrics(out) if "train/loss" in r]
+    assert align[-1] < 0.8 * align[0], align
+
+
 def test_short_run_lowers_the_loss_and_exports_a_torchvision_encoder(tmp_path, caplog):
     # 8 studies in 2 shards, a global batch of 8 and no shuffle buffer: every step sees the same 8
-    # images, so the loss curve reflects optimisation rather than batch-to-batch noise.
+    # images, so the loss curve reflects optimisation rather than batch-to-batch noise. Default
+    # objective: the orthogonality loss on the raw ResNet features zv (the original code's choice),
+    # which dominates the total at initialisation.
     world = make_world(tmp_path, n_train=8, n_val=8, per_shard=4)
     out = tmp_path / "run"
     caplog.set_level("INFO")
@@ -38,8 +51,8 @@ def test_short_run_lowers_the_loss_and_exports_a_torchvision_encoder(tmp_path, c
                                  ckpt_every=100, probe_every=3))
     rows = [r for r in metrics(out) if "train/loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    align = [r["train/align"] for r in rows]
-    assert align[-1] < 0.8 * align[0], align
+    total = [r["train/loss"] for r in rows]
+    assert total[-1] < 0.9 * total[0], total
     for key in ("train/orth", "train/lr", "train/images_per_s", "train/data_wait", "train/grad_norm", "epoch"):
         assert key in rows[0]
     probes_rows = [r for r in metrics(out) if "val/zv_effective_rank" in r]
@@ -136,6 +149,7 @@ KILLER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     """CPU, fixed seed, 2 DataLoader workers, the original augmentation: a run SIGKILLed after step 6
     (last checkpoint at step 3, mid-epoch, odd step so the workers rotate) and resumed ends with the
@@ -182,6 +196,7 @@ def _flatten(obj, prefix=""):
             yield from _flatten(v, f"{prefix}{k}.")
 
 
+@pytest.mark.slow
 def test_two_process_gloo_ddp(tmp_path):
     """torchrun with 2 CPU ranks (gloo): ranks read disjoint shards and end with identical weights."""
     world = make_world(tmp_path, n_train=16, n_val=4, per_shard=4)

@@ -1,5 +1,6 @@
 """The webdataset pipeline: deterministic order, disjoint ranks, fast-forward, bad samples, shard specs."""
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -104,17 +105,20 @@ def test_on_missing_error_ends_the_stream_with_a_message(tmp_path):
 
 
 def test_corrupt_images_and_truncated_tars_are_counted_and_skipped(tmp_path, caplog):
-    w = make_world(tmp_path, n_train=8, n_val=0, per_shard=4, size=16, corrupt=1)
-    # cut the second shard in the middle of a member
+    w = make_world(tmp_path, n_train=12, n_val=2, per_shard=4, size=16, corrupt=1)
+    # shard 1 is cut inside a member (its last sample loses its image); shard 2 is not a tar at all
     tar = w["shards"] / "train-000001.tar"
     data = tar.read_bytes()
     tar.write_bytes(data[: len(data) // 2 + 100])
+    (w["shards"] / "train-000002.tar").write_bytes(b"this is not a tar file" * 100)
     caplog.set_level("WARNING", logger="pipeline.wds")
-    bs = batches(w, 4, batch_size=2)
-    assert sum(b["meta"]["corrupt"] for b in bs) >= 2
-    assert "unreadable shard data skipped" in caplog.text and "train-000001.tar" in caplog.text
-    assert "corrupt sample skipped" in caplog.text and "d50000001" in caplog.text
+    bs = batches(w, 6, batch_size=2)
+    assert sum(b["meta"]["corrupt"] for b in bs) >= 3
     assert not set(keys(bs)) & set(w["corrupt"])
+    log = caplog.text
+    assert "corrupt sample skipped" in log and "sample d50000001: UnidentifiedImageError" in log
+    assert re.search(r"train-000001\.tar sample d\d+: ValueError: needs an image and a json member", log)
+    assert "unreadable shard data skipped" in log and "train-000002.tar" in log
 
 
 def test_resolve_shards_forms(tmp_path, world):
@@ -150,3 +154,24 @@ def test_read_reports_names_bad_lines(tmp_path):
     p.write_text('{"study_id": "1", "text": "a"}\n{"study_id": 2}\n')
     with pytest.raises(wdsp.DataError, match="line 2"):
         wdsp.read_reports(p)
+
+
+def test_raw_npy_images_decode_without_pickle_to_the_same_pixels():
+    import io
+
+    import numpy as np
+
+    from tests._train_helpers import png_bytes
+
+    img = (np.arange(40 * 40) % 251).astype(np.uint8).reshape(40, 40)
+    buf = io.BytesIO()
+    np.save(buf, img)
+    assert np.array_equal(wdsp.decode_image(buf.getvalue(), "npy"), wdsp.decode_image(png_bytes(img), "png"))
+    bad = io.BytesIO()
+    np.save(bad, img.astype(np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        wdsp.decode_image(bad.getvalue(), "npy")
+    obj = io.BytesIO()
+    np.save(obj, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError):  # pickled payloads are refused, never executed
+        wdsp.decode_image(obj.getvalue(), "npy")
