@@ -2,14 +2,14 @@
 
 Baseline (the original): uint8 array -> PIL RGB copy -> RandomCrop(224) -> RandomRotation((0, 90))
 -> RandomPerspective(0.5, p=0.5) -> RandomAutocontrast(p=0.5) -> ToTensor -> Normalize.
-Ours: PNG bytes -> uint8 grey tensor -> one projective warp of the one channel, per sample (what a
-DataLoader worker does; block-drawn parameters, and per-sample seeded parameters as train-vision
-uses for exact resume) and batched; with CUDA, also the batched GPU path where the CPU only decodes.
-Inputs are synthetic 256 x 256 grey images encoded as PNG.
+Ours: a shard member -> uint8 grey array (``pipeline.wds.decode_image``) -> one projective warp of the
+one channel, seeded per sample as train-vision does for exact resume (``augment.augment_one``); with
+CUDA, also the batched GPU path where the CPU only decodes. Shard members are ``.npy`` (``prepare
+--format raw``: no decoding, like the original's uint8 arrays) or PNG (the default format, which
+costs a decode the original never paid). Inputs are synthetic 256 x 256 grey images.
 
-The original read uint8 arrays without decoding, so the ratio the issue asks for (ours with PNG
-decode vs the original without) carries the decode cost on one side only; the script also prints
-the like-for-like ratios (both with decode; augmentation alone, both from uint8 arrays).
+The headline ratio compares like with like: raw shards against the original's uint8 arrays. The
+PNG rows show what the smaller default format costs.
 
 Each variant runs on one thread (as in a DataLoader worker), timed by process CPU time, in rounds
 that alternate the variants so machine load hits all of them alike; the median round counts.
@@ -33,6 +33,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.augment import (Augmenter, SampleAugmenter, augment_one, decode_grey,  # noqa: E402
                               original_recipe_torchvision)
+from pipeline.wds import decode_image  # noqa: E402
+from bench._result import emit  # noqa: E402
+
+
+def npy_bytes(arrays) -> list[bytes]:
+    out = []
+    for arr in arrays:
+        buf = io.BytesIO()
+        np.save(buf, arr)
+        out.append(buf.getvalue())
+    return out
+
+
+def run_loader(members, ext: str, gen: torch.Generator) -> None:
+    """What a train-vision DataLoader worker does per sample (decode + per-sample seeded warp)."""
+    for i, data in enumerate(members):
+        augment_one(decode_image(data, ext), gen.manual_seed(i), "original")
+
+
+def run_loader_gpu(members, ext: str, aug: Augmenter, batch: int) -> None:
+    for s in range(0, len(members), batch):
+        imgs = torch.stack([torch.from_numpy(decode_image(d, ext)) for d in members[s:s + batch]])
+        aug(imgs[:, None].pin_memory())
+    torch.cuda.synchronize()
 
 
 def synthetic_pngs(n: int, size: int = 256, seed: int = 0) -> tuple[list[bytes], list[np.ndarray]]:
@@ -119,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     sample_aug = SampleAugmenter("original", seed=0)
     batch_aug = Augmenter("original", device="cpu", seed=0)
     gen = torch.Generator()
+    npys = npy_bytes(arrays)
     variants = {
         "original (uint8 array -> RGB PIL -> torchvision)": lambda: run_original(arrays, tf),
+        "ours: raw shard member (npy) -> 1 warp, per sample": lambda: run_loader(npys, "npy", gen),
+        "ours: PNG shard member -> decode -> 1 warp, per sample": lambda: run_loader(pngs, "png", gen),
         "original + PNG decode": lambda: run_original_decode(pngs, tf),
         "PNG decode alone": lambda: run_decode_only(pngs),
         "ours augmentation alone (uint8 array -> 1 warp)": lambda: run_ours_aug_only(arrays, sample_aug),
@@ -133,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         gpu_aug = Augmenter("original", device="cuda", seed=0)
         run_ours_gpu(pngs[: args.batch], gpu_aug, args.batch)  # warm-up: CUDA context, kernels
         variants[f"ours batched GPU (CPU decodes, B={args.batch})"] = lambda: run_ours_gpu(pngs, gpu_aug, args.batch)
+        variants[f"ours: raw shard member, batched GPU warp (B={args.batch})"] = (
+            lambda: run_loader_gpu(npys, "npy", gpu_aug, args.batch))
     for fn in variants.values():  # warm-up (allocator, first-call overheads)
         fn()
     cpu: dict[str, list[float]] = {k: [] for k in variants}
@@ -150,6 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     for name in variants:
         w = statistics.median(wall[name])
         print(f"{name:58s} {med[name] * 1e3:11.3f} {w * 1e3:12.3f} {base / med[name]:11.2f}x")
+    raw = med["ours: raw shard member (npy) -> 1 warp, per sample"]
+    png = med["ours: PNG shard member -> decode -> 1 warp, per sample"]
+    emit("loader", "CPU ms/img: raw shards + 1 warp vs original uint8 + torchvision", base / raw, 2,
+         ours_ms=round(raw * 1e3, 3), original_ms=round(base * 1e3, 3))
+    emit("loader", "CPU ms/img: PNG shards + decode + 1 warp vs original uint8", base / png, None,
+         ours_ms=round(png * 1e3, 3), original_ms=round(base * 1e3, 3))
+    if has_cuda:
+        g = med[f"ours: raw shard member, batched GPU warp (B={args.batch})"]
+        emit("loader", "CPU ms/img: raw shards + batched GPU warp vs original on CPU", base / g, 8,
+             ours_ms=round(g * 1e3, 3), original_ms=round(base * 1e3, 3))
     ours = med["ours per-sample CPU (decode + 1 warp)"]
     base_dec = med["original + PNG decode"]
     print(f"ratio original (no decode) / ours per-sample with decode, as the issue states it: {base / ours:.2f}x "

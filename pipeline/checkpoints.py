@@ -171,9 +171,12 @@ def load_encoder(init: str) -> tuple[nn.Module, dict]:
         path = imagenet_weights_path()
         if path is None:
             expected = Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILES[0]
-            raise MflagError(f"--init imagenet: torchvision ResNet50 ImageNet weights not found at {expected} "
-                             f"(no network access is attempted); copy resnet50-0676ba61.pth there or pass its path "
-                             f"as --init PATH")
+            raise MflagError(
+                f"--init imagenet: ImageNet ResNet50 weights not found at {expected}. This tool never downloads "
+                f"at run time; on a machine with network access run once `python -c \"import torchvision; "
+                f"torchvision.models.resnet50(weights='IMAGENET1K_V1')\"` (it fills the torch hub cache; "
+                f"TORCH_HOME moves it) and copy {IMAGENET_FILES[0]} to {expected}, or pass a weights file as "
+                f"--init PATH.")
     else:
         path = Path(init).expanduser()
     state, layout = load_encoder_state(path)

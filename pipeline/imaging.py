@@ -21,12 +21,14 @@ from pipeline.common import MflagError
 BORDER_THRESHOLD = 8
 BORDER_FRACTION = 0.02
 
-# Largest upsample the reduced-scale path accepts after the border crop, as a fraction of ``size``:
-# a 2048 px JPEG at size 256 decodes at 1/8 to exactly 256 px, and a border crop leaves a little
-# less. Re-decoding at 1/4 costs a whole second decode (entropy decoding, the bulk of the decode
-# cost, is the same at every scale), while stretching, say, 240 px of content to 256 changes the
-# result by well under one grey level on average (bench/prepare.py prints it). Wider borders, with
-# more than this much missing, are decoded again at a finer scale, so resolution is never lost badly.
+# Largest upsample the reduced-scale path accepts after the border crop, as a fraction of ``size``.
+# A 2048 px JPEG at size 256 decodes at 1/8 to exactly 256 px and a border crop leaves a little less.
+# Re-decoding at 1/4 costs a whole second decode (entropy decoding, most of the decode time, is the
+# same at every scale), while upsampling the cropped content by up to 8% moves the result by about
+# one grey level on average (bench/prepare.py measures it, also on real anatomy). A crop that leaves
+# less than this decodes the file again at a finer scale, so a wide border never costs much detail.
+# Only sizes just above a power-of-two multiple of ``size`` get near the limit: 2500 px decodes at
+# 1/8 to 313 px and 2000 px at 1/4 to 500 px, both with room for a wide border.
 UPSAMPLE_TOLERANCE = 0.08
 
 RESAMPLE = Image.Resampling.LANCZOS
@@ -221,19 +223,57 @@ def load_for_shard(path: str | os.PathLike, size: int, crop_border: bool = True,
         # PIL picks the largest of 1/8, 1/4, 1/2 that keeps each side >= the requested size.
         im.draft("L", (min(size, im.width), min(size, im.height)))
         a = _decode(im, path)
-    if crop_border:
-        t, b, l, r = border_box(a)
+    scale = orig[1] / a.shape[1]
+    if not crop_border or scale <= 1:
+        return _to_square(a, size, crop_border), orig
+    core, box = _reduced_crop(a, round(scale))
+    if min(box[3] - box[1], box[2] - box[0]) < size * (1.0 - UPSAMPLE_TOLERANCE):
+        # A wide border left too little content at this scale: decode again at a scale chosen for
+        # the cropped region, so a wide border never costs much resolution.
+        full_h, full_w = (box[3] - box[1]) * scale, (box[2] - box[0]) * scale  # full-resolution pixels
+        want = (math.ceil(size * orig[1] / max(full_w, 1)), math.ceil(size * orig[0] / max(full_h, 1)))
+        with _open_pil(path) as im:
+            im.draft("L", (min(want[0], orig[1]), min(want[1], orig[0])))
+            a = _decode(im, path)
         scale = orig[1] / a.shape[1]
-        floor = size * (1.0 - UPSAMPLE_TOLERANCE)
-        if scale > 1 and min(b - t, r - l) < floor:
-            # A wide border left too little content at this scale: decode again at a scale chosen
-            # for the cropped region, so a wide border never costs much resolution.
-            full_h, full_w = (b - t) * scale, (r - l) * scale  # cropped region, full-resolution pixels
-            want = (math.ceil(size * orig[1] / max(full_w, 1)), math.ceil(size * orig[0] / max(full_h, 1)))
-            with _open_pil(path) as im:
-                im.draft("L", (min(want[0], orig[1]), min(want[1], orig[0])))
-                a = _decode(im, path)
-            t, b, l, r = border_box(a)
-        a = a[t:b, l:r]
-    return _to_square(a, size, crop=False), orig
+        if scale <= 1:
+            return _to_square(a, size, crop=True), orig
+        core, box = _reduced_crop(a, round(scale))
+    out = np.asarray(Image.fromarray(core).resize((size, size), RESAMPLE, box=box))
+    return minmax_uint8(out), orig
+
+
+def _edge_fraction(edge: np.ndarray, inner: np.ndarray) -> float:
+    # At reduced scale the first line of content averages border (about 0) and content, so its
+    # brightness relative to the next line in is the part of it that full-resolution pixels fill.
+    # Only bright content tells: next to dark content (air at the image edge) the ratio is noise.
+    bright = inner > 4 * BORDER_THRESHOLD
+    if bright.sum() < 4:
+        return 0.5  # unknown: the middle of the line keeps the error under half a reduced pixel
+    return min(1.0, max(0.0, float(edge[bright].sum()) / float(inner[bright].sum())))
+
+
+def _reduced_crop(a: np.ndarray, s: int) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """Border crop of an image decoded at 1/``s`` scale: ``(core, box)`` for ``resize(box=box)``.
+
+    ``core`` holds the lines fully inside the content, plus one replicated line on each side;
+    ``box`` (left, top, right, bottom, in ``core`` pixels, fractional) places each cropped edge where
+    cropping at full resolution puts it (``border_box``: one full-resolution pixel inside the
+    content). Cropping whole reduced pixels instead would misplace edges by up to ``s`` full-size
+    pixels and stretch the content, which shows as a mean difference of several grey levels on real
+    radiographs with a border.
+    """
+    h, w = a.shape
+    t, b, l, r = border_box(a, inset=0)
+    if b - t < 4 or r - l < 4:  # blank or nearly blank: nothing to place precisely
+        return np.pad(a, 1, mode="edge"), (1.0, 1.0, w + 1.0, h + 1.0)
+    ti, bi, li, ri = t + (t > 0), b - (b < h), l + (l > 0), r - (r < w)
+    rows, cols = slice(ti, bi), slice(li, ri)
+    # Each cropped side: the blended line holds ``f`` of content, and full-resolution cropping
+    # starts one full-size pixel (1/s here) inside it.
+    top = 1.0 + (1.0 / s - _edge_fraction(a[t, cols], a[ti, cols]) if t > 0 else 0.0)
+    left = 1.0 + (1.0 / s - _edge_fraction(a[rows, l], a[rows, li]) if l > 0 else 0.0)
+    bottom = 1.0 + (bi - ti) + (_edge_fraction(a[b - 1, cols], a[bi - 1, cols]) - 1.0 / s if b < h else 0.0)
+    right = 1.0 + (ri - li) + (_edge_fraction(a[rows, r - 1], a[rows, ri - 1]) - 1.0 / s if r < w else 0.0)
+    return np.pad(a[rows, cols], 1, mode="edge"), (left, top, right, bottom)
 

@@ -5,7 +5,6 @@ nothing here imports transformers.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -13,12 +12,10 @@ import torch.nn as nn
 import torchvision
 from torch import Tensor
 
-from pipeline.common import ConfigError, MflagError
+from pipeline.common import ConfigError
 
 __all__ = [
     "TRUNK_DIM",
-    "IMAGENET_WEIGHTS",
-    "imagenet_weights_path",
     "build_resnet50_trunk",
     "Projector",
     "MFlagVision",
@@ -28,80 +25,21 @@ __all__ = [
 ]
 
 TRUNK_DIM = 2048
-# torchvision's ``resnet50(pretrained=True)``, the weights the original code started from.
-IMAGENET_WEIGHTS = torchvision.models.ResNet50_Weights.IMAGENET1K_V1
-
-
-def imagenet_weights_path() -> Path:
-    """Where torchvision caches the ImageNet ResNet50 weights: ``<torch hub dir>/checkpoints/<file>``."""
-    filename = os.path.basename(IMAGENET_WEIGHTS.url)
-    return Path(torch.hub.get_dir()) / "checkpoints" / filename
-
-
-def _load_state_file(path: Path) -> dict[str, Tensor]:
-    """Read a state_dict file (optionally nested under "state_dict" / "encoder"); strip DDP/compile prefixes."""
-    if not path.is_file():
-        raise MflagError(f"--init {path}: file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, truncated zip, not a torch file
-        raise MflagError(f"--init {path}: cannot read a state_dict from this file ({e})") from e
-    for key in ("state_dict", "encoder"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise MflagError(f"--init {path}: expected a state_dict (name -> tensor), optionally nested under "
-                         f"'state_dict' or 'encoder'")
-    out = {}
-    for k, v in obj.items():
-        for prefix in ("module.", "_orig_mod."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
-
-
-def _load_trunk_weights(trunk: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """Strict load except ``fc.*`` (absent from the trunk, ignored in the file); errors name ``source``."""
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    own = trunk.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise MflagError(
-            f"{source}: not a torchvision ResNet50 state_dict: {len(missing)} missing keys "
-            f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}")
-    bad = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
-    if bad:
-        raise MflagError(f"{source}: shape mismatch for {bad[:5]}")
-    trunk.load_state_dict(state, strict=True)
 
 
 def build_resnet50_trunk(init: str = "random") -> nn.Module:
     """torchvision ResNet50 with ``fc = Identity``: (B, 3, H, W) -> (B, 2048).
 
     ``init``: "random"; "imagenet" (torchvision's IMAGENET1K_V1 weights, read from the local torch hub
-    cache only, never downloaded here); or a path to a torchvision-layout state_dict file.
+    cache only, never downloaded here); or a checkpoint path in any layout ``pipeline.checkpoints``
+    recognises (this tool's encoder.pt or training checkpoint, the original M-FLAG code, MGCA, GLoRIA,
+    a plain torchvision state_dict). One loader serves pre-training and downstream evaluation.
     """
-    if init == "random":
-        return _bare_trunk()
-    if init == "imagenet":
-        path = imagenet_weights_path()
-        if not path.is_file():
-            raise MflagError(
-                f"--init imagenet: ImageNet ResNet50 weights not found at {path}. This tool never downloads "
-                f"at run time; on a machine with network access run once "
-                f"`python -c \"import torchvision; torchvision.models.resnet50(weights='IMAGENET1K_V1')\"` "
-                f"(it fills the torch hub cache; TORCH_HOME moves it), or copy {path.name} from "
-                f"{IMAGENET_WEIGHTS.url} to {path}.")
-    else:
-        path = Path(init).expanduser()
-        if not path.exists():
-            raise ConfigError(f"init: expected 'random', 'imagenet' or a state_dict file; {init!r} is neither")
-    state = _load_state_file(path)  # read (and fail) before paying for the model's random init
-    trunk = _bare_trunk()
-    _load_trunk_weights(trunk, state, str(path))
-    return trunk
+    from pipeline.checkpoints import load_encoder
+
+    if init not in ("random", "imagenet") and not Path(init).expanduser().exists():
+        raise ConfigError(f"init: expected 'random', 'imagenet' or a checkpoint file; {init!r} is neither")
+    return load_encoder(init)[0]
 
 
 def _bare_trunk() -> nn.Module:

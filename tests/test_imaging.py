@@ -6,8 +6,8 @@ import pydicom
 import pytest
 from PIL import Image
 
-from pipeline.imaging import (ImageError, MissingImageError, border_box, load_for_shard, minmax_uint8,
-                              read_image)
+from pipeline.imaging import (UPSAMPLE_TOLERANCE, ImageError, MissingImageError, _reduced_crop, border_box,
+                              load_for_shard, minmax_uint8, read_image)
 
 SIIM = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 
@@ -184,10 +184,10 @@ def draft_calls(monkeypatch):
 
 def test_draft_decode_close_to_full_decode(tmp_path, draft_calls):
     path = tmp_path / "big.jpg"
-    _smooth_jpeg(path, 1024, border=40)
+    _smooth_jpeg(path, 1024, border=24)
     fast, orig = load_for_shard(path, 128)
-    # 1/8 would give exactly 128 px, fewer once the border is cropped: the crop headroom picks 1/4.
-    assert [c[0] for c in draft_calls] == [(256, 256)], "JPEG was not decoded at reduced scale"
+    # 1/8 gives exactly 128 px; the crop leaves ~122, within the upsample tolerance: one decode.
+    assert [c[0] for c in draft_calls] == [(128, 128)], "JPEG was not decoded once at 1/8 scale"
     draft_calls.clear()
     nocrop, _ = load_for_shard(path, 128, crop_border=False)
     assert [c[0] for c in draft_calls] == [(128, 128)]
@@ -195,19 +195,47 @@ def test_draft_decode_close_to_full_decode(tmp_path, draft_calls):
     slow, orig2 = load_for_shard(path, 128, draft=False)
     assert not draft_calls
     assert orig == orig2 == (1024, 1024)
-    assert fast.shape == slow.shape == (128, 128)
-    assert np.abs(fast.astype(int) - slow.astype(int)).mean() < 3.0
+    assert fast.shape == slow.shape == nocrop.shape == (128, 128)
+    assert np.abs(fast.astype(int) - slow.astype(int)).mean() < 1.2
+    # The border really was cropped in the reduced path: no dark frame left at the edges.
+    assert fast[0].mean() > 40 and fast[:, 0].mean() > 40 and nocrop[0].max() < 20
+
+
+def test_draft_redecodes_beyond_upsample_tolerance(tmp_path, draft_calls):
+    # A 48 px border leaves ~116 of 128 px at 1/8 (9% short, over the 8% tolerance): decode at 1/4.
+    assert UPSAMPLE_TOLERANCE < 1 - 116 / 128
+    _smooth_jpeg(tmp_path / "wide.jpg", 1024, border=48, seed=1)
+    fast, _ = load_for_shard(tmp_path / "wide.jpg", 128)
+    assert [c[0] for c in draft_calls] == [(128, 128), (256, 256)]
+    slow, _ = load_for_shard(tmp_path / "wide.jpg", 128, draft=False)
+    assert np.abs(fast.astype(int) - slow.astype(int)).mean() < 1.2
 
 
 def test_draft_redecodes_when_crop_leaves_too_few_pixels(tmp_path, draft_calls):
-    # A 1024 image whose content is a 300 px square: 1/4 scale leaves 75 px for a 128 target.
+    # A 1024 image whose content is a 300 px square: 1/8 scale leaves 37 px for a 128 target.
     yy, xx = np.mgrid[0:300, 0:300] / 300
     img = np.zeros((1024, 1024), np.uint8)
     img[362:662, 362:662] = (120 + 80 * np.sin(9 * xx) * np.cos(7 * yy)).astype(np.uint8)
     Image.fromarray(img).save(tmp_path / "small.jpg", quality=95)
     fast, _ = load_for_shard(tmp_path / "small.jpg", 128)
-    assert [c[0] for c in draft_calls] == [(256, 256), (512, 512)]
+    assert [c[0] for c in draft_calls] == [(128, 128), (512, 512)]
     slow, _ = load_for_shard(tmp_path / "small.jpg", 128, draft=False)
     # Min-max sees JPEG ringing at the hard content edge differently at each scale, so compare shape
     # (correlation) rather than absolute grey levels here.
     assert np.corrcoef(fast.ravel(), slow.ravel())[0, 1] > 0.99
+
+
+def test_reduced_crop_places_edges_like_full_resolution():
+    # Full resolution: content from row/col 20 to 1004 (exclusive) in 1024; full-resolution cropping
+    # keeps 21..1003, i.e. 2.625..125.375 in 1/8-scale pixels, which the reduced crop must recover.
+    full = np.zeros((1024, 1024), np.float64)
+    full[20:1004, 20:1004] = 200.0
+    reduced = full.reshape(128, 8, 128, 8).mean(axis=(1, 3)).round().astype(np.uint8)  # what 1/8 DCT gives
+    core, box = _reduced_crop(reduced, 8)
+    # ``core`` starts one replicated line before the first full content line (3), so offset 3 - 1.
+    np.testing.assert_allclose(box, (2.625 - 2, 2.625 - 2, 125.375 - 2, 125.375 - 2), atol=0.02)
+    assert core.shape == (124, 124) and core.min() == 200
+    # Where the content next to the edge is dark (air), the fraction is unknown: half a line.
+    dark = reduced.copy()
+    dark[3, :] = dark[:, 3] = 5
+    assert abs(_reduced_crop(dark, 8)[1][1] - (1 + 1 / 8 - 0.5)) < 1e-9

@@ -386,6 +386,12 @@ def test_cli_prepare_mimic(tree, tmp_path):
     assert read_json(out / "config.json")["config"]["crop_border"] is False
     r = CliRunner().invoke(cli, args[:-1] + ["--size", "64"])
     assert r.exit_code == 2 and "error:" in r.output and "--force" in r.output
+    raw_args = [a if a != "jpg" else "raw" for a in args]
+    raw_args[raw_args.index(str(out))] = str(tmp_path / "raw")
+    r = CliRunner().invoke(cli, raw_args)
+    assert r.exit_code == 0, r.output
+    assert read_json(tmp_path / "raw" / "manifest.json")["image_format"] == "raw"
+    assert "64 KiB per 256 px image" in CliRunner().invoke(cli, ["prepare", "mimic", "--help"]).output
 
 
 def test_prepare_synthetic_mimic_world(tmp_path):
