@@ -362,10 +362,12 @@ def _seeds(value: str) -> tuple[int, ...]:
 @click.option("--task", type=click.Choice(["cls", "seg", "det"]), required=True,
               help="cls: linear probe (or --finetune); seg: U-Net; det: Faster R-CNN / RetinaNet with FPN.")
 @click.option("--dataset", type=click.Choice(["chexpert", "rsna", "covidx", "siim", "object-cxr"]), required=True)
-@click.option("--root", type=click.Path(file_okay=False), required=True, help="Dataset folder in its published layout.")
+@click.option("--root", type=click.Path(file_okay=False), required=True,
+              help="Dataset folder in its published layout.")
 @click.option("--out", type=click.Path(file_okay=False), required=True,
               help="Run folder: results.json, results.md (appended), split/, seeds/, config.json.")
-@click.option("--init", required=True, help="Encoder: random | imagenet | PATH (encoder.pt or a baseline checkpoint).")
+@click.option("--init", required=True,
+              help="Encoder: random | imagenet | PATH (encoder.pt or a baseline checkpoint).")
 @click.option("--fraction", type=float, default=1.0, show_default=True,
               help="Share of the training split used (e.g. 0.01, 0.1, 1.0), sampled per seed.")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds, e.g. 0,1,2.")
@@ -380,7 +382,8 @@ def _seeds(value: str) -> tuple[int, ...]:
               help="Early-stopping patience in epochs [default: 10 for the linear probe, 3 otherwise].")
 @click.option("--split-file", type=click.Path(exists=True), default=None,
               help="Reuse a split (split.json folder, JSON or CSV) instead of generating one.")
-@click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of the generated split (shared by all seeds).")
+@click.option("--split-seed", type=int, default=0, show_default=True,
+              help="Seed of the generated split (shared by all seeds).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--workers", type=int, default=0, show_default=True, help="DataLoader workers.")
 @click.option("--det-model", type=click.Choice(["fasterrcnn", "retinanet"]), default="fasterrcnn", show_default=True)

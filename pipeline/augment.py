@@ -25,9 +25,9 @@ All recipes end with Normalize(mean 0.5, std 0.5).
 """
 from __future__ import annotations
 
-import dataclasses
 import io
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -64,196 +64,176 @@ def _check_recipe(recipe: str) -> None:
 
 
 # --------------------------------------------------------------------------- parameters
-# Parameters are computed in numpy float64 from ONE torch.rand draw per batch: a torch generator
-# keeps the stream seedable and checkpointable, while numpy's per-call overhead is ~10x lower than
-# torch's for the tiny (B, 3, 3) arithmetic, which matters for per-sample use in DataLoader workers.
+# Every sample's parameters come from 16 uniforms (float64) drawn from a torch generator: one
+# torch.rand call per sample or per batch keeps the stream seedable and checkpointable. Turning them
+# into a warp is plain Python arithmetic on a handful of floats (a few microseconds), ONE code path
+# for the per-sample and the batched augmenters, so both give bit-identical coefficients. Matrices
+# are row-major 9-tuples mapping an OUTPUT point to the point it samples.
 _N_UNIFORMS = 16
+_EYE = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
-def _translation(tx: np.ndarray, ty: np.ndarray) -> np.ndarray:
-    h = np.tile(np.eye(3), (len(tx), 1, 1))
-    h[:, 0, 2], h[:, 1, 2] = tx, ty
-    return h
+class _Params(NamedTuple):
+    """One sample's raw parameters, as drawn."""
+
+    top: float  # crop window offset in the input (integer-valued for "original" and "none")
+    left: float
+    angle: float  # degrees, counter-clockwise as displayed (y down)
+    zoom: float  # > 1 magnifies
+    endpoints: tuple | None  # perspective corners TL, TR, BR, BL as (x, y); None: no perspective
+    autocontrast: bool
 
 
-def _rotation_matrices(angle_deg: np.ndarray, cx: float, cy: float, zoom: np.ndarray | None = None) -> np.ndarray:
-    """Output->input maps (B,3,3) of a counter-clockwise rotation (y down, as displayed) about (cx, cy).
+class _Geom(NamedTuple):
+    """One sample's warp in the form the warps need."""
 
-    ``zoom`` > 1 magnifies (the output samples a smaller input window).
-    """
-    a = np.deg2rad(np.asarray(angle_deg, dtype=np.float64))
-    inv_zoom = 1.0 / np.asarray(zoom, dtype=np.float64) if zoom is not None else np.ones_like(a)
-    cos, sin = np.cos(a) * inv_zoom, np.sin(a) * inv_zoom
-    h = np.tile(np.eye(3), (len(a), 1, 1))
-    h[:, 0, 0], h[:, 0, 1], h[:, 1, 0], h[:, 1, 1] = cos, -sin, sin, cos
+    window: tuple[int, int] | None  # (top, left) of the out x out crop slice; None: sample the whole input
+    local: tuple  # output -> window frame (or -> input when no window)
+    persp: tuple | None  # output -> rotated-crop frame, whose out x out square must be hit (else zero)
+    bilinear: bool  # False: nearest
+    autocontrast: bool
+    coef: tuple | None  # grid_sample plane coefficients (see _grid): 2 rows (affine) or 5 (projective);
+    # None: the window itself, no resampling
+
+
+def _mm(a: tuple, b: tuple) -> tuple:
+    """3 x 3 matrix product of row-major 9-tuples."""
+    a0, a1, a2, a3, a4, a5, a6, a7, a8 = a
+    b0, b1, b2, b3, b4, b5, b6, b7, b8 = b
+    return (a0 * b0 + a1 * b3 + a2 * b6, a0 * b1 + a1 * b4 + a2 * b7, a0 * b2 + a1 * b5 + a2 * b8,
+            a3 * b0 + a4 * b3 + a5 * b6, a3 * b1 + a4 * b4 + a5 * b7, a3 * b2 + a4 * b5 + a5 * b8,
+            a6 * b0 + a7 * b3 + a8 * b6, a6 * b1 + a7 * b4 + a8 * b7, a6 * b2 + a7 * b5 + a8 * b8)
+
+
+def _square_to_quad(pts) -> tuple:
+    """The projective map taking the unit square's corners (0,0), (1,0), (1,1), (0,1) to ``pts``
+    (closed form, Heckbert 1989: no linear solve)."""
+    (x0, y0), (x1, y1), (x2, y2), (x3, y3) = pts
+    sx, sy = x0 - x1 + x2 - x3, y0 - y1 + y2 - y3
+    dx1, dx2, dy1, dy2 = x1 - x2, x3 - x2, y1 - y2, y3 - y2
+    den = dx1 * dy2 - dx2 * dy1
+    if den == 0:
+        raise ValueError(f"degenerate perspective corners {pts}")
+    g = (sx * dy2 - dx2 * sy) / den
+    h = (dx1 * sy - sx * dy1) / den
+    return (x1 - x0 + g * x1, x3 - x0 + h * x3, x0,
+            y1 - y0 + g * y1, y3 - y0 + h * y3, y0,
+            g, h, 1.0)
+
+
+def _perspective(start, end) -> tuple:
+    """Startpoints and endpoints (4 (x, y) each) -> the map taking endpoints to startpoints, scaled
+    so that its last entry is 1: torchvision's ``_get_perspective_coeffs`` (output corner -> input
+    corner), in closed form instead of an 8 x 8 least-squares solve."""
+    e0, e1, e2, e3, e4, e5, e6, e7, e8 = _square_to_quad(end)
+    adj = (e4 * e8 - e5 * e7, e2 * e7 - e1 * e8, e1 * e5 - e2 * e4,  # inverse up to scale
+           e5 * e6 - e3 * e8, e0 * e8 - e2 * e6, e2 * e3 - e0 * e5,
+           e3 * e7 - e4 * e6, e1 * e6 - e0 * e7, e0 * e4 - e1 * e3)
+    h = _mm(_square_to_quad(start), adj)
+    s = h[8]
+    return tuple(v / s for v in h[:8]) + (1.0,)
+
+
+def _rotation(angle_deg: float, cx: float, cy: float, zoom: float = 1.0) -> tuple:
+    """Output->input map of a counter-clockwise rotation (y down, as displayed) about (cx, cy);
+    ``zoom`` > 1 magnifies (the output samples a smaller input window)."""
+    a = math.radians(angle_deg)
+    inv = 1.0 / zoom
+    cos, sin = math.cos(a) * inv, math.sin(a) * inv
     # x_in - c = M (x_out - c)  =>  translation c - M c
-    h[:, 0, 2] = cx - (cos * cx - sin * cy)
-    h[:, 1, 2] = cy - (sin * cx + cos * cy)
-    return h
+    return (cos, -sin, cx - (cos * cx - sin * cy),
+            sin, cos, cy - (sin * cx + cos * cy),
+            0.0, 0.0, 1.0)
 
 
-def _rotation_about(angle_deg: Tensor, cx: float, cy: float, zoom: Tensor | None = None) -> Tensor:
-    """Tensor form of :func:`_rotation_matrices` (float64)."""
-    z = zoom.numpy() if zoom is not None else None
-    return torch.from_numpy(_rotation_matrices(angle_deg.double().numpy(), cx, cy, z))
+def _translation(tx: float, ty: float) -> tuple:
+    return (1.0, 0.0, tx, 0.0, 1.0, ty, 0.0, 0.0, 1.0)
 
 
-def _perspective_matrices(start: np.ndarray, end: np.ndarray) -> np.ndarray:
-    """(B,4,2) startpoints and endpoints -> (B,3,3) maps taking endpoints to startpoints.
-
-    The same linear system as torchvision's ``_get_perspective_coeffs`` (output corner -> input
-    corner), solved batched in float64.
-    """
-    b = start.shape[0]
-    x, y = end[..., 0], end[..., 1]  # (B, 4)
-    u, v = start[..., 0], start[..., 1]
-    zeros, ones = np.zeros_like(x), np.ones_like(x)
-    rows_u = np.stack([x, y, ones, zeros, zeros, zeros, -u * x, -u * y], axis=-1)  # (B, 4, 8)
-    rows_v = np.stack([zeros, zeros, zeros, x, y, ones, -v * x, -v * y], axis=-1)
-    a = np.stack([rows_u, rows_v], axis=2).reshape(b, 8, 8)
-    rhs = np.stack([u, v], axis=-1).reshape(b, 8, 1)
-    coeffs = np.linalg.solve(a, rhs)[..., 0]  # (B, 8)
-    return np.concatenate([coeffs, np.ones((b, 1))], axis=1).reshape(b, 3, 3)
+def _randint(u: float, lo: int, hi: int) -> int:
+    """A uniform integer in [lo, hi) (torch.randint's range) from a uniform in [0, 1)."""
+    return min(lo + math.floor(u * (hi - lo)), hi - 1)
 
 
-def _perspective_from_corners(start: Tensor, end: Tensor) -> Tensor:
-    """Tensor form of :func:`_perspective_matrices` (float64)."""
-    return torch.from_numpy(_perspective_matrices(start.double().numpy(), end.double().numpy()))
+def _corners(out_size: int) -> tuple:
+    o = out_size - 1
+    return ((0, 0), (o, 0), (o, o), (0, o))  # torchvision's startpoints
 
 
-def _randint(u: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    """Uniform integers in [lo, hi) (torch.randint's range) from uniforms in [0, 1), as float64."""
-    return np.minimum(lo + np.floor(u * (hi - lo)), hi - 1)
+def _params(u, recipe: str, in_size: int, out_size: int) -> _Params:
+    """16 uniforms in [0, 1) -> the raw parameters of one sample of ``recipe``."""
+    margin = in_size - out_size
+    if recipe == "none":
+        off = int(round(margin / 2.0))  # torchvision's center_crop rounding
+        return _Params(off, off, 0.0, 1.0, None, False)
+    flip = u[0] < _AUTOCONTRAST_P
+    if recipe == "original":
+        ends = None
+        if u[4] < _ORIG_PERSPECTIVE_P:
+            # torchvision's RandomPerspective.get_params: each corner moves inward by up to d pixels.
+            d = int(_ORIG_DISTORTION * (out_size // 2))
+            near, far = (0, d + 1), (out_size - d - 1, out_size)
+            ranges = ((near, near), (far, near), (far, far), (near, far))  # TL, TR, BR, BL as (x, y)
+            ends = tuple((_randint(u[5 + 2 * k], *rx), _randint(u[6 + 2 * k], *ry))
+                         for k, (rx, ry) in enumerate(ranges))
+        return _Params(_randint(u[1], 0, margin + 1), _randint(u[2], 0, margin + 1), u[3] * _ORIG_MAX_ANGLE, 1.0,
+                       ends, flip)
+    lo, hi = _LIGHT_ZOOM
+    return _Params(u[1] * margin, u[2] * margin, (u[3] * 2 - 1) * _LIGHT_MAX_ANGLE, lo + u[4] * (hi - lo), None, flip)
 
 
-def _components_np(batch_size: int, generator: torch.Generator, recipe: str, in_size: int,
-                   out_size: int) -> dict[str, np.ndarray]:
+def _unit_rows(m: tuple, size: int) -> tuple:
+    """Rows x, y of (pixel coordinates over a size x size frame -> grid_sample's [-1, 1]) ∘ m."""
+    k = 2.0 / size
+    return (k * m[0] - m[6], k * m[1] - m[7], k * m[2] - m[8],
+            k * m[3] - m[6], k * m[4] - m[7], k * m[5] - m[8])
+
+
+def _geometry(p: _Params, recipe: str, in_size: int, out_size: int) -> _Geom:
+    """Compose crop ∘ rotation(+zoom) ∘ perspective of one sample."""
+    c = out_size / 2.0
+    rot = _rotation(p.angle, c, c, p.zoom)
+    persp = _perspective(_corners(out_size), p.endpoints) if p.endpoints is not None else None
+    local = _mm(rot, persp) if persp is not None else rot
+    if recipe == "light":  # continuous, zoomed window: no slice, sample the whole input
+        local = _mm(_translation(p.left, p.top), local)
+        return _Geom(None, local, None, True, p.autocontrast, _unit_rows(local, in_size))
+    window = (int(p.top), int(p.left))
+    if recipe == "none":  # the centre crop itself: no resampling
+        return _Geom(window, local, None, True, False, None)
+    if persp is None:
+        # "original" only rotates: NEAREST, RandomRotation's default.
+        return _Geom(window, local, None, False, p.autocontrast, _unit_rows(local, out_size))
+    # With perspective: rows x, y of the map to the window, x, y of the map to the perspective's
+    # frame and the shared denominator (rotation is affine, so both maps have the same last row).
+    coef = _unit_rows(local, out_size) + _unit_rows(persp, out_size) + persp[6:]
+    return _Geom(window, local, persp, True, p.autocontrast, coef)
+
+
+def _check_sizes(recipe: str, in_size: int, out_size: int) -> None:
     _check_recipe(recipe)
     if out_size > in_size:
         raise ValueError(f"augmentation output size {out_size} is larger than the input size {in_size}")
-    n = batch_size
-    u = torch.rand((n, _N_UNIFORMS), generator=generator, dtype=torch.float64).numpy()
-    margin = in_size - out_size
-    corners = np.array([[0, 0], [out_size - 1, 0], [out_size - 1, out_size - 1], [0, out_size - 1]], np.float64)
-    comp = {
-        "zoom": np.ones(n),
-        "perspective": np.zeros(n, dtype=bool),
-        "startpoints": np.broadcast_to(corners, (n, 4, 2)).copy(),
-        "endpoints": np.broadcast_to(corners, (n, 4, 2)).copy(),
-        "autocontrast": np.zeros(n, dtype=bool),
-    }
-    if recipe == "none":
-        off = float(int(round(margin / 2.0)))  # torchvision's center_crop rounding
-        comp.update(top=np.full(n, off), left=np.full(n, off), angle=np.zeros(n))
-        return comp
-    comp["autocontrast"] = u[:, 0] < _AUTOCONTRAST_P
-    if recipe == "original":
-        comp["top"], comp["left"] = _randint(u[:, 1], 0, margin + 1), _randint(u[:, 2], 0, margin + 1)
-        comp["angle"] = u[:, 3] * _ORIG_MAX_ANGLE
-        comp["perspective"] = u[:, 4] < _ORIG_PERSPECTIVE_P
-        # torchvision's RandomPerspective.get_params: each corner moves inward by up to d pixels.
-        d = int(_ORIG_DISTORTION * (out_size // 2))
-        near = (0, d + 1)
-        far = (out_size - d - 1, out_size)
-        ranges = [(near, near), (far, near), (far, far), (near, far)]  # TL, TR, BR, BL as (x, y)
-        end = np.empty((n, 4, 2))
-        for k, (rx, ry) in enumerate(ranges):
-            end[:, k, 0] = _randint(u[:, 5 + 2 * k], *rx)
-            end[:, k, 1] = _randint(u[:, 6 + 2 * k], *ry)
-        comp["endpoints"] = np.where(comp["perspective"][:, None, None], end, comp["startpoints"])
-    else:  # light
-        comp["top"], comp["left"] = u[:, 1] * margin, u[:, 2] * margin
-        comp["angle"] = (u[:, 3] * 2 - 1) * _LIGHT_MAX_ANGLE
-        lo, hi = _LIGHT_ZOOM
-        comp["zoom"] = lo + u[:, 4] * (hi - lo)
-    return comp
 
 
-def _sample_components(batch_size: int, generator: torch.Generator, recipe: str, in_size: int,
-                       out_size: int) -> dict[str, Tensor]:
-    """The raw parameters of ``recipe`` (crop offset, angle, zoom, perspective corners, flags) as tensors."""
-    return {k: torch.from_numpy(np.ascontiguousarray(v))
-            for k, v in _components_np(batch_size, generator, recipe, in_size, out_size).items()}
+def _uniforms(batch_size: int, generator: torch.Generator) -> list[list[float]]:
+    return torch.rand((batch_size, _N_UNIFORMS), generator=generator, dtype=torch.float64).tolist()
 
 
-@dataclasses.dataclass
-class _Draw:
-    """Parameters of a batch in the forms the warps need (all CPU; maps are output -> somewhere)."""
-
-    hmat: Tensor  # (B,3,3) output -> input image
-    local: Tensor  # (B,3,3) output -> window frame (rotation ∘ perspective); == hmat when no window
-    window: Tensor | None  # (B,2) int64 (top, left) of the out x out crop window, None when no window
-    persp: Tensor  # (B,3,3) output -> rotated-crop frame (identity where no perspective)
-    has_persp: Tensor  # (B,) bool
-    autocontrast: Tensor  # (B,) bool
-
-    def warp(self, images: Tensor, out_size: int, recipe: str, index: slice = slice(None)) -> Tensor:
-        """Warp (b,1,S,S) images with the draws at ``index``: raw float (b,1,out,out) in the input's scale.
-
-        The crop is a slice (no resampling); the one resampling is rotation ∘ perspective of the crop,
-        zero outside it, like the original's zero-filled intermediates. For "original" the
-        interpolation is the original's: nearest where it only rotates (RandomRotation's default),
-        bilinear where perspective is applied; other recipes are bilinear.
-        """
-        local, persp, has_persp = self.local[index], self.persp[index], self.has_persp[index]
-        win = self.window[index].tolist() if self.window is not None else None
-        if recipe != "original" or bool(has_persp.all()) or not bool(has_persp.any()):
-            return self._warp_group(images, local, persp, has_persp, win, out_size, recipe)
-        # Mixed interpolation: warp each group on its own (cheaper than selecting from full grids).
-        out = None
-        for sel in (has_persp, ~has_persp):
-            idx = sel.nonzero().flatten()
-            part = self._warp_group(images.index_select(0, idx.to(images.device)), local[idx], persp[idx],
-                                    has_persp[idx], [win[i] for i in idx.tolist()] if win else None,
-                                    out_size, recipe)
-            if out is None:
-                out = part.new_empty((images.shape[0],) + tuple(part.shape[1:]))
-            out.index_copy_(0, idx.to(out.device), part)
-        return out
-
-    @staticmethod
-    def _warp_group(images: Tensor, local: Tensor, persp: Tensor, has_persp: Tensor, win: list | None,
-                    out_size: int, recipe: str) -> Tensor:
-        if win is not None:
-            if len(win) == 1:  # a view, no copy
-                (top, left), = win
-                images = images[..., top:top + out_size, left:left + out_size]
-            else:
-                images = torch.stack([img[..., t:t + out_size, l:l + out_size] for img, (t, l) in zip(images, win)])
-        any_persp = bool(has_persp.any())
-        bounds = persp[:, None] if any_persp else None
-        bilinear = any_persp if recipe == "original" else True
-        return _warp_raw(images, local, out_size, bounds, bilinear)
-
-    def bounds(self, recipe: str) -> Tensor | None:
-        """Stage maps that must land in [0, out]² (the original's zero-filled 224 x 224 intermediates)."""
-        if recipe != "original":
-            return None
-        return torch.stack([self.persp, self.local], dim=1)
+def _draw_params(batch_size: int, generator: torch.Generator, recipe: str, in_size: int = 256,
+                 out_size: int = 224) -> list[_Params]:
+    """``batch_size`` raw parameter sets of ``recipe`` from ``generator`` (one torch.rand call)."""
+    _check_sizes(recipe, in_size, out_size)
+    return [_params(u, recipe, in_size, out_size) for u in _uniforms(batch_size, generator)]
 
 
-def _draw(batch_size: int, generator: torch.Generator, recipe: str, in_size: int, out_size: int) -> _Draw:
-    return _draw_from(_components_np(batch_size, generator, recipe, in_size, out_size), recipe, out_size)
+def _draw(batch_size: int, generator: torch.Generator, recipe: str, in_size: int, out_size: int) -> list[_Geom]:
+    return [_geometry(p, recipe, in_size, out_size) for p in _draw_params(batch_size, generator, recipe, in_size,
+                                                                          out_size)]
 
 
-def _draw_from(comp: dict, recipe: str, out_size: int) -> _Draw:
-    """Compose raw parameters (numpy arrays or tensors): crop ∘ rotation(+zoom) ∘ perspective."""
-    comp = {k: v.numpy() if isinstance(v, Tensor) else v for k, v in comp.items()}
-    n = len(comp["angle"])
-    c = out_size / 2.0
-    rot = _rotation_matrices(comp["angle"], c, c, comp["zoom"])
-    persp = np.tile(np.eye(3), (n, 1, 1))
-    has_persp = comp["perspective"]
-    if has_persp.any():
-        persp[has_persp] = _perspective_matrices(comp["startpoints"][has_persp], comp["endpoints"][has_persp])
-    local = rot @ persp
-    hmat = _translation(comp["left"], comp["top"]) @ local
-    # The light recipe samples beyond its (continuous, zoomed) window, so it has no crop window.
-    window = None if recipe == "light" else torch.from_numpy(np.stack([comp["top"], comp["left"]], 1).astype(np.int64))
-    hmat_t = torch.from_numpy(hmat)
-    return _Draw(hmat=hmat_t, local=hmat_t if window is None else torch.from_numpy(local), window=window,
-                 persp=torch.from_numpy(persp), has_persp=torch.from_numpy(has_persp.copy()),
-                 autocontrast=torch.from_numpy(np.asarray(comp["autocontrast"]).copy()))
+def _matrices(ms) -> Tensor:
+    return torch.tensor(ms, dtype=torch.float64).view(-1, 3, 3)
 
 
 def sample_params(batch_size: int, generator: torch.Generator, recipe: str = "original", in_size: int = 256,
@@ -264,12 +244,21 @@ def sample_params(batch_size: int, generator: torch.Generator, recipe: str = "or
     homography composes crop, rotation and perspective and maps an output pixel coordinate of the
     out_size result to the in_size input image. ``with_bounds=True`` adds a third item for
     ``warp_batch(bounds=...)``: (B,2,3,3) stage maps for "original" (None otherwise) that reproduce
-    its black corners. The same generator state gives the same parameters.
+    its black corners. The same generator state gives the same parameters as the augmenters draw.
     """
-    d = _draw(batch_size, generator, recipe, in_size, out_size)
-    if with_bounds:
-        return d.hmat, d.autocontrast, d.bounds(recipe)
-    return d.hmat, d.autocontrast
+    hmat, flags, bounds = _stack_maps(_draw(batch_size, generator, recipe, in_size, out_size), recipe)
+    return (hmat, flags, bounds) if with_bounds else (hmat, flags)
+
+
+def _stack_maps(geoms: list[_Geom], recipe: str) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Full output -> input homographies, autocontrast flags and (for "original") the stage bounds."""
+    hmat = _matrices([g.local if g.window is None else _mm(_translation(g.window[1], g.window[0]), g.local)
+                      for g in geoms])
+    flags = torch.tensor([g.autocontrast for g in geoms], dtype=torch.bool)
+    bounds = None
+    if recipe == "original":
+        bounds = torch.stack([_matrices([g.persp or _EYE for g in geoms]), _matrices([g.local for g in geoms])], 1)
+    return hmat, flags, bounds
 
 
 # --------------------------------------------------------------------------- image ops
@@ -368,6 +357,77 @@ def warp_batch(images: Tensor, homographies: Tensor, out_size: int = 224, bounds
     out = _warp_raw(images, homographies, out_size, bounds)
     return out.div_(255.0) if images.dtype == torch.uint8 else out
 
+def _grid(coef: Tensor, out_size: int) -> Tensor:
+    """(B, K, 3) float32 plane coefficients -> the grid_sample grid (B, out, out, 2), a view.
+
+    Row k gives plane_k = u c0 + (v c1 + c2) over the output pixel centres (u, v), one broadcast sum
+    (contiguous planes vectorise; an interleaved layout or an (out², 3) matmul is ~20x slower on CPU).
+    K = 2: the planes are grid x and y (an affine map). K = 5 (projective): x and y numerators of the
+    map to the input, x and y numerators of the map to the perspective's frame, and their shared
+    denominator. Pixels whose frame point lies outside [-1, 1]² get grid x = -4, far beyond the
+    border, so grid_sample's zero padding blacks them (the original's zero-filled 224 x 224
+    intermediate) without another pass.
+    """
+    b, k, _ = coef.shape
+    r = _pixel_centres(out_size, coef.device)
+    c = coef.unsqueeze(-1)  # (B, K, 3, 1)
+    planes = r.view(1, 1, 1, -1) * c[:, :, 0:1] + (r.view(1, 1, -1, 1) * c[:, :, 1:2] + c[:, :, 2:3])
+    if k == 2:
+        return planes.permute(0, 2, 3, 1)
+    # |n / w| > 1 without dividing: max(|nx|, |ny|) > |w|.
+    if planes.device.type == "cpu":  # numpy's compare and masked copy are several times faster than torch's
+        pn = planes.numpy()
+        outside = np.maximum(np.abs(pn[:, 2]), np.abs(pn[:, 3])) > np.abs(pn[:, 4])
+        np.divide(pn[:, :2], pn[:, 4:5], out=pn[:, :2])
+        np.copyto(pn[:, 0], np.float32(-4.0), where=outside)
+    else:
+        outside = torch.maximum(planes[:, 2].abs(), planes[:, 3].abs()) > planes[:, 4].abs()
+        planes[:, :2].div_(planes[:, 4:5])
+        planes[:, 0].masked_fill_(outside, -4.0)
+    return planes[:, :2].permute(0, 2, 3, 1)
+
+
+def _warp_group(images: Tensor, geoms: list[_Geom], out_size: int) -> Tensor:
+    """(b,1,S,S) images warped by their ``geoms`` (all of one kind: window or not, interpolation,
+    plane count) -> raw float (b,1,out,out) in the input's scale.
+
+    The crop is a slice (no resampling); the one resampling is rotation ∘ perspective of the crop,
+    zero outside it and outside the perspective's frame, like the original's zero-filled
+    intermediates. The same code for one image or a batch, so both give identical pixels.
+    """
+    g0 = geoms[0]
+    if g0.window is not None:
+        if len(geoms) == 1:  # a view, no copy
+            top, left = g0.window
+            images = images[..., top:top + out_size, left:left + out_size]
+        else:
+            images = torch.stack([img[..., t:t + out_size, l:l + out_size]
+                                  for img, (t, l) in zip(images, (g.window for g in geoms))])
+    x = images if images.is_floating_point() else images.float()
+    if g0.coef is None:  # identity ("none"): the crop itself, exact
+        return x.clone(memory_format=torch.contiguous_format) if x is images else x
+    coef = torch.tensor([g.coef for g in geoms], dtype=torch.float32).view(len(geoms), -1, 3)
+    grid = _grid(coef.to(x.device, non_blocking=True), out_size)
+    return F.grid_sample(x, grid, mode="bilinear" if g0.bilinear else "nearest", padding_mode="zeros",
+                         align_corners=False)
+
+
+def _warp_geoms(images: Tensor, geoms: list[_Geom], out_size: int) -> Tensor:
+    """:func:`_warp_group` over a batch that mixes kinds (each kind warped on its own)."""
+    kinds = [(g.window is None, g.bilinear, 0 if g.coef is None else len(g.coef)) for g in geoms]
+    groups = list(dict.fromkeys(kinds))
+    if len(groups) == 1:
+        return _warp_group(images, geoms, out_size)
+    out = None
+    for kind in groups:
+        idx = [i for i, k in enumerate(kinds) if k == kind]
+        sel = torch.tensor(idx, device=images.device)
+        part = _warp_group(images.index_select(0, sel), [geoms[i] for i in idx], out_size)
+        if out is None:
+            out = part.new_empty((images.shape[0],) + tuple(part.shape[1:]))
+        out.index_copy_(0, sel, part)
+    return out
+
 
 def autocontrast_batch(x: Tensor, flags: Tensor | None = None, bound: float = 1.0) -> Tensor:
     """Per-image, per-channel min/max stretch to [0, bound] of float (B,C,H,W), where ``flags`` (B,) is True.
@@ -416,19 +476,33 @@ def _finish(raw: Tensor, flags: Tensor, value_max: float) -> Tensor:
     """autocontrast (where flagged) + ToTensor scaling + normalize, fused into one in-place affine pass.
 
     ``raw``: warped (B,1,H,W) float in [0, value_max]. The min/max stretch already lands in [0, 1],
-    so no clamp is needed and the three steps collapse to raw * a + b per image.
+    so no clamp is needed and the three steps collapse to raw * a + b per image, with a and b
+    computed in float64 exactly as :func:`_finish_one` does (so both give identical pixels).
     """
     b = raw.shape[0]
-    a = torch.full((b, 1, 1, 1), 1.0 / (value_max * STD), device=raw.device)
-    off = torch.full((b, 1, 1, 1), -MEAN / STD, device=raw.device)
-    on = flags.to(raw.device).view(b, 1, 1, 1)
+    a = torch.full((b,), 1.0 / (value_max * STD), dtype=torch.float64, device=raw.device)
+    off = torch.full((b,), -MEAN / STD, dtype=torch.float64, device=raw.device)
+    flags = flags.to(raw.device, torch.bool).view(b)
     if bool(flags.any()):
-        mn = raw.amin(dim=(-2, -1), keepdim=True)
-        span = raw.amax(dim=(-2, -1), keepdim=True) - mn
-        on = on & (span > 0)  # constant images stay unchanged, as in torchvision
-        span = torch.where(on, span, torch.ones_like(span))
-        a = torch.where(on, 1.0 / (span * STD), a)
-        off = torch.where(on, -mn / (span * STD) - MEAN / STD, off)
+        mn = raw.amin(dim=(1, 2, 3)).double()
+        span = raw.amax(dim=(1, 2, 3)).double() - mn
+        on = flags & (span > 0)  # constant images stay unchanged, as in torchvision
+        scale = torch.where(on, span, torch.ones_like(span)) * STD
+        a = torch.where(on, 1.0 / scale, a)
+        off = torch.where(on, -mn / scale - MEAN / STD, off)
+    return raw.mul_(a.float().view(b, 1, 1, 1)).add_(off.float().view(b, 1, 1, 1))
+
+
+def _finish_one(raw: Tensor, autocontrast: bool, value_max: float) -> Tensor:
+    """:func:`_finish` of a batch of one, with Python scalars (no small tensors)."""
+    a, off = 1.0 / (value_max * STD), -MEAN / STD
+    if autocontrast:
+        mn, mx = torch.aminmax(raw)
+        mn = mn.item()
+        span = mx.item() - mn
+        if span > 0:
+            scale = span * STD
+            a, off = 1.0 / scale, -mn / scale - MEAN / STD
     return raw.mul_(a).add_(off)
 
 
@@ -449,21 +523,39 @@ def _value_max(images: Tensor) -> float:
 
 
 # --------------------------------------------------------------------------- augmenters
+def _as_single(image: Tensor | np.ndarray) -> Tensor:
+    """A grey (H,W) array or (1,H,W)/(H,W) tensor -> a (1,1,S,S) tensor view."""
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.ascontiguousarray(image))
+    if image.ndim == 2:
+        image = image[None]
+    if image.ndim != 3 or image.shape[0] != 1:
+        raise ValueError(f"expected one grey image (H,W) or (1,H,W), got shape {tuple(image.shape)}")
+    if image.shape[-1] != image.shape[-2]:
+        raise ValueError(f"expected a square image, got {tuple(image.shape[-2:])}")
+    return image[None]
+
+
+def _augment_single(image: Tensor, u: list[float], recipe: str, out_size: int) -> Tensor:
+    size = image.shape[-1]
+    g = _geometry(_params(u, recipe, size, out_size), recipe, size, out_size)
+    return _finish_one(_warp_group(image, [g], out_size), g.autocontrast, _value_max(image))[0]
+
+
 def augment_one(image: Tensor | np.ndarray, generator: torch.Generator, recipe: str = "original",
                 out_size: int = 224) -> Tensor:
     """One grey image (uint8 (H,W) array or (1,H,W)/(H,W) tensor) -> normalized float (1,out,out).
 
     Parameters come from ``generator`` (seed it per sample for augmentation that a resumed run
-    repeats exactly). The fast per-sample path: crop by slicing, one resampling, fused
-    autocontrast + normalize. Collate, then :func:`to_three_channels`.
+    repeats exactly): the result is a pure function of the image and the generator's state, and
+    equals what :class:`Augmenter` gives for the same draw. The fast per-sample path: parameters in
+    plain Python arithmetic, crop by slicing, one resampling, fused autocontrast + normalize.
+    Collate, then :func:`to_three_channels`.
     """
-    if isinstance(image, np.ndarray):
-        image = torch.from_numpy(np.ascontiguousarray(image))
-    if image.ndim == 2:
-        image = image.unsqueeze(0)
-    batch = _as_batch(image.unsqueeze(0))  # (1, 1, S, S)
-    d = _draw(1, generator, recipe, batch.shape[-1], out_size)
-    return _finish(d.warp(batch, out_size, recipe), d.autocontrast, _value_max(batch))[0]
+    image = _as_single(image)
+    _check_sizes(recipe, image.shape[-1], out_size)
+    u = torch.rand(_N_UNIFORMS, generator=generator, dtype=torch.float64).tolist()
+    return _augment_single(image, u, recipe, out_size)
 
 
 class Augmenter:
@@ -472,7 +564,8 @@ class Augmenter:
     Float input is taken to be in [0, 1]. The 3-channel result is a stride-0 view of one channel.
     Parameters come from a CPU generator seeded with ``seed``; ``state_dict``/``load_state_dict``
     carry it across checkpoints. ``device="cuda"`` moves the uint8 batch to the GPU and warps it
-    there, so CPU workers only decode.
+    there, so CPU workers only decode. Per image, the same parameters and pixels as
+    :func:`augment_one` with a generator in the same state (on the CPU, bit for bit).
     """
 
     def __init__(self, recipe: str = "original", device: str | torch.device = "cpu", seed: int = 0,
@@ -483,10 +576,11 @@ class Augmenter:
 
     def __call__(self, images: Tensor | np.ndarray) -> Tensor:
         images = _as_batch(images)
-        d = _draw(images.shape[0], self.generator, self.recipe, images.shape[-1], self.out_size)
+        geoms = _draw(images.shape[0], self.generator, self.recipe, images.shape[-1], self.out_size)
         images = images.to(self.device, non_blocking=True)
-        raw = d.warp(images, self.out_size, self.recipe)
-        return to_three_channels(_finish(raw, d.autocontrast, _value_max(images)))
+        raw = _warp_geoms(images, geoms, self.out_size)
+        flags = torch.tensor([g.autocontrast for g in geoms], dtype=torch.bool)
+        return to_three_channels(_finish(raw, flags, _value_max(images)))
 
     def state_dict(self) -> dict[str, Any]:
         return {"recipe": self.recipe, "generator": self.generator.get_state()}
@@ -503,9 +597,10 @@ class SampleAugmenter:
     Accepts a uint8 (H,W) numpy array or a (1,H,W)/(H,W) tensor (float taken to be in [0, 1]).
     Collate the results, then call :func:`to_three_channels` on the batch. Same distribution and warp
     code as :class:`Augmenter`; the crop is a slice, so only rotation/perspective are resampled.
-    Parameters are drawn ``block`` at a time (one set of small tensor ops per block, not per image).
-    Inside a worker the generator is seeded from ``seed`` and the worker's seed (which DataLoader
-    derives from the main process RNG), so workers draw different, reproducible streams. Picklable.
+    The uniforms are drawn ``block`` samples at a time. Inside a worker the generator is seeded from
+    ``seed`` and the worker's seed (which DataLoader derives from the main process RNG), so workers
+    draw different, reproducible streams. Picklable. (train-vision seeds each sample on its own with
+    :func:`augment_one` instead, so that a resumed run repeats it exactly.)
     """
 
     def __init__(self, recipe: str = "original", seed: int = 0, out_size: int = 224, block: int = 64):
@@ -516,37 +611,29 @@ class SampleAugmenter:
     def _reset(self) -> None:
         self._generator: torch.Generator | None = None
         self._worker_seed: int | None = None
-        self._draws: _Draw | None = None
+        self._uniforms: list[list[float]] = []
         self._next = 0
-        self._in_size = -1
 
-    def _params(self, in_size: int) -> tuple[_Draw, int]:
+    def _draw_uniforms(self) -> list[float]:
         info = torch.utils.data.get_worker_info()
         worker_seed = info.seed if info is not None else 0
         if self._generator is None or worker_seed != self._worker_seed:
             self._generator = torch.Generator().manual_seed((self.seed * 0x9E3779B1 + worker_seed) % (2 ** 63))
-            self._worker_seed, self._draws = worker_seed, None
-        if self._draws is None or self._next >= self.block or in_size != self._in_size:
-            self._draws = _draw(self.block, self._generator, self.recipe, in_size, self.out_size)
-            self._next, self._in_size = 0, in_size
-        i = self._next
+            self._worker_seed, self._uniforms, self._next = worker_seed, [], 0
+        if self._next >= len(self._uniforms):
+            self._uniforms, self._next = _uniforms(self.block, self._generator), 0
         self._next += 1
-        return self._draws, i
+        return self._uniforms[self._next - 1]
 
     def __call__(self, image: Tensor | np.ndarray) -> Tensor:
-        if isinstance(image, np.ndarray):
-            image = torch.from_numpy(np.ascontiguousarray(image))
-        if image.ndim == 2:
-            image = image.unsqueeze(0)
-        batch = _as_batch(image.unsqueeze(0))  # (1, 1, S, S)
-        d, i = self._params(batch.shape[-1])
-        raw = d.warp(batch, self.out_size, self.recipe, slice(i, i + 1))
-        return _finish(raw, d.autocontrast[i:i + 1], _value_max(batch))[0]
+        image = _as_single(image)
+        _check_sizes(self.recipe, image.shape[-1], self.out_size)
+        return _augment_single(image, self._draw_uniforms(), self.recipe, self.out_size)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         # torch.Generator does not pickle; each worker re-seeds its own from seed + worker seed.
-        state.update(_generator=None, _worker_seed=None, _draws=None, _next=0, _in_size=-1)
+        state.update(_generator=None, _worker_seed=None, _uniforms=[], _next=0)
         return state
 
 

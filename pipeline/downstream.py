@@ -480,7 +480,8 @@ class Classifier(nn.Module):
 def predict_classifier(model: nn.Module, ds: ClsDataset, settings: TrainSettings) -> np.ndarray:
     """Logits of every item of ``ds`` (N x C)."""
     model.eval()
-    out = [model(to_input(img.to(settings.device), settings.norm)).float().cpu() for img, _ in _loader(ds, settings, False)]
+    out = [model(to_input(img.to(settings.device), settings.norm)).float().cpu()
+           for img, _ in _loader(ds, settings, False)]
     return torch.cat(out).numpy() if out else np.zeros((0, model.head.out_features), np.float32)
 
 
@@ -628,11 +629,12 @@ def build_detector(kind: str, encoder_state: dict, image_size: int, finetune: bo
         sizes = _anchor_sizes(image_size, 5, 32)
         anchors = AnchorGenerator(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * len(sizes))
         # Fewer proposals and sampled RoIs than torchvision's defaults (2000 / 1000 proposals, 512 RoIs
-        # per image): the RoI head's 12544 -> 1024 layer dominates CPU time, and small CXR inputs hold
-        # few objects. 300 test proposals and 64 RoIs per image are Fast/Faster R-CNN paper settings.
+        # per image): the RoI head's 12544 -> 1024 layer dominates CPU time and a chest X-ray holds at
+        # most a handful of objects. 64 RoIs per image is the Fast R-CNN setting; 150 test proposals
+        # (vs 300) make evaluation at 128 px ~1.7x faster on CPU.
         return FasterRCNN(backbone, num_classes=num_classes, rpn_anchor_generator=anchors,
                           rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=500,
-                          rpn_pre_nms_top_n_test=500, rpn_post_nms_top_n_test=300,
+                          rpn_pre_nms_top_n_test=500, rpn_post_nms_top_n_test=150,
                           box_batch_size_per_image=64, box_score_thresh=0.001, box_detections_per_img=100,
                           **common)
     backbone = _resnet_fpn_extractor(body, trainable, returned_layers=[2, 3, 4],

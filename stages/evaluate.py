@@ -101,6 +101,8 @@ class EvalConfig:
             raise ConfigError(f"lr: must be > 0, got {self.lr}")
         if not 32 <= self.image_size <= 2048:
             raise ConfigError(f"image_size: must be in 32..2048, got {self.image_size}")
+        if self.task == "seg" and self.image_size % 32:
+            raise ConfigError(f"image_size: the U-Net needs a multiple of 32 for seg, got {self.image_size}")
         if self.workers < 0:
             raise ConfigError(f"workers: must be >= 0, got {self.workers}")
         if self.normalize not in NORMALIZE:
@@ -219,7 +221,8 @@ def run(cfg: EvalConfig) -> dict:
     from pipeline import downstream as ds
     from pipeline import metrics
     from pipeline.datasets.registry import load_dataset
-    from pipeline.splits import load_split_file, make_split, sample_fraction, split_summary, write_fraction, write_split
+    from pipeline.splits import (load_split_file, make_split, sample_fraction, split_summary, write_fraction,
+                                 write_split)
 
     out = Path(cfg.out)
     hp = cfg.effective()

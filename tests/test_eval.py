@@ -155,6 +155,16 @@ def test_det_rsna_fasterrcnn_map(data, tmp_path):
     assert "0.40:0.75" in res["metric_definitions"]["map_40_75"]
 
 
+def test_det_object_cxr_retinanet(data, tmp_path):
+    synth.write_object_cxr(tmp_path / "object_cxr", 20, 1, image_size=SIZE)
+    res = run(_cfg(data, tmp_path, task="det", dataset="object-cxr", det_model="retinanet",
+                   root=str(tmp_path / "object_cxr")))
+    t = res["per_seed"][0]["test"]
+    assert res["hyperparameters"]["head"] == "retinanet"
+    assert t["n_images"] == res["split"]["counts"]["test"] and t["n_gt_boxes"] >= 0
+    assert res["split"]["protocol"]  # the split says how it was made (dev.csv is the test set)
+
+
 def test_config_validation_names_the_field(tmp_path):
     good = dict(task="cls", dataset="covidx", root=str(tmp_path), out=str(tmp_path / "o"), init="random")
     for field, value in (("task", "clf"), ("fraction", 0.0), ("seeds", ()), ("image_size", 16),
@@ -247,3 +257,26 @@ def test_to_input_normalisations():
     assert ds.to_input(x, "half").shape == (2, 3, 4, 4)
     assert torch.allclose(ds.to_input(x, "half"), torch.ones(2, 3, 4, 4))
     assert ds.to_input(x, "imagenet")[0, 0, 0, 0] == pytest.approx((1 - 0.485) / 0.229, rel=1e-5)
+
+
+def test_calibrate_bn_normalises_a_random_encoder_without_touching_weights(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    recs = []
+    for i in range(6):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray((rng.random((64, 64)) * 255).astype(np.uint8)).save(p)
+        recs.append(Record(image_id=str(i), patient_id=str(i), path=p))
+    src = ds.ImageSource(recs, 64)
+    torch.manual_seed(0)
+    enc = torchvision.models.resnet50(weights=None)
+    enc.fc = torch.nn.Identity()
+    w = enc.layer3[0].conv1.weight.clone()
+    settings = ds.TrainSettings(epochs=1, batch_size=4, lr=1e-3, patience=1, seed=0, norm="half")
+    before = ds.extract_features(enc, src, range(6), settings).std()
+    assert ds.calibrate_bn(enc, src, list(range(6)), settings) == 6
+    after = ds.extract_features(enc, src, range(6), settings).std()
+    assert torch.equal(enc.layer3[0].conv1.weight, w)
+    assert not enc.training and enc.bn1.momentum == 0.1
+    assert after < before / 3, (before, after)
