@@ -22,6 +22,11 @@ Recipes:
     no perspective, autocontrast p 0.5.
   - "none": centre crop, no photometric change.
 All recipes end with Normalize(mean 0.5, std 0.5).
+
+Each sample's parameters are 16 float64 uniforms from a torch generator, turned into its warp by
+plain Python arithmetic (closed-form homographies, no tensors): a few microseconds, and one code
+path for ``augment_one`` (per sample, seeded per sample for exact resume), ``SampleAugmenter`` and the
+batched ``Augmenter``, which therefore give the same pixels for the same draw (on the CPU, bit for bit).
 """
 from __future__ import annotations
 
@@ -387,6 +392,9 @@ def _grid(coef: Tensor, out_size: int) -> Tensor:
     return planes[:, :2].permute(0, 2, 3, 1)
 
 
+_CPU_CHUNK = 8
+
+
 def _warp_group(images: Tensor, geoms: list[_Geom], out_size: int) -> Tensor:
     """(b,1,S,S) images warped by their ``geoms`` (all of one kind: window or not, interpolation,
     plane count) -> raw float (b,1,out,out) in the input's scale.
@@ -407,9 +415,17 @@ def _warp_group(images: Tensor, geoms: list[_Geom], out_size: int) -> Tensor:
     if g0.coef is None:  # identity ("none"): the crop itself, exact
         return x.clone(memory_format=torch.contiguous_format) if x is images else x
     coef = torch.tensor([g.coef for g in geoms], dtype=torch.float32).view(len(geoms), -1, 3)
-    grid = _grid(coef.to(x.device, non_blocking=True), out_size)
-    return F.grid_sample(x, grid, mode="bilinear" if g0.bilinear else "nearest", padding_mode="zeros",
-                         align_corners=False)
+    mode = "bilinear" if g0.bilinear else "nearest"
+    if x.device.type != "cpu" or len(geoms) <= _CPU_CHUNK:
+        grid = _grid(coef.to(x.device, non_blocking=True), out_size)
+        return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    # On the CPU, a few images at a time keep the coordinate planes in cache (~2x faster at B = 64).
+    out = x.new_empty((x.shape[0], x.shape[1], out_size, out_size))
+    for s in range(0, len(geoms), _CPU_CHUNK):
+        part = slice(s, s + _CPU_CHUNK)
+        out[part] = F.grid_sample(x[part], _grid(coef[part], out_size), mode=mode, padding_mode="zeros",
+                                  align_corners=False)
+    return out
 
 
 def _warp_geoms(images: Tensor, geoms: list[_Geom], out_size: int) -> Tensor:
@@ -482,8 +498,8 @@ def _finish(raw: Tensor, flags: Tensor, value_max: float) -> Tensor:
     b = raw.shape[0]
     a = torch.full((b,), 1.0 / (value_max * STD), dtype=torch.float64, device=raw.device)
     off = torch.full((b,), -MEAN / STD, dtype=torch.float64, device=raw.device)
-    flags = flags.to(raw.device, torch.bool).view(b)
-    if bool(flags.any()):
+    if bool(flags.any()):  # flags are built on the CPU: testing them costs no device sync
+        flags = flags.to(raw.device, torch.bool).view(b)
         mn = raw.amin(dim=(1, 2, 3)).double()
         span = raw.amax(dim=(1, 2, 3)).double() - mn
         on = flags & (span > 0)  # constant images stay unchanged, as in torchvision
