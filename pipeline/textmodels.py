@@ -37,16 +37,36 @@ class TextModelError(MflagError):
 
 # --------------------------------------------------------------------------- tiny BERT
 def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 1000, max_length: int = 512):
-    """A lower-casing WordPiece ``BertTokenizerFast`` trained with ``tokenizers`` on ``texts``."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A lower-casing WordPiece ``BertTokenizerFast`` whose vocabulary is learnt from ``texts``.
+
+    The vocabulary is a deterministic function of the texts: the special tokens, every character seen
+    (as a word start and as a ``##`` continuation, so any word can be spelled), then whole words by
+    descending count (ties by spelling) up to ``vocab_size``. The ``tokenizers`` WordPiece trainer is
+    not used because its tie-breaking depends on per-process hash seeds, so two runs on the same texts
+    gave different vocabularies and a demo that could not be reproduced.
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                        show_progress=False)
-    tok.train_from_iterator(list(texts), trainer)
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(word for word, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in counts for c in word})
+    vocab_list = list(SPECIAL_TOKENS) + chars + [f"##{c}" for c in chars]
+    known = set(vocab_list)
+    for word, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(vocab_list) >= vocab_size:
+            break
+        if word not in known:
+            vocab_list.append(word)
+            known.add(word)
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab_list)}, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -71,7 +91,7 @@ def random_bert(tokenizer: Any, seed: int = 0, **config: Any) -> torch.nn.Module
 def build_tiny_bert(texts: Iterable[str], out_dir: str | os.PathLike, hidden: int = 64,
                     layers: int = 2, heads: int = 2, vocab_size: int = 1000, seed: int = 0,
                     max_position: int = 512) -> Path:
-    """Train a WordPiece tokenizer on ``texts`` and save it with a randomly initialised small BERT.
+    """Learn a WordPiece vocabulary from ``texts`` and save it with a randomly initialised small BERT.
 
     The folder (``config.json``, weights, ``tokenizer.json``, ``vocab.txt``) loads through the same
     path as a real checkpoint (``load_text_model``). Deterministic for given texts and seed.
