@@ -28,6 +28,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._result import emit  # noqa: E402
 from pipeline.imaging import (RESAMPLE, UPSAMPLE_TOLERANCE, crop_zero_border, load_for_shard,  # noqa: E402
                               minmax_uint8, read_image)
 from stages.prepare import PNG_LEVEL  # noqa: E402
@@ -153,6 +154,8 @@ def main() -> None:
     print(f"  full decode + resize     : {rate['full']:8.1f} images/s  (baseline: one Lanczos resize)")
     print(f"  full decode + 2-step     : {rate['gap']:8.1f} images/s  (Lanczos with reducing_gap=3)")
     print(f"  reduced-scale (draft)    : {rate['draft']:8.1f} images/s  (upsample tolerance {UPSAMPLE_TOLERANCE:.0%})")
+    emit("prepare", f"images/s, {args.side} px JPEG -> {args.size} {args.format}: reduced-scale vs full decode",
+         rate["draft"] / rate["full"], 3, ours=round(rate["draft"], 1), original=round(rate["full"], 1))
     print(f"  speed-up                 : {rate['draft'] / rate['full']:8.2f}x  (target >= 3x); "
           f"{rate['draft'] / rate['gap']:.2f}x over the 2-step resize")
     print(f"  mean |draft - full|      : {mean_abs(outputs['draft'], outputs['full']):8.2f} grey levels (of 255); "
