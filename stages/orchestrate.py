@@ -157,11 +157,12 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
     inits = list(ev.get("inits") or ["random", *train["variants"]])
     for task in ev.get("tasks") or []:
         task = dict(task)
+        task_inits = list(task.pop("inits", None) or inits)  # a task may name its own inits
         ds = task.get("dataset")
         if ds not in roots:
             raise MflagError(f"eval.tasks: dataset {ds!r} has no data; add it under downstream.synth or "
                              "downstream.roots")
-        for init in inits:
+        for init in task_inits:
             opts = {**ev_common, **task}
             _check_keys("eval", opts, EvalConfig, {"root", "out", "init"})
             deps: list[str] = []

@@ -71,3 +71,12 @@ def test_spec_errors_are_clear(tmp_path):
     bad.write_text(yaml.safe_dump({"corpus": {"synth": {}}, "text_model": {"model": "x"}, "trian": {}}))
     with pytest.raises(MflagError, match="unknown top-level keys"):
         orchestrate.load_spec(bad)
+
+
+def test_a_task_may_name_its_own_inits(tmp_path):
+    spec = yaml.safe_load(TINY.read_text())
+    spec["workdir"] = str(tmp_path / "work")
+    spec["eval"]["tasks"].append({"task": "cls", "dataset": "chexpert", "fraction": 1.0, "inits": ["random"]})
+    names = [n.name for n in orchestrate.build_nodes(spec)]
+    assert "eval:cls-chexpert@1:random" in names and "eval:cls-chexpert@1:mflag" not in names
+    assert "eval:cls-chexpert:mflag" in names  # the other task keeps the common inits
