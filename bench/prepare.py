@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._result import emit  # noqa: E402
 from pipeline.imaging import (RESAMPLE, UPSAMPLE_TOLERANCE, crop_zero_border, load_for_shard,  # noqa: E402
                               minmax_uint8, read_image)
-from stages.prepare import PNG_LEVEL  # noqa: E402
+from stages.prepare import PNG_LEVEL, PNG_STRATEGY  # noqa: E402
 
 
 def make_inputs(folder: Path, n: int, side: int, noise: float = 2.3, seed: int = 0) -> list[Path]:
@@ -70,7 +70,7 @@ def prepare_one(path: Path, size: int, mode: str, fmt: str = "png") -> tuple[np.
     if fmt == "raw":
         np.save(buf, arr, allow_pickle=False)
     else:
-        Image.fromarray(arr).save(buf, format="PNG", compress_level=PNG_LEVEL)
+        Image.fromarray(arr).save(buf, format="PNG", compress_level=PNG_LEVEL, compress_type=PNG_STRATEGY)
     return arr, buf.getvalue()
 
 
