@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import torch.nn as nn
-import torchvision
 from torch import Tensor
 
 from pipeline.common import ConfigError
@@ -40,12 +38,6 @@ def build_resnet50_trunk(init: str = "random") -> nn.Module:
     if init not in ("random", "imagenet") and not Path(init).expanduser().exists():
         raise ConfigError(f"init: expected 'random', 'imagenet' or a checkpoint file; {init!r} is neither")
     return load_encoder(init)[0]
-
-
-def _bare_trunk() -> nn.Module:
-    trunk = torchvision.models.resnet50(weights=None)
-    trunk.fc = nn.Identity()
-    return trunk
 
 
 class Projector(nn.Sequential):

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.common import ConfigError, MflagError, save_config
+from pipeline.common import ConfigError, MflagError, read_json, save_config, write_json
 from pipeline.stagegraph import Node, NodeStatus, execute, plan
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
         synth = dict(corpus["synth"])
         nodes.append(Node("synth-mimic", work / "data" / "mimic", synth, (), _run_synth_mimic))
         prep_deps = ("synth-mimic",)
-        mimic_root, mimic_reports = str(work / "data" / "mimic"), None
+        mimic_root, mimic_reports = "@synth-mimic", None
     else:
         real = dict(corpus["mimic"])
         if "root" not in real:
@@ -124,7 +124,7 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
     if "build" in tm:
         nodes.append(Node("text-model", work / "text-model", dict(tm["build"]), ("prepare",), _run_text_model))
         embed_deps = ("prepare", "text-model")
-        model_ref = str(work / "text-model" / "model")
+        model_ref = "@text-model/model"
     else:
         model_ref = str(tm["model"])
     embed_opts = dict(spec.get("embed_text") or {})
@@ -147,7 +147,7 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
         if ds not in SYNTH_DATASETS:
             raise MflagError(f"downstream.synth: unknown dataset {ds!r}; one of {', '.join(SYNTH_DATASETS)}")
         nodes.append(Node(f"synth:{ds}", work / "data" / ds, {"dataset": ds, **(opts or {})}, (), _run_synth_down))
-        roots[ds] = str(work / "data" / ds)
+        roots[ds] = f"@synth:{ds}"
     for ds, root in (down.get("roots") or {}).items():
         roots[ds] = str(root)
 
@@ -209,7 +209,8 @@ def _run_prepare(node: Node, by_name) -> None:
     from stages import prepare
 
     p = dict(node.params)
-    cfg = prepare.PrepareConfig(root=p.pop("root"), reports=p.pop("reports"), out=str(node.out_dir),
+    cfg = prepare.PrepareConfig(root=_resolve(p.pop("root"), by_name), reports=p.pop("reports"),
+                                out=str(node.out_dir),
                                 force=False, **_tuples(p))
     prepare.run(cfg)
 
@@ -233,8 +234,6 @@ def _run_text_model(node: Node, by_name) -> None:
     seed = int(p.get("seed", 0))
     model_dir = build_tiny_bert(texts, node.out_dir / "model", **p)
     stats = pretrain_mlm(model_dir, texts, steps=mlm_steps, batch_size=mlm_batch, seed=seed) if mlm_steps else {}
-    from pipeline.common import write_json
-
     write_json(node.out_dir / "text-model.json", {"params": node.params, "mlm": stats,
                                                    "note": "stand-in for CXR-BERT, built from the corpus"})
 
@@ -243,18 +242,15 @@ def _run_embed_text(node: Node, by_name) -> None:
     from stages import embed_text
 
     p = dict(node.params)
+    model = _resolve(p.pop("model"), by_name)
     cfg = embed_text.EmbedTextConfig(reports=str(_reports_path(by_name)), out=str(node.out_dir / "caches"),
-                                     **_tuples(p))
+                                     model=model, **_tuples(p))
     res = embed_text.run(cfg)
     # The orchestrator points training at the exact cache folder of this configuration.
-    from pipeline.common import write_json
-
     write_json(node.out_dir / "cache.json", {"path": str(res.cache_dir)})
 
 
 def _cache_dir(by_name) -> str:
-    from pipeline.common import read_json
-
     return read_json(by_name["embed-text"].out_dir / "cache.json")["path"]
 
 
@@ -274,7 +270,7 @@ def _run_eval(node: Node, by_name) -> None:
     train_node = by_name.get(f"train:{init}")
     init_ref = str(train_node.out_dir / "encoder.pt") if train_node else init
     opts = p.pop("dataset_options", None) or {}
-    cfg = evaluate.EvalConfig(root=p.pop("root"), out=str(node.out_dir), init=init_ref,
+    cfg = evaluate.EvalConfig(root=_resolve(p.pop("root"), by_name), out=str(node.out_dir), init=init_ref,
                               dataset_options=tuple(sorted(opts.items())), **_tuples(p))
     evaluate.run(cfg)
 
@@ -288,6 +284,17 @@ def _run_report(node: Node, by_name) -> None:
     report.run(report.ReportConfig(out=str(node.out_dir), trains=tuple((k, str(v)) for k, v in trains.items()),
                                    evals=tuple((k, str(v)) for k, v in evals.items()), text_cache=cache,
                                    **dict(node.params)))
+
+
+def _resolve(ref: str, by_name) -> str:
+    """``@stage`` (or ``@stage/sub/path``) names the output folder of another stage of this pipeline
+    (or a path inside it). Parameters hold the
+    reference, not the path, so a workdir spelled differently (relative, absolute, moved) does not
+    make stages stale; the upstream stage's fingerprint already stands for its content."""
+    if isinstance(ref, str) and ref.startswith("@"):
+        stage, _, sub = ref[1:].partition("/")
+        return str(by_name[stage].out_dir / sub) if sub else str(by_name[stage].out_dir)
+    return ref
 
 
 def _tuples(options: dict) -> dict:
@@ -313,22 +320,19 @@ def run(cfg: RunConfig) -> RunResult:
 
 
 def status(cfg: RunConfig) -> list[NodeStatus]:
-    """Each stage as fresh, stale or missing, with the reason; changes nothing on disk."""
+    """Each stage as fresh, stale or missing, with the reason; changes nothing on disk.
+
+    A stage whose own record matches but that ``plan`` would rerun (something upstream must run) is
+    reported stale, naming the first such upstream stage.
+    """
     spec = load_spec(cfg.config, cfg.workdir)
     _, steps = plan(build_nodes(spec))
-    # A stage downstream of one that must run is stale too, even if its own record still matches.
-    out, dirty = [], set()
-    nodes_deps = {n.name: n.deps for n, _, _ in steps}
-    for node, st, _ in steps:
-        upstream = [d for d in nodes_deps[node.name] if d in dirty]
-        if st.state == "fresh" and upstream:
-            st = NodeStatus(node.name, "stale", f"upstream {upstream[0]} is {out_state(out, upstream[0])}",
-                            st.fingerprint)
-        if st.state != "fresh":
-            dirty.add(node.name)
+    out, rerun = [], {}
+    for node, st, will in steps:
+        if will and st.state == "fresh":
+            up = next(d for d in node.deps if d in rerun)
+            st = NodeStatus(node.name, "stale", f"upstream {up} is {rerun[up]}", st.fingerprint)
+        if will:
+            rerun[node.name] = st.state
         out.append(st)
     return out
-
-
-def out_state(statuses: list[NodeStatus], name: str) -> str:
-    return next((s.state for s in statuses if s.name == name), "missing")

@@ -348,7 +348,7 @@ def test_siim_malformed_rle_names_line(tmp_path):
     root = make_siim(tmp_path, "1.2.3.4, 5 2 2\n")
     with pytest.raises(RLEError, match=r"train-rle\.csv:6: malformed RLE for 1\.2\.3\.4: odd number"):
         load_dataset("siim", root, "seg")
-    (root / "train-rle.csv").write_text(f"ImageId, EncodedPixels\n1.2.3.4, 590 11\n")  # 20x30 = 600 pixels
+    (root / "train-rle.csv").write_text("ImageId, EncodedPixels\n1.2.3.4, 590 11\n")  # 20x30 = 600 pixels
     with pytest.raises(RLEError, match=r"train-rle\.csv:2: .*past the end of a 20x30 image"):
         load_dataset("siim", root, "seg")
     (root / "train-rle.csv").write_text("ImageId,Pixels\n")

@@ -80,3 +80,17 @@ def test_a_task_may_name_its_own_inits(tmp_path):
     names = [n.name for n in orchestrate.build_nodes(spec)]
     assert "eval:cls-chexpert@1:random" in names and "eval:cls-chexpert@1:mflag" not in names
     assert "eval:cls-chexpert:mflag" in names  # the other task keeps the common inits
+
+
+def test_fingerprints_do_not_depend_on_how_the_workdir_is_spelled(tmp_path, monkeypatch):
+    spec = yaml.safe_load(TINY.read_text())
+    monkeypatch.chdir(tmp_path)
+    spec["workdir"] = "work"
+    relative = {n.name: n for n in orchestrate.build_nodes(dict(spec))}
+    spec["workdir"] = str(tmp_path / "work")
+    absolute = orchestrate.build_nodes(dict(spec))
+    from pipeline.stagegraph import resolve_fingerprints
+
+    resolve_fingerprints(list(relative.values()))
+    for node in resolve_fingerprints(absolute).values():
+        assert node.fingerprint == relative[node.name].fingerprint, node.name

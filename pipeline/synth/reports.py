@@ -189,7 +189,7 @@ def _opacity_sentences(o: Opacity, rng: np.random.Generator, prior: Findings | N
                 imp = _pick(rng, [f"{_cap(loc)} pneumonia.", f"{_cap(SEV_WORDS[sev])} {loc} pneumonia."])
                 impression.append(_Sentence(imp, ("Pneumonia",), 1.0))
             else:
-                impression.append(_Sentence(f"Findings are concerning for pneumonia.", ("Pneumonia",), -1.0))
+                impression.append(_Sentence("Findings are concerning for pneumonia.", ("Pneumonia",), -1.0))
     elif o.kind == "ground-glass":
         s = f"{_cap(SEV_WORDS[sev])} patchy peripheral ground-glass opacities in the {loc}{chg}."
         findings.append(_Sentence(s, ("Lung Opacity",), 1.0))
