@@ -35,6 +35,7 @@ from pipeline.augment import (Augmenter, SampleAugmenter, augment_one, decode_gr
                               original_recipe_torchvision)
 from pipeline.wds import decode_image  # noqa: E402
 from bench._result import emit  # noqa: E402
+from stages.prepare import encode_image  # noqa: E402
 
 
 def npy_bytes(arrays) -> list[bytes]:
@@ -60,7 +61,7 @@ def run_loader_gpu(members, ext: str, aug: Augmenter, batch: int) -> None:
 
 
 def synthetic_pngs(n: int, size: int = 256, seed: int = 0) -> tuple[list[bytes], list[np.ndarray]]:
-    """Chest-X-ray-like grey images (smooth body, ribs, noise) as PNG bytes and uint8 arrays."""
+    """Chest-X-ray-like grey images (smooth body, ribs, noise) as PNG shard bytes and uint8 arrays."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] / size
     pngs, arrays = [], []
@@ -69,9 +70,7 @@ def synthetic_pngs(n: int, size: int = 256, seed: int = 0) -> tuple[list[bytes],
         ribs = 0.15 * np.sin(yy * rng.uniform(25, 40) + np.sin(xx * 6)) * body
         img = 40 + 170 * body + 255 * ribs + rng.normal(0, 6, (size, size))
         arr = np.clip(img, 0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(arr, mode="L").save(buf, format="PNG")
-        pngs.append(buf.getvalue())
+        pngs.append(encode_image(arr, "png"))  # the bytes prepare writes into a PNG shard
         arrays.append(arr)
     return pngs, arrays
 

@@ -17,7 +17,6 @@ JPEGs (about 1.6 bits per pixel), so "full path / reduced decode alone" bounds t
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._result import emit  # noqa: E402
 from pipeline.imaging import (RESAMPLE, UPSAMPLE_TOLERANCE, crop_zero_border, load_for_shard,  # noqa: E402
                               minmax_uint8, read_image)
-from stages.prepare import PNG_LEVEL, PNG_STRATEGY  # noqa: E402
+from stages.prepare import encode_image  # noqa: E402
 
 
 def make_inputs(folder: Path, n: int, side: int, noise: float = 2.3, seed: int = 0) -> list[Path]:
@@ -66,12 +65,7 @@ def prepare_one(path: Path, size: int, mode: str, fmt: str = "png") -> tuple[np.
         arr = minmax_uint8(np.asarray(Image.fromarray(a).resize((size, size), RESAMPLE, reducing_gap=3.0)))
     else:
         arr, _ = load_for_shard(path, size, crop_border=True, draft=mode == "draft")
-    buf = io.BytesIO()
-    if fmt == "raw":
-        np.save(buf, arr, allow_pickle=False)
-    else:
-        Image.fromarray(arr).save(buf, format="PNG", compress_level=PNG_LEVEL, compress_type=PNG_STRATEGY)
-    return arr, buf.getvalue()
+    return arr, encode_image(arr, fmt)
 
 
 def real_inputs(folder: Path, real: Path, side: int, noise: float, seed: int = 1) -> list[Path]:

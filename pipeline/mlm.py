@@ -47,7 +47,7 @@ def pretrain_mlm(model_dir: str | Path, texts: list[str], steps: int = 300, batc
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     # Save only the encoder (what embed-text loads), replacing the random weights. The stage that
     # calls this owns the folder and marks it complete only after this returns.
     base: BertModel = mlm.bert
