@@ -268,7 +268,8 @@ def cache_verify_cmd(path: str) -> None:
 @click.option("--max-steps", type=int, default=None, help="Total optimizer steps [epochs x steps per epoch].")
 @click.option("--num-samples", type=int, default=None,
               help="Training samples per epoch [from sizes.json]; needed for pipe:/remote shards.")
-@click.option("--num-workers", type=int, default=2, show_default=True, help="DataLoader workers per rank.")
+@click.option("--num-workers", "--workers", "num_workers", type=int, default=2, show_default=True,
+              help="DataLoader workers per rank.")
 @click.option("--shuffle-buffer", type=int, default=1000, show_default=True)
 @click.option("--image-size", type=int, default=256, show_default=True, help="Shard image size (resized if not).")
 @click.option("--crop-size", type=int, default=224, show_default=True)
@@ -296,13 +297,17 @@ def cache_verify_cmd(path: str) -> None:
 @click.option("--schedule", type=click.Choice(["cosine", "restarts", "constant"]), default="cosine",
               show_default=True)
 @click.option("--warmup-steps", type=int, default=0, show_default=True)
-@click.option("--restart-every", type=int, default=5000, show_default=True, help="restarts: cycle length in steps.")
+@click.option("--restart-every", type=int, default=None,
+              help="restarts: cycle length in steps [40% of the run, the original's T_0].")
 @click.option("--min-lr-ratio", type=float, default=0.0, show_default=True)
 @click.option("--grad-clip", type=float, default=None, help="Clip the global grad norm to this value.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
               show_default=True, help="auto: bf16 on CUDA, fp32 on CPU; losses always in fp32.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True,
+              help="auto, cpu, cuda or cuda:N (one process; under torchrun each rank uses its LOCAL_RANK GPU).")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True)
+@click.option("--sync-bn/--no-sync-bn", default=True, show_default=True,
+              help="With several CUDA processes, BatchNorm statistics over the global batch (SyncBatchNorm).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--log-every", type=int, default=10, show_default=True)

@@ -28,12 +28,15 @@ class DistInfo:
 def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
     """Initialise the process group when launched by torchrun (WORLD_SIZE > 1), else a single process.
 
-    ``device``: "auto" (cuda:LOCAL_RANK when CUDA is available, else cpu), "cpu", or "cuda".
+    ``device``: "auto" (cuda:LOCAL_RANK when CUDA is available, else cpu), "cpu", "cuda", or
+    "cuda:N" (that GPU for a single process; under torchrun each rank takes cuda:LOCAL_RANK).
     NCCL on CUDA, gloo on CPU.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    if world == 1 and device.startswith("cuda:"):
+        local = int(device.split(":", 1)[1])
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     dev = f"cuda:{local}" if use_cuda else "cpu"
     if use_cuda:

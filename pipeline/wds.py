@@ -97,8 +97,18 @@ class RateLimitedLog:
 
 
 # --------------------------------------------------------------------------- shard lists
-def assign_shards(urls: list[str], rank: int, world_size: int, worker: int, n_workers: int) -> list[str]:
-    """The shards one (rank, worker) reads: split by node, then by worker (disjoint, all used)."""
+def assign_shards(urls: list[str], rank: int, world_size: int, worker: int, n_workers: int,
+                  shuffle_seed: int | None = None) -> list[str]:
+    """The shards one (rank, worker) reads: split by node, then by worker (disjoint, all used).
+
+    With ``shuffle_seed`` (the same on every rank) the list is permuted first. Every worker yields
+    the same number of samples per epoch, so a worker holding fewer shards repeats its images while
+    one holding more leaves some unseen; drawing the assignment afresh each epoch spreads that over
+    all shards instead of favouring the same images every epoch.
+    """
+    if shuffle_seed is not None:
+        urls = list(urls)
+        random.Random(shuffle_seed).shuffle(urls)
     mine = urls[rank::world_size][worker::n_workers]
     if not mine:
         raise DataError(f"{len(urls)} shards cannot feed {world_size} rank(s) x {n_workers} worker(s); "
@@ -117,7 +127,8 @@ class EpochShards(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         st = self.state
         w, nw = st.worker()
-        mine = assign_shards(self.urls, st.rank, st.world_size, w, nw)
+        mine = assign_shards(self.urls, st.rank, st.world_size, w, nw,
+                             shuffle_seed=stream_seed(st.seed, st.epoch, 0, 0, "assign"))
         rng = random.Random(stream_seed(st.seed, st.epoch, st.rank, w, "shards"))
         while True:
             order = list(mine)
@@ -329,28 +340,70 @@ def read_reports(path: str | os.PathLike) -> dict[str, str]:
 
 class JoinText:
     """Keeps samples whose study_id has a report target; others are counted and skipped with a
-    rate-limited warning, or (``on_missing="error"``) end the stream with an error item."""
+    rate-limited warning, or (``on_missing="error"``) end the stream with an error item.
 
-    def __init__(self, state: StreamState, targets, on_missing: str = "skip"):
+    Skipping never runs forever: ``max_missing_run`` samples in a row without a target (the text
+    cache belongs to other shards, or the keys are spelled differently) end the stream with an error.
+    """
+
+    def __init__(self, state: StreamState, targets, on_missing: str = "skip", max_missing_run: int = 2000):
         if on_missing not in ("skip", "error"):
             raise ValueError(f"on_missing must be 'skip' or 'error', got {on_missing!r}")
         self.state, self.targets, self.on_missing = state, targets, on_missing
+        self.max_missing_run = max_missing_run
         self._warn = RateLimitedLog("sample without a cached report skipped")
 
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        run = 0
         for sample in src:
             if sample["study_id"] in self.targets:
+                run = 0
                 yield sample
                 continue
             self.state.missing += 1
+            run += 1
             msg = (f"study_id {sample['study_id']} of sample {sample['key']} ({sample['url']}) "
                    f"is not in the text cache")
             if self.on_missing == "error":
                 yield {"__error__": msg + " (--on-missing error)"}
                 return
+            if run >= self.max_missing_run:
+                yield {"__error__": f"{run} samples in a row have no report target, the last: {msg}; the text "
+                                    "cache does not belong to these shards (rebuild it with embed-text from this "
+                                    "prepare output's reports.jsonl) or its keys are spelled differently"}
+                return
             if self.state.first_missing is None:
                 self.state.first_missing = sample["study_id"]
             self._warn(msg)
+
+
+def check_targets_cover(urls: list[str], targets, n: int = 256) -> tuple[int, int, list[str]]:
+    """Study ids of up to ``n`` samples at the start of the first local shard, against ``targets``:
+    ``(found, read, missing examples)``. Reads only json members; remote shards give ``(0, 0, [])``."""
+    import tarfile
+
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:") and Path(u).is_file()]
+    if not local:
+        return 0, 0, []
+    found = read = 0
+    missing: list[str] = []
+    try:
+        with tarfile.open(local[0]) as tar:
+            for member in tar:
+                if read >= n:
+                    break
+                if not member.name.endswith(".json") or not member.isfile():
+                    continue
+                fh = tar.extractfile(member)
+                study = str(json.loads(fh.read()).get("study_id", "")) if fh else ""
+                read += 1
+                if study in targets:
+                    found += 1
+                elif len(missing) < 3:
+                    missing.append(study)
+    except (tarfile.TarError, OSError, json.JSONDecodeError, AttributeError):
+        return 0, 0, []  # unreadable: the stream's own error handling names the shard
+    return found, read, missing
 
 
 class Augment:

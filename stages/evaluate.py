@@ -305,7 +305,10 @@ def run(cfg: EvalConfig) -> dict:
         log.info("seed %d: %s on %s, %d train / %d val / %d test images", seed, cfg.task, cfg.dataset,
                  len(train_idx), len(val_idx), len(test_idx))
         n_bn = 0
-        if cfg.init == "random" and not cfg.finetune:
+        # A random encoder's BN statistics describe no data. Frozen encoders, and the detection body
+        # (torchvision's frozen BN, which never learns statistics even when fine-tuned), get them
+        # estimated on training images; trainable BN (cls/seg fine-tuning) learns its own.
+        if cfg.init == "random" and (not cfg.finetune or cfg.task == "det"):
             n_bn = ds.calibrate_bn(encoder, source, train_idx, settings)
 
         if cfg.task == "cls" and not cfg.finetune:

@@ -17,9 +17,10 @@ many raw samples that worker had consumed; a resumed worker skips those before d
 worker rotation (see ``pipeline.wds``) makes the batch order continue where it stopped. On CPU a run
 killed after step k and resumed ends bit-identical to an uninterrupted run.
 
-Orthogonality scope. The default is ``global``: z is all-gathered with gradients, so the loss (and the
-run) does not depend on how many GPUs share the global batch; ``local`` is the original code's
-per-GPU loss. With one process both are the same.
+Orthogonality scope. The default is ``global``: z is all-gathered with gradients, so the loss does
+not depend on how many GPUs share the global batch; ``local`` is the original code's per-GPU loss.
+With one process both are the same. Likewise ``sync_bn`` (default on) makes every BatchNorm use
+the statistics of the global batch on several CUDA processes (SyncBatchNorm).
 """
 from __future__ import annotations
 
@@ -96,12 +97,13 @@ class TrainVisionConfig:
     weight_decay: float = 0.05
     schedule: str = "cosine"
     warmup_steps: int = 0
-    restart_every: int = 5000
+    restart_every: int | None = None  # None: 40% of the run's steps, the original's cycle length
     min_lr_ratio: float = 0.0
     grad_clip: float | None = None
     precision: str = "auto"
     device: str = "auto"
     channels_last: bool = True
+    sync_bn: bool = True
     compile: bool = False
     seed: int = 0
     log_every: int = 10
@@ -122,16 +124,19 @@ class TrainVisionConfig:
                   "on_missing": ("skip", "error"), "text_head": ("mlp", "none"),
                   "orth_scope": ("local", "global"), "orth_on": ("zv", "za"),
                   "schedule": ("cosine", "restarts", "constant"),
-                  "precision": ("auto", "bf16", "fp16", "fp32"), "device": ("auto", "cpu", "cuda")}
+                  "precision": ("auto", "bf16", "fp16", "fp32")}
         for field, allowed in choice.items():
             need(getattr(self, field) in allowed, field, f"expected one of {allowed}, got {getattr(self, field)!r}")
+        need(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")
+                                                         and self.device[5:].isdigit()),
+             "device", f"expected auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.text_mode == "cache":
             need(bool(self.text_cache), "text_cache", "required with text_mode 'cache'")
         else:
             need(bool(self.text_model), "text_model", "required with text_mode 'online'")
             need(bool(self.reports), "reports", "required with text_mode 'online' (report texts by study_id)")
         for field in ("batch_size", "epochs", "image_size", "crop_size", "hidden_dim", "log_every",
-                      "ckpt_every", "probe_every", "text_max_length", "restart_every", "keep_checkpoints"):
+                      "ckpt_every", "probe_every", "text_max_length", "keep_checkpoints"):
             need(getattr(self, field) >= 1, field, f"must be >= 1, got {getattr(self, field)}")
         for field in ("num_workers", "unfreeze_last", "warmup_steps", "probe_size", "seed"):
             need(getattr(self, field) >= 0, field, f"must be >= 0, got {getattr(self, field)}")
@@ -139,6 +144,7 @@ class TrainVisionConfig:
         need(self.crop_size <= self.image_size, "crop_size",
              f"must be <= image_size ({self.image_size}), got {self.crop_size}")
         need(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1")
+        need(self.restart_every is None or self.restart_every >= 1, "restart_every", "must be >= 1")
         need(self.num_samples is None or self.num_samples >= 1, "num_samples", "must be >= 1")
         need(self.proj_dim is None or self.proj_dim >= 1, "proj_dim", "must be >= 1")
         need(self.lr > 0, "lr", "must be > 0")
@@ -502,6 +508,16 @@ class _Trainer:
             self.text_dim = None  # known once the text model is loaded
             self.text_params = None
             self.text_model_id = cfg.text_model
+        found, read, missing = wdsp.check_targets_cover(list(self.train.urls), self.targets)
+        source = f"text cache {cfg.text_cache}" if cfg.text_mode == "cache" else f"reports {cfg.reports}"
+        if read and not found:
+            raise wdsp.DataError(
+                f"none of the first {read} samples of {self.train.urls[0]} has a report in the {source} "
+                f"(study_ids such as {', '.join(missing)}): the targets were built from another prepare "
+                "output, or spell study ids differently (prepare writes digits without the 's' prefix)")
+        if read and found < read and dist.is_main:
+            log.warning("%d of the first %d samples of %s have no report in the %s and will be skipped "
+                        "(e.g. study_id %s)", read - found, read, self.train.urls[0], source, missing[0])
 
     def _setup_model(self) -> None:
         cfg = self.cfg
@@ -519,6 +535,15 @@ class _Trainer:
                               f"{self.text_dim} (got {cfg.proj_dim})")
         torch.manual_seed(cfg.seed)
         vision = MFlagVision(self.text_dim, cfg.proj_dim, cfg.text_head, cfg.init, cfg.hidden_dim)
+        if self.dist.enabled and cfg.sync_bn:
+            # BatchNorm over the global batch, as on one GPU: otherwise its statistics (and zv, za, zt)
+            # come from batch_size / world_size samples and the run depends on the number of GPUs.
+            if self.device.type == "cuda":
+                vision = nn.SyncBatchNorm.convert_sync_batchnorm(vision)
+            elif self.dist.is_main:
+                log.warning("sync_bn: SyncBatchNorm needs CUDA; on %s each of the %d processes normalises "
+                            "over its own %d samples", self.device.type, self.dist.world_size,
+                            cfg.batch_size // self.dist.world_size)
         self.module = TrainModule(vision, text).to(self.device)
         if cfg.channels_last:
             self.module.vision.trunk.to(memory_format=torch.channels_last)
@@ -533,7 +558,9 @@ class _Trainer:
         if cfg.schedule == "cosine":
             fn = WarmupCosine(warm, self.total_steps, cfg.min_lr_ratio)
         elif cfg.schedule == "restarts":
-            fn = WarmupCosineRestarts(warm, cfg.restart_every, 1, cfg.min_lr_ratio)
+            # The original's cycle (CosineAnnealingWarmRestarts T_0) is 40% of the run's steps.
+            cycle = cfg.restart_every or max(1, round(0.4 * self.total_steps))
+            fn = WarmupCosineRestarts(warm, cycle, 1, cfg.min_lr_ratio)
         else:
             fn = WarmupCosine(warm, self.total_steps, 1.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, fn)

@@ -153,14 +153,17 @@ def test_det_rsna_fasterrcnn_map(data, tmp_path):
         assert t[k] is None or 0.0 <= t[k] <= 1.0
         assert k in res["metric_definitions"]
     assert "0.40:0.75" in res["metric_definitions"]["map_40_75"]
+    assert res["per_seed"][0]["bn_calibration_images"] > 0
 
 
 def test_det_object_cxr_retinanet(data, tmp_path):
     synth.write_object_cxr(tmp_path / "object_cxr", 20, 1, image_size=SIZE)
     res = run(_cfg(data, tmp_path, task="det", dataset="object-cxr", det_model="retinanet",
-                   root=str(tmp_path / "object_cxr")))
+                   root=str(tmp_path / "object_cxr"), finetune=True))
     t = res["per_seed"][0]["test"]
     assert res["hyperparameters"]["head"] == "retinanet"
+    # The detection body's BN is frozen even when fine-tuned: a random body gets estimated statistics.
+    assert res["per_seed"][0]["bn_calibration_images"] > 0
     assert t["n_images"] == res["split"]["counts"]["test"] and t["n_gt_boxes"] >= 0
     assert res["split"]["protocol"]  # the split says how it was made (dev.csv is the test set)
 

@@ -78,6 +78,19 @@ def test_encoder_state_dict_loads_into_torchvision(model):
     assert encoder_state_dict(wrapper).keys() == sd.keys()
 
 
+def test_sync_batchnorm_model_exports_the_same_encoder(model):
+    # train-vision converts BatchNorm to SyncBatchNorm under multi-GPU DDP; the exported encoder and
+    # the checkpoints must stay plain torchvision ResNet50 weights, loadable by every later stage.
+    import copy
+
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in synced.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in synced.modules())
+    a, b = encoder_state_dict(model), encoder_state_dict(synced)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert synced.state_dict().keys() == model.state_dict().keys()
+
+
 @pytest.fixture(scope="module")
 def saved_encoder(tmp_path_factory, model):
     """One ~94 MB checkpoint for all load tests: nested under "state_dict", DDP prefix, fc included."""

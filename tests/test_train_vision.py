@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+import numpy as np
 
+from cache import write_cache
 from pipeline.common import ConfigError, MflagError
 from stages import train_vision as tv
 from tests._train_helpers import TEXT_PARAMS, cli_args, make_world, tiny_config
@@ -91,6 +93,28 @@ def test_bad_samples_are_counted_and_too_many_stop_the_run(tmp_path):
     assert summary["corrupt"] >= 2 and summary["missing"] >= 2
     with pytest.raises(MflagError, match=r"corrupt samples .* > 1%"):
         tv.run(tiny_config(world, tmp_path / "strict", max_steps=2, probe_size=0))
+
+
+def test_restart_schedule_defaults_to_the_originals_cycle(tmp_path):
+    # Without --restart-every a cycle is 40% of the run (the original's T_0): 2 of 5 steps here, so the
+    # learning rate is back at its peak after steps 2 and 4.
+    world = make_world(tmp_path, n_train=8, n_val=2, per_shard=4)
+    out = tmp_path / "run"
+    tv.run(tiny_config(world, out, schedule="restarts", max_steps=5, probe_size=0, ckpt_every=5))
+    lrs = [r["train/lr"] for r in metrics(out) if "train/lr" in r]
+    assert len(lrs) == 5
+    assert lrs[1] == pytest.approx(1e-3) and lrs[3] == pytest.approx(1e-3)
+    assert lrs[0] == pytest.approx(5e-4) and lrs[2] == pytest.approx(5e-4)
+
+
+def test_text_cache_of_other_shards_fails_at_start(tmp_path):
+    # A cache built for other shards: no study id in common, so no batch could ever be made.
+    world = make_world(tmp_path / "a", n_train=8, n_val=2, per_shard=4)
+    foreign = write_cache(tmp_path / "foreign", [f"9{i:07d}" for i in range(8)], np.ones((8, 16), np.float32),
+                          {"model_id": "x", "pooling": "cls"})
+    with pytest.raises(MflagError, match=r"none of the first 4 samples .* has a report in the text cache"):
+        tv.run(tiny_config(world, tmp_path / "run", text_cache=str(foreign), probe_size=0))
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_missing_study_is_fatal_with_on_missing_error(tmp_path):
@@ -208,6 +232,7 @@ def test_two_process_gloo_ddp(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
+    assert "SyncBatchNorm needs CUDA" in proc.stderr  # on CPU BatchNorm stays per process, and says so
     r0, r1 = (set(s) for s in summary["shards_per_rank"])
     assert r0 and r1 and not r0 & r1
     c0, c1 = summary["param_checksum_per_rank"]

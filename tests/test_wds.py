@@ -104,6 +104,26 @@ def test_on_missing_error_ends_the_stream_with_a_message(tmp_path):
     assert "error" in first and "not in the text cache" in first["error"] and "study_id 5" in first["error"]
 
 
+def test_skipping_missing_studies_never_runs_forever():
+    # A text cache of other shards: every sample is skipped, so no batch would ever come. A long
+    # run of misses ends the stream with an error item instead; a hit resets the count.
+    samples = [{"study_id": str(i), "key": f"d{i}", "url": "train-000000.tar"} for i in range(10)]
+    join = wdsp.JoinText(wdsp.StreamState(), targets={"2"}, max_missing_run=3)
+    out = list(join(iter(samples)))
+    assert [o.get("study_id") for o in out[:1]] == ["2"]
+    assert "__error__" in out[-1] and "3 samples in a row" in out[-1]["__error__"] and "study_id 5" in out[-1]["__error__"]
+    assert len(out) == 2
+
+
+def test_check_targets_cover_reads_study_ids_of_the_first_shard(tmp_path):
+    w = make_world(tmp_path, n_train=8, n_val=0, per_shard=4, size=16, missing=0)
+    urls = list(wdsp.resolve_shards(str(w["shards"])).urls)
+    assert wdsp.check_targets_cover(urls, wdsp.CacheTargets(w["cache"])) == (4, 4, [])
+    found, read, missing = wdsp.check_targets_cover(urls, {"50000001"})
+    assert (found, read) == (1, 4) and missing == ["50000000", "50000002", "50000003"]
+    assert wdsp.check_targets_cover(["pipe:cat x.tar"], set()) == (0, 0, [])
+
+
 def test_corrupt_images_and_truncated_tars_are_counted_and_skipped(tmp_path, caplog):
     w = make_world(tmp_path, n_train=12, n_val=2, per_shard=4, size=16, corrupt=1)
     # shard 1 is cut inside a member (its last sample loses its image); shard 2 is not a tar at all
@@ -147,6 +167,18 @@ def test_too_few_shards_for_the_workers():
     with pytest.raises(wdsp.DataError, match="cannot feed 2 rank"):
         wdsp.assign_shards(["a.tar", "b.tar"], rank=1, world_size=2, worker=1, n_workers=2)
     assert wdsp.assign_shards(list("abcdefgh"), 1, 2, 1, 2) == ["d", "h"]
+
+
+def test_shard_assignment_is_disjoint_and_redrawn_each_epoch():
+    urls = [f"s{i:02d}" for i in range(10)]  # 10 shards over 2 ranks x 2 workers: 3, 3, 2, 2 per slot
+    per_epoch = []
+    for epoch in range(6):
+        seed = wdsp.stream_seed(0, epoch, 0, 0, "assign")
+        slots = [wdsp.assign_shards(urls, r, 2, w, 2, shuffle_seed=seed) for r in range(2) for w in range(2)]
+        assert sorted(sum(slots, [])) == urls  # disjoint and complete in every epoch
+        per_epoch.append([frozenset(x) for x in slots])
+    # the shards that share the small slots (read most often) change from epoch to epoch
+    assert len({frozenset(x for x in e if len(x) == 2) for e in per_epoch}) > 1
 
 
 def test_read_reports_names_bad_lines(tmp_path):
