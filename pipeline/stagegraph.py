@@ -1,14 +1,17 @@
 """A tiny stage graph with fingerprinted outputs, for `cli.py run` and `cli.py status`.
 
-Each node has a name, the names of the nodes it depends on, its parameters (JSON-able) and an output
-folder. Its fingerprint hashes the parameters with the fingerprints of its dependencies, so changing
-one option makes that node and everything downstream stale, and nothing upstream. A node that
+Each node has a name, the names of the nodes it depends on, its parameters (JSON-able), its inputs
+from outside the pipeline (the output format version of its code, and a content signature of each
+external file or folder it reads: ``path_signature``) and an output folder. Its fingerprint hashes
+these with the fingerprints of its dependencies, so changing one option or replacing one input makes
+that node and everything downstream stale, and nothing upstream. A node that
 finished writes ``<folder>.stage.json`` beside its folder (atomically, last; the folder itself
 belongs to the stage); a node without one is missing.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import shutil
 import time
 from pathlib import Path
@@ -17,6 +20,42 @@ from typing import Any, Callable
 from pipeline import __version__
 from pipeline.common import MflagError, fingerprint, read_json, write_json
 
+
+
+# Above this many entries at the top of a folder, the rest count by name and size only.
+_SAMPLED_ENTRIES = 64
+_SAMPLE_BYTES = 1 << 20
+
+
+def _file_signature(path: Path, sample: bool = True) -> str:
+    """Size plus the first and last MiB of the file: cheap, and it moves when the content does (a zip's
+    or checkpoint's index sits at one end) but not when the file is copied or touched."""
+    size = path.stat().st_size
+    if not sample:
+        return f"{size}"
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        h.update(fh.read(_SAMPLE_BYTES))
+        if size > 2 * _SAMPLE_BYTES:
+            fh.seek(size - _SAMPLE_BYTES)
+        h.update(fh.read(_SAMPLE_BYTES))
+    return f"{size}:{h.hexdigest()[:16]}"
+
+
+def path_signature(path: str | Path) -> str:
+    """A content signature of an input file or folder (a folder: its top-level entries), or
+    ``"missing"``. Modification times are left out, so copying a dataset does not rerun anything."""
+    p = Path(path).expanduser()
+    try:
+        if p.is_file():
+            return _file_signature(p)
+        if p.is_dir():
+            entries = sorted(c for c in p.iterdir() if not c.name.startswith("."))
+            return fingerprint([[c.name, _file_signature(c, i < _SAMPLED_ENTRIES) if c.is_file() else "dir"]
+                                for i, c in enumerate(entries)])
+    except OSError as e:
+        return f"unreadable: {e.strerror}"
+    return "missing"
 
 
 def record_path(node: "Node") -> Path:
@@ -36,6 +75,8 @@ class Node:
     deps: tuple[str, ...] = ()
     run: Callable[["Node", dict[str, "Node"]], Any] | None = None
     fingerprint: str = ""
+    # what the node reads from outside the pipeline: {"format": n, "<param>": path_signature, ...}
+    inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +99,7 @@ def resolve_fingerprints(nodes: list[Node]) -> dict[str, Node]:
             "params": node.params,
             "deps": {d: by_name[d].fingerprint for d in node.deps},
             "mflag_version": __version__,
+            **({"inputs": node.inputs} if node.inputs else {}),
         })
         by_name[node.name] = node
     return by_name
@@ -83,6 +125,8 @@ def node_status(node: Node, by_name: dict[str, Node]) -> NodeStatus:
     changed = _changed_keys(record.get("params", {}), node.params)
     if changed:
         reasons.append("options changed: " + ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else ""))
+    for key in _changed_keys(record.get("inputs", {}), node.inputs):
+        reasons.append("code output format changed" if key == "format" else f"input {key} changed")
     old_deps = record.get("deps", {})
     for dep in node.deps:
         if old_deps.get(dep) != by_name[dep].fingerprint:
@@ -149,6 +193,7 @@ def execute(nodes: list[Node], force: tuple[str, ...] = (), from_stage: str | No
             "params": node.params,
             "deps": {d: by_name[d].fingerprint for d in node.deps},
             "mflag_version": __version__,
+            "inputs": node.inputs,
             "seconds": round(seconds, 2),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })

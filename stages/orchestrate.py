@@ -9,15 +9,19 @@ See ``configs/demo.yaml`` and ``configs/mimic.yaml``.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
+import re
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from pipeline.common import ConfigError, MflagError, read_json, save_config, write_json
-from pipeline.stagegraph import Node, NodeStatus, execute, plan
+from pipeline.stagegraph import Node, NodeStatus, execute, path_signature, plan
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +48,22 @@ class RunConfig:
 
 
 # --------------------------------------------------------------------------- YAML -> spec
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``2e-5`` as text (its floats need a dot, ``2.0e-5``); here any number written
+    with an exponent is a float, as a reader of the README expects."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
 def load_spec(path: str | Path, workdir: str | None = None) -> dict[str, Any]:
     """Read and check a pipeline YAML; relative paths are taken from the current directory."""
     path = Path(path)
     try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        spec = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
     except yaml.YAMLError as e:
         raise MflagError(f"{path}: not valid YAML ({e})") from e
     if not isinstance(spec, dict):
@@ -80,91 +95,194 @@ def _fields(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-def _check_keys(section: str, options: dict, cls, reserved: set[str]) -> None:
+def _mapping(section: str, value: Any) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MflagError(f"{section}: expected a mapping of options, got {type(value).__name__} {value!r}")
+    return dict(value)
+
+
+def _check_keys(section: str, options: dict, cls, reserved: set[str]) -> dict:
+    """``options`` checked against the fields of the config dataclass ``cls`` (minus ``reserved``, which
+    the orchestrator sets) and against their types; returns them with numbers and lists normalised."""
     allowed = _fields(cls) - reserved
     bad = set(options) - allowed
     if bad:
         raise MflagError(f"{section}: unknown or orchestrator-owned options {sorted(bad)}; "
                          f"allowed: {', '.join(sorted(allowed))}")
+    return _coerce(section, options, typing.get_type_hints(cls))
+
+
+def _check_call(section: str, options: dict, fn, skip: int = 1, extra: dict | None = None) -> dict:
+    """``options`` checked against the keyword parameters of ``fn`` (after its first ``skip``
+    positional ones) plus ``extra`` (name -> type); returns them type-normalised."""
+    params = list(inspect.signature(fn).parameters.values())[skip:]
+    hints = typing.get_type_hints(fn)
+    allowed = {p.name: hints.get(p.name) for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    allowed.update(extra or {})
+    bad = set(options) - set(allowed)
+    if bad:
+        raise MflagError(f"{section}: unknown options {sorted(bad)}; allowed: {', '.join(sorted(allowed))}")
+    return _coerce(section, options, allowed)
+
+
+def _coerce(section: str, options: dict, hints: dict) -> dict:
+    return {k: _coerce_value(f"{section}.{k}", v, hints.get(k)) for k, v in options.items()}
+
+
+def _coerce_value(where: str, v: Any, hint: Any) -> Any:
+    """``v`` checked against the annotation ``hint``: ints where whole numbers are wanted (``50.0``
+    becomes 50), a lone value where a list is wanted; anything else names the key and what it expected."""
+    if hint is None or hint is Any:
+        return v
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if v is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce_value(where, v, inner[0]) if len(inner) == 1 else v
+    number = isinstance(v, (int, float)) and not isinstance(v, bool)
+    if hint is bool:
+        if isinstance(v, bool):
+            return v
+        raise MflagError(f"{where}: expected true or false, got {v!r}")
+    if hint is int:
+        if number and float(v).is_integer():
+            return int(v)
+        raise MflagError(f"{where}: expected a whole number, got {v!r}")
+    if hint is float:
+        if number:
+            return v  # an int is a valid float; kept as written so fingerprints do not move
+        raise MflagError(f"{where}: expected a number, got {v!r}")
+    if hint is str:
+        if isinstance(v, str):
+            return v
+        if number:
+            return str(v)
+        raise MflagError(f"{where}: expected text, got {v!r}")
+    if origin is tuple:
+        if isinstance(v, dict):
+            return v  # key/value options (e.g. dataset_options) are handled by their stage
+        seq = list(v) if isinstance(v, (list, tuple)) else [v]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return [_coerce_value(f"{where}[{i}]", x, args[0]) for i, x in enumerate(seq)]
+        return seq
+    return v
 
 
 def build_nodes(spec: dict[str, Any]) -> list[Node]:
     """Turn a checked spec into the ordered stage graph."""
+    from cache.format import FORMAT_VERSION as CACHE_FORMAT
     from stages.embed_text import EmbedTextConfig
     from stages.evaluate import EvalConfig
+    from stages.prepare import FORMAT_VERSION as PREPARE_FORMAT
     from stages.prepare import PrepareConfig
     from stages.train_vision import TrainVisionConfig
 
+    from pipeline.synth.downstream import WRITERS
+    from pipeline.synth.mimic import write_mimic
+    from pipeline.textmodels import build_tiny_bert
+    from stages.report import ReportConfig
+
     work = Path(spec["workdir"])
     nodes: list[Node] = []
-    corpus = spec["corpus"]
+    corpus = _mapping("corpus", spec["corpus"])
 
     # -- corpus
     prep_deps: tuple[str, ...] = ()
     if "synth" in corpus:
-        synth = dict(corpus["synth"])
+        synth = _check_call("corpus.synth", _mapping("corpus.synth", corpus["synth"]), write_mimic)
         nodes.append(Node("synth-mimic", work / "data" / "mimic", synth, (), _run_synth_mimic))
         prep_deps = ("synth-mimic",)
         mimic_root, mimic_reports = "@synth-mimic", None
     else:
-        real = dict(corpus["mimic"])
-        if "root" not in real:
-            raise MflagError("corpus.mimic: give root (the MIMIC-CXR-JPG folder) and optionally reports")
-        mimic_root, mimic_reports = real["root"], real.get("reports")
+        real = _mapping("corpus.mimic", corpus["mimic"])
+        if "root" not in real or set(real) - {"root", "reports"}:
+            raise MflagError("corpus.mimic: give root (the MIMIC-CXR-JPG folder) and optionally reports "
+                             f"(a folder or mimic-cxr-reports.zip); got {sorted(real)}")
+        mimic_root, mimic_reports = str(real["root"]), real.get("reports")
 
-    prepare_opts = dict(spec.get("prepare") or {})
-    _check_keys("prepare", prepare_opts, PrepareConfig, {"root", "reports", "out", "force"})
+    prepare_opts = _check_keys("prepare", _mapping("prepare", spec.get("prepare")), PrepareConfig,
+                               {"root", "reports", "out", "force"})
+    # root "." stands in for the corpus: prepare runs first and checks the real folder itself
+    _validate("prepare", PrepareConfig, prepare_opts, root=".", reports=None, out="(planned)")
+    prep_inputs = {"format": PREPARE_FORMAT, **_external(root=mimic_root, reports=mimic_reports)}
     nodes.append(Node("prepare", work / "prepare",
                       {"root": mimic_root, "reports": mimic_reports, **prepare_opts},
-                      prep_deps, _run_prepare))
+                      prep_deps, _run_prepare, inputs=prep_inputs))
 
     # -- text encoder
-    tm = spec["text_model"]
+    tm = _mapping("text_model", spec["text_model"])
     embed_deps: tuple[str, ...] = ("prepare",)
+    if set(tm) - {"build", "model"}:
+        raise MflagError(f"text_model: unknown keys {sorted(set(tm) - {'build', 'model'})}; give build or model")
     if "build" in tm:
-        nodes.append(Node("text-model", work / "text-model", dict(tm["build"]), ("prepare",), _run_text_model))
+        build = _check_call("text_model.build", _mapping("text_model.build", tm["build"]), build_tiny_bert,
+                            skip=2, extra={"mlm_steps": int, "mlm_batch_size": int})
+        nodes.append(Node("text-model", work / "text-model", build, ("prepare",), _run_text_model))
         embed_deps = ("prepare", "text-model")
         model_ref = "@text-model/model"
     else:
         model_ref = str(tm["model"])
-    embed_opts = dict(spec.get("embed_text") or {})
-    _check_keys("embed_text", embed_opts, EmbedTextConfig, {"reports", "out", "model"})
+    embed_opts = _check_keys("embed_text", _mapping("embed_text", spec.get("embed_text")), EmbedTextConfig,
+                             {"reports", "out", "model"})
+    _validate("embed_text", EmbedTextConfig, embed_opts, reports="(planned)", out="(planned)", model="(planned)")
     nodes.append(Node("embed-text", work / "embed-text", {"model": model_ref, **embed_opts}, embed_deps,
-                      _run_embed_text))
+                      _run_embed_text, inputs={"format": CACHE_FORMAT, **_external(model=model_ref)}))
 
     # -- pre-training variants
-    train = spec["train"]
-    common = dict(train.get("common") or {})
+    train = _mapping("train", spec["train"])
+    if set(train) - {"common", "variants"}:
+        raise MflagError(f"train: unknown keys {sorted(set(train) - {'common', 'variants'})}; "
+                         "give common (options of every variant) and variants")
+    reserved = {"shards", "text_cache", "out"}
+    common = _check_keys("train.common", _mapping("train.common", train.get("common")), TrainVisionConfig, reserved)
+    placeholders = dict(shards="(planned)", text_cache="(planned)", out="(planned)")
+    _validate("train.common", TrainVisionConfig, common, **placeholders)
     for name, overrides in train["variants"].items():
-        opts = {**common, **(overrides or {})}
-        _check_keys(f"train.variants.{name}", opts, TrainVisionConfig, {"shards", "text_cache", "out"})
-        nodes.append(Node(f"train:{name}", work / "train" / name, opts, ("prepare", "embed-text"), _run_train))
+        section = f"train.variants.{name}"
+        opts = {**common, **_check_keys(section, _mapping(section, overrides), TrainVisionConfig, reserved)}
+        _validate(section, TrainVisionConfig, opts, **placeholders)
+        nodes.append(Node(f"train:{name}", work / "train" / name, opts, ("prepare", "embed-text"), _run_train,
+                          inputs=_external(init=opts.get("init"))))
 
     # -- downstream data
-    down = spec.get("downstream") or {}
+    down = _mapping("downstream", spec.get("downstream"))
+    if set(down) - {"synth", "roots"}:
+        raise MflagError(f"downstream: unknown keys {sorted(set(down) - {'synth', 'roots'})}; give synth "
+                         "(datasets to generate) and/or roots (dataset -> folder)")
     roots: dict[str, str] = {}
-    for ds, opts in (down.get("synth") or {}).items():
+    for ds, opts in _mapping("downstream.synth", down.get("synth")).items():
         if ds not in SYNTH_DATASETS:
             raise MflagError(f"downstream.synth: unknown dataset {ds!r}; one of {', '.join(SYNTH_DATASETS)}")
-        nodes.append(Node(f"synth:{ds}", work / "data" / ds, {"dataset": ds, **(opts or {})}, (), _run_synth_down))
+        writer = WRITERS[ds.replace("-", "_") if ds.replace("-", "_") in WRITERS else ds]
+        opts = _check_call(f"downstream.synth.{ds}", _mapping(f"downstream.synth.{ds}", opts), writer)
+        nodes.append(Node(f"synth:{ds}", work / "data" / ds, {"dataset": ds, **opts}, (), _run_synth_down))
         roots[ds] = f"@synth:{ds}"
-    for ds, root in (down.get("roots") or {}).items():
+    for ds, root in _mapping("downstream.roots", down.get("roots")).items():
         roots[ds] = str(root)
 
     # -- evaluations
-    ev = spec.get("eval") or {}
-    ev_common = dict(ev.get("common") or {})
-    inits = list(ev.get("inits") or ["random", *train["variants"]])
-    for task in ev.get("tasks") or []:
-        task = dict(task)
-        task_inits = list(task.pop("inits", None) or inits)  # a task may name its own inits
+    ev = _mapping("eval", spec.get("eval"))
+    if set(ev) - {"common", "inits", "tasks"}:
+        raise MflagError(f"eval: unknown keys {sorted(set(ev) - {'common', 'inits', 'tasks'})}; give common, "
+                         "inits and tasks")
+    ev_reserved = {"root", "out", "init"}
+    ev_common = _check_keys("eval.common", _mapping("eval.common", ev.get("common")), EvalConfig, ev_reserved)
+    inits = [str(i) for i in (ev.get("inits") or ["random", *train["variants"]])]
+    for k, task in enumerate(ev.get("tasks") or []):
+        task = _mapping(f"eval.tasks[{k}]", task)
+        task_inits = [str(i) for i in (task.pop("inits", None) or inits)]  # a task may name its own inits
+        task = _check_keys(f"eval.tasks[{k}]", task, EvalConfig, ev_reserved)
+        _validate(f"eval.tasks[{k}]", EvalConfig, {**ev_common, **task}, root="(planned)", out="(planned)",
+                  init="random", dataset_options=())
         ds = task.get("dataset")
         if ds not in roots:
             raise MflagError(f"eval.tasks: dataset {ds!r} has no data; add it under downstream.synth or "
                              "downstream.roots")
         for init in task_inits:
             opts = {**ev_common, **task}
-            _check_keys("eval", opts, EvalConfig, {"root", "out", "init"})
             deps: list[str] = []
             if init in train["variants"]:
                 deps.append(f"train:{init}")
@@ -178,14 +296,48 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
             if f"eval:{label}:{init}" in {n.name for n in nodes}:
                 raise MflagError(f"eval.tasks: {label} with init {init} is listed twice")
             folder = init if init in train["variants"] or init in ("random", "imagenet") else f"file-{Path(init).stem}"
+            ext = _external(root=roots[ds], init=None if init in train["variants"] else init,
+                            split_file=opts.get("split_file"))
             nodes.append(Node(f"eval:{label}:{init}", work / "eval" / label / folder,
-                              {"root": roots[ds], "init": init, **opts}, tuple(deps), _run_eval))
+                              {"root": roots[ds], "init": init, **opts}, tuple(deps), _run_eval, inputs=ext))
 
     # -- report
     if spec.get("report", {}) is not False:
         deps = tuple(n.name for n in nodes if n.name.startswith(("train:", "eval:")))
-        nodes.append(Node("report", work / "report", dict(spec.get("report") or {}), deps, _run_report))
+        report_opts = _check_keys("report", _mapping("report", spec.get("report")), ReportConfig,
+                                  {"out", "trains", "evals", "text_cache"})
+        nodes.append(Node("report", work / "report", report_opts, deps, _run_report))
     return nodes
+
+
+def _external(**paths: str | None) -> dict[str, str]:
+    """Content signatures of the parameters that name files or folders outside the pipeline (not
+    ``@stage`` references, not hub ids or ``random``/``imagenet``), so replacing one makes the stage stale."""
+    return {k: path_signature(v) for k, v in paths.items()
+            if isinstance(v, str) and not v.startswith("@") and v not in ("random", "imagenet")
+            and Path(v).expanduser().exists()}
+
+
+def _validate(section: str, cls, options: dict, **placeholders) -> None:
+    """Build the stage's config once at planning time (paths are placeholders), so a bad value fails
+    before any stage runs, not hours later when its stage starts."""
+    kw = {k: v for k, v in options.items() if k not in placeholders}
+    if "dataset_options" in kw and isinstance(kw["dataset_options"], dict):
+        kw["dataset_options"] = tuple(sorted(kw["dataset_options"].items()))
+    try:
+        cls(**placeholders, **_tuples(kw))
+    except ConfigError as e:
+        raise ConfigError(f"{section}.{e}") from e
+    except TypeError as e:  # a required option is missing
+        raise ConfigError(f"{section}: {str(e).replace('__init__()', cls.__name__)}") from e
+
+
+def _plan_nodes(cfg: RunConfig) -> tuple[dict[str, Any], list[Node]]:
+    spec = load_spec(cfg.config, cfg.workdir)
+    try:
+        return spec, build_nodes(spec)
+    except MflagError as e:
+        raise type(e)(f"{cfg.config}: {e}") from e
 
 
 # --------------------------------------------------------------------------- runners
@@ -310,8 +462,7 @@ class RunResult:
 
 
 def run(cfg: RunConfig) -> RunResult:
-    spec = load_spec(cfg.config, cfg.workdir)
-    nodes = build_nodes(spec)
+    spec, nodes = _plan_nodes(cfg)
     work = Path(spec["workdir"])
     work.mkdir(parents=True, exist_ok=True)
     save_config(cfg, work, name="run-config.json", pipeline=spec)
@@ -325,8 +476,8 @@ def status(cfg: RunConfig) -> list[NodeStatus]:
     A stage whose own record matches but that ``plan`` would rerun (something upstream must run) is
     reported stale, naming the first such upstream stage.
     """
-    spec = load_spec(cfg.config, cfg.workdir)
-    _, steps = plan(build_nodes(spec))
+    _, nodes = _plan_nodes(cfg)
+    _, steps = plan(nodes)
     out, rerun = [], {}
     for node, st, will in steps:
         if will and st.state == "fresh":

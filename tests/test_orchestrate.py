@@ -73,6 +73,42 @@ def test_spec_errors_are_clear(tmp_path):
         orchestrate.load_spec(bad)
 
 
+def test_yaml_numbers_with_an_exponent_are_numbers(tmp_path):
+    # YAML 1.1 reads 2e-5 as a string; the README writes numbers that way, so the pipeline reads it as one.
+    path = _config(tmp_path)
+    text = path.read_text().replace("lr: 0.001", "lr: 1e-3")
+    assert "lr: 1e-3" in text
+    path.write_text(text)
+    nodes = {n.name: n for n in orchestrate.build_nodes(orchestrate.load_spec(path))}
+    assert nodes["train:mflag"].params["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("dotted, value, message", [
+    ("train.common.lr", "fast", r"train\.common\.lr: expected a number, got 'fast'"),
+    ("train.common.max_steps", 2.5, r"train\.common\.max_steps: expected a whole number"),
+    ("train.common.aug", "heavy", r"train\.common\.aug: expected one of"),
+    ("train.variants.mflag", {"orth_on": "zz"}, r"train\.variants\.mflag\.orth_on: expected one of"),
+    ("train.common.orth_wieght", 1, r"train\.common: unknown .*orth_wieght"),
+    ("corpus.synth.n_studeis", 4, r"corpus\.synth: unknown options \['n_studeis'\]"),
+    ("text_model.build.hiden", 4, r"text_model\.build: unknown options \['hiden'\]"),
+    ("downstream.synth.chexpert.size", 4, r"downstream\.synth\.chexpert: unknown options \['size'\]"),
+    ("eval.common.fraction", 2, r"eval\.tasks\[0\]\.fraction: must be in \(0, 1\]"),
+    ("embed_text.pooling", "max", r"embed_text\.pooling: must be one of"),
+    ("report", {"titel": "x"}, r"report: unknown .*titel"),
+])
+def test_every_section_is_checked_before_anything_runs(tmp_path, dotted, value, message):
+    path = _config(tmp_path, **{dotted: value})
+    with pytest.raises(MflagError, match=message):
+        orchestrate.status(orchestrate.RunConfig(config=str(path)))
+    assert not (tmp_path / "work").exists()
+
+
+def test_a_lone_value_where_a_list_is_wanted(tmp_path):
+    path = _config(tmp_path, **{"eval.common.seeds": 3})
+    nodes = {n.name: n for n in orchestrate.build_nodes(orchestrate.load_spec(path))}
+    assert nodes["eval:cls-chexpert:random"].params["seeds"] == [3]
+
+
 def test_a_task_may_name_its_own_inits(tmp_path):
     spec = yaml.safe_load(TINY.read_text())
     spec["workdir"] = str(tmp_path / "work")

@@ -99,3 +99,53 @@ def test_stale_outputs_are_removed_but_interrupted_same_config_is_kept(tmp_path)
     nodes[0].run = resume
     execute(nodes)
     assert seen == [True]  # same options: the partial output is there to resume from
+
+
+def test_path_signature_follows_content_not_copies_or_times(tmp_path):
+    import os
+    import shutil
+
+    from pipeline.stagegraph import path_signature
+
+    root = tmp_path / "data"
+    (root / "files").mkdir(parents=True)
+    (root / "labels.csv").write_text("id,label\n1,0\n")
+    (root / "big.bin").write_bytes(os.urandom(3 << 20))
+    sig = path_signature(root)
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)  # new mtimes, same content
+    os.utime(copy / "labels.csv", (1, 1))
+    assert path_signature(copy) == sig
+    (root / "labels.csv").write_text("id,label\n1,1\n")  # same size, other content
+    assert path_signature(root) != sig
+    data = bytearray((copy / "big.bin").read_bytes())
+    data[-10] ^= 0xFF  # a change in the last MiB of a large file (a zip's or checkpoint's index)
+    (copy / "big.bin").write_bytes(bytes(data))
+    assert path_signature(copy) != sig
+    assert path_signature(tmp_path / "nothing") == "missing"
+
+
+def test_a_replaced_external_input_makes_the_stage_stale(tmp_path):
+    from pipeline.stagegraph import path_signature
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(b"a" * 100)
+    calls = []
+
+    def graph():
+        nodes = _graph(tmp_path, calls, model=str(model))
+        nodes[1].inputs = {"format": 1, "model": path_signature(model)}
+        return nodes
+
+    execute(graph())
+    calls.clear()
+    execute(graph())
+    assert calls == []
+    (model / "weights.bin").write_bytes(b"b" * 100)
+    _, steps = plan(graph())
+    states = {n.name: (s.state, s.reason) for n, s, _ in steps}
+    assert states["prepare"][0] == "fresh"
+    assert states["embed-text"] == ("stale", "input model changed")
+    execute(graph())
+    assert calls == ["embed-text", "train:mflag", "eval:cls"]
