@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import sys
 
 import click
@@ -33,6 +34,20 @@ def setup_logging(verbose: int, quiet: int) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, level))
 
 
+def _as_option(message: str) -> str:
+    """Config errors start with the field name (``text_cache: required ...``); on the command line the
+    user typed ``--text-cache``, so name the option of the running command instead."""
+    ctx = click.get_current_context(silent=True)
+    m = re.match(r"([a-z][a-z0-9_]*): ", message)
+    if ctx is None or m is None:
+        return message
+    for param in ctx.command.params:
+        if param.name == m.group(1) and isinstance(param, click.Option):
+            long = [o for o in param.opts if o.startswith("--")]
+            return (long[0] if long else param.opts[0]) + message[m.end(1):]
+    return message
+
+
 def user_errors(fn):
     """Print user-facing errors as one clear line (exit 2) instead of a traceback."""
 
@@ -41,7 +56,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except MflagError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {_as_option(str(e))}", err=True)
             sys.exit(2)
 
     return wrapper
@@ -82,12 +97,14 @@ def _echo_summary(summary: dict) -> None:
 
 @synth.command("mimic")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output root.")
-@click.option("--n-studies", type=click.IntRange(min=1), default=1000, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--n-studies", "--n", "n_studies", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Number of studies (1-3 images each).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Everything drawn follows from it.")
 @click.option("--image-size", type=click.IntRange(min=32), default=256, show_default=True,
               help="Shorter image side in pixels (real MIMIC is 2000-3000).")
 @click.option("--zip-reports", is_flag=True, help="Write mimic-cxr-reports.zip instead of .txt files.")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Drawing processes (output does not depend on it).")
 @user_errors
 def synth_mimic(out_dir, n_studies, seed, image_size, zip_reports, workers):
     """A MIMIC-CXR-JPG 2.0.0 tree with reports, CSVs and chest phantoms."""
@@ -107,13 +124,16 @@ def _downstream_command(name: str, default_size: int, extra=()):
     command = user_errors(command)
     for opt in reversed(extra):
         command = opt(command)
-    command = click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)(command)
+    command = click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+                           help="Drawing processes (output does not depend on it).")(command)
     command = click.option("--image-size", type=click.IntRange(min=32), default=default_size,
-                           show_default=True)(command)
-    command = click.option("--seed", type=int, default=0, show_default=True)(command)
+                           show_default=True, help="Image side in pixels.")(command)
+    command = click.option("--seed", type=int, default=0, show_default=True,
+                           help="Everything drawn follows from it.")(command)
     command = click.option("--n", type=click.IntRange(min=1), default=200, show_default=True,
                            help="Number of images.")(command)
-    command = click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))(command)
+    command = click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+                           help="Output folder: the dataset root to pass to `eval --root`.")(command)
     return synth.command(name)(command)
 
 
@@ -154,7 +174,7 @@ def prepare() -> None:
               help="Decoding processes (output does not depend on it).")
 @click.option("--text-sections", default="impression,findings", show_default=True,
               help="Report sections to join, in this order.")
-@click.option("--section-separator", default=" ", show_default=True, help="Text put between sections.")
+@click.option("--section-separator", default=" ", help="Text put between sections [default: one space].")
 @click.option("--max-bad-fraction", default=0.01, show_default=True,
               help="Fail when more than this fraction of images is lost to bad input.")
 @click.option("--crop-border/--no-crop-border", default=True, show_default=True,
@@ -185,8 +205,9 @@ def prepare_mimic(root, reports, out, size, views, splits, image_format, jpeg_qu
 @click.option("--out", required=True, help="Cache root; the cache goes to OUT/<fingerprint>/.")
 @click.option("--model", default="microsoft/BiomedVLP-CXR-BERT-general", show_default=True,
               help="Hub id or local model directory (offline: a local directory).")
-@click.option("--key-column", default="study_id", show_default=True)
-@click.option("--text-column", default="text", show_default=True)
+@click.option("--key-column", default="study_id", show_default=True,
+              help="Column (CSV) or field (JSONL) holding the key a training sample is joined on.")
+@click.option("--text-column", default="text", show_default=True, help="Column or field holding the report text.")
 @click.option("--pooling", type=click.Choice(["cls", "mean", "proj"]), default="cls", show_default=True,
               help="cls = last_hidden_state[:, 0]; proj = CXR-BERT-specialized projection head.")
 @click.option("--max-length", type=int, default=512, show_default=True, help="Tokens per report (truncation counted).")
@@ -194,10 +215,13 @@ def prepare_mimic(root, reports, out, size, views, splits, image_format, jpeg_qu
               help="Compute dtype; auto = fp16 on CUDA, fp32 on CPU.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--token-budget", type=int, default=None, help="Padded tokens per batch [8192 CPU, 65536 CUDA].")
-@click.option("--store-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--store-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Precision of the stored embeddings (float16 halves the cache; lookups return float32).")
 @click.option("--shard-size", type=int, default=50_000, show_default=True, help="Reports per HDF5 shard.")
-@click.option("--on-empty", type=click.Choice(["skip", "error"]), default="skip", show_default=True)
-@click.option("--num-parts", type=int, default=1, show_default=True, help="Split the work across machines.")
+@click.option("--on-empty", type=click.Choice(["skip", "error"]), default="skip", show_default=True,
+              help="A row with empty text: leave it out of the cache (counted) or stop.")
+@click.option("--num-parts", type=int, default=1, show_default=True,
+              help="Split the work across machines; the run that finishes the last part writes index.json.")
 @click.option("--part", type=int, default=0, show_default=True, help="Which part this run embeds (0-based).")
 @user_errors
 def embed_text(**options) -> None:
@@ -250,7 +274,8 @@ def cache_verify_cmd(path: str) -> None:
 @click.option("--shards", required=True,
               help="prepare output folder, a folder of .tar shards, or webdataset URLs (brace ranges, "
                    "'::'-separated lists, pipe: commands).")
-@click.option("--text-cache", default=None, help="Text-embedding cache folder (or its parent) from embed-text.")
+@click.option("--text-cache", default=None,
+              help="Text-embedding cache folder (or its parent) from embed-text; required unless --text-mode online.")
 @click.option("--out", required=True, help="Output folder: encoder.pt, projector.pt, metrics.jsonl, checkpoints/.")
 @click.option("--text-mode", type=click.Choice(["cache", "online"]), default="cache", show_default=True,
               help="online runs the text encoder inside each step (the original design; baseline/ablation).")
@@ -258,22 +283,25 @@ def cache_verify_cmd(path: str) -> None:
 @click.option("--reports", default=None, help="online mode: reports.jsonl (texts by study_id).")
 @click.option("--unfreeze-last", type=int, default=0, show_default=True,
               help="online mode: train the last K text-encoder layers.")
-@click.option("--text-pooling", type=click.Choice(["cls", "mean"]), default="cls", show_default=True)
+@click.option("--text-pooling", type=click.Choice(["cls", "mean"]), default="cls", show_default=True,
+              help="online mode: how the text encoder's output becomes one vector.")
 @click.option("--text-max-length", type=int, default=512, show_default=True,
               help="online mode: tokens per report, padded like the original.")
 @click.option("--probe-shards", default=None,
-              help="Held-out shards for the probes [validate-*.tar beside the training shards].")
+              help="Held-out shards for the probes [validate-*.tar beside the training shards, else test-*.tar].")
 @click.option("--batch-size", type=int, default=128, show_default=True, help="Global batch over all ranks.")
-@click.option("--epochs", type=int, default=1, show_default=True)
+@click.option("--epochs", type=int, default=1, show_default=True, help="Passes over --num-samples training images.")
 @click.option("--max-steps", type=int, default=None, help="Total optimizer steps [epochs x steps per epoch].")
 @click.option("--num-samples", type=int, default=None,
               help="Training samples per epoch [from sizes.json]; needed for pipe:/remote shards.")
 @click.option("--num-workers", "--workers", "num_workers", type=int, default=2, show_default=True,
               help="DataLoader workers per rank.")
-@click.option("--shuffle-buffer", type=int, default=1000, show_default=True)
+@click.option("--shuffle-buffer", type=int, default=1000, show_default=True,
+              help="Samples held per worker for shuffling across shards.")
 @click.option("--image-size", type=int, default=256, show_default=True, help="Shard image size (resized if not).")
-@click.option("--crop-size", type=int, default=224, show_default=True)
-@click.option("--aug", type=click.Choice(["original", "light", "none"]), default="original", show_default=True)
+@click.option("--crop-size", type=int, default=224, show_default=True, help="Training crop (the network input).")
+@click.option("--aug", type=click.Choice(["original", "light", "none"]), default="original", show_default=True,
+              help="original: the paper's augmentation; light: crop and flip only; none: centre crop.")
 @click.option("--aug-device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="cuda: workers only decode; the warp runs batched on the GPU.")
 @click.option("--on-missing", type=click.Choice(["skip", "error"]), default="skip", show_default=True,
@@ -285,21 +313,24 @@ def cache_verify_cmd(path: str) -> None:
               help="mlp: project text too (original code); none: project images into the text space.")
 @click.option("--proj-dim", type=int, default=None, help="Projection size [1024; the cache dim with --text-head none].")
 @click.option("--hidden-dim", type=int, default=2048, show_default=True, help="Projector hidden size.")
-@click.option("--orth-weight", type=float, default=1.0, show_default=True)
+@click.option("--orth-weight", type=float, default=1.0, show_default=True,
+              help="Weight of the orthogonality loss (0: alignment only).")
 @click.option("--orth-lambda", type=float, default=0.0051, show_default=True, help="Off-diagonal weight.")
 @click.option("--orth-scope", type=click.Choice(["local", "global"]), default="global", show_default=True,
               help="global: gather z over ranks so the loss does not depend on the GPU count.")
 @click.option("--orth-on", type=click.Choice(["za", "zv"]), default="zv", show_default=True,
               help="za: projected image embedding (BN-normalized); zv: ResNet features.")
 @click.option("--orth-standardize", is_flag=True, help="Standardize z over the batch first (correlation matrix).")
-@click.option("--lr", type=float, default=2e-5, show_default=True)
-@click.option("--weight-decay", type=float, default=0.05, show_default=True)
+@click.option("--lr", type=float, default=2e-5, show_default=True, help="AdamW peak learning rate.")
+@click.option("--weight-decay", type=float, default=0.05, show_default=True,
+              help="AdamW weight decay (not on biases and norm parameters).")
 @click.option("--schedule", type=click.Choice(["cosine", "restarts", "constant"]), default="cosine",
               show_default=True)
-@click.option("--warmup-steps", type=int, default=0, show_default=True)
+@click.option("--warmup-steps", type=int, default=0, show_default=True, help="Linear warmup from 0.")
 @click.option("--restart-every", type=int, default=None,
               help="restarts: cycle length in steps [40% of the run, the original's T_0].")
-@click.option("--min-lr-ratio", type=float, default=0.0, show_default=True)
+@click.option("--min-lr-ratio", type=float, default=0.0, show_default=True,
+              help="Floor of the cosine schedule, as a fraction of --lr.")
 @click.option("--grad-clip", type=float, default=None, help="Clip the global grad norm to this value.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
               show_default=True, help="auto: bf16 on CUDA, fp32 on CPU; losses always in fp32.")
@@ -309,12 +340,14 @@ def cache_verify_cmd(path: str) -> None:
 @click.option("--sync-bn/--no-sync-bn", default=True, show_default=True,
               help="With several CUDA processes, BatchNorm statistics over the global batch (SyncBatchNorm).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--log-every", type=int, default=10, show_default=True)
-@click.option("--ckpt-every", type=int, default=500, show_default=True)
-@click.option("--probe-every", type=int, default=500, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Initialisation, data order and augmentation follow from it.")
+@click.option("--log-every", type=int, default=10, show_default=True, help="Steps between metrics.jsonl lines.")
+@click.option("--ckpt-every", type=int, default=500, show_default=True, help="Steps between checkpoints.")
+@click.option("--probe-every", type=int, default=500, show_default=True,
+              help="Steps between collapse probes on held-out images.")
 @click.option("--probe-size", type=int, default=64, show_default=True, help="Held-out images in the probe batch.")
-@click.option("--keep-checkpoints", type=int, default=2, show_default=True)
+@click.option("--keep-checkpoints", type=int, default=2, show_default=True, help="Step checkpoints kept on disk.")
 @click.option("--resume", default="auto", show_default=True,
               help="auto (OUT/checkpoints/latest.pt when present), never, or a checkpoint path.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads per process.")
@@ -368,7 +401,7 @@ def _seeds(value: str) -> tuple[int, ...]:
               help="cls: linear probe (or --finetune); seg: U-Net; det: Faster R-CNN / RetinaNet with FPN.")
 @click.option("--dataset", type=click.Choice(["chexpert", "rsna", "covidx", "siim", "object-cxr"]), required=True)
 @click.option("--root", type=click.Path(file_okay=False), required=True,
-              help="Dataset folder in its published layout.")
+              help="Dataset folder in its published layout (docs/DATASETS.md says which folder for each dataset).")
 @click.option("--out", type=click.Path(file_okay=False), required=True,
               help="Run folder: results.json, results.md (appended), split/, seeds/, config.json.")
 @click.option("--init", required=True,
@@ -382,6 +415,7 @@ def _seeds(value: str) -> tuple[int, ...]:
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--lr", type=float, default=None,
               help="AdamW learning rate [default: linear probe 1e-3, seg 3e-4 (1e-4 finetuned), else 1e-4].")
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True, help="AdamW weight decay.")
 @click.option("--image-size", type=int, default=224, show_default=True, help="Images are resized to this square.")
 @click.option("--patience", type=int, default=None,
               help="Early-stopping patience in epochs [default: 10 for the linear probe, 3 otherwise].")
@@ -391,20 +425,22 @@ def _seeds(value: str) -> tuple[int, ...]:
               help="Seed of the generated split (shared by all seeds).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--workers", type=int, default=0, show_default=True, help="DataLoader workers.")
-@click.option("--det-model", type=click.Choice(["fasterrcnn", "retinanet"]), default="fasterrcnn", show_default=True)
+@click.option("--det-model", type=click.Choice(["fasterrcnn", "retinanet"]), default="fasterrcnn", show_default=True,
+              help="det: the detection head on the ResNet50 + FPN body.")
 @click.option("--normalize", type=click.Choice(["auto", "imagenet", "half"]), default="auto", show_default=True,
               help="Input normalisation; auto: ImageNet stats for --init imagenet, mean/std 0.5 otherwise.")
 @click.option("--dataset-option", "dataset_option", multiple=True, metavar="KEY=VALUE",
               help="Reader option, repeatable (e.g. uncertainty=zeros, frontal_only=false, label_set=B).")
 @user_errors
-def eval_cmd(task, dataset, root, out, init, fraction, seeds, finetune, epochs, batch_size, lr, image_size,
-             patience, split_file, split_seed, device, workers, det_model, normalize, dataset_option) -> None:
+def eval_cmd(task, dataset, root, out, init, fraction, seeds, finetune, epochs, batch_size, lr, weight_decay,
+             image_size, patience, split_file, split_seed, device, workers, det_model, normalize,
+             dataset_option) -> None:
     """Train and test a downstream head on an encoder; writes OUT/results.json and a results.md row."""
     from stages.evaluate import EvalConfig, run
 
     cfg = EvalConfig(task=task, dataset=dataset, root=root, out=out, init=init, fraction=fraction,
                      seeds=_seeds(seeds), finetune=finetune, epochs=epochs, batch_size=batch_size, lr=lr,
-                     image_size=image_size, patience=patience, split_file=split_file, split_seed=split_seed,
+                     weight_decay=weight_decay, image_size=image_size, patience=patience, split_file=split_file, split_seed=split_seed,
                      device=device, workers=workers, det_model=det_model, normalize=normalize,
                      dataset_options=_dataset_options(dataset_option))
     res = run(cfg)
@@ -444,14 +480,18 @@ def run_cmd(config_path, force, from_stage, workdir) -> None:
 
 
 @cli.command("status")
-@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Pipeline YAML, as given to `run`.")
+@click.option("--force", "force", multiple=True, metavar="STAGE", help="As for `run`: show what it would rerun.")
+@click.option("--from", "from_stage", metavar="STAGE", help="As for `run`: show what it would rerun.")
 @click.option("--workdir", type=click.Path(file_okay=False), help="Override the YAML's workdir.")
 @user_errors
-def status_cmd(config_path, workdir) -> None:
-    """Show each stage of a pipeline as fresh, stale or missing, and why."""
+def status_cmd(config_path, force, from_stage, workdir) -> None:
+    """Show each stage of a pipeline as fresh, stale, missing or forced, and why (what `run` would do)."""
     from stages import orchestrate
 
-    for st in orchestrate.status(orchestrate.RunConfig(config=config_path, workdir=workdir)):
+    cfg = orchestrate.RunConfig(config=config_path, force=tuple(force), from_stage=from_stage, workdir=workdir)
+    for st in orchestrate.status(cfg):
         click.echo(f"{st.name:<40} {st.state:<8} {st.reason}")
 
 

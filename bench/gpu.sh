@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One-shot GPU benchmark: finishes in at most ~8 minutes on one H100-class GPU and prints one table.
+# One-shot GPU benchmark, sized to finish within about 8 minutes on one H100-class GPU (not yet run on one);
+# prints one table.
 #   train-vision images/s: cached targets vs the online frozen text encoder (bf16, channels_last,
 #     batch 256 at 224 px); embed-text reports/s (fp16, BERT-base shape); the orthogonality loss fused
 #     vs the original formulation; augmentation CPU cost with the warp on the GPU.
-# Record the table in bench/RESULTS.md with the card's name.
+# Paste the table into the README's Benchmarks section with the name of the card it ran on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

@@ -187,3 +187,19 @@ def progress(iterable: Iterable[T] | None = None, total: int | None = None, desc
     if disable:
         every_s = float("inf")
     return _LogProgress(iterable, total, desc, unit, every_s)
+
+
+class RateLimitedLog:
+    """Warn for the first ``first`` events, then at every power of two, so a bad dataset cannot flood
+    logs. ``logger``: where the warnings go (default: this module's)."""
+
+    def __init__(self, what: str, first: int = 5, logger: logging.Logger | None = None):
+        self.what, self.first, self.n = what, first, 0
+        self.log = logger or logging.getLogger(__name__)
+
+    def __call__(self, msg: str) -> None:
+        self.n += 1
+        n = self.n
+        if n <= self.first or (n & (n - 1)) == 0:
+            self.log.warning("%s #%d: %s%s", self.what, n, msg,
+                             "" if n < self.first else " (further warnings rate-limited)")

@@ -213,6 +213,26 @@ class ReportError(Exception):
         super().__init__(f"{where}: {detail}")
 
 
+def _has_reports(files: Path, max_subjects: int = 64) -> bool:
+    """True when one of the first ``max_subjects`` subject folders under ``files/pNN/`` holds a report
+    (a few directory listings, not a walk of the whole tree)."""
+    seen = 0
+    try:
+        for group in sorted(files.iterdir()):
+            if not (group.is_dir() and group.name.startswith("p")):
+                continue
+            for subject in group.iterdir():
+                if subject.is_dir() and subject.name.startswith("p"):
+                    if any(c.suffix == ".txt" and c.name.startswith("s") for c in subject.iterdir()):
+                        return True
+                    seen += 1
+                    if seen >= max_subjects:
+                        return False
+    except OSError:
+        return False
+    return False
+
+
 class ReportSource:
     """Report text per (subject_id, study_id) from an extracted folder or ``mimic-cxr-reports.zip``.
 
@@ -244,6 +264,11 @@ class ReportSource:
         elif path.is_dir():
             self._base = path.parent if path.name == "files" else path
             self.where = str(self._base)
+            if not _has_reports(self._base / "files"):
+                raise MflagError(
+                    f"{path}: no reports here (expected files/pNN/p<subject>/s<study>.txt or {REPORTS_ZIP}). "
+                    "MIMIC-CXR-JPG does not include the reports: pass --reports with mimic-cxr-reports.zip "
+                    "(from the MIMIC-CXR project) or the folder it was extracted to")
         else:
             raise MflagError(f"{path}: reports folder or zip not found")
 

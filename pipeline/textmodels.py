@@ -155,9 +155,11 @@ def resolve_model_dir(model: str) -> tuple[Path, str, str]:
         local = snapshot_download(model, allow_patterns=HUB_PATTERNS, local_files_only=offline)
     except Exception as e:  # huggingface_hub raises a zoo of types: not cached, offline, 404, gated
         how = "offline and not in the local hub cache" if offline else f"could not be fetched ({e})"
+        if "/" not in model:  # most likely a mistyped local folder, not a hub id
+            how = f"no local folder {model!r} here, and " + how
         raise TextModelError(
             f"--model {model}: {how}. Download it on a machine with network access "
-            f"(e.g. `huggingface-cli download {model} --local-dir DIR`) and pass --model DIR "
+            f"(`hf download {model} --local-dir DIR`, from huggingface_hub) and pass --model DIR "
             "(a local directory).") from e
     return Path(local), model, Path(local).name
 

@@ -38,7 +38,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.common import MflagError, read_json
+from pipeline.common import MflagError, RateLimitedLog, read_json
 
 log = logging.getLogger(__name__)
 
@@ -80,20 +80,6 @@ def stream_seed(seed: int, epoch: int, rank: int, worker: int, salt: str, index:
     """A 63-bit seed that depends on every argument (hash-based, so nearby inputs are uncorrelated)."""
     h = hashlib.sha256(f"{seed}/{epoch}/{rank}/{worker}/{salt}/{index}".encode()).digest()
     return int.from_bytes(h[:8], "little") >> 1
-
-
-class RateLimitedLog:
-    """Warn for the first ``first`` events, then at every power of two, so a bad dataset cannot flood logs."""
-
-    def __init__(self, what: str, first: int = 5):
-        self.what, self.first, self.n = what, first, 0
-
-    def __call__(self, msg: str) -> None:
-        self.n += 1
-        n = self.n
-        if n <= self.first or (n & (n - 1)) == 0:
-            log.warning("%s #%d: %s%s", self.what, n, msg,
-                        "" if n < self.first else " (further warnings rate-limited)")
 
 
 # --------------------------------------------------------------------------- shard lists
@@ -142,7 +128,7 @@ class CountingHandler:
 
     def __init__(self, state: StreamState):
         self.state = state
-        self._warn = RateLimitedLog("unreadable shard data skipped")
+        self._warn = RateLimitedLog("unreadable shard data skipped", logger=log)
 
     def __call__(self, exn: Exception) -> bool:
         self.state.corrupt += 1
@@ -238,7 +224,7 @@ class Decode:
 
     def __init__(self, state: StreamState, image_size: int):
         self.state, self.image_size = state, int(image_size)
-        self._warn = RateLimitedLog("corrupt sample skipped")
+        self._warn = RateLimitedLog("corrupt sample skipped", logger=log)
 
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
         for sample in src:
@@ -351,7 +337,7 @@ class JoinText:
             raise ValueError(f"on_missing must be 'skip' or 'error', got {on_missing!r}")
         self.state, self.targets, self.on_missing = state, targets, on_missing
         self.max_missing_run = max_missing_run
-        self._warn = RateLimitedLog("sample without a cached report skipped")
+        self._warn = RateLimitedLog("sample without a cached report skipped", logger=log)
 
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
         run = 0
@@ -562,7 +548,8 @@ def resolve_shards(spec: str, split: str = "train") -> ShardSet:
     if len(local) == len(urls):
         missing = [u for u in local if not u.is_file()]
         if missing:
-            raise DataError(f"shard {missing[0]} does not exist")
+            raise DataError(f"{missing[0]}: no such folder, shard or URL (give a prepare output folder, a folder "
+                            "of .tar shards, or webdataset URLs such as train-{000000..000099}.tar)")
         folder = local[0].parent
         sizes = _load_sizes(folder)
         names = [u.name for u in local]

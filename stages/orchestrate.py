@@ -471,18 +471,24 @@ def run(cfg: RunConfig) -> RunResult:
 
 
 def status(cfg: RunConfig) -> list[NodeStatus]:
-    """Each stage as fresh, stale or missing, with the reason; changes nothing on disk.
+    """Each stage as fresh, stale, missing or forced, with the reason; changes nothing on disk.
 
-    A stage whose own record matches but that ``plan`` would rerun (something upstream must run) is
-    reported stale, naming the first such upstream stage.
+    It answers what ``run`` with the same ``force``/``from_stage`` would do: a stage whose own record
+    matches but that would run because something upstream runs is reported stale, naming the first
+    such upstream stage; one that runs only because ``force``/``from_stage`` names it is "forced".
     """
     _, nodes = _plan_nodes(cfg)
-    _, steps = plan(nodes)
+    _, steps = plan(nodes, cfg.force, cfg.from_stage)
     out, rerun = [], {}
     for node, st, will in steps:
         if will and st.state == "fresh":
-            up = next(d for d in node.deps if d in rerun)
-            st = NodeStatus(node.name, "stale", f"upstream {up} is {rerun[up]}", st.fingerprint)
+            up = next((d for d in node.deps if d in rerun), None)
+            if up is not None:
+                st = NodeStatus(node.name, "stale", f"upstream {up} is {rerun[up]}", st.fingerprint)
+            else:
+                how = ([f"--force {' '.join(cfg.force)}"] if cfg.force else []) + \
+                    ([f"--from {cfg.from_stage}"] if cfg.from_stage else [])
+                st = NodeStatus(node.name, "forced", " ".join(how), st.fingerprint)
         if will:
             rerun[node.name] = st.state
         out.append(st)

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import multiprocessing
+import os
 import shutil
 import tarfile
 from collections import Counter, defaultdict
@@ -22,8 +23,8 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline.common import (ConfigError, MflagError, atomic_open, atomic_path, config_to_dict, fingerprint,
-                             progress, read_json, save_config, write_json)
+from pipeline.common import (ConfigError, MflagError, RateLimitedLog, atomic_open, atomic_path, config_to_dict,
+                             fingerprint, progress, read_json, save_config, write_json)
 from pipeline.imaging import ImageError, MissingImageError, encode_png, load_for_shard
 from pipeline.mimic import BadItem, CsvColumnError, MimicImage, ReportError, ReportSource, load_index
 from pipeline.reports import extract_sections, join_sections
@@ -54,7 +55,7 @@ class PrepareConfig:
     image_format: str = "png"
     jpeg_quality: int = 95
     shard_size: int = 1000
-    workers: int = 1
+    workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))  # output does not depend on it
     text_sections: tuple[str, ...] = ("impression", "findings")
     section_separator: str = " "
     max_bad_fraction: float = 0.01
@@ -471,13 +472,17 @@ class _Report:
         self.bad: list[BadItem] = []
         self.dropped: list[dict] = []
         self._seen: set = set()
+        self._warn: dict[str, RateLimitedLog] = {}
 
     def add_bad(self, item: BadItem) -> None:
         key = (item.reason, item.where)
         if key in self._seen:
             return
         self._seen.add(key)
-        log.warning("bad input (%s): %s: %s", item.reason, item.where, item.detail)
+        # Every item goes to the report; the log gets the first few of each reason, then a sample.
+        if item.reason not in self._warn:
+            self._warn[item.reason] = RateLimitedLog(f"bad input ({item.reason})", logger=log)
+        self._warn[item.reason](f"{item.where}: {item.detail}")
         self.bad.append(item)
 
     def add_dropped(self, reason: str, where: str, detail: str, ids: dict) -> None:

@@ -178,6 +178,21 @@ def test_registry_errors(tmp_path):
         load_dataset("chexpert", root, "cls", uncertainty="maybe")
 
 
+
+def test_options_from_the_command_line_take_the_readers_types(tmp_path):
+    # `--dataset-option files=valid.csv` arrives as one string (not a list of characters); several
+    # files are comma-separated; a file name that parses as a number stays a name.
+    root = make_chexpert(tmp_path)
+    both = load_dataset("chexpert", root, "cls")
+    valid_only = load_dataset("chexpert", root, "cls", files="valid.csv")
+    assert {r.official_split for r in valid_only.records} == {"valid"}
+    assert len(load_dataset("chexpert", root, "cls", files="train.csv,valid.csv").records) == len(both.records)
+    with pytest.raises(MflagError, match="option max_missing: expected a number, got 'lots'"):
+        load_dataset("chexpert", root, "cls", max_missing="lots")
+    with pytest.raises(MflagError, match="option frontal_only: expected true or false"):
+        load_dataset("chexpert", root, "cls", frontal_only="sometimes")
+
+
 # --------------------------------------------------------------------------- RSNA
 RSNA_CSV = """patientId,x,y,width,height,Target
 0004cfab-14fd-4e49-80ba-63a80b6bddd6,,,,,0
@@ -202,6 +217,17 @@ def test_rsna_read_labels(tmp_path):
     assert set(labels) == {NEG, POS}
     assert labels[NEG].shape == (0, 4)
     np.testing.assert_allclose(labels[POS], [[264, 152, 477, 531], [562, 152, 818, 605]])
+
+
+def test_rsna_images_of_the_labels_stage(tmp_path):
+    # A root holding both stages' folders: stage 1 labels go with the stage 1 images, although the
+    # stage 2 folder (which lacks these images) is found first otherwise.
+    root = make_rsna(tmp_path)
+    (root / "stage_2_train_labels.csv").rename(root / "stage_1_train_labels.csv")
+    (root / "stage_2_train_images").rename(root / "stage_1_train_images")
+    (root / "stage_2_train_images").mkdir()
+    spec = load_dataset("rsna", root, "det")
+    assert {r.path.parent.name for r in spec.records} == {"stage_1_train_images"}
 
 
 def test_rsna_tasks(tmp_path):

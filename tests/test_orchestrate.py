@@ -57,6 +57,11 @@ def test_run_skips_fresh_stages_and_reruns_only_what_changed(tmp_path):
 
     res = runner.invoke(cli, ["status", "--config", str(changed)])
     assert res.exit_code == 0 and "stale" not in res.output and "missing" not in res.output
+    res = runner.invoke(cli, ["status", "--config", str(changed), "--force", "train:mflag"])
+    assert res.exit_code == 0, res.output
+    lines = {line.split()[0]: line.split()[1] for line in res.output.splitlines() if line.strip()}
+    assert lines["train:mflag"] == "forced" and lines["eval:cls-chexpert:mflag"] == "stale"
+    assert lines["train:align-only"] == "fresh" and lines["prepare"] == "fresh"
 
 
 def test_spec_errors_are_clear(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from pipeline.common import ConfigError, MflagError, read_json
-from pipeline.mimic import METADATA_CSV, SPLIT_CSV, CsvColumnError, image_relpath, report_relpath
+from pipeline.mimic import METADATA_CSV, SPLIT_CSV, BadItem, CsvColumnError, image_relpath, report_relpath
 from stages.prepare import PrepareConfig, TooManyBadItems, run
 from tests._prepare_helpers import (META_HEADER, Img, Study, corrupt_zip_member, default_studies, make_tree,
                                     read_shards, report_text, write_csv)
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(root, out, **kw) -> PrepareConfig:
-    kw = {"size": 32, "shard_size": 2, **kw}
+    kw = {"size": 32, "shard_size": 2, "workers": 1, **kw}
     return PrepareConfig(root=str(root), out=str(out), **kw)
 
 
@@ -229,6 +229,27 @@ def test_bad_input_named_counted_and_limited(tmp_path, case, lost, caplog):
     else:
         assert not keys & {i.dicom_id for i in st.images}
         assert st.study_id not in (out / "reports.jsonl").read_text()
+
+
+def test_reports_missing_from_the_root_fail_fast_with_advice(tmp_path, caplog):
+    # A MIMIC-CXR-JPG root holds no reports; without --reports every study would be "no_report".
+    root = make_tree(tmp_path / "jpg", default_studies(), zip_reports=True)
+    (root / "mimic-cxr-reports.zip").rename(tmp_path / "mimic-cxr-reports.zip")
+    with pytest.raises(MflagError, match=r"no reports here .*pass --reports with mimic-cxr-reports.zip"):
+        run(_cfg(root, tmp_path / "out"))
+    assert "bad input" not in caplog.text
+    assert run(_cfg(root, tmp_path / "out", reports=str(tmp_path / "mimic-cxr-reports.zip"))).n_images > 0
+
+
+def test_bad_input_warnings_are_rate_limited(caplog):
+    from stages.prepare import _Report
+
+    rep = _Report(Path("unused"))
+    for i in range(100):
+        rep.add_bad(BadItem("no_report", f"files/p10/p1/s{i}.txt", "no report file", {}))
+    assert len(rep.bad) == 100  # every item is kept for prepare-report.json
+    lines = [r for r in caplog.records if "bad input (no_report)" in r.getMessage()]
+    assert 5 <= len(lines) <= 12 and "rate-limited" in lines[-1].getMessage()
 
 
 @pytest.mark.parametrize("which,column", [("metadata", "ViewPosition"), ("split", "split")])

@@ -131,7 +131,7 @@ def test_dimension_mismatch_and_preflight_errors(tmp_path):
     world = make_world(tmp_path, n_train=8, n_val=2, per_shard=4)
     res = CliRunner().invoke(cli.cli, ["train-vision", *cli_args(world, tmp_path / "a", text_head="none",
                                                                  proj_dim=32)])
-    assert res.exit_code == 2 and "error: proj_dim" in res.output
+    assert res.exit_code == 2 and "error: --proj-dim:" in res.output
     assert "dimension 16" in res.output and "--proj-dim must be 16" in res.output
     with pytest.raises(MflagError, match="2 training shard.*need at least 4"):
         tv.run(tiny_config(world, tmp_path / "b", num_workers=4))

@@ -157,8 +157,10 @@ def test_resolve_shards_forms(tmp_path, world):
     assert [Path(u).name for u in wdsp.heldout_shards(prep)] == ["validate-000000.tar"]
     piped = wdsp.resolve_shards("pipe:cat /data/train-{0..3}.tar")
     assert len(piped.urls) == 4 and piped.num_samples is None
-    with pytest.raises(wdsp.DataError, match="does not exist"):
+    with pytest.raises(wdsp.DataError, match=r"train-0000\d\d.tar: no such folder, shard or URL"):
         wdsp.resolve_shards(str(folder / "train-{000000..000009}.tar"))
+    with pytest.raises(wdsp.DataError, match="prepar: no such folder, shard or URL"):
+        wdsp.resolve_shards(str(tmp_path / "prepar"))  # a mistyped folder is not called a shard
     with pytest.raises(wdsp.DataError, match="no .tar shards"):
         wdsp.resolve_shards(str((tmp_path / "empty").mkdir() or tmp_path / "empty"))
 

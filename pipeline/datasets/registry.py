@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import inspect
+import types
+import typing
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,4 +44,30 @@ def load_dataset(name: str, root: str | Path, task: str, **options: Any) -> Data
     root = Path(root)
     if not root.is_dir():
         raise MflagError(f"dataset root {root} is not a directory")
+    hints = typing.get_type_hints(reader)
+    options = {k: _coerce(key, k, v, hints.get(k)) for k, v in options.items()}
     return reader(root, task=task, **options)
+
+
+def _coerce(dataset: str, name: str, value: Any, hint: Any) -> Any:
+    """An option value as the reader's annotation wants it. Options come from the command line
+    (``KEY=VALUE``, numbers and booleans already parsed) or YAML: a file list may be one name or a
+    comma-separated string, a file name may look like a number."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
+    if value is None:
+        return None
+    if typing.get_origin(base) is tuple:
+        items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+        return tuple(str(x).strip() for x in items if str(x).strip())
+    if base is str and not isinstance(value, str):
+        if isinstance(value, bool):
+            raise MflagError(f"dataset {dataset!r} option {name}: expected text, got {value!r}")
+        return str(value)
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base in (int, float) and (isinstance(value, (str, bool)) or not isinstance(value, (int, float))):
+        raise MflagError(f"dataset {dataset!r} option {name}: expected a number, got {value!r}")
+    if base is bool and not isinstance(value, bool):
+        raise MflagError(f"dataset {dataset!r} option {name}: expected true or false, got {value!r}")
+    return value

@@ -83,7 +83,14 @@ def read_rsna(root: str | Path, task: str = "cls", max_missing: float = DEFAULT_
     check_task("rsna", task, ("cls", "det", "seg"))
     root = Path(root)
     csv_path = root / labels_file if labels_file else find_file(root, LABELS_FILES, "RSNA labels CSV")
-    img_dir = root / images_dir if images_dir else find_file(root, IMAGE_DIRS, "RSNA image folder")
+    if images_dir:
+        img_dir = root / images_dir
+    else:
+        # The image folder of the same stage as the labels when it exists (stage 2 labels with stage 1
+        # images would miss most files), else whichever is there.
+        same = [d for d in IMAGE_DIRS if d.split("_", 2)[:2] == csv_path.name.split("_", 2)[:2]]
+        img_dir = root / same[0] if same and (root / same[0]).is_dir() else \
+            find_file(root, IMAGE_DIRS, "RSNA image folder")
     labels, first_line = _read_rows(csv_path)
     tally = Tally()
     tally.counts["patients_labelled"] = len(labels)
