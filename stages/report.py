@@ -49,6 +49,18 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def _short_path(name: str) -> str:
+    """A local model folder relative to the working directory when it lies below it (a report should
+    not carry one machine's absolute paths); hub ids and other paths unchanged."""
+    p = Path(str(name))
+    if p.is_absolute():
+        try:
+            return str(p.relative_to(Path.cwd()))
+        except ValueError:
+            return str(name)
+    return str(name)
+
+
 def _fmt(mean: float | None, std: float | None = None) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "n/a"
@@ -220,7 +232,8 @@ def render(cfg: ReportConfig, data: dict, out: Path) -> str:
         if trainable and text:
             lines += ["## Parameters", "",
                       f"- trainable (ResNet50 + projectors): {_params(trainable)}",
-                      f"- frozen text encoder ({first.get('text_model', 'from the cache')}): {_params(text)}, "
+                      f"- frozen text encoder ({_short_path(first.get('text_model', 'from the cache'))}): "
+                      f"{_params(text)}, "
                       "never loaded during pre-training",
                       f"- {100 * text / (trainable + text):.1f}% fewer trainable parameters than training both "
                       f"encoders ({_params(trainable + text)})."]
