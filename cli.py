@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from pipeline.common import MflagError
+from pipeline.common import ConfigError, MflagError
 
 log = logging.getLogger("mflag")
 
@@ -56,7 +56,8 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except MflagError as e:
-            click.echo(f"error: {_as_option(str(e))}", err=True)
+            # Only config errors lead with a field name; others may lead with a path the user typed.
+            click.echo(f"error: {_as_option(str(e)) if isinstance(e, ConfigError) else e}", err=True)
             sys.exit(2)
 
     return wrapper
@@ -365,27 +366,14 @@ def train_vision(compile_: bool, **options) -> None:
 
 
 # ==== eval (stages/evaluate.py) ====
-def _parse_option_value(raw: str):
-    low = raw.strip().lower()
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    for cast in (int, float):
-        try:
-            return cast(raw)
-        except ValueError:
-            pass
-    return raw
-
-
 def _dataset_options(pairs: tuple[str, ...]) -> tuple[tuple[str, object], ...]:
     out = []
     for p in pairs:
         if "=" not in p:
             raise click.BadParameter(f"expected KEY=VALUE, got {p!r}", param_hint="--dataset-option")
         k, v = p.split("=", 1)
-        out.append((k.strip().replace("-", "_"), _parse_option_value(v)))
+        # kept as typed: the reader's option types decide (pipeline.datasets.registry.check_options)
+        out.append((k.strip().replace("-", "_"), v.strip()))
     return tuple(out)
 
 

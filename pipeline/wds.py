@@ -381,13 +381,16 @@ def check_targets_cover(urls: list[str], targets, n: int = 256) -> tuple[int, in
                 if not member.name.endswith(".json") or not member.isfile():
                     continue
                 fh = tar.extractfile(member)
-                study = str(json.loads(fh.read()).get("study_id", "")) if fh else ""
+                try:
+                    study = str(json.loads(fh.read()).get("study_id", "")) if fh else ""
+                except (ValueError, AttributeError):  # a corrupt member: the stream counts and skips it
+                    continue
                 read += 1
                 if study in targets:
                     found += 1
                 elif len(missing) < 3:
                     missing.append(study)
-    except (tarfile.TarError, OSError, json.JSONDecodeError, AttributeError):
+    except (tarfile.TarError, OSError):
         return 0, 0, []  # unreadable: the stream's own error handling names the shard
     return found, read, missing
 
@@ -489,6 +492,9 @@ def read_fixed_batch(urls: list[str], targets, n: int, image_size: int) -> dict 
     )
     buf = []
     for s in pipe:
+        if "__error__" in s:  # a long run of samples without a target: use what was found so far
+            log.warning("held-out samples: %s", s["__error__"])
+            break
         buf.append(s)
         if len(buf) >= n:
             break

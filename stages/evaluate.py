@@ -83,6 +83,12 @@ class EvalConfig:
             raise ConfigError(f"task: {self.task!r} is not one of {', '.join(TASKS)}")
         if self.dataset not in DATASETS:
             raise ConfigError(f"dataset: {self.dataset!r} is not one of {', '.join(DATASETS)}")
+        from pipeline.datasets.registry import check_options
+
+        try:  # reader options are checked here, before any data is read (names and types only)
+            check_options(self.dataset, dict(self.dataset_options))
+        except MflagError as e:
+            raise ConfigError(f"dataset_options: {e}") from e
         if not self.init:
             raise ConfigError("init: give 'random', 'imagenet' or a checkpoint path")
         if not (0 < self.fraction <= 1):
@@ -170,6 +176,13 @@ def _build_encoder(init: str):
     return load_encoder(init)
 
 
+def protocol_version(task: str, init: str, finetune: bool) -> int:
+    """Bumped for the configurations whose computation changed, so their old per-seed results are never
+    reused (and ``cli.py run`` reruns them) while every other result stays valid. 2: a fine-tuned
+    random detection body gets BatchNorm statistics estimated (before, it ran un-normalised)."""
+    return 2 if (task == "det" and init == "random" and finetune) else 1
+
+
 def _run_fingerprint(cfg: EvalConfig, ckpt_hash: str | None, split_hash: str) -> str:
     d = config_to_dict(cfg)
     for k in _NOT_FINGERPRINTED:
@@ -179,7 +192,7 @@ def _run_fingerprint(cfg: EvalConfig, ckpt_hash: str | None, split_hash: str) ->
     d["split_file"] = None  # the split's content hash below stands for it
     d["checkpoint_sha256"] = ckpt_hash
     d["split_sha256"] = split_hash
-    d["protocol"] = 1
+    d["protocol"] = protocol_version(cfg.task, cfg.init, cfg.finetune)
     return fingerprint(d)
 
 
@@ -382,9 +395,9 @@ def run(cfg: EvalConfig) -> dict:
                      "selection": f"early stopping on validation {primary} (patience {hp['patience']}); "
                                   "test metrics from the best-validation epoch",
                      "std": "sample standard deviation over seeds (ddof=1; 0 for one seed)",
-                     "random_init": "a frozen random encoder gets its BatchNorm running statistics "
-                                    "re-estimated on the seed's training images (weights stay random)"
-                     if cfg.init == "random" and not cfg.finetune else None,
+                     "random_init": "the random encoder's BatchNorm running statistics are re-estimated "
+                                    "on the seed's training images (weights stay random)"
+                     if cfg.init == "random" and (not cfg.finetune or cfg.task == "det") else None,
                      "images": f"resized to {cfg.image_size}x{cfg.image_size}, grey replicated to 3 "
                                f"channels, normalised with {hp['normalize']} mean/std",
                      "cls_features": "linear probe on frozen features computed once, no augmentation"

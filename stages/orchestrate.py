@@ -175,7 +175,7 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
     """Turn a checked spec into the ordered stage graph."""
     from cache.format import FORMAT_VERSION as CACHE_FORMAT
     from stages.embed_text import EmbedTextConfig
-    from stages.evaluate import EvalConfig
+    from stages.evaluate import EvalConfig, protocol_version
     from stages.prepare import FORMAT_VERSION as PREPARE_FORMAT
     from stages.prepare import PrepareConfig
     from stages.train_vision import TrainVisionConfig
@@ -270,13 +270,16 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
                          "inits and tasks")
     ev_reserved = {"root", "out", "init"}
     ev_common = _check_keys("eval.common", _mapping("eval.common", ev.get("common")), EvalConfig, ev_reserved)
-    inits = [str(i) for i in (ev.get("inits") or ["random", *train["variants"]])]
+    inits = _names(ev.get("inits")) or ["random", *train["variants"]]
     for k, task in enumerate(ev.get("tasks") or []):
         task = _mapping(f"eval.tasks[{k}]", task)
-        task_inits = [str(i) for i in (task.pop("inits", None) or inits)]  # a task may name its own inits
+        task_inits = _names(task.pop("inits", None)) or inits  # a task may name its own inits
         task = _check_keys(f"eval.tasks[{k}]", task, EvalConfig, ev_reserved)
+        for where, opts in (("eval.common", ev_common), (f"eval.tasks[{k}]", task)):
+            if "dataset_options" in opts:
+                _mapping(f"{where}.dataset_options", opts["dataset_options"])
         _validate(f"eval.tasks[{k}]", EvalConfig, {**ev_common, **task}, root="(planned)", out="(planned)",
-                  init="random", dataset_options=())
+                  init="random")
         ds = task.get("dataset")
         if ds not in roots:
             raise MflagError(f"eval.tasks: dataset {ds!r} has no data; add it under downstream.synth or "
@@ -298,6 +301,9 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
             folder = init if init in train["variants"] or init in ("random", "imagenet") else f"file-{Path(init).stem}"
             ext = _external(root=roots[ds], init=None if init in train["variants"] else init,
                             split_file=opts.get("split_file"))
+            version = protocol_version(opts["task"], init, bool(opts.get("finetune", False)))
+            if version != 1:  # only the configurations whose computation changed
+                ext["format"] = version
             nodes.append(Node(f"eval:{label}:{init}", work / "eval" / label / folder,
                               {"root": roots[ds], "init": init, **opts}, tuple(deps), _run_eval, inputs=ext))
 
@@ -308,6 +314,13 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
                                   {"out", "trains", "evals", "text_cache"})
         nodes.append(Node("report", work / "report", report_opts, deps, _run_report))
     return nodes
+
+
+def _names(value: Any) -> list[str]:
+    """A YAML list of names, or one name written alone (``inits: random``)."""
+    if value is None:
+        return []
+    return [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
 
 
 def _external(**paths: str | None) -> dict[str, str]:

@@ -439,6 +439,10 @@ def _claim_out(cfg: PrepareConfig, out: Path, fp: str) -> None:
                 p.unlink(missing_ok=True)
     elif foreign or mismatch:
         _refuse_other_config(cfg, out)  # names the differing settings when the config changed
+        old_version = (previous or {}).get("format_version")
+        if previous is not None and old_version != FORMAT_VERSION:
+            raise MflagError(f"{out}: was prepared by another version of prepare (shard format {old_version}, "
+                             f"now {FORMAT_VERSION}); use --force to rebuild, or choose another --out")
         raise MflagError(f"{out}: was prepared from different input data (the image list or reports "
                          f"changed since); use --force to rebuild, or choose another --out")
     # Temp files of a killed run (atomic_path leaves them only on SIGKILL) are never valid shards.

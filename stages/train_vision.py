@@ -324,6 +324,8 @@ def semantic_config(cfg: TrainVisionConfig) -> dict:
     d = config_to_dict(cfg)
     for k in _NON_SEMANTIC:
         d.pop(k, None)
+    if str(d.get("device", "")).startswith("cuda:"):
+        d["device"] = "cuda"  # which GPU does not change what is trained: resume on another one
     return d
 
 

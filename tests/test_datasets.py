@@ -191,6 +191,13 @@ def test_options_from_the_command_line_take_the_readers_types(tmp_path):
         load_dataset("chexpert", root, "cls", max_missing="lots")
     with pytest.raises(MflagError, match="option frontal_only: expected true or false"):
         load_dataset("chexpert", root, "cls", frontal_only="sometimes")
+    # text from the command line: booleans and numbers by the reader's types, names exactly as typed
+    from pipeline.datasets.registry import check_options
+
+    assert check_options("chexpert", {"frontal_only": "false", "max_missing": "0.5"}) == \
+        {"frontal_only": False, "max_missing": 0.5}
+    assert check_options("rsna", {"images_dir": "0001", "labels_file": "1e3"}) == \
+        {"images_dir": "0001", "labels_file": "1e3"}
 
 
 # --------------------------------------------------------------------------- RSNA

@@ -100,6 +100,9 @@ def test_yaml_numbers_with_an_exponent_are_numbers(tmp_path):
     ("eval.common.fraction", 2, r"eval\.tasks\[0\]\.fraction: must be in \(0, 1\]"),
     ("embed_text.pooling", "max", r"embed_text\.pooling: must be one of"),
     ("report", {"titel": "x"}, r"report: unknown .*titel"),
+    ("eval.common.dataset_options", {"frontal_olny": False}, r"dataset 'chexpert' has no option\(s\) frontal_olny"),
+    ("eval.common.dataset_options", {"frontal_only": "maybe"}, r"option frontal_only: expected true or false"),
+    ("eval.common.dataset_options", [["frontal_only", False]], r"dataset_options: expected a mapping"),
 ])
 def test_every_section_is_checked_before_anything_runs(tmp_path, dotted, value, message):
     path = _config(tmp_path, **{dotted: value})
@@ -109,9 +112,10 @@ def test_every_section_is_checked_before_anything_runs(tmp_path, dotted, value, 
 
 
 def test_a_lone_value_where_a_list_is_wanted(tmp_path):
-    path = _config(tmp_path, **{"eval.common.seeds": 3})
+    path = _config(tmp_path, **{"eval.common.seeds": 3, "eval.inits": "random"})
     nodes = {n.name: n for n in orchestrate.build_nodes(orchestrate.load_spec(path))}
     assert nodes["eval:cls-chexpert:random"].params["seeds"] == [3]
+    assert [n for n in nodes if n.startswith("eval:")] == ["eval:cls-chexpert:random"]
 
 
 def test_a_task_may_name_its_own_inits(tmp_path):

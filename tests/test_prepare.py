@@ -292,6 +292,20 @@ def test_changed_input_refused_and_no_usable_text(tmp_path):
         run(_cfg(root, tmp_path / "other", text_sections=("comparison",), splits=("test",)))
 
 
+def test_outputs_of_an_older_shard_format_are_named_as_such(tree, tmp_path):
+    import json
+
+    root, _ = tree
+    out = tmp_path / "out"
+    run(_cfg(root, out))
+    stamp = out / ".prepare-state" / "fingerprint.json"
+    old = json.loads(stamp.read_text())
+    stamp.write_text(json.dumps({**old, "fingerprint": "0" * 16, "format_version": 3}))
+    with pytest.raises(MflagError, match=r"another version of prepare \(shard format 3, now \d+\); use --force"):
+        run(_cfg(root, out))
+    assert run(_cfg(root, out, force=True)).n_images > 0
+
+
 def test_config_validation(tree, tmp_path):
     root, _ = tree
     with pytest.raises(ConfigError, match="image_format"):

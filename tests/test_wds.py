@@ -123,6 +123,27 @@ def test_check_targets_cover_reads_study_ids_of_the_first_shard(tmp_path):
     assert (found, read) == (1, 4) and missing == ["50000000", "50000002", "50000003"]
     assert wdsp.check_targets_cover(["pipe:cat x.tar"], set()) == (0, 0, [])
 
+    # a corrupt json member (bad UTF-8) is skipped, as the stream skips it; the check still answers
+    import io
+    import tarfile
+
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(bad, "w") as tar:
+        for name, data in (("a.json", b'{"study_id": "\xff2"}'), ("b.json", b'{"study_id": "50000001"}')):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert wdsp.check_targets_cover([str(bad)], {"50000001"}) == (1, 1, [])
+
+
+def test_held_out_batch_stops_at_a_long_run_without_targets(tmp_path, monkeypatch):
+    # Probe shards of another prepare output: the probe batch is simply empty (probes off), no crash.
+    monkeypatch.setattr(wdsp.JoinText.__init__, "__defaults__", ("skip", 3))  # a short run limit
+    w = make_world(tmp_path, n_train=8, n_val=8, per_shard=8, size=16)
+    urls = [str(u) for u in sorted(Path(w["shards"]).glob("validate-*.tar"))]
+    assert wdsp.read_fixed_batch(urls, {"nothing"}, 4, 16) is None
+    assert wdsp.read_fixed_batch(urls, wdsp.CacheTargets(w["cache"]), 4, 16)["image"].shape[0] == 4
+
 
 def test_corrupt_images_and_truncated_tars_are_counted_and_skipped(tmp_path, caplog):
     w = make_world(tmp_path, n_train=12, n_val=2, per_shard=4, size=16, corrupt=1)

@@ -26,48 +26,77 @@ def _readers() -> dict[str, Callable[..., DatasetSpec]]:
 DATASETS = ("chexpert", "rsna", "covidx", "siim", "object-cxr")
 
 
-def load_dataset(name: str, root: str | Path, task: str, **options: Any) -> DatasetSpec:
-    """Read dataset ``name`` (chexpert|rsna|covidx|siim|object-cxr) at ``root`` for ``task``.
-
-    ``options`` go to the reader (e.g. uncertainty=, frontal_only=, label_set=, max_missing=); an
-    option the reader does not take is a MflagError naming it and the accepted ones.
-    """
-    key = name.lower().replace("_", "-")
-    readers = _readers()
-    if key not in readers:
-        raise MflagError(f"unknown dataset {name!r} (one of {', '.join(DATASETS)})")
-    reader = readers[key]
+def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` for dataset ``name``'s reader: every key must be one it takes (a MflagError names the
+    unknown ones and the accepted ones) and each value is converted to the type it takes. Values may
+    be text as typed on the command line (``KEY=VALUE``: "false", "0.1", "a.csv,b.csv") or YAML values;
+    text meant as a name is kept exactly as typed ("0001" stays "0001")."""
+    key, reader = _reader(name)
     accepted = [p for p in inspect.signature(reader).parameters if p not in ("root", "task")]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise MflagError(f"dataset {key!r} has no option(s) {', '.join(unknown)} (accepted: {', '.join(accepted)})")
+    hints = typing.get_type_hints(reader)
+    return {k: _coerce(key, k, v, hints.get(k)) for k, v in options.items()}
+
+
+def _reader(name: str) -> tuple[str, Callable[..., DatasetSpec]]:
+    key = str(name).lower().replace("_", "-")
+    readers = _readers()
+    if key not in readers:
+        raise MflagError(f"unknown dataset {name!r} (one of {', '.join(DATASETS)})")
+    return key, readers[key]
+
+
+def load_dataset(name: str, root: str | Path, task: str, **options: Any) -> DatasetSpec:
+    """Read dataset ``name`` (chexpert|rsna|covidx|siim|object-cxr) at ``root`` for ``task``.
+
+    ``options`` go to the reader (e.g. uncertainty=, frontal_only=, label_set=, max_missing=), checked
+    and converted by ``check_options``.
+    """
+    key, reader = _reader(name)
+    options = check_options(key, options)
     root = Path(root)
     if not root.is_dir():
         raise MflagError(f"dataset root {root} is not a directory")
-    hints = typing.get_type_hints(reader)
-    options = {k: _coerce(key, k, v, hints.get(k)) for k, v in options.items()}
     return reader(root, task=task, **options)
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
 def _coerce(dataset: str, name: str, value: Any, hint: Any) -> Any:
-    """An option value as the reader's annotation wants it. Options come from the command line
-    (``KEY=VALUE``, numbers and booleans already parsed) or YAML: a file list may be one name or a
-    comma-separated string, a file name may look like a number."""
+    """``value`` as the reader's annotation ``hint`` wants it (see ``check_options``)."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     base = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
     if value is None:
         return None
+
+    def bad(what: str) -> MflagError:
+        return MflagError(f"dataset {dataset!r} option {name}: expected {what}, got {value!r}")
+
     if typing.get_origin(base) is tuple:
         items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
         return tuple(str(x).strip() for x in items if str(x).strip())
-    if base is str and not isinstance(value, str):
+    if base is bool:
         if isinstance(value, bool):
-            raise MflagError(f"dataset {dataset!r} option {name}: expected text, got {value!r}")
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise bad("true or false")
+    if base in (int, float):
+        if isinstance(value, bool):
+            raise bad("a number")
+        if isinstance(value, str):
+            try:
+                value = float(value) if base is float else int(value)
+            except ValueError:
+                raise bad("a number") from None
+        if not isinstance(value, (int, float)) or (base is int and not float(value).is_integer()):
+            raise bad("a whole number" if base is int else "a number")
+        return base(value)
+    if base is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise bad("text")
         return str(value)
-    if base is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if base in (int, float) and (isinstance(value, (str, bool)) or not isinstance(value, (int, float))):
-        raise MflagError(f"dataset {dataset!r} option {name}: expected a number, got {value!r}")
-    if base is bool and not isinstance(value, bool):
-        raise MflagError(f"dataset {dataset!r} option {name}: expected true or false, got {value!r}")
     return value
