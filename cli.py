@@ -444,7 +444,7 @@ def eval_cmd(task, dataset, root, out, init, fraction, seeds, finetune, epochs, 
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Pipeline YAML (see configs/demo.yaml, configs/mimic.yaml).")
 @click.option("--force", "force", multiple=True, metavar="STAGE",
-              help="Rerun STAGE (a name or prefix: prepare, embed-text, train, train:mflag, eval, ...) "
+              help="Rerun STAGE (a name, or its part before ':' or '-': prepare, embed, train, train:mflag, eval, ...) "
                    "and what depends on it. Repeatable.")
 @click.option("--from", "from_stage", metavar="STAGE", help="Rerun STAGE and every stage after it.")
 @click.option("--workdir", type=click.Path(file_okay=False), help="Override the YAML's workdir.")

@@ -183,6 +183,12 @@ def gather_with_grad(z: Tensor, world_size: int, group=None) -> Tensor:
     actual = dist.get_world_size(group)
     if actual != world_size:
         raise ValueError(f"gather_with_grad: world_size={world_size} but the process group has {actual} ranks")
-    parts = dist_fn.all_gather(z.contiguous(), group=group) if group is not None else dist_fn.all_gather(
-        z.contiguous())
+    import warnings
+
+    with warnings.catch_warnings():
+        # torch 2.9+ marks it deprecated in favour of a private API; it is the public autograd-aware
+        # all_gather, still present in every torch this project admits (<= 2.14).
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = dist_fn.all_gather(z.contiguous(), group=group) if group is not None else dist_fn.all_gather(
+            z.contiguous())
     return torch.cat(parts, dim=0)

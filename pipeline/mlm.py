@@ -22,14 +22,19 @@ def pretrain_mlm(model_dir: str | Path, texts: list[str], steps: int = 300, batc
     """Train ``model_dir``'s BERT with MLM on ``texts`` and save the encoder back into ``model_dir``.
 
     ``model_dir`` holds a transformers BERT checkpoint and its tokenizer (``save_pretrained``).
-    Returns the first and last losses (averaged over 20 steps).
+    Returns the first and last losses (each averaged over up to 20 steps, never overlapping).
     """
     from transformers import AutoTokenizer, BertForMaskedLM, BertModel, DataCollatorForLanguageModeling
+
+    from pipeline.textmodels import quiet_transformers
 
     model_dir = Path(model_dir)
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    mlm = BertForMaskedLM.from_pretrained(model_dir)
+    # The saved checkpoint is a bare BertModel: transformers reports the MLM head it adds as missing
+    # weights (expected here, they are trained next), so quiet that load.
+    with quiet_transformers():
+        mlm = BertForMaskedLM.from_pretrained(model_dir)
     mlm.train()
     collator = DataCollatorForLanguageModeling(tok, mlm_probability=mask_prob)
     unique = sorted(set(t for t in texts if t.strip()))
@@ -51,8 +56,9 @@ def pretrain_mlm(model_dir: str | Path, texts: list[str], steps: int = 300, batc
     # Save only the encoder (what embed-text loads), replacing the random weights. The stage that
     # calls this owns the folder and marks it complete only after this returns.
     base: BertModel = mlm.bert
-    base.save_pretrained(model_dir)
-    k = min(20, len(losses))
+    with quiet_transformers():
+        base.save_pretrained(model_dir)
+    k = max(1, min(20, len(losses) // 2))  # windows that never overlap
     result = {"first_loss": sum(losses[:k]) / k, "last_loss": sum(losses[-k:]) / k, "steps": steps}
     log.info("MLM stand-in text encoder: loss %.3f -> %.3f over %d steps",
              result["first_loss"], result["last_loss"], steps)

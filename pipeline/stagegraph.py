@@ -144,11 +144,13 @@ def plan(nodes: list[Node], force: tuple[str, ...] = (), from_stage: str | None 
     """
     by_name = resolve_fingerprints(nodes)
     for name in (*force, *( [from_stage] if from_stage else [])):
-        if name not in by_name and not any(n.startswith(name + ":") for n in by_name):
+        if name not in by_name and not any(n.startswith((name + ":", name + "-")) for n in by_name):
             raise MflagError(f"unknown stage {name!r}; stages are: {', '.join(by_name)}")
 
     def matches(node_name: str, name: str) -> bool:
-        return node_name == name or node_name.startswith(name + ":")
+        # a whole name, or its leading part before ':' or '-' (train -> train:*, synth -> synth-mimic and
+        # synth:*, embed -> embed-text)
+        return node_name == name or node_name.startswith((name + ":", name + "-"))
 
     rerun: set[str] = set()
     reached_from = from_stage is None
@@ -185,7 +187,14 @@ def execute(nodes: list[Node], force: tuple[str, ...] = (), from_stage: str | No
         t0 = time.monotonic()
         _claim(node)
         assert node.run is not None, node.name
-        node.run(node, by_name)
+        try:
+            node.run(node, by_name)
+        except MflagError as e:
+            try:
+                named = type(e)(f"stage {node.name}: {e}")
+            except TypeError:  # an error type with its own constructor
+                named = MflagError(f"stage {node.name}: {e}")
+            raise named from e
         seconds = time.monotonic() - t0
         write_json(record_path(node), {
             "stage": node.name,

@@ -5,6 +5,8 @@ transformers is imported inside the functions so that importing this module stay
 """
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import logging
@@ -88,6 +90,23 @@ def random_bert(tokenizer: Any, seed: int = 0, **config: Any) -> torch.nn.Module
         return BertModel(cfg, add_pooling_layer=False)
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' progress bars and load reports around local saves and loads of the tool's
+    own small models (a bar for a one-file write is noise); restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def build_tiny_bert(texts: Iterable[str], out_dir: str | os.PathLike, hidden: int = 64,
                     layers: int = 2, heads: int = 2, vocab_size: int = 1000, seed: int = 0,
                     max_position: int = 512) -> Path:
@@ -105,7 +124,8 @@ def build_tiny_bert(texts: Iterable[str], out_dir: str | os.PathLike, hidden: in
     model = random_bert(tokenizer, seed, hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=4 * hidden,
                         max_position_embeddings=max_position)
-    model.save_pretrained(out)
+    with quiet_transformers():
+        model.save_pretrained(out)
     return out
 
 

@@ -547,6 +547,8 @@ def resolve_shards(spec: str, split: str = "train") -> ShardSet:
         sizes = _load_sizes(folder)
         count = sum(sizes[n] for n in names) if sizes and all(n in sizes for n in names) else None
         return ShardSet(tuple(str(folder / n) for n in names), count, folder)
+    if p.is_file() and not p.name.endswith((".tar", ".tgz", ".tar.gz")):
+        raise DataError(f"{p}: a file, not a shard (.tar), a folder of shards or a prepare output folder")
     urls = wds.shardlists.expand_urls(spec)
     if not urls:
         raise DataError(f"no shards in {spec!r}")

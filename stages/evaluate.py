@@ -22,6 +22,7 @@ import dataclasses
 import datetime as _dt
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -83,8 +84,11 @@ class EvalConfig:
             raise ConfigError(f"task: {self.task!r} is not one of {', '.join(TASKS)}")
         if self.dataset not in DATASETS:
             raise ConfigError(f"dataset: {self.dataset!r} is not one of {', '.join(DATASETS)}")
-        from pipeline.datasets.registry import check_options
+        from pipeline.datasets.registry import TASKS_BY_DATASET, check_options
 
+        if self.task not in TASKS_BY_DATASET[self.dataset]:
+            raise ConfigError(f"task: {self.dataset} supports {', '.join(TASKS_BY_DATASET[self.dataset])}, "
+                              f"not {self.task!r}")
         try:  # reader options are checked here, before any data is read (names and types only)
             check_options(self.dataset, dict(self.dataset_options))
         except MflagError as e:
@@ -216,13 +220,22 @@ def _clean_json(obj):
 
 
 def _check_folder(out: Path, fp: str) -> None:
+    """Refuse a folder holding results of another configuration; a run of another configuration that
+    stopped before finishing any seed left no results, so its leftovers are cleared instead."""
     cfg_path = out / "config.json"
     if cfg_path.is_file():
         old = read_json(cfg_path).get("fingerprint")
         if old is not None and old != fp:
-            raise MflagError(
-                f"{out} holds eval results of another configuration (fingerprint {old}, this one {fp}); "
-                f"use another --out so results of different configs are never mixed")
+            seeds = out / "seeds"
+            if (out / "results.json").exists() or (seeds.is_dir() and any(seeds.iterdir())):
+                raise MflagError(
+                    f"{out} holds eval results of another configuration (fingerprint {old}, this one {fp}); "
+                    f"use another --out, or delete {out} to start over, so results of different "
+                    "configurations are never mixed")
+            log.info("%s: clearing what a run of another configuration left before its first seed", out)
+            cfg_path.unlink()
+            shutil.rmtree(out / "split", ignore_errors=True)
+            shutil.rmtree(seeds, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- the stage

@@ -278,8 +278,14 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
         for where, opts in (("eval.common", ev_common), (f"eval.tasks[{k}]", task)):
             if "dataset_options" in opts:
                 _mapping(f"{where}.dataset_options", opts["dataset_options"])
-        _validate(f"eval.tasks[{k}]", EvalConfig, {**ev_common, **task}, root="(planned)", out="(planned)",
-                  init="random")
+        section = f"eval.tasks[{k}]"
+        try:
+            _validate(section, EvalConfig, {**ev_common, **task}, root="(planned)", out="(planned)", init="random")
+        except ConfigError as e:
+            field = str(e)[len(section) + 1:].split(":", 1)[0]
+            if field in ev_common and field not in task:  # the bad value came from eval.common
+                raise ConfigError("eval.common." + str(e)[len(section) + 1:]) from e
+            raise
         ds = task.get("dataset")
         if ds not in roots:
             raise MflagError(f"eval.tasks: dataset {ds!r} has no data; add it under downstream.synth or "
@@ -474,8 +480,34 @@ class RunResult:
     steps: list[dict]
 
 
+def _check_inputs_exist(config: str, nodes: list[Node]) -> None:
+    """Before running anything: the outside inputs the stages will need are there. (``status`` skips
+    this, so a plan can be shown on a machine without the data.)"""
+    problems = []
+    imagenet = [n.name for n in nodes if n.params.get("init") == "imagenet"]
+    if imagenet:
+        from pipeline.checkpoints import imagenet_weights_path
+
+        if imagenet_weights_path() is None:
+            import torch
+
+            problems.append(f"{', '.join(imagenet[:3])}{' ...' if len(imagenet) > 3 else ''} use init imagenet, "
+                            f"but the ImageNet ResNet50 weights are not in the torch hub cache "
+                            f"({Path(torch.hub.get_dir()) / 'checkpoints'}); fill it once with network (README, "
+                            "Real data step 0) or name a weights file")
+    for n in nodes:
+        for key in ("root", "reports"):
+            v = n.params.get(key)
+            if isinstance(v, str) and not v.startswith("@") and not Path(v).expanduser().exists():
+                where = f"corpus.mimic.{key}" if n.name == "prepare" else f"downstream.roots.{n.params.get('dataset')}"
+                problems.append(f"{where} (stage {n.name}): {v} does not exist")
+    if problems:
+        raise MflagError(f"{config}: " + "; ".join(dict.fromkeys(problems)))
+
+
 def run(cfg: RunConfig) -> RunResult:
     spec, nodes = _plan_nodes(cfg)
+    _check_inputs_exist(cfg.config, nodes)
     work = Path(spec["workdir"])
     work.mkdir(parents=True, exist_ok=True)
     save_config(cfg, work, name="run-config.json", pipeline=spec)

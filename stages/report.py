@@ -140,6 +140,8 @@ def _claims(data: dict, baseline: str) -> list[str]:
             if max(r["mean"], base["mean"]) < 0.02:
                 verdict = ("cannot test the paper's claim: neither init learned the task in this budget "
                            "(metric near 0) against")
+            elif min(r["n_seeds"], base["n_seeds"]) < 2:
+                verdict = "one seed, no spread to judge against: inconclusive against"
             elif diff > spread:
                 verdict = "agrees with the paper: pre-training beats"
             elif diff > 0:
@@ -160,7 +162,9 @@ def _claims(data: dict, baseline: str) -> list[str]:
                     continue  # said above: nothing learnt
                 diff = a["mean"] - b["mean"]
                 spread = max(a["std"] or 0.0, b["std"] or 0.0)
-                verdict = ("agrees with the paper: the orthogonality loss improves" if diff > spread else
+                verdict = ("one seed, no spread to judge against: inconclusive whether the orthogonality loss "
+                           "improves" if min(a["n_seeds"], b["n_seeds"]) < 2 else
+                           "agrees with the paper: the orthogonality loss improves" if diff > spread else
                            "within seed spread: this run neither confirms nor refutes that the orthogonality "
                            "loss improves" if diff > -spread else
                            "does NOT agree with the paper: the orthogonality loss does not improve")

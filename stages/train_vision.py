@@ -488,10 +488,12 @@ class _Trainer:
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         slots = dist.world_size * max(1, cfg.num_workers)
         if len(self.train.urls) < slots:
+            fix = ("lower --num-workers or re-shard" if cfg.num_workers > 1 else
+                   "use fewer ranks or re-shard") + " with a smaller --shard-size in prepare"
             raise wdsp.DataError(
                 f"{len(self.train.urls)} training shard(s) for {dist.world_size} rank(s) x "
-                f"{max(1, cfg.num_workers)} worker(s): need at least {slots} so every worker reads its own "
-                f"shards (lower --num-workers or re-shard with a smaller shard size)")
+                f"{max(1, cfg.num_workers)} loader process(es) each: need at least {slots} so every one reads "
+                f"its own shards ({fix})")
         if cfg.text_mode == "cache":
             from cache import TextEmbeddingCache
 
@@ -503,7 +505,7 @@ class _Trainer:
             if dist.is_main:
                 log.info("text cache %s: %d reports, dim %d", self.cache.path, len(self.cache), self.cache.dim)
                 for k in sorted(self.cache.attrs):
-                    log.info("  cache attr %s = %s", k, self.cache.attrs[k])
+                    log.debug("  cache attr %s = %s", k, self.cache.attrs[k])
         else:
             self.cache = None
             self.targets = wdsp.ReportTexts(wdsp.read_reports(cfg.reports))
@@ -599,8 +601,8 @@ class _Trainer:
             return latest if latest.is_file() else None
         if cfg.resume == "never":
             if latest.is_file():
-                raise ConfigError(f"resume: {self.out} already holds checkpoints; use --resume auto or "
-                                  f"another --out")
+                raise ConfigError(f"resume: {self.out} already holds checkpoints; use --resume auto, "
+                                  f"another --out, or delete {self.out} to start over")
             return None
         p = Path(cfg.resume)
         if not p.is_file():
@@ -616,7 +618,8 @@ class _Trainer:
             new = semantic_config(self.cfg)
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise ConfigError(f"resume: {path} was written by a different configuration (differs in "
-                              f"{', '.join(diff) or 'fingerprint'}); use another --out or the same options")
+                              f"{', '.join(diff) or 'fingerprint'}); use the same options, another --out, or delete "
+                              f"{self.out} to start over")
         if ck.get("world_size") != self.dist.world_size:
             raise ConfigError(f"resume: {path} was written with {ck.get('world_size')} ranks, this run has "
                               f"{self.dist.world_size}; exact resume needs the same world size")

@@ -97,7 +97,7 @@ def test_yaml_numbers_with_an_exponent_are_numbers(tmp_path):
     ("corpus.synth.n_studeis", 4, r"corpus\.synth: unknown options \['n_studeis'\]"),
     ("text_model.build.hiden", 4, r"text_model\.build: unknown options \['hiden'\]"),
     ("downstream.synth.chexpert.size", 4, r"downstream\.synth\.chexpert: unknown options \['size'\]"),
-    ("eval.common.fraction", 2, r"eval\.tasks\[0\]\.fraction: must be in \(0, 1\]"),
+    ("eval.common.fraction", 2, r"eval\.common\.fraction: must be in \(0, 1\]"),
     ("embed_text.pooling", "max", r"embed_text\.pooling: must be one of"),
     ("report", {"titel": "x"}, r"report: unknown .*titel"),
     ("eval.common.dataset_options", {"frontal_olny": False}, r"dataset 'chexpert' has no option\(s\) frontal_olny"),
@@ -139,3 +139,18 @@ def test_fingerprints_do_not_depend_on_how_the_workdir_is_spelled(tmp_path, monk
     resolve_fingerprints(list(relative.values()))
     for node in resolve_fingerprints(absolute).values():
         assert node.fingerprint == relative[node.name].fingerprint, node.name
+
+
+def test_run_checks_outside_inputs_before_any_stage(tmp_path, monkeypatch):
+    path = _config(tmp_path, **{"downstream.roots": {"rsna": str(tmp_path / "no-such-rsna")}})
+    spec = yaml.safe_load(path.read_text())
+    spec["eval"]["tasks"].append({"task": "det", "dataset": "rsna"})
+    spec["train"]["common"]["init"] = "imagenet"
+    path.write_text(yaml.safe_dump(spec))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    with pytest.raises(MflagError) as e:
+        orchestrate.run(orchestrate.RunConfig(config=str(path)))
+    assert "downstream.roots.rsna (stage eval:det-rsna:random)" in str(e.value) and "does not exist" in str(e.value)
+    assert "use init imagenet" in str(e.value) and "step 0" in str(e.value)
+    assert not (tmp_path / "work").exists()  # nothing ran
+    orchestrate.status(orchestrate.RunConfig(config=str(path)))  # status still shows the plan

@@ -36,3 +36,12 @@ def test_orthogonality_that_hurts_is_said_so():
     text = "\n".join(_claims(data, "random"))
     assert "does NOT agree with the paper: the orthogonality loss does not improve" in text
     assert "did not raise the effective rank" in text
+
+
+def test_one_seed_is_inconclusive():
+    one = {"primary": "auroc", "mean": 0.83, "std": 0.0, "n_seeds": 1, "summary": {}}
+    data = {"evals": {"cls": {"random": {**one, "mean": 0.17}, "mflag": one, "align-only": {**one, "mean": 0.5}}},
+            "trains": {"mflag": _tr(1.0, 10.0, 8.0), "align-only": _tr(0.0, 500.0, 12.0)}}
+    text = "\n".join(_claims(data, "random"))
+    assert "agrees with the paper" not in text.split("collapse")[0]
+    assert text.count("one seed, no spread to judge against") == 3

@@ -86,7 +86,7 @@ def enforce_missing(tally: Tally, n_labelled: int, source: Path, max_missing: fl
         raise MflagError(
             f"{source}: {missing} of {n_labelled} labelled images are missing on disk "
             f"({missing / n_labelled:.1%} > max_missing {max_missing:.1%}); check the dataset root, "
-            f"or raise max_missing")
+            f"or raise max_missing (--dataset-option max_missing=0.1, or dataset_options in a pipeline YAML)")
 
 
 def image_size(path: Path) -> tuple[int, int]:

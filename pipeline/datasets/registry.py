@@ -24,6 +24,9 @@ def _readers() -> dict[str, Callable[..., DatasetSpec]]:
 
 
 DATASETS = ("chexpert", "rsna", "covidx", "siim", "object-cxr")
+# The tasks each reader supports (each reader also checks its own with check_task).
+TASKS_BY_DATASET = {"chexpert": ("cls",), "rsna": ("cls", "det", "seg"), "covidx": ("cls",),
+                    "siim": ("seg", "cls"), "object-cxr": ("det", "cls")}
 
 
 def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
