@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import pickle
+import types
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -55,15 +56,50 @@ def _reference_shapes() -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in resnet50(weights=None).state_dict().items() if not k.startswith("fc.")}
 
 
+class _Stub:
+    """Stands in for a pickled object whose class cannot be imported here (a Lightning AttributeDict,
+    an OmegaConf DictConfig, a callback): keeps whatever state it is given and does nothing else."""
+
+    def __init__(self, *args, **kwargs):
+        self.__dict__["_args"] = args
+
+    def __setstate__(self, state):
+        self.__dict__["_state"] = state
+
+    def __setitem__(self, key, value):
+        self.__dict__.setdefault("_items", {})[key] = value
+
+    def append(self, value):
+        self.__dict__.setdefault("_list", []).append(value)
+
+    def extend(self, values):
+        self.__dict__.setdefault("_list", []).extend(values)
+
+
+class _LenientUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return type(name, (_Stub,), {"__module__": module})
+
+
+_lenient_pickle = types.ModuleType("mflag_lenient_pickle")
+_lenient_pickle.Unpickler = _LenientUnpickler
+_lenient_pickle.load = lambda f, **kw: _LenientUnpickler(f, **kw).load()
+_lenient_pickle.__name__ = "mflag_lenient_pickle"
+
+
 def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         # Lightning checkpoints (MGCA, GLoRIA) pickle their hyper-parameters as arbitrary objects, which
-        # the safe loader refuses; fall back to full unpickling with a warning.
+        # the safe loader refuses; fall back to full unpickling with a warning. Classes that are not
+        # installed here (OmegaConf, Lightning) become inert stubs: only the tensors are used.
         log.warning("%s needs full unpickling (not weights-only); load only checkpoints you trust", path)
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle)
         except Exception as e:
             raise CheckpointError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from e
     except (RuntimeError, OSError, EOFError) as e:

@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 ON_EMPTY = ("skip", "error")
 # Attributes a resumed run must share with the shards already on disk.
-RESUME_ATTRS = ("fingerprint", "model_id", "revision", "dim", "pooling", "max_length", "dtype",
+# Not model_id: the same weights in a moved or copied folder (another mount) are the same model, which
+# revision, config_hash and tokenizer_hash already pin.
+RESUME_ATTRS = ("fingerprint", "revision", "dim", "pooling", "max_length", "dtype",
                 "store_dtype", "config_hash", "tokenizer_hash")
 _LIST_MAX = 10
 
@@ -457,8 +459,17 @@ def _write_shards(stream, todo, spans, reports, cache_dir, attrs, config, bar):
         name = cache_dir / shard_name(i)
         _remove_stale_temps(cache_dir, name.name)
         shard_attrs = {**attrs, "shard": i, "n_truncated": int(truncated.sum())}
+        with np.errstate(over="ignore"):  # overflow is checked for right below, by key
+            stored = emb.astype(config.store_dtype)
+        bad = ~(np.isfinite(emb).all(axis=1) & np.isfinite(stored).all(axis=1))
+        if bad.any():
+            keys = [reports.keys[a + j] for j in np.flatnonzero(bad)[:5]]
+            raise CacheError(
+                f"{name}: {int(bad.sum())} embedding(s) are not finite after the {attrs['dtype']} forward and "
+                f"the {config.store_dtype} store (keys {', '.join(keys)}); nothing was written for this shard. "
+                "Use --dtype fp32 (and --store-dtype float32 if values exceed 65504), then rerun to resume")
         try:
-            writer.write_shard(name, reports.keys[a:b], emb.astype(config.store_dtype), shard_attrs)
+            writer.write_shard(name, reports.keys[a:b], stored, shard_attrs)
         except OSError as e:
             raise CacheError(f"{name}: cannot write shard ({e}); no partial shard was left; "
                              "free space and rerun to resume") from e
@@ -503,16 +514,17 @@ def _run(config: EmbedTextConfig, device: str, dist, barrier) -> EmbedTextResult
     })
 
     n_shards = -(-len(reports.keys) // config.shard_size)
-    parts = config.num_parts * dist.world_size
-    mine = config.part * dist.world_size + dist.rank
+    # Shards go to parts first (i % num_parts), then a part's shards to its ranks: parts may run with
+    # different numbers of processes (an 8-GPU and a 4-GPU machine) and still cover every shard once.
+    own = [i for i in range(n_shards) if i % config.num_parts == config.part][dist.rank::dist.world_size]
     spans = [(i * config.shard_size, min((i + 1) * config.shard_size, len(reports.keys)))
              for i in range(n_shards)]
     # Every shard already on disk is checked before anything is written.
     for i, (a, b) in enumerate(spans):
         if (cache_dir / shard_name(i)).is_file():
             _check_existing(cache_dir / shard_name(i), attrs, reports.keys[a:b])
-    todo = [i for i in range(n_shards) if i % parts == mine and not (cache_dir / shard_name(i)).is_file()]
-    skipped = sum(1 for i in range(n_shards) if i % parts == mine) - len(todo)
+    todo = [i for i in own if not (cache_dir / shard_name(i)).is_file()]
+    skipped = len(own) - len(todo)
     log.info("embed-text: %d reports (%d distinct texts), %d shards, this part writes %d (%d done) "
              "-> %s", len(reports.keys), reports.stats["distinct_texts"], n_shards, len(todo),
              skipped, cache_dir)

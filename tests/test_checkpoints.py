@@ -73,6 +73,31 @@ def test_load_from_files_and_build(tmp_path, reference, caplog):
         assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 2048)
 
 
+def test_checkpoint_pickling_classes_that_are_not_installed(tmp_path, reference, monkeypatch):
+    # GLoRIA/Lightning checkpoints pickle hyper-parameters as OmegaConf / Lightning objects; neither is a
+    # dependency here. Write one with a class from a throw-away module, then make that module vanish.
+    import sys
+    import types
+
+    mod = types.ModuleType("fake_omegaconf")
+
+    class DictConfig(dict):
+        pass
+
+    DictConfig.__module__, DictConfig.__qualname__ = "fake_omegaconf", "DictConfig"
+    mod.DictConfig = DictConfig
+    monkeypatch.setitem(sys.modules, "fake_omegaconf", mod)
+    ckpt = tmp_path / "gloria.ckpt"
+    hp = DictConfig(model={"vision": {"model_name": "resnet_50"}})
+    hp.extra = [1, 2]
+    torch.save({"state_dict": {f"gloria.img_encoder.model.{k}": v for k, v in reference.items()},
+                "hyper_parameters": hp}, ckpt)
+    monkeypatch.delitem(sys.modules, "fake_omegaconf")
+    got, name = load_encoder_state(ckpt)
+    assert name == "gloria"
+    _assert_same(got, reference)
+
+
 def test_old_checkpoint_without_num_batches_tracked(reference):
     state = {k: v for k, v in _trunk(reference).items() if not k.endswith("num_batches_tracked")}
     got, name = extract_encoder_state(state)

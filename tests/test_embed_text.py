@@ -168,6 +168,51 @@ def test_parts_by_hand_make_the_same_cache(world, tmp_path):
     assert shard_bytes(p0.cache_dir) == shard_bytes(whole.cache_dir)
 
 
+def test_parts_run_with_different_process_counts_cover_every_shard(world, tmp_path):
+    # Part 0 on a 2-process machine, part 1 on a 1-process one: every shard written exactly once.
+    from pipeline.distributed import DistInfo
+    from stages.embed_text import _run
+
+    whole = run(cfg(world, tmp_path / "whole", shard_size=4))
+    out = tmp_path / "mixed"
+    written = []
+    for rank in (1, 0):  # the two ranks of part 0, one after the other
+        res = _run(cfg(world, out, shard_size=4, num_parts=2, part=0), "cpu",
+                   DistInfo(rank=rank, world_size=2), lambda d: None)
+        written.append(res.shards_written)
+    assert not (res.cache_dir / "index.json").exists()
+    last = run(cfg(world, out, shard_size=4, num_parts=2, part=1))
+    written.append(last.shards_written)
+    assert last.complete and sum(written) == len(list(whole.cache_dir.glob("part-*.h5")))
+    assert shard_bytes(last.cache_dir) == shard_bytes(whole.cache_dir)
+
+
+def test_non_finite_embeddings_are_refused(world, tmp_path, monkeypatch):
+    from pipeline.textmodels import TextEncoder
+
+    real = TextEncoder.pool
+
+    def overflow(self, *a, **k):
+        out = real(self, *a, **k)
+        out[..., 0] = 7e4  # beyond float16: inf once stored
+        return out
+
+    monkeypatch.setattr(TextEncoder, "pool", overflow)
+    with pytest.raises(CacheError, match=r"not finite .*float16 store .*--store-dtype float32"):
+        run(cfg(world, tmp_path / "c", shard_size=8, store_dtype="float16"))
+    assert not list((tmp_path / "c").rglob("part-*.h5"))
+
+
+def test_a_moved_model_folder_reuses_the_cache(world, tmp_path):
+    import shutil
+
+    first = run(cfg(world, tmp_path / "c", shard_size=8))
+    moved = tmp_path / "elsewhere" / "bert"
+    shutil.copytree(world["model"], moved)  # the same weights on another mount
+    again = run(cfg(world, tmp_path / "c", shard_size=8, model=str(moved)))
+    assert again.cache_dir == first.cache_dir and again.shards_written == 0 and again.complete
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_match_single(world, tmp_path):
     single = run(cfg(world, tmp_path / "single", shard_size=8))
