@@ -28,7 +28,7 @@ def _resolve_root(root: Path) -> Path:
     if (root / "train.csv").is_file() or (root / "valid.csv").is_file():
         return root
     for p in _PREFIXES:
-        if (root / p / "train.csv").is_file():
+        if (root / p / "train.csv").is_file() or (root / p / "valid.csv").is_file():
             return root / p
     raise MflagError(f"CheXpert: no train.csv or valid.csv under {root} (or {'/'.join(_PREFIXES)})")
 
