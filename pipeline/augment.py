@@ -542,8 +542,7 @@ def _value_max(images: Tensor) -> float:
 def _as_single(image: Tensor | np.ndarray) -> Tensor:
     """A grey (H,W) array or (1,H,W)/(H,W) tensor -> a (1,1,S,S) tensor view."""
     if isinstance(image, np.ndarray):
-        # decoded shard bytes are read-only views; torch warns about those, so copy them (64 KiB)
-        image = torch.from_numpy(np.array(image, copy=not image.flags.writeable, order="C"))
+        image = torch.from_numpy(np.ascontiguousarray(image))
     if image.ndim == 2:
         image = image[None]
     if image.ndim != 3 or image.shape[0] != 1:

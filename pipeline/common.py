@@ -10,6 +10,8 @@ import os
 import sys
 import tempfile
 import time
+import types
+import typing
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
 
@@ -203,3 +205,63 @@ class RateLimitedLog:
         if n <= self.first or (n & (n - 1)) == 0:
             self.log.warning("%s #%d: %s%s", self.what, n, msg,
                              "" if n < self.first else " (further warnings rate-limited)")
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def coerce_to_hint(where: str, value: Any, hint: Any, from_text: bool = False) -> Any:
+    """``value`` checked against the annotation ``hint`` of the option ``where`` names: a whole number
+    where an int is wanted (``50.0`` becomes 50; an int stays an int where a float is wanted), a lone
+    value where a list is wanted (returned as a list). ``from_text``: strings as typed on a command line
+    may also stand for switches ("false"), numbers ("0.1") and comma-separated lists ("a.csv,b.csv").
+    Anything else is a MflagError naming ``where`` and what it expected."""
+    if hint is None or hint is Any:
+        return value
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce_to_hint(where, value, inner[0], from_text) if len(inner) == 1 else value
+    original = value
+
+    def bad(what: str) -> MflagError:
+        return MflagError(f"{where}: expected {what}, got {original!r}")
+
+    text = from_text and isinstance(value, str)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if text and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise bad("true or false")
+    if hint in (int, float):
+        if text:
+            try:
+                value, number = (float if hint is float else int)(value.strip()), True
+            except ValueError:
+                raise bad("a whole number" if hint is int else "a number") from None
+        if number and hint is float:
+            return value
+        if number and float(value).is_integer():
+            return int(value)
+        raise bad("a whole number" if hint is int else "a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if number:
+            return str(value)
+        raise bad("text")
+    if origin is tuple:
+        if isinstance(value, dict):
+            return value  # key/value options (e.g. dataset_options) are checked by their stage
+        if text:
+            seq = [x.strip() for x in value.split(",") if x.strip()]
+        else:
+            seq = list(value) if isinstance(value, (list, tuple)) else [value]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return [coerce_to_hint(f"{where}[{i}]", x, args[0], from_text) for i, x in enumerate(seq)]
+        return seq
+    return value

@@ -143,14 +143,15 @@ def plan(nodes: list[Node], force: tuple[str, ...] = (), from_stage: str | None 
     Returns the nodes by name and ``(node, status, will_run)`` in execution order.
     """
     by_name = resolve_fingerprints(nodes)
-    for name in (*force, *( [from_stage] if from_stage else [])):
-        if name not in by_name and not any(n.startswith((name + ":", name + "-")) for n in by_name):
-            raise MflagError(f"unknown stage {name!r}; stages are: {', '.join(by_name)}")
 
     def matches(node_name: str, name: str) -> bool:
         # a whole name, or its leading part before ':' or '-' (train -> train:*, synth -> synth-mimic and
         # synth:*, embed -> embed-text)
         return node_name == name or node_name.startswith((name + ":", name + "-"))
+
+    for name in (*force, *( [from_stage] if from_stage else [])):
+        if not any(matches(n, name) for n in by_name):
+            raise MflagError(f"unknown stage {name!r}; stages are: {', '.join(by_name)}")
 
     rerun: set[str] = set()
     reached_from = from_stage is None

@@ -257,7 +257,8 @@ class Decode:
 def _resize(img: np.ndarray, size: int) -> np.ndarray:
     from PIL import Image
 
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
+    # np.array, not asarray: a writable array like decode_image's (torch warns on read-only ones)
+    return np.array(Image.fromarray(img).resize((size, size), Image.BILINEAR))
 
 
 # --------------------------------------------------------------------------- text side

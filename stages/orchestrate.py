@@ -13,14 +13,13 @@ import inspect
 import json
 import logging
 import re
-import types
 import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pipeline.common import ConfigError, MflagError, read_json, save_config, write_json
+from pipeline.common import ConfigError, MflagError, coerce_to_hint, read_json, save_config, write_json
 from pipeline.stagegraph import Node, NodeStatus, execute, path_signature, plan
 
 log = logging.getLogger(__name__)
@@ -128,47 +127,7 @@ def _check_call(section: str, options: dict, fn, skip: int = 1, extra: dict | No
 
 
 def _coerce(section: str, options: dict, hints: dict) -> dict:
-    return {k: _coerce_value(f"{section}.{k}", v, hints.get(k)) for k, v in options.items()}
-
-
-def _coerce_value(where: str, v: Any, hint: Any) -> Any:
-    """``v`` checked against the annotation ``hint``: ints where whole numbers are wanted (``50.0``
-    becomes 50), a lone value where a list is wanted; anything else names the key and what it expected."""
-    if hint is None or hint is Any:
-        return v
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if v is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce_value(where, v, inner[0]) if len(inner) == 1 else v
-    number = isinstance(v, (int, float)) and not isinstance(v, bool)
-    if hint is bool:
-        if isinstance(v, bool):
-            return v
-        raise MflagError(f"{where}: expected true or false, got {v!r}")
-    if hint is int:
-        if number and float(v).is_integer():
-            return int(v)
-        raise MflagError(f"{where}: expected a whole number, got {v!r}")
-    if hint is float:
-        if number:
-            return v  # an int is a valid float; kept as written so fingerprints do not move
-        raise MflagError(f"{where}: expected a number, got {v!r}")
-    if hint is str:
-        if isinstance(v, str):
-            return v
-        if number:
-            return str(v)
-        raise MflagError(f"{where}: expected text, got {v!r}")
-    if origin is tuple:
-        if isinstance(v, dict):
-            return v  # key/value options (e.g. dataset_options) are handled by their stage
-        seq = list(v) if isinstance(v, (list, tuple)) else [v]
-        if len(args) == 2 and args[1] is Ellipsis:
-            return [_coerce_value(f"{where}[{i}]", x, args[0]) for i, x in enumerate(seq)]
-        return seq
-    return v
+    return {k: coerce_to_hint(f"{section}.{k}", v, hints.get(k)) for k, v in options.items()}
 
 
 def build_nodes(spec: dict[str, Any]) -> list[Node]:

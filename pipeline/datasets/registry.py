@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import inspect
-import types
 import typing
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.common import MflagError
+from pipeline.common import MflagError, coerce_to_hint
 from pipeline.datasets.base import DatasetSpec
 
 
@@ -40,7 +39,8 @@ def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise MflagError(f"dataset {key!r} has no option(s) {', '.join(unknown)} (accepted: {', '.join(accepted)})")
     hints = typing.get_type_hints(reader)
-    return {k: _coerce(key, k, v, hints.get(k)) for k, v in options.items()}
+    return {k: coerce_to_hint(f"dataset {key!r} option {k}", v, hints.get(k), from_text=True)
+            for k, v in options.items()}
 
 
 def _reader(name: str) -> tuple[str, Callable[..., DatasetSpec]]:
@@ -63,43 +63,3 @@ def load_dataset(name: str, root: str | Path, task: str, **options: Any) -> Data
     if not root.is_dir():
         raise MflagError(f"dataset root {root} is not a directory")
     return reader(root, task=task, **options)
-
-
-_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
-
-
-def _coerce(dataset: str, name: str, value: Any, hint: Any) -> Any:
-    """``value`` as the reader's annotation ``hint`` wants it (see ``check_options``)."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    base = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
-    if value is None:
-        return None
-
-    def bad(what: str) -> MflagError:
-        return MflagError(f"dataset {dataset!r} option {name}: expected {what}, got {value!r}")
-
-    if typing.get_origin(base) is tuple:
-        items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
-        return tuple(str(x).strip() for x in items if str(x).strip())
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-            return value.strip().lower() in _TRUE
-        raise bad("true or false")
-    if base in (int, float):
-        if isinstance(value, bool):
-            raise bad("a number")
-        if isinstance(value, str):
-            try:
-                value = float(value) if base is float else int(value)
-            except ValueError:
-                raise bad("a number") from None
-        if not isinstance(value, (int, float)) or (base is int and not float(value).is_integer()):
-            raise bad("a whole number" if base is int else "a number")
-        return base(value)
-    if base is str:
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise bad("text")
-        return str(value)
-    return value
