@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -57,3 +58,29 @@ def barrier(info: DistInfo) -> None:
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_gather_object(obj: Any, info: DistInfo) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` (every rank gets the list); ``[obj]`` in one process."""
+    if not info.enabled:
+        return [obj]
+    out: list = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(flag: bool, info: DistInfo, device: str | torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any rank."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+def any_rank_nonfinite(value: torch.Tensor, info: DistInfo) -> bool:
+    """True on every rank when ``value`` is NaN/inf on any rank (one host sync)."""
+    bad = (~torch.isfinite(value.detach())).float().reshape(1)
+    if info.enabled:
+        dist.all_reduce(bad)
+    return bool(bad.item() > 0)

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 import torch
 
-from pipeline.common import MflagError, fingerprint
+from pipeline.common import ConfigError, MflagError, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -253,17 +253,26 @@ class TextEncoder:
         return self
 
     def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-        """(B, L) ids and mask -> (B, D) float32 embeddings; ``proj`` is L2-normalised like the
-        checkpoint's own ``get_projected_text_embeddings``."""
+        """(B, L) ids and mask -> (B, D) float32 embeddings (see :func:`pool_hidden`)."""
         h = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
-        if pooling == "cls":
-            return h[:, 0].float()
-        if pooling == "mean":
-            m = attention_mask.unsqueeze(-1).float()  # sums in fp32: fp16 could overflow on long reports
-            return (h.float() * m).sum(1) / m.sum(1).clamp_min(1)
-        if pooling == "proj":
-            return torch.nn.functional.normalize(self.proj(h[:, 0]).float(), dim=-1)
-        raise ValueError(f"unknown pooling {pooling!r}")
+        return pool_hidden(h, attention_mask, pooling, self.proj)
+
+
+def pool_hidden(h: torch.Tensor, attention_mask: torch.Tensor, pooling: str,
+                proj: torch.nn.Module | None = None) -> torch.Tensor:
+    """(B, L, H) last hidden states -> (B, D) float32: ``cls`` the first token, ``mean`` the mean over
+    real tokens, ``proj`` the L2-normalised projection of the first token (CXR-BERT-specialized's
+    own ``get_projected_text_embeddings``). embed-text and the online text mode both pool here."""
+    if pooling == "cls":
+        return h[:, 0].float()
+    if pooling == "mean":
+        m = attention_mask.unsqueeze(-1).float()  # sums in fp32: fp16 could overflow on long reports
+        return (h.float() * m).sum(1) / m.sum(1).clamp_min(1)
+    if pooling == "proj":
+        if proj is None:
+            raise TextModelError("pooling 'proj' needs the model's projection head")
+        return torch.nn.functional.normalize(proj(h[:, 0]).float(), dim=-1)
+    raise ValueError(f"unknown pooling {pooling!r}")
 
 
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "torch_dtype", "dtype",
@@ -411,6 +420,64 @@ def _load_auto(folder: Path, pooling: str) -> TextEncoder:
                        hidden_size=int(getattr(config, "hidden_size", getattr(config, "d_model", 0))),
                        max_positions=int(getattr(config, "max_position_embeddings", 0) or 1 << 30),
                        kind="auto")
+
+
+# --------------------------------------------------------------------------- online mode
+class OnlineTextEncoder(torch.nn.Module):
+    """A text encoder run inside each training step (the original design, kept as the baseline and
+    the freezing ablation): tokenizes report texts (padded to ``max_length`` like the original) and
+    pools them to (B, D) with :func:`pool_hidden`, as embed-text does. Frozen except the last
+    ``unfreeze_last`` layers. :meth:`from_pretrained` loads it with :func:`load_text_model`, the
+    loader embed-text uses, in float32 whatever dtype the checkpoint was saved in."""
+
+    def __init__(self, encoder: torch.nn.Module, tokenizer=None, max_length: int = 512, pooling: str = "cls",
+                 unfreeze_last: int = 0, name: str = "text encoder", proj: torch.nn.Module | None = None):
+        super().__init__()
+        self.encoder, self.tokenizer, self.proj = encoder, tokenizer, proj
+        self.max_length, self.pooling = max_length, pooling
+        self.encoder.requires_grad_(False)
+        if proj is not None:
+            proj.requires_grad_(False)
+        layers = _encoder_layers(self.encoder)
+        if unfreeze_last > len(layers):
+            raise ConfigError(f"unfreeze_last: {name} has {len(layers)} layers, asked for {unfreeze_last}")
+        for layer in layers[len(layers) - unfreeze_last:] if unfreeze_last else []:
+            layer.requires_grad_(True)
+        self.unfreeze_last = unfreeze_last
+        self.dim = int(proj.dense_to_output.out_features if pooling == "proj" and proj is not None
+                       else self.encoder.config.hidden_size)
+
+    @classmethod
+    def from_pretrained(cls, model: str, max_length: int = 512, pooling: str = "cls",
+                        unfreeze_last: int = 0) -> "OnlineTextEncoder":
+        enc = load_text_model(model, pooling, device="cpu", dtype=torch.float32)
+        return cls(enc.model, enc.tokenizer, max_length, pooling, unfreeze_last, name=model, proj=enc.proj)
+
+    def tokenize(self, texts: list[str], device) -> dict[str, torch.Tensor]:
+        tok = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        return {k: v.to(device) for k, v in tok.items()}
+
+    def forward(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        grad = torch.is_grad_enabled() and self.unfreeze_last > 0
+        if not self.unfreeze_last:
+            self.encoder.eval()  # a frozen encoder: no dropout, as when the cache was computed
+        with torch.set_grad_enabled(grad):
+            mask = tokens["attention_mask"]
+            hidden = self.encoder(input_ids=tokens["input_ids"], attention_mask=mask).last_hidden_state
+            return pool_hidden(hidden, mask, self.pooling, self.proj)
+
+
+def _encoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    for path in ("encoder.layer", "encoder.layers", "layers", "transformer.layer"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        return list(obj)
+    return []
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -24,26 +24,25 @@ the statistics of the global batch on several CUDA processes (SyncBatchNorm).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import os
-import random
-import shutil
 import time
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 
-from pipeline import losses, probes
+from pipeline import probes
 from pipeline import wds as wdsp
 from pipeline.common import (ConfigError, MflagError, atomic_path, config_to_dict, fingerprint, read_json,
                              save_config, write_json)
-from pipeline.distributed import DistInfo, barrier, cleanup, init_distributed
+from pipeline.distributed import (DistInfo, all_gather_object, any_rank, any_rank_nonfinite, barrier, cleanup,
+                                  init_distributed)
+from pipeline.pretrain import SampleAugmentFactory, StepSettings, TrainModule, prepare_images, train_step
+from pipeline.textmodels import OnlineTextEncoder
+from pipeline.train_state import (load_checkpoint, param_checksum, publish_latest, rng_state, save_checkpoint,
+                                  set_rng_state)
 from pipeline.schedules import WarmupCosine, WarmupCosineRestarts
 
 log = logging.getLogger(__name__)
@@ -159,142 +158,6 @@ class TrainVisionConfig:
              "only with text_mode 'online' (the cached mode has no text model to train)")
 
 
-# --------------------------------------------------------------------------- text side
-class OnlineTextEncoder(nn.Module):
-    """A transformers encoder run inside each step (the original design): tokenizes report texts
-    (padded to ``max_length`` like the original) and pools (CLS or mean) to (B, H). Frozen except the
-    last ``unfreeze_last`` layers. Build it with :meth:`from_pretrained`."""
-
-    def __init__(self, encoder: nn.Module, tokenizer=None, max_length: int = 512, pooling: str = "cls",
-                 unfreeze_last: int = 0, name: str = "text encoder"):
-        super().__init__()
-        self.encoder, self.tokenizer = encoder, tokenizer
-        self.max_length, self.pooling = max_length, pooling
-        self.encoder.requires_grad_(False)
-        layers = _encoder_layers(self.encoder)
-        if unfreeze_last > len(layers):
-            raise ConfigError(f"unfreeze_last: {name} has {len(layers)} layers, asked for {unfreeze_last}")
-        for layer in layers[len(layers) - unfreeze_last:] if unfreeze_last else []:
-            layer.requires_grad_(True)
-        self.unfreeze_last = unfreeze_last
-        self.dim = int(self.encoder.config.hidden_size)
-
-    @classmethod
-    def from_pretrained(cls, model: str, max_length: int = 512, pooling: str = "cls",
-                        unfreeze_last: int = 0) -> "OnlineTextEncoder":
-        from transformers import AutoModel, AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model)
-            encoder = AutoModel.from_pretrained(model)
-        except (OSError, ValueError) as e:
-            raise MflagError(f"--text-model {model}: cannot load a transformers encoder ({e})") from e
-        return cls(encoder, tokenizer, max_length, pooling, unfreeze_last, name=model)
-
-    def tokenize(self, texts: list[str], device) -> dict[str, torch.Tensor]:
-        tok = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
-        return {k: v.to(device) for k, v in tok.items()}
-
-    def forward(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-        grad = torch.is_grad_enabled() and self.unfreeze_last > 0
-        if not self.unfreeze_last:
-            self.encoder.eval()  # a frozen encoder: no dropout, as when the cache was computed
-        with torch.set_grad_enabled(grad):
-            hidden = self.encoder(**tokens).last_hidden_state  # (B, T, H)
-            if self.pooling == "cls":
-                return hidden[:, 0]
-            mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-
-
-def _encoder_layers(model: nn.Module) -> list[nn.Module]:
-    for path in ("encoder.layer", "encoder.layers", "layers", "transformer.layer"):
-        obj = model
-        try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            continue
-        return list(obj)
-    return []
-
-
-class TrainModule(nn.Module):
-    """What DDP wraps: the vision model (+ the online text encoder). forward -> (zv, za, zt)."""
-
-    def __init__(self, vision: nn.Module, text: OnlineTextEncoder | None = None):
-        super().__init__()
-        self.vision = vision
-        self.text = text
-
-    def forward(self, images: torch.Tensor, target) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        zv, za = self.vision(images)
-        t = self.text(target) if self.text is not None else target
-        return zv, za, self.vision.project_text(t)
-
-    def checkpoint_state(self) -> dict[str, torch.Tensor]:
-        """The weights a checkpoint needs: a fully frozen text encoder is reloaded from its source."""
-        sd = self.state_dict()
-        if self.text is not None and not self.text.unfreeze_last:
-            sd = {k: v for k, v in sd.items() if not k.startswith("text.")}
-        return sd
-
-
-# --------------------------------------------------------------------------- one step
-@dataclasses.dataclass
-class StepSettings:
-    orth_weight: float = 1.0
-    orth_lambda: float = 0.0051
-    orth_standardize: bool = False
-    orth_on: str = "zv"
-    orth_global: bool = True
-    world_size: int = 1
-    grad_clip: float | None = None
-    autocast_dtype: torch.dtype | None = None
-    channels_last: bool = True
-
-
-def prepare_images(images: torch.Tensor, augmenter, device, channels_last: bool) -> torch.Tensor:
-    """A batch from the loader -> float (B, 3, c, c) on ``device``. uint8 batches (GPU path) are
-    augmented here; the 3 channels are a stride-0 view of the one grey channel."""
-    from pipeline.augment import to_three_channels
-
-    images = images.to(device, non_blocking=True)
-    if augmenter is not None:
-        images = augmenter(images)
-    elif images.shape[1] == 1:
-        images = to_three_channels(images)
-    if channels_last and images.device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images
-
-
-def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, scaler, images: torch.Tensor, target,
-               s: StepSettings) -> dict[str, torch.Tensor]:
-    """Forward, losses (fp32), backward, optional clipping, optimizer step. Returns 0-dim tensors
-    ``loss, align, orth, grad_norm`` (not synchronised to the host here)."""
-    device_type = images.device.type
-    ac = (torch.autocast(device_type, dtype=s.autocast_dtype) if s.autocast_dtype is not None
-          else contextlib.nullcontext())
-    optimizer.zero_grad(set_to_none=True)
-    with ac:
-        zv, za, zt = module(images, target)
-    align = losses.alignment_loss(za, zt)
-    z = zv if s.orth_on == "zv" else za
-    if s.orth_global and s.world_size > 1:
-        z = losses.gather_with_grad(z, s.world_size)
-    orth = losses.orthogonality_loss(z, lam=s.orth_lambda, standardize=s.orth_standardize)
-    loss = align + s.orth_weight * orth
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip if s.grad_clip else float("inf"))
-    scaler.step(optimizer)
-    scaler.update()
-    return {"loss": loss.detach(), "align": align.detach(), "orth": orth.detach(), "grad_norm": grad_norm.detach()}
-
-
 # --------------------------------------------------------------------------- helpers
 def _resolve_precision(cfg: TrainVisionConfig, device: str) -> str:
     if cfg.precision != "auto":
@@ -302,21 +165,6 @@ def _resolve_precision(cfg: TrainVisionConfig, device: str) -> str:
             raise ConfigError("precision: fp16 needs CUDA (use bf16 or fp32 on CPU)")
         return cfg.precision
     return "bf16" if device.startswith("cuda") else "fp32"
-
-
-def _rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
 
 
 def semantic_config(cfg: TrainVisionConfig) -> dict:
@@ -327,66 +175,6 @@ def semantic_config(cfg: TrainVisionConfig) -> dict:
     if str(d.get("device", "")).startswith("cuda:"):
         d["device"] = "cuda"  # which GPU does not change what is trained: resume on another one
     return d
-
-
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """Atomic ``torch.save`` (temp file + fsync + rename): a checkpoint file is always complete."""
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
-def _publish_latest(path: Path, latest: Path) -> None:
-    """Point ``latest`` at the complete checkpoint ``path`` atomically: a hard link (no copy of a
-    multi-100 MB file; it outlives the pruning of ``path``), or a copy where links are unsupported."""
-    tmp = latest.with_name(f".{latest.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(path, tmp)
-    except OSError:
-        shutil.copyfile(path, tmp)
-    os.replace(tmp, latest)
-
-
-def _load_checkpoint(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or foreign files
-        raise TrainingError(f"cannot read checkpoint {path}: {e}") from e
-
-
-def _all_gather_object(obj: Any, dist: DistInfo) -> list:
-    if not dist.enabled:
-        return [obj]
-    import torch.distributed as tdist
-
-    out: list = [None] * dist.world_size
-    tdist.all_gather_object(out, obj)
-    return out
-
-
-def _any_rank(flag: bool, dist: DistInfo, device) -> bool:
-    if not dist.enabled:
-        return flag
-    import torch.distributed as tdist
-
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    tdist.all_reduce(t)
-    return bool(t.item() > 0)
-
-
-def _any_rank_nonfinite(loss: torch.Tensor, dist: DistInfo) -> bool:
-    """True when the loss of any rank is NaN/inf (one host sync per step, all ranks agree)."""
-    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-    if dist.enabled:
-        import torch.distributed as tdist
-
-        tdist.all_reduce(bad)
-    return bool(bad.item() > 0)
-
-
-def _param_checksum(module: nn.Module) -> float:
-    with torch.no_grad():
-        return float(sum(p.detach().double().sum().item() for p in module.parameters()))
 
 
 def _format_count(n: int) -> str:
@@ -403,34 +191,6 @@ def _make_augmenters(cfg: TrainVisionConfig, device: str, rank: int = 0):
         seed = wdsp.stream_seed(cfg.seed, 0, rank, 0, "batch-augment")
         return None, augment.Augmenter(cfg.aug, device=device, seed=seed, out_size=cfg.crop_size), probe_aug
     return SampleAugmentFactory(cfg.aug, cfg.crop_size), None, probe_aug
-
-
-class SampleAugmentFactory:
-    """Picklable factory of the worker-side augmentation ``fn(uint8 H x W, seed) -> float (3, c, c)``.
-
-    Each sample's parameters come from a generator seeded by the sample's position in the stream
-    (``pipeline.wds.Augment``), so a resumed run augments every sample exactly as before."""
-
-    def __init__(self, recipe: str, crop: int):
-        self.recipe, self.crop = recipe, crop
-
-    def __call__(self):
-        return _SampleAugment(self.recipe, self.crop)
-
-
-class _SampleAugment:
-    """Per-sample CPU augmentation in a DataLoader worker, seeded by the sample's position in the
-    stream so that a resumed run augments every sample exactly as the uninterrupted run did."""
-
-    def __init__(self, recipe: str, crop: int):
-        self.recipe, self.crop = recipe, crop
-        self.generator = torch.Generator()
-
-    def __call__(self, image: np.ndarray, seed: int) -> torch.Tensor:
-        from pipeline import augment
-
-        # (1, c, c) normalized float; the 3-channel view is made after collation.
-        return augment.augment_one(image, self.generator.manual_seed(seed), self.recipe, self.crop)
 
 
 # --------------------------------------------------------------------------- the run
@@ -610,7 +370,7 @@ class _Trainer:
         return p
 
     def _restore(self, path: Path) -> dict:
-        ck = _load_checkpoint(path)
+        ck = load_checkpoint(path, TrainingError)
         if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
             raise TrainingError(f"{path}: not a train-vision checkpoint")
         if ck.get("fingerprint") != self.fingerprint:
@@ -633,7 +393,7 @@ class _Trainer:
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
         self.scaler.load_state_dict(ck["scaler"])
-        _set_rng_state(ck["rng"][self.dist.rank])
+        set_rng_state(ck["rng"][self.dist.rank])
         if self.batch_aug is not None and ck.get("augmenter"):
             self.batch_aug.load_state_dict(ck["augmenter"][self.dist.rank])
         d = ck["data"][self.dist.rank]
@@ -649,9 +409,9 @@ class _Trainer:
         data = {"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch, "workers": dict(pos.workers),
                 "raw": pos.raw, "missing": pos.missing, "corrupt": pos.corrupt,
                 "shards_seen": sorted(pos.shards_seen)}
-        all_data = _all_gather_object(data, self.dist)
-        all_rng = _all_gather_object(_rng_state(), self.dist)
-        all_aug = _all_gather_object(self.batch_aug.state_dict() if self.batch_aug is not None else None,
+        all_data = all_gather_object(data, self.dist)
+        all_rng = all_gather_object(rng_state(), self.dist)
+        all_aug = all_gather_object(self.batch_aug.state_dict() if self.batch_aug is not None else None,
                                      self.dist)
         path = self.ckpt_dir / f"step-{step:08d}.pt"
         if self.dist.is_main:
@@ -664,7 +424,7 @@ class _Trainer:
                 "fingerprint": self.fingerprint, "text_dim": self.text_dim,
             }
             save_checkpoint(path, payload)
-            _publish_latest(path, self.ckpt_dir / "latest.pt")
+            publish_latest(path, self.ckpt_dir / "latest.pt")
             for p in sorted(self.ckpt_dir.glob("step-*.pt"))[:-self.cfg.keep_checkpoints]:
                 p.unlink(missing_ok=True)
         barrier(self.dist)
@@ -771,7 +531,7 @@ class _Trainer:
                     batch = next(it)
                     window["wait"] += time.perf_counter() - t0
                     error = self._account(batch)
-                    if _any_rank(error is not None, dist, self.device):
+                    if any_rank(error is not None, dist, self.device):
                         raise wdsp.DataError(error or "another rank stopped on a data error")
                     images = prepare_images(batch["image"], self.batch_aug, self.device, cfg.channels_last)
                     target = batch["target"]
@@ -781,7 +541,7 @@ class _Trainer:
                         target = target.to(self.device, non_blocking=True)
                     out = train_step(train_module, self.optimizer, self.scaler, images, target, self.settings)
                     self.scheduler.step()
-                    if _any_rank_nonfinite(out["loss"], dist):
+                    if any_rank_nonfinite(out["loss"], dist):
                         raise TrainingError(
                             f"non-finite loss at step {step + 1} (align {out['align'].item():.4g}, orth "
                             f"{out['orth'].item():.4g}) on rank {dist.rank}; stopping. The last good checkpoint "
@@ -872,9 +632,9 @@ class _Trainer:
 
     def _finish(self, step: int, probe: dict | None, last_probe: dict, params_report: dict) -> dict:
         dist = self.dist
-        checksums = _all_gather_object(_param_checksum(self.module), dist)
+        checksums = all_gather_object(param_checksum(self.module), dist)
         pos = self.pos
-        counts = _all_gather_object({"raw": pos.raw, "missing": pos.missing, "corrupt": pos.corrupt,
+        counts = all_gather_object({"raw": pos.raw, "missing": pos.missing, "corrupt": pos.corrupt,
                                      "shards": sorted(pos.shards_seen)}, dist)
         spectrum = None
         if probe is not None:

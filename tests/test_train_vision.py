@@ -12,6 +12,7 @@ import torchvision
 import numpy as np
 
 from cache import write_cache
+from pipeline import losses
 from pipeline.common import ConfigError, MflagError
 from stages import train_vision as tv
 from tests._train_helpers import TEXT_PARAMS, cli_args, make_world, tiny_config
@@ -141,7 +142,7 @@ def test_dimension_mismatch_and_preflight_errors(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     world = make_world(tmp_path, n_train=8, n_val=2, per_shard=4)
-    real = tv.losses.alignment_loss
+    real = losses.alignment_loss
     calls = []
 
     def poisoned(za, zt):
@@ -149,7 +150,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
         loss = real(za, zt)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr(tv.losses, "alignment_loss", poisoned)
+    monkeypatch.setattr(losses, "alignment_loss", poisoned)
     out = tmp_path / "run"
     with pytest.raises(tv.TrainingError, match=r"non-finite loss at step 3.*step-00000002\.pt"):
         tv.run(tiny_config(world, out, max_steps=4, probe_size=0))

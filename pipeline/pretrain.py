@@ -1,0 +1,121 @@
+"""The M-FLAG training step and what it needs, shared by train-vision and the benchmarks.
+
+``TrainModule`` is what DDP wraps (the vision model plus, in online mode, the text encoder) and
+``train_step`` runs one optimizer step of alignment(za, zt) + orth_weight x orthogonality(zv or za),
+the losses in fp32 under any autocast dtype. ``SampleAugmentFactory`` builds the per-sample CPU
+augmentation the DataLoader workers run, seeded by each sample's position in the stream so that a
+resumed run augments every sample exactly as the uninterrupted run did.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from pipeline import losses
+from pipeline.textmodels import OnlineTextEncoder
+
+
+class TrainModule(nn.Module):
+    """What DDP wraps: the vision model (+ the online text encoder). forward -> (zv, za, zt)."""
+
+    def __init__(self, vision: nn.Module, text: OnlineTextEncoder | None = None):
+        super().__init__()
+        self.vision = vision
+        self.text = text
+
+    def forward(self, images: torch.Tensor, target) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        zv, za = self.vision(images)
+        t = self.text(target) if self.text is not None else target
+        return zv, za, self.vision.project_text(t)
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint needs: a fully frozen text encoder is reloaded from its source."""
+        sd = self.state_dict()
+        if self.text is not None and not self.text.unfreeze_last:
+            sd = {k: v for k, v in sd.items() if not k.startswith("text.")}
+        return sd
+
+
+@dataclasses.dataclass
+class StepSettings:
+    orth_weight: float = 1.0
+    orth_lambda: float = 0.0051
+    orth_standardize: bool = False
+    orth_on: str = "zv"
+    orth_global: bool = True
+    world_size: int = 1
+    grad_clip: float | None = None
+    autocast_dtype: torch.dtype | None = None
+    channels_last: bool = True
+
+
+def prepare_images(images: torch.Tensor, augmenter, device, channels_last: bool) -> torch.Tensor:
+    """A batch from the loader -> float (B, 3, c, c) on ``device``. uint8 batches (GPU path) are
+    augmented here; the 3 channels are a stride-0 view of the one grey channel."""
+    from pipeline.augment import to_three_channels
+
+    images = images.to(device, non_blocking=True)
+    if augmenter is not None:
+        images = augmenter(images)
+    elif images.shape[1] == 1:
+        images = to_three_channels(images)
+    if channels_last and images.device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
+def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, scaler, images: torch.Tensor, target,
+               s: StepSettings) -> dict[str, torch.Tensor]:
+    """Forward, losses (fp32), backward, optional clipping, optimizer step. Returns 0-dim tensors
+    ``loss, align, orth, grad_norm`` (not synchronised to the host here)."""
+    device_type = images.device.type
+    ac = (torch.autocast(device_type, dtype=s.autocast_dtype) if s.autocast_dtype is not None
+          else contextlib.nullcontext())
+    optimizer.zero_grad(set_to_none=True)
+    with ac:
+        zv, za, zt = module(images, target)
+    align = losses.alignment_loss(za, zt)
+    z = zv if s.orth_on == "zv" else za
+    if s.orth_global and s.world_size > 1:
+        z = losses.gather_with_grad(z, s.world_size)
+    orth = losses.orthogonality_loss(z, lam=s.orth_lambda, standardize=s.orth_standardize)
+    loss = align + s.orth_weight * orth
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip if s.grad_clip else float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    return {"loss": loss.detach(), "align": align.detach(), "orth": orth.detach(), "grad_norm": grad_norm.detach()}
+
+
+class SampleAugmentFactory:
+    """Picklable factory of the worker-side augmentation ``fn(uint8 H x W, seed) -> float (3, c, c)``.
+
+    Each sample's parameters come from a generator seeded by the sample's position in the stream
+    (``pipeline.wds.Augment``), so a resumed run augments every sample exactly as before."""
+
+    def __init__(self, recipe: str, crop: int):
+        self.recipe, self.crop = recipe, crop
+
+    def __call__(self):
+        return _SampleAugment(self.recipe, self.crop)
+
+
+class _SampleAugment:
+    """Per-sample CPU augmentation in a DataLoader worker, seeded by the sample's position in the
+    stream so that a resumed run augments every sample exactly as the uninterrupted run did."""
+
+    def __init__(self, recipe: str, crop: int):
+        self.recipe, self.crop = recipe, crop
+        self.generator = torch.Generator()
+
+    def __call__(self, image: np.ndarray, seed: int) -> torch.Tensor:
+        from pipeline import augment
+
+        # (1, c, c) normalized float; the 3-channel view is made after collation.
+        return augment.augment_one(image, self.generator.manual_seed(seed), self.recipe, self.crop)
