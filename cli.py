@@ -282,8 +282,8 @@ def cache_verify_cmd(path: str) -> None:
               help="online runs the text encoder inside each step (the original design; baseline/ablation).")
 @click.option("--text-model", default=None, help="online mode: hub id or local folder of the text encoder.")
 @click.option("--reports", default=None, help="online mode: reports.jsonl (texts by study_id).")
-@click.option("--unfreeze-last", type=int, default=0, show_default=True,
-              help="online mode: train the last K text-encoder layers.")
+@click.option("--unfreeze-last", default="0", show_default=True,
+              help="online mode: train the last K text-encoder layers, or 'all' (every layer and the embeddings).")
 @click.option("--text-pooling", type=click.Choice(["cls", "mean"]), default="cls", show_default=True,
               help="online mode: how the text encoder's output becomes one vector.")
 @click.option("--text-max-length", type=int, default=512, show_default=True,
@@ -316,6 +316,8 @@ def cache_verify_cmd(path: str) -> None:
 @click.option("--hidden-dim", type=int, default=2048, show_default=True, help="Projector hidden size.")
 @click.option("--orth-weight", type=float, default=1.0, show_default=True,
               help="Weight of the orthogonality loss (0: alignment only).")
+@click.option("--align-weight", type=float, default=1.0, show_default=True,
+              help="Weight of the alignment loss (0: orthogonality only, an ablation).")
 @click.option("--orth-lambda", type=float, default=0.0051, show_default=True, help="Off-diagonal weight.")
 @click.option("--orth-scope", type=click.Choice(["local", "global"]), default="global", show_default=True,
               help="global: gather z over ranks so the loss does not depend on the GPU count.")
@@ -347,7 +349,10 @@ def cache_verify_cmd(path: str) -> None:
 @click.option("--ckpt-every", type=int, default=500, show_default=True, help="Steps between checkpoints.")
 @click.option("--probe-every", type=int, default=500, show_default=True,
               help="Steps between collapse probes on held-out images.")
-@click.option("--probe-size", type=int, default=64, show_default=True, help="Held-out images in the probe batch.")
+@click.option("--probe-size", type=int, default=64, show_default=True,
+              help="Held-out images in the cheap probe every --probe-every steps.")
+@click.option("--final-probe-size", type=int, default=512, show_default=True,
+              help="Held-out images (validate, then test shards) in the collapse diagnostic at the end.")
 @click.option("--keep-checkpoints", type=int, default=2, show_default=True, help="Step checkpoints kept on disk.")
 @click.option("--resume", default="auto", show_default=True,
               help="auto (OUT/checkpoints/latest.pt when present), never, or a checkpoint path.")
@@ -360,9 +365,9 @@ def train_vision(compile_: bool, **options) -> None:
     summary = run(TrainVisionConfig(compile=compile_, **options))
     if int(os.environ.get("RANK", "0")) == 0:
         probe = summary.get("final_probe") or {}
-        click.echo(f"{options['out']}  [{summary['steps']} steps; effective rank of zv "
-                   f"{probe.get('zv_effective_rank', float('nan')):.2f}, R@1 "
-                   f"{probe.get('retrieval_R@1', float('nan')):.2f}]")
+        click.echo(f"{options['out']}  [{summary['steps']} steps; centred effective rank of zv "
+                   f"{probe.get('zv_effective_rank_centred', float('nan')):.2f} (N={probe.get('n_images', 0)}, "
+                   f"D={probe.get('zv_dim', 0)}), R@1 {probe.get('retrieval_R@1', float('nan')):.2f}]")
 
 
 # ==== eval (stages/evaluate.py) ====

@@ -1,8 +1,10 @@
 """The M-FLAG training step and what it needs, shared by train-vision and the benchmarks.
 
 ``TrainModule`` is what DDP wraps (the vision model plus, in online mode, the text encoder) and
-``train_step`` runs one optimizer step of alignment(za, zt) + orth_weight x orthogonality(zv or za),
-the losses in fp32 under any autocast dtype. ``SampleAugmentFactory`` builds the per-sample CPU
+``train_step`` runs one optimizer step of align_weight x alignment(za, zt) + orth_weight x
+orthogonality(zv or za), the losses in fp32 under any autocast dtype. Given a parameter group of the
+shared trunk it also measures the norm of each term's gradient on that group (``trunk_probe_params``),
+so an ablation can show which term drives the trunk. ``SampleAugmentFactory`` builds the per-sample CPU
 augmentation the DataLoader workers run, seeded by each sample's position in the stream so that a
 resumed run augments every sample exactly as the uninterrupted run did.
 """
@@ -43,6 +45,7 @@ class TrainModule(nn.Module):
 @dataclasses.dataclass
 class StepSettings:
     orth_weight: float = 1.0
+    align_weight: float = 1.0
     orth_lambda: float = 0.0051
     orth_standardize: bool = False
     orth_on: str = "zv"
@@ -68,10 +71,32 @@ def prepare_images(images: torch.Tensor, augmenter, device, channels_last: bool)
     return images
 
 
+def trunk_probe_params(vision: nn.Module) -> list[nn.Parameter]:
+    """The parameter group on which the two loss terms' gradients are compared: the last bottleneck
+    block of the ResNet trunk. Both terms reach it (alignment through the projector, orthogonality
+    directly on zv or through the projector), and a backward pass that stops there costs a few percent
+    of a training step."""
+    from pipeline.models import unwrap_model
+
+    trunk = unwrap_model(vision.trunk)
+    block = trunk.layer4[-1] if hasattr(trunk, "layer4") else trunk
+    return [p for p in block.parameters() if p.requires_grad]
+
+
+def _grad_norm(loss: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
+    # autograd.grad with explicit inputs writes nothing into .grad and leaves the graph for the real
+    # backward (retain_graph), so measuring does not change the step.
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    sq = [g.detach().float().pow(2).sum() for g in grads if g is not None]
+    return torch.stack(sq).sum().sqrt() if sq else torch.zeros((), device=loss.device)
+
+
 def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, scaler, images: torch.Tensor, target,
-               s: StepSettings) -> dict[str, torch.Tensor]:
+               s: StepSettings, grad_params: list[nn.Parameter] | None = None) -> dict[str, torch.Tensor]:
     """Forward, losses (fp32), backward, optional clipping, optimizer step. Returns 0-dim tensors
-    ``loss, align, orth, grad_norm`` (not synchronised to the host here)."""
+    ``loss, align, orth, grad_norm`` (not synchronised to the host here); with ``grad_params`` also
+    ``grad_align_trunk`` and ``grad_orth_trunk``, the norms of the unweighted terms' gradients on those
+    parameters (this rank's batch; computed before the step, not all-reduced)."""
     device_type = images.device.type
     ac = (torch.autocast(device_type, dtype=s.autocast_dtype) if s.autocast_dtype is not None
           else contextlib.nullcontext())
@@ -83,14 +108,19 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, scaler, imag
     if s.orth_global and s.world_size > 1:
         z = losses.gather_with_grad(z, s.world_size)
     orth = losses.orthogonality_loss(z, lam=s.orth_lambda, standardize=s.orth_standardize)
-    loss = align + s.orth_weight * orth
+    loss = s.align_weight * align + s.orth_weight * orth
+    measured = {}
+    if grad_params:
+        measured = {"grad_align_trunk": _grad_norm(align, grad_params),
+                    "grad_orth_trunk": _grad_norm(orth, grad_params)}
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip if s.grad_clip else float("inf"))
     scaler.step(optimizer)
     scaler.update()
-    return {"loss": loss.detach(), "align": align.detach(), "orth": orth.detach(), "grad_norm": grad_norm.detach()}
+    return {"loss": loss.detach(), "align": align.detach(), "orth": orth.detach(), "grad_norm": grad_norm.detach(),
+            **measured}
 
 
 class SampleAugmentFactory:

@@ -427,11 +427,12 @@ class OnlineTextEncoder(torch.nn.Module):
     """A text encoder run inside each training step (the original design, kept as the baseline and
     the freezing ablation): tokenizes report texts (padded to ``max_length`` like the original) and
     pools them to (B, D) with :func:`pool_hidden`, as embed-text does. Frozen except the last
-    ``unfreeze_last`` layers. :meth:`from_pretrained` loads it with :func:`load_text_model`, the
+    ``unfreeze_last`` layers (``"all"``: every layer, the embeddings and a projection head too). :meth:`from_pretrained` loads it with :func:`load_text_model`, the
     loader embed-text uses, in float32 whatever dtype the checkpoint was saved in."""
 
     def __init__(self, encoder: torch.nn.Module, tokenizer=None, max_length: int = 512, pooling: str = "cls",
-                 unfreeze_last: int = 0, name: str = "text encoder", proj: torch.nn.Module | None = None):
+                 unfreeze_last: int | str = 0, name: str = "text encoder",
+                 proj: torch.nn.Module | None = None):
         super().__init__()
         self.encoder, self.tokenizer, self.proj = encoder, tokenizer, proj
         self.max_length, self.pooling = max_length, pooling
@@ -439,17 +440,24 @@ class OnlineTextEncoder(torch.nn.Module):
         if proj is not None:
             proj.requires_grad_(False)
         layers = _encoder_layers(self.encoder)
-        if unfreeze_last > len(layers):
+        if unfreeze_last == "all":
+            self.encoder.requires_grad_(True)
+            if proj is not None and pooling == "proj":
+                proj.requires_grad_(True)
+        elif not isinstance(unfreeze_last, int) or unfreeze_last < 0:
+            raise ConfigError(f"unfreeze_last: expected a number of layers or 'all', got {unfreeze_last!r}")
+        elif unfreeze_last > len(layers):
             raise ConfigError(f"unfreeze_last: {name} has {len(layers)} layers, asked for {unfreeze_last}")
-        for layer in layers[len(layers) - unfreeze_last:] if unfreeze_last else []:
-            layer.requires_grad_(True)
+        else:
+            for layer in layers[len(layers) - unfreeze_last:] if unfreeze_last else []:
+                layer.requires_grad_(True)
         self.unfreeze_last = unfreeze_last
         self.dim = int(proj.dense_to_output.out_features if pooling == "proj" and proj is not None
                        else self.encoder.config.hidden_size)
 
     @classmethod
     def from_pretrained(cls, model: str, max_length: int = 512, pooling: str = "cls",
-                        unfreeze_last: int = 0) -> "OnlineTextEncoder":
+                        unfreeze_last: int | str = 0) -> "OnlineTextEncoder":
         enc = load_text_model(model, pooling, device="cpu", dtype=torch.float32)
         return cls(enc.model, enc.tokenizer, max_length, pooling, unfreeze_last, name=model, proj=enc.proj)
 
@@ -459,7 +467,7 @@ class OnlineTextEncoder(torch.nn.Module):
         return {k: v.to(device) for k, v in tok.items()}
 
     def forward(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-        grad = torch.is_grad_enabled() and self.unfreeze_last > 0
+        grad = torch.is_grad_enabled() and bool(self.unfreeze_last)
         if not self.unfreeze_last:
             self.encoder.eval()  # a frozen encoder: no dropout, as when the cache was computed
         with torch.set_grad_enabled(grad):

@@ -2,8 +2,8 @@
 
 The image stream (``pipeline.wds``) is joined by study_id to embeddings read from the text cache, so
 no text model lives in this process (``text_mode="online"`` runs one per step instead: the original
-design, kept as the baseline and the freezing ablation). Loss = alignment(za, zt) + orth_weight x
-orthogonality(zv): as in the original code (``orthogonal_loss(img_emb, img_emb)``) the orthogonality
+design, kept as the baseline and the freezing ablation). Loss = align_weight x alignment(za, zt) +
+orth_weight x orthogonality(zv): as in the original code (``orthogonal_loss(img_emb, img_emb)``) the orthogonality
 loss sees the raw 2048-d ResNet features zv, the latent space whose collapse it is meant to prevent
 and where the collapse diagnostic is measured. ``orth_on="za"`` applies it to the projected
 embedding instead, whose final BatchNorm(affine=False) makes zᵀz/B a correlation-like matrix as in
@@ -39,7 +39,8 @@ from pipeline.common import (ConfigError, MflagError, atomic_path, config_to_dic
                              save_config, write_json)
 from pipeline.distributed import (DistInfo, all_gather_object, any_rank, any_rank_nonfinite, barrier, cleanup,
                                   init_distributed)
-from pipeline.pretrain import SampleAugmentFactory, StepSettings, TrainModule, prepare_images, train_step
+from pipeline.pretrain import (SampleAugmentFactory, StepSettings, TrainModule, prepare_images, train_step,
+                               trunk_probe_params)
 from pipeline.textmodels import OnlineTextEncoder
 from pipeline.train_state import (load_checkpoint, param_checksum, publish_latest, rng_state, save_checkpoint,
                                   set_rng_state)
@@ -49,8 +50,11 @@ log = logging.getLogger(__name__)
 
 CKPT_FORMAT = 1
 # Fields that do not change what is trained: a resumed run may change them.
-_NON_SEMANTIC = ("out", "resume", "log_every", "ckpt_every", "probe_every", "probe_size", "probe_shards",
-                 "keep_checkpoints", "compile", "threads")
+_NON_SEMANTIC = ("out", "resume", "log_every", "ckpt_every", "probe_every", "probe_size", "final_probe_size",
+                 "probe_shards", "keep_checkpoints", "compile", "threads")
+# Options added after runs were made: at their default they stay out of the fingerprint, so runs made
+# before they existed still resume and still count as finished.
+_ADDED_WITH_DEFAULT = {"align_weight": 1.0}
 
 
 class TrainingError(MflagError):
@@ -67,7 +71,7 @@ class TrainVisionConfig:
     text_mode: str = "cache"  # cache | online
     text_model: str | None = None
     reports: str | None = None
-    unfreeze_last: int = 0
+    unfreeze_last: int | str = 0  # online mode: K last text layers trained, or "all" (embeddings too)
     text_pooling: str = "cls"
     text_max_length: int = 512
     probe_shards: str | None = None
@@ -88,6 +92,7 @@ class TrainVisionConfig:
     proj_dim: int | None = None  # None: 1024 with text_head mlp, the cache dimension with none
     hidden_dim: int = 2048
     orth_weight: float = 1.0
+    align_weight: float = 1.0
     orth_lambda: float = 0.0051
     orth_scope: str = "global"
     orth_on: str = "zv"
@@ -108,7 +113,8 @@ class TrainVisionConfig:
     log_every: int = 10
     ckpt_every: int = 500
     probe_every: int = 500
-    probe_size: int = 64
+    probe_size: int = 64  # held-out images of the cheap probe every probe_every steps
+    final_probe_size: int = 512  # held-out images of the collapse diagnostic at the end of the run
     keep_checkpoints: int = 2
     resume: str = "auto"
     threads: int | None = None
@@ -137,7 +143,12 @@ class TrainVisionConfig:
         for field in ("batch_size", "epochs", "image_size", "crop_size", "hidden_dim", "log_every",
                       "ckpt_every", "probe_every", "text_max_length", "keep_checkpoints"):
             need(getattr(self, field) >= 1, field, f"must be >= 1, got {getattr(self, field)}")
-        for field in ("num_workers", "unfreeze_last", "warmup_steps", "probe_size", "seed"):
+        if isinstance(self.unfreeze_last, str) and self.unfreeze_last.strip().isdigit():
+            object.__setattr__(self, "unfreeze_last", int(self.unfreeze_last))
+        need(self.unfreeze_last == "all" or (isinstance(self.unfreeze_last, int)
+                                             and not isinstance(self.unfreeze_last, bool)),
+             "unfreeze_last", f"expected a number of layers or 'all', got {self.unfreeze_last!r}")
+        for field in ("num_workers", "warmup_steps", "probe_size", "final_probe_size", "seed"):
             need(getattr(self, field) >= 0, field, f"must be >= 0, got {getattr(self, field)}")
         need(self.batch_size >= 2, "batch_size", "BatchNorm in the projector needs at least 2")
         need(self.crop_size <= self.image_size, "crop_size",
@@ -148,7 +159,12 @@ class TrainVisionConfig:
         need(self.proj_dim is None or self.proj_dim >= 1, "proj_dim", "must be >= 1")
         need(self.lr > 0, "lr", "must be > 0")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(self.unfreeze_last == "all" or self.unfreeze_last >= 0, "unfreeze_last",
+             f"must be >= 0 or 'all', got {self.unfreeze_last}")
         need(self.orth_weight >= 0, "orth_weight", "must be >= 0")
+        need(self.align_weight >= 0, "align_weight", "must be >= 0")
+        need(self.align_weight > 0 or self.orth_weight > 0, "align_weight",
+             "align_weight and orth_weight are both 0: nothing to train")
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
         need(0 <= self.max_bad_fraction <= 1, "max_bad_fraction", "must be in [0, 1]")
         need(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0")
@@ -172,6 +188,9 @@ def semantic_config(cfg: TrainVisionConfig) -> dict:
     d = config_to_dict(cfg)
     for k in _NON_SEMANTIC:
         d.pop(k, None)
+    for k, default in _ADDED_WITH_DEFAULT.items():
+        if d.get(k) == default:
+            d.pop(k)
     if str(d.get("device", "")).startswith("cuda:"):
         d["device"] = "cuda"  # which GPU does not change what is trained: resume on another one
     return d
@@ -330,9 +349,12 @@ class _Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, fn)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        self.settings = StepSettings(cfg.orth_weight, cfg.orth_lambda, cfg.orth_standardize, cfg.orth_on,
-                                     cfg.orth_scope == "global", self.dist.world_size, cfg.grad_clip, autocast,
-                                     cfg.channels_last)
+        self.settings = StepSettings(orth_weight=cfg.orth_weight, align_weight=cfg.align_weight,
+                                     orth_lambda=cfg.orth_lambda, orth_standardize=cfg.orth_standardize,
+                                     orth_on=cfg.orth_on, orth_global=cfg.orth_scope == "global",
+                                     world_size=self.dist.world_size, grad_clip=cfg.grad_clip,
+                                     autocast_dtype=autocast, channels_last=cfg.channels_last)
+        self.grad_params = trunk_probe_params(self.module.vision)
 
     def _report_parameters(self) -> dict:
         out = {"trainable_params": self.trainable, "text_encoder_params": self.text_params,
@@ -432,44 +454,75 @@ class _Trainer:
 
     # ------------------------------------------------------------------ probes
     def _load_probe(self) -> dict | None:
+        """The held-out probe set: the first ``max(probe_size, final_probe_size)`` usable images of the
+        validate shards, then the test shards (pre-training never reads either). The cheap probe during
+        training uses its first ``probe_size`` images, the collapse diagnostic at the end the first
+        ``final_probe_size``; a size below 2 turns that probe off."""
         cfg = self.cfg
-        if not self.dist.is_main or cfg.probe_size < 2:
+        want = max(cfg.probe_size, cfg.final_probe_size)
+        if not self.dist.is_main or want < 2:
             return None
         if cfg.probe_shards:
             urls = list(wdsp.resolve_shards(cfg.probe_shards, "validate").urls)
         else:
-            urls = wdsp.heldout_shards(self.train, "validate") or wdsp.heldout_shards(self.train, "test")
+            urls = wdsp.heldout_shards(self.train, "validate") + wdsp.heldout_shards(self.train, "test")
         if not urls:
             log.warning("no held-out (validate-*/test-*) shards beside the training shards and no "
                         "--probe-shards: probes disabled")
             return None
-        batch = wdsp.read_fixed_batch(urls, self.targets, cfg.probe_size, cfg.image_size)
+        batch = wdsp.read_fixed_batch(urls, self.targets, want, cfg.image_size)
         if batch is None or len(batch["key"]) < 2:
             log.warning("the held-out shards %s have fewer than 2 usable samples: probes disabled", urls[:2])
             return None
+        n = len(batch["key"])
+        if n < want:
+            log.warning("the held-out shards hold only %d usable images; the probes use %d instead of %d "
+                        "(ranks are bounded by N - 1)", n, n, want)
         studies = sorted(set(batch["study_id"]))
         index = {s: i for i, s in enumerate(studies)}
-        log.info("probe batch: %d held-out images of %d studies from %d shard(s)", len(batch["key"]),
-                 len(studies), len(urls))
+        log.info("probe set: %d held-out images of %d studies from %d shard(s); %d in the probe every %d "
+                 "steps", n, len(studies), len(urls), min(n, cfg.probe_size), cfg.probe_every)
         # one report per held-out study; each image is matched to its own study's report
         return {"image": batch["image"], "text": self.targets.fetch(studies),
-                "targets": [index[s] for s in batch["study_id"]]}
+                "targets": [index[s] for s in batch["study_id"]], "study_id": list(batch["study_id"]),
+                "studies": studies}
+
+    @staticmethod
+    def _probe_subset(probe: dict, n: int) -> dict:
+        """The first ``n`` images of the probe set with the reports of their studies."""
+        if n >= len(probe["targets"]):
+            return probe
+        studies = sorted(set(probe["study_id"][:n]))
+        index = {s: i for i, s in enumerate(studies)}
+        rows = [probe["studies"].index(s) for s in studies]
+        text = probe["text"]
+        text = [text[r] for r in rows] if isinstance(text, list) else text[rows]
+        return {"image": probe["image"][:n], "text": text, "targets": [index[s] for s in probe["study_id"][:n]],
+                "study_id": probe["study_id"][:n], "studies": studies}
 
     @torch.no_grad()
-    def _probe(self, probe: dict) -> tuple[dict, torch.Tensor]:
+    def _probe(self, probe: dict, chunk: int = 128) -> tuple[dict, dict]:
+        """(metrics, spectra of zv and za) on ``probe``, in eval mode, in chunks of ``chunk`` images
+        (a final probe of several hundred images at full size would not fit at once on a small GPU)."""
         module = self.module
         was = module.training
         module.eval()
         try:
-            images = prepare_images(probe["image"], self.probe_aug, self.device, self.cfg.channels_last)
             text = probe["text"]
             if module.text is not None:
-                text = module.text.tokenize(text, self.device)
+                zt = module.vision.project_text(module.text(module.text.tokenize(text, self.device)))
             else:
-                text = text.to(self.device)
-            zv, za, zt = module(images, text)
-            report = probes.probe_report(zv.float(), za.float(), zt.float(), probe["targets"])
-            return report, probes.singular_values(zv.float())
+                zt = module.vision.project_text(text.to(self.device))
+            zvs, zas = [], []
+            for i in range(0, len(probe["targets"]), chunk):
+                images = prepare_images(probe["image"][i:i + chunk], self.probe_aug, self.device,
+                                        self.cfg.channels_last)
+                zv, za = module.vision(images)
+                zvs.append(zv.float())
+                zas.append(za.float())
+            spectra: dict = {}
+            report = probes.probe_report(torch.cat(zvs), torch.cat(zas), zt.float(), probe["targets"], spectra)
+            return report, spectra
         finally:
             module.train(was)
 
@@ -539,7 +592,9 @@ class _Trainer:
                         target = self.module.text.tokenize(target, self.device)
                     else:
                         target = target.to(self.device, non_blocking=True)
-                    out = train_step(train_module, self.optimizer, self.scaler, images, target, self.settings)
+                    log_now = (step + 1) % cfg.log_every == 0 or step + 1 == self.total_steps
+                    out = train_step(train_module, self.optimizer, self.scaler, images, target, self.settings,
+                                     self.grad_params if log_now else None)
                     self.scheduler.step()
                     if any_rank_nonfinite(out["loss"], dist):
                         raise TrainingError(
@@ -550,11 +605,12 @@ class _Trainer:
                     step += 1
                     self.pos.step_in_epoch += 1
                     window["steps"] += 1
-                    if step % cfg.log_every == 0 or step == self.total_steps:
+                    if log_now:
                         self._log(step, out, window)
                         window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
-                    if probe is not None and step % cfg.probe_every == 0 and step != self.total_steps:
-                        last_probe, _ = self._probe(probe)
+                    if (probe is not None and cfg.probe_size >= 2 and step % cfg.probe_every == 0
+                            and step != self.total_steps):
+                        last_probe, _ = self._probe(self._probe_subset(probe, cfg.probe_size))
                         self._write_metrics({"step": step, "epoch": self.pos.epoch,
                                              **{f"val/{k}": v for k, v in last_probe.items()}})
                     if step % cfg.ckpt_every == 0 or step == self.total_steps:
@@ -591,16 +647,22 @@ class _Trainer:
 
     def _log(self, step: int, out: dict, window: dict) -> None:
         dt = max(time.perf_counter() - window["t0"], 1e-9)
-        vals = torch.stack([out["loss"], out["align"], out["orth"], out["grad_norm"].float()]).float()
+        zero = torch.zeros((), device=out["loss"].device)
+        vals = torch.stack([out["loss"], out["align"], out["orth"], out["grad_norm"].float(),
+                            out.get("grad_align_trunk", zero), out.get("grad_orth_trunk", zero)]).float()
         if self.dist.enabled:
             import torch.distributed as tdist
 
             tdist.all_reduce(vals)
             vals /= self.dist.world_size
-        loss, align, orth, gnorm = (float(v) for v in vals.cpu())
+        loss, align, orth, gnorm, g_align, g_orth = (float(v) for v in vals.cpu())
+        # grad_*_trunk: norms of the unweighted terms' gradients on the trunk's last block (mean over
+        # ranks of each rank's own batch); the weighted ratio orth_weight x g_orth / (align_weight x
+        # g_align) says which term drives the shared trunk.
         rec = {"step": step, "epoch": self.pos.epoch, "train/loss": loss, "train/align": align,
                "train/orth": orth, "train/lr": self.optimizer.param_groups[0]["lr"],
-               "train/grad_norm": gnorm, "train/images_per_s": window["steps"] * self.cfg.batch_size / dt,
+               "train/grad_norm": gnorm, "train/grad_align_trunk": g_align, "train/grad_orth_trunk": g_orth,
+               "train/images_per_s": window["steps"] * self.cfg.batch_size / dt,
                "train/data_wait": window["wait"] / dt, "train/missing": self.pos.missing,
                "train/corrupt": self.pos.corrupt}
         if self.dist.is_main:
@@ -637,9 +699,8 @@ class _Trainer:
         counts = all_gather_object({"raw": pos.raw, "missing": pos.missing, "corrupt": pos.corrupt,
                                      "shards": sorted(pos.shards_seen)}, dist)
         spectrum = None
-        if probe is not None:
-            last_probe, sv = self._probe(probe)
-            spectrum = sv.tolist()
+        if probe is not None and self.cfg.final_probe_size >= 2:
+            last_probe, spectrum = self._probe(self._probe_subset(probe, self.cfg.final_probe_size))
             self._write_metrics({"step": step, "epoch": pos.epoch, **{f"val/{k}": v for k, v in last_probe.items()}})
         summary = {
             "fingerprint": self.fingerprint, "steps": step, "epochs": pos.epoch + 1,
@@ -666,8 +727,10 @@ class _Trainer:
             with atomic_path(self.out / "projector.pt") as tmp:
                 torch.save(proj, tmp)
             if spectrum is not None:
-                write_json(self.out / "spectrum.json", {"step": step, "n_images": len(probe["targets"]),
-                                                         "zv_singular_values": spectrum})
+                # centred (the primary diagnostic) and uncentred singular values of zv and za, each with
+                # N and D and their effective ranks (pipeline.probes.spectrum)
+                write_json(self.out / "spectrum.json", {"step": step, "n_images": spectrum["zv"]["n"],
+                                                         **spectrum})
             write_json(self.out / "summary.json", summary)
             log.info("done: %d steps; encoder %s", step, self.out / "encoder.pt")
         barrier(dist)

@@ -1,6 +1,7 @@
 """Probes on matrices whose answers are known, and the lr schedules."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,11 +50,50 @@ def test_retrieval_recall_counts_ranks():
         probes.retrieval_recall(img, text, range(5))
 
 
-def test_probe_report_keys():
-    z = torch.randn(8, 5)
-    rep = probes.probe_report(z, z, z, range(8))
+def _collapsed_and_isotropic(n=512, d=256, mean_level=500.0, seed=0):
+    """Two sets around the same large positive mean (like ReLU features): one whose spread lies in a
+    2-d subspace, one isotropic, with the same total variance."""
+    g = torch.Generator().manual_seed(seed)
+    mean = mean_level + 10 * torch.rand(d, generator=g, dtype=torch.float64)
+    basis, _ = torch.linalg.qr(torch.randn(d, 2, generator=g, dtype=torch.float64))
+    low = torch.randn(n, 2, generator=g, dtype=torch.float64) @ basis.T * (d / 2) ** 0.5
+    iso = torch.randn(n, d, generator=g, dtype=torch.float64)
+    return mean + low, mean + iso
+
+
+def test_centred_rank_separates_collapse_that_the_uncentred_rank_hides():
+    collapsed, isotropic = _collapsed_and_isotropic()
+    # centred: the rank-2 set has effective rank 2, the isotropic one close to D = 256 (N = 512)
+    assert probes.effective_rank(collapsed, center=True) == pytest.approx(2.0, abs=0.05)
+    assert probes.effective_rank(isotropic, center=True) > 200
+    # uncentred: both are dominated by the mean and look rank one
+    assert probes.effective_rank(collapsed) < 1.5 and probes.effective_rank(isotropic) < 1.5
+    assert probes.effective_rank(isotropic) / probes.effective_rank(collapsed) < 1.5
+
+
+def test_centred_spectrum_is_the_covariance_spectrum():
+    # independent route: eigenvalues of numpy's biased covariance, times N, are the squared centred
+    # singular values
+    _, z = _collapsed_and_isotropic(n=64, d=16)
+    sp = probes.spectrum(z)
+    eig = np.sort(np.linalg.eigvalsh(np.cov(z.numpy(), rowvar=False, bias=True)))[::-1]
+    np.testing.assert_allclose(np.square(sp["centred"]), 64 * eig, rtol=1e-9, atol=1e-6)
+    assert sp["n"] == 64 and sp["dim"] == 16
+    assert sp["centred"] == sorted(sp["centred"], reverse=True)
+    p = np.array(sp["centred"]) / np.sum(sp["centred"])
+    assert sp["effective_rank_centred"] == pytest.approx(np.exp(-np.sum(p * np.log(p))), rel=1e-9)
+
+
+def test_probe_report_states_n_and_d_and_both_ranks():
+    collapsed, isotropic = _collapsed_and_isotropic(n=40, d=24)
+    spectra = {}
+    rep = probes.probe_report(collapsed, isotropic, isotropic, range(40), spectra=spectra)
+    assert rep["n_images"] == 40 and rep["zv_dim"] == 24 and rep["za_dim"] == 24
+    assert rep["zv_effective_rank_centred"] == pytest.approx(2.0, abs=0.1)
+    assert rep["za_effective_rank_centred"] > 10
+    assert rep["zv_effective_rank_uncentred"] == pytest.approx(probes.effective_rank(collapsed))
     assert rep["retrieval_R@1"] == 1.0
-    assert set(rep) >= {"zv_effective_rank", "zv_top_singular_share", "zv_mean_pairwise_cosine"}
+    assert spectra["zv"]["centred"][0] == pytest.approx(float(probes.singular_values(collapsed, True)[0]))
 
 
 def test_warmup_cosine():

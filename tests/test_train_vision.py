@@ -56,11 +56,15 @@ def test_short_run_lowers_the_loss_and_exports_a_torchvision_encoder(tmp_path, c
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     total = [r["train/loss"] for r in rows]
     assert total[-1] < 0.9 * total[0], total
-    for key in ("train/orth", "train/lr", "train/images_per_s", "train/data_wait", "train/grad_norm", "epoch"):
+    for key in ("train/orth", "train/lr", "train/images_per_s", "train/data_wait", "train/grad_norm", "epoch",
+                "train/grad_align_trunk", "train/grad_orth_trunk"):
         assert key in rows[0]
-    probes_rows = [r for r in metrics(out) if "val/zv_effective_rank" in r]
+    probes_rows = [r for r in metrics(out) if "val/zv_effective_rank_centred" in r]
     assert [r["step"] for r in probes_rows] == [3, 6]
-    assert 1.0 <= probes_rows[-1]["val/zv_effective_rank"] <= 8.0
+    # the probe states N (the 8 held-out images) and D next to the ranks; centred ranks are < N
+    assert probes_rows[-1]["val/n_images"] == 8 and probes_rows[-1]["val/zv_dim"] == 2048
+    assert probes_rows[-1]["val/za_dim"] == 32
+    assert 1.0 <= probes_rows[-1]["val/zv_effective_rank_centred"] < 8.0
     assert 0.0 <= probes_rows[-1]["val/retrieval_R@1"] <= probes_rows[-1]["val/retrieval_R@5"] <= 1.0
 
     # the parameter report: trainable vision parameters against the frozen encoder in the cache attrs
@@ -74,10 +78,18 @@ def test_short_run_lowers_the_loss_and_exports_a_torchvision_encoder(tmp_path, c
     assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
     proj = torch.load(out / "projector.pt", weights_only=True)
     assert proj["projector"]["3.weight"].shape == (32, 128) and proj["text_dim"] == 16
-    spectrum = json.loads((out / "spectrum.json").read_text())["zv_singular_values"]
-    assert len(spectrum) == 8 and spectrum == sorted(spectrum, reverse=True)
+    spectrum = json.loads((out / "spectrum.json").read_text())
+    assert spectrum["n_images"] == 8 and spectrum["zv"]["dim"] == 2048 and spectrum["za"]["dim"] == 32
+    for z in ("zv", "za"):
+        for kind in ("centred", "uncentred"):
+            sv = spectrum[z][kind]
+            assert len(sv) == 8 and sv == sorted(sv, reverse=True)
+        assert spectrum[z]["centred"][-1] < 1e-6 * spectrum[z]["centred"][0]  # centring removes one rank
     final = json.loads((out / "summary.json").read_text())
-    assert final["final_probe"]["zv_effective_rank"] == pytest.approx(probes_rows[-1]["val/zv_effective_rank"])
+    assert final["final_probe"]["zv_effective_rank_centred"] == pytest.approx(
+        spectrum["zv"]["effective_rank_centred"])
+    assert final["final_probe"]["zv_effective_rank_centred"] == pytest.approx(
+        probes_rows[-1]["val/zv_effective_rank_centred"])
     assert (out / "config.json").is_file() and (out / "checkpoints" / "latest.pt").is_file()
 
     # a rerun of the finished configuration does nothing; another configuration in OUT is refused
@@ -281,3 +293,55 @@ def test_config_and_resume_guards(tmp_path):
     assert torch.load(latest, weights_only=False)["step"] == 2 and latest.read_bytes() == step2.read_bytes()
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         tv.run(tiny_config(world, out, max_steps=2, probe_size=0, resume="never"))
+
+
+def test_probe_sizes_and_a_held_out_set_smaller_than_asked(tmp_path, caplog):
+    # the cheap probe during training uses the first probe_size held-out images, the diagnostic at the
+    # end final_probe_size of them, or all there are (with a warning naming the shortfall)
+    world = make_world(tmp_path, n_train=8, n_val=6, per_shard=4)
+    out = tmp_path / "run"
+    caplog.set_level("WARNING")
+    tv.run(tiny_config(world, out, max_steps=4, probe_every=2, probe_size=4, final_probe_size=100))
+    rows = [r for r in metrics(out) if "val/n_images" in r]
+    assert [(r["step"], r["val/n_images"]) for r in rows] == [(2, 4), (4, 6)]
+    assert "only 6 usable images" in caplog.text
+    assert json.loads((out / "spectrum.json").read_text())["n_images"] == 6
+
+
+def test_orthogonality_only_trains_on_the_orthogonality_term(tmp_path):
+    world = make_world(tmp_path, n_train=8, n_val=2, per_shard=4)
+    out = tmp_path / "orth-only"
+    tv.run(tiny_config(world, out, max_steps=2, align_weight=0.0, orth_weight=0.5, probe_size=0,
+                       final_probe_size=0))
+    rows = [r for r in metrics(out) if "train/loss" in r]
+    assert [r["train/loss"] for r in rows] == pytest.approx([0.5 * r["train/orth"] for r in rows], rel=1e-6)
+    assert all(r["train/align"] > 0 for r in rows)  # still measured, as the orth term is at weight 0
+    assert not (out / "spectrum.json").exists()
+    with pytest.raises(ConfigError, match="align_weight and orth_weight are both 0"):
+        tiny_config(world, out, align_weight=0.0, orth_weight=0.0)
+
+
+def test_unfreeze_last_counts_layers_or_takes_all(tmp_path):
+    from pipeline.textmodels import OnlineTextEncoder, build_tiny_bert, load_text_model
+
+    world = make_world(tmp_path, n_train=8, n_val=2, per_shard=4)
+    texts = [json.loads(line)["text"] for line in world["reports"].read_text().splitlines()]
+    bert = build_tiny_bert(texts, tmp_path / "bert", hidden=32, layers=3, heads=2, vocab_size=200)
+
+    def trainable(k):
+        enc = load_text_model(str(bert), "mean")
+        text = OnlineTextEncoder(enc.model, enc.tokenizer, 16, "mean", k)
+        return {n.split(".")[0] + ("." + n.split(".")[2] if n.startswith("encoder.layer.") else "")
+                for n, p in text.encoder.named_parameters() if p.requires_grad}
+
+    assert trainable(0) == set()
+    assert trainable(1) == {"encoder.2"}
+    assert trainable(2) == {"encoder.1", "encoder.2"}
+    assert trainable("all") == {"embeddings", "encoder.0", "encoder.1", "encoder.2"}
+    online = dict(text_cache=None, text_mode="online", text_model=str(bert), reports=str(world["reports"]))
+    assert tiny_config(world, tmp_path / "a", unfreeze_last="2", **online).unfreeze_last == 2
+    assert tiny_config(world, tmp_path / "a", unfreeze_last="all", **online).unfreeze_last == "all"
+    with pytest.raises(ConfigError, match="unfreeze_last: expected a number of layers or 'all'"):
+        tiny_config(world, tmp_path / "a", unfreeze_last="some", **online)
+    with pytest.raises(ConfigError, match="unfreeze_last: .* has 3 layers, asked for 4"):
+        OnlineTextEncoder.from_pretrained(str(bert), 16, "mean", 4)
