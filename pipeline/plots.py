@@ -43,18 +43,71 @@ def loss_curves(curves: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]],
     return out
 
 
-def spectra(spectra_by_variant: Mapping[str, Sequence[float]], path: Path) -> Path:
-    """Normalised singular values of zv on the held-out probe batch, log scale."""
+def spectra(spectra_by_variant: Mapping[str, Sequence[Mapping]], path: Path) -> Path:
+    """``spectra_by_variant[variant] = [spectrum of one run, ...]`` where a run's spectrum is
+    ``{"zv": {"centred": [...], "uncentred": [...], "n", "dim"}, "za": {...}}`` (pipeline.probes.spectrum).
+    Four panels (zv / za x centred / uncentred), one line per variant: the singular values divided by
+    their sum (so runs whose features differ in scale compare by shape), averaged over the variant's
+    runs, log scale, as Jing et al. (ICLR 2022) plot the embedding spectrum."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for variant, sv in spectra_by_variant.items():
-        total = float(sum(sv)) or 1.0
-        ax.plot(range(1, len(sv) + 1), [s / total for s in sv], label=variant)
-    ax.set_yscale("log")
-    ax.set_xlabel("singular value index")
-    ax.set_ylabel("share of the sum")
-    ax.set_title("zv singular-value spectrum (held-out batch)")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), squeeze=False)
+    for row, z in enumerate(("zv", "za")):
+        for col, kind in enumerate(("centred", "uncentred")):
+            ax = axes[row][col]
+            size = None
+            for variant, runs in spectra_by_variant.items():
+                curves = [run[z][kind] for run in runs if z in run and run[z].get(kind)]
+                if not curves:
+                    continue
+                k = min(len(c) for c in curves)
+                shares = [[v / (sum(c) or 1.0) for v in c[:k]] for c in curves]
+                mean = [sum(col_) / len(col_) for col_ in zip(*shares)]
+                # a centred matrix has rank <= N - 1: its last value is round-off, left out of a log plot
+                mean = [m for m in mean if m > 1e-12]
+                ax.plot(range(1, len(mean) + 1), mean, label=variant, linewidth=1.2)
+                size = (runs[0][z].get("n"), runs[0][z].get("dim"))
+            ax.set_yscale("log")
+            ax.set_xlabel("singular value index")
+            ax.set_ylabel("share of the sum")
+            title = f"{z} {kind}" + (" (primary)" if kind == "centred" else "")
+            if size:
+                title += f", N={size[0]}, D={size[1]}"
+            ax.set_title(title, fontsize=9)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center right", fontsize=8)
+        fig.tight_layout(rect=(0, 0, 0.82, 1))
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def sweep(rows: Sequence[Mapping], labels: Sequence[str], path: Path, equal_weight: float | None = None) -> Path:
+    """The orthogonality-weight sweep: each downstream metric and the centred effective rank of zv
+    against the weight (log axis; weight 0, alignment only, as a dashed line), mean ± std over seeds,
+    with the weight at which the two terms' gradients on the trunk are equal marked."""
+    plt = _pyplot()
+    panels = [*labels, "zv centred effective rank"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        pts = []
+        for r in rows:
+            val = r["zv_rank"] if panel == panels[-1] else (r["downstream"].get(panel) or (None, None))[:2]
+            if val and val[0] is not None:
+                pts.append((r["orth_weight"], val[0], val[1] or 0.0))
+        nonzero = [p for p in pts if p[0] > 0]
+        if nonzero:
+            ax.errorbar([p[0] for p in nonzero], [p[1] for p in nonzero], yerr=[p[2] for p in nonzero],
+                        marker="o", capsize=3)
+            ax.set_xscale("log")
+        for w, m, _ in pts:
+            if w == 0:
+                ax.axhline(m, linestyle="--", color="grey", label="orth weight 0")
+        if equal_weight:
+            ax.axvline(equal_weight, linestyle=":", color="red", label="equal gradients")
+        ax.set_xlabel("orthogonality weight")
+        ax.set_title(panel, fontsize=9)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     out = _save(fig, path)
     plt.close(fig)

@@ -5,6 +5,15 @@ a local folder, or a small stand-in built here), the options of each stage, the 
 variants and the downstream evaluations. Every section maps onto a stage's config dataclass, so
 an option means the same in the YAML as on the stage's command line (with ``_`` for ``-``).
 See ``configs/demo.yaml`` and ``configs/mimic.yaml``.
+
+Seeds and online variants (``configs/ablation.yaml``): ``train.seeds`` (or a variant's own ``seeds``)
+trains a variant once per seed (stage ``train:<variant>:s<seed>``, folder ``train/<variant>/seed-<seed>``),
+and every downstream task evaluates pre-training replicate s with downstream seed s, so two variants'
+replicates s share the data order of pre-training and the label fraction of the downstream task (a
+paired comparison); inits that are not pre-trained run the downstream seeds of ``eval`` or, when it
+gives none, those of ``train.seeds``. A variant with ``text_mode: online`` runs the pipeline's text
+encoder inside each training step (``unfreeze_last: K`` or ``all`` trains its last layers); the
+orchestrator gives it the text model and the reports, and the pooling and length embed-text used.
 """
 from __future__ import annotations
 
@@ -82,10 +91,10 @@ def load_spec(path: str | Path, workdir: str | None = None) -> dict[str, Any]:
                          "from the corpus) or 'model' (a hub id or local folder, e.g. "
                          "microsoft/BiomedVLP-CXR-BERT-general)")
     variants = (spec.get("train") or {}).get("variants") or {}
-    if not variants:
+    if not isinstance(variants, dict) or not variants:
         raise MflagError(f"{path}: train.variants must name at least one pre-training variant")
     for name in variants:
-        if name in ("random", "imagenet") or ":" in name or "/" in name:
+        if not isinstance(name, str) or name in ("random", "imagenet") or ":" in name or "/" in name:
             raise MflagError(f"{path}: train variant name {name!r} is reserved or has ':' or '/'")
     return spec
 
@@ -192,19 +201,44 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
 
     # -- pre-training variants
     train = _mapping("train", spec["train"])
-    if set(train) - {"common", "variants"}:
-        raise MflagError(f"train: unknown keys {sorted(set(train) - {'common', 'variants'})}; "
-                         "give common (options of every variant) and variants")
-    reserved = {"shards", "text_cache", "out"}
+    if set(train) - {"common", "variants", "seeds"}:
+        raise MflagError(f"train: unknown keys {sorted(set(train) - {'common', 'variants', 'seeds'})}; "
+                         "give common (options of every variant), variants and optionally seeds")
+    reserved = {"shards", "text_cache", "out", "text_model", "reports"}
     common = _check_keys("train.common", _mapping("train.common", train.get("common")), TrainVisionConfig, reserved)
+    if "seed" in common and "seeds" in train:
+        raise MflagError("train: give train.seeds (one run per seed) or train.common.seed, not both")
     placeholders = dict(shards="(planned)", text_cache="(planned)", out="(planned)")
-    _validate("train.common", TrainVisionConfig, common, **placeholders)
+    online_placeholders = dict(text_model="(planned)", reports="(planned)")
+    _validate("train.common", TrainVisionConfig, common,
+              **placeholders, **(online_placeholders if common.get("text_mode") == "online" else {}))
+    all_seeds = _seed_list("train.seeds", train.get("seeds"))
+    # variant -> its pre-training seeds (None: one run, stage train:<variant>) and its stage names
+    variant_seeds: dict[str, list[int] | None] = {}
     for name, overrides in train["variants"].items():
         section = f"train.variants.{name}"
-        opts = {**common, **_check_keys(section, _mapping(section, overrides), TrainVisionConfig, reserved)}
-        _validate(section, TrainVisionConfig, opts, **placeholders)
-        nodes.append(Node(f"train:{name}", work / "train" / name, opts, ("prepare", "embed-text"), _run_train,
-                          inputs=_external(init=opts.get("init"))))
+        overrides = _mapping(section, overrides)
+        seeds = _seed_list(f"{section}.seeds", overrides.pop("seeds")) if "seeds" in overrides else all_seeds
+        opts = {**common, **_check_keys(section, overrides, TrainVisionConfig, reserved)}
+        if seeds is not None and "seed" in opts:
+            raise MflagError(f"{section}: give seeds (one run per seed) or seed, not both")
+        deps: tuple[str, ...] = ("prepare", "embed-text")
+        if opts.get("text_mode") == "online":
+            # the pipeline's text encoder, pooled and truncated as embed-text did, so that an online
+            # run with nothing unfrozen computes the targets the cache holds
+            opts.setdefault("text_pooling", embed_opts.get("pooling", "cls"))
+            opts.setdefault("text_max_length", embed_opts.get("max_length", 512))
+            opts.update(text_model=model_ref, reports="@prepare/reports.jsonl")
+            deps = (*deps, "text-model") if "text-model" in {n.name for n in nodes} else deps
+        _validate(section, TrainVisionConfig, {k: v for k, v in opts.items() if k not in online_placeholders},
+                  **placeholders, **(online_placeholders if opts.get("text_mode") == "online" else {}))
+        variant_seeds[name] = seeds
+        ext = _external(init=opts.get("init"), text_model=opts.get("text_model"))
+        if seeds is None:
+            nodes.append(Node(f"train:{name}", work / "train" / name, opts, deps, _run_train, inputs=ext))
+        for seed in seeds or []:
+            nodes.append(Node(f"train:{name}:s{seed}", work / "train" / name / f"seed-{seed}",
+                              {**opts, "seed": seed}, deps, _run_train, inputs=ext))
 
     # -- downstream data
     down = _mapping("downstream", spec.get("downstream"))
@@ -230,6 +264,7 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
     ev_reserved = {"root", "out", "init"}
     ev_common = _check_keys("eval.common", _mapping("eval.common", ev.get("common")), EvalConfig, ev_reserved)
     inits = _names(ev.get("inits")) or ["random", *train["variants"]]
+    evals_seen: set[tuple[str, str]] = set()
     for k, task in enumerate(ev.get("tasks") or []):
         task = _mapping(f"eval.tasks[{k}]", task)
         task_inits = _names(task.pop("inits", None)) or inits  # a task may name its own inits
@@ -252,25 +287,36 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
         for init in task_inits:
             opts = {**ev_common, **task}
             deps: list[str] = []
-            if init in train["variants"]:
-                deps.append(f"train:{init}")
-            elif init not in ("random", "imagenet") and not Path(init).is_file():
+            if init not in train["variants"] and init not in ("random", "imagenet") and not Path(init).is_file():
                 raise MflagError(f"eval.inits: {init!r} is not a train variant, random, imagenet or a file")
             if f"synth:{ds}" in {n.name for n in nodes}:
                 deps.append(f"synth:{ds}")
             label = f"{opts['task']}-{ds}"
             if "fraction" in task:
                 label += f"@{opts['fraction']:g}"
-            if f"eval:{label}:{init}" in {n.name for n in nodes}:
+            if (label, init) in evals_seen:
                 raise MflagError(f"eval.tasks: {label} with init {init} is listed twice")
+            evals_seen.add((label, init))
             folder = init if init in train["variants"] or init in ("random", "imagenet") else f"file-{Path(init).stem}"
             ext = _external(root=roots[ds], init=None if init in train["variants"] else init,
                             split_file=opts.get("split_file"))
             version = protocol_version(opts["task"], init, bool(opts.get("finetune", False)))
             if version != 1:  # only the configurations whose computation changed
                 ext["format"] = version
+            params = {"root": roots[ds], "init": init, **opts}
+            if init in train["variants"] and variant_seeds[init] is not None:
+                # pre-training replicate s is evaluated with downstream seed s: the pairing unit
+                for seed in variant_seeds[init]:
+                    nodes.append(Node(f"eval:{label}:{init}:s{seed}", work / "eval" / label / folder / f"seed-{seed}",
+                                      {**params, "init": f"{init}:s{seed}", "seeds": [seed]},
+                                      (*deps, f"train:{init}:s{seed}"), _run_eval, inputs=ext))
+                continue
+            if init in train["variants"]:
+                deps.append(f"train:{init}")
+            elif all_seeds is not None and "seeds" not in opts:
+                params["seeds"] = list(all_seeds)  # not pre-trained: one downstream seed per replicate
             nodes.append(Node(f"eval:{label}:{init}", work / "eval" / label / folder,
-                              {"root": roots[ds], "init": init, **opts}, tuple(deps), _run_eval, inputs=ext))
+                              params, tuple(deps), _run_eval, inputs=ext))
 
     # -- report
     if spec.get("report", {}) is not False:
@@ -279,6 +325,16 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
                                   {"out", "trains", "evals", "text_cache"})
         nodes.append(Node("report", work / "report", report_opts, deps, _run_report))
     return nodes
+
+
+def _seed_list(where: str, value: Any) -> list[int] | None:
+    """A YAML list of distinct non-negative seeds (or one seed), or None when not given."""
+    if value is None:
+        return None
+    seeds = coerce_to_hint(where, value, tuple[int, ...])
+    if not seeds or len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+        raise MflagError(f"{where}: expected distinct non-negative seeds, got {value!r}")
+    return list(seeds)
 
 
 def _names(value: Any) -> list[str]:
@@ -387,8 +443,14 @@ def _cache_dir(by_name) -> str:
 def _run_train(node: Node, by_name) -> None:
     from stages import train_vision
 
-    cfg = train_vision.TrainVisionConfig(shards=str(by_name["prepare"].out_dir), text_cache=_cache_dir(by_name),
-                                         out=str(node.out_dir), **_tuples(dict(node.params)))
+    p = dict(node.params)
+    if p.get("text_mode") == "online":
+        p.update(text_model=_resolve(p["text_model"], by_name), reports=_resolve(p["reports"], by_name))
+        cache = None
+    else:
+        cache = _cache_dir(by_name)
+    cfg = train_vision.TrainVisionConfig(shards=str(by_name["prepare"].out_dir), text_cache=cache,
+                                         out=str(node.out_dir), **_tuples(p))
     train_vision.run(cfg)
 
 
@@ -396,7 +458,7 @@ def _run_eval(node: Node, by_name) -> None:
     from stages import evaluate
 
     p = dict(node.params)
-    init = p.pop("init")
+    init = p.pop("init")  # a variant, <variant>:s<seed> for a seeded one, random, imagenet or a file
     train_node = by_name.get(f"train:{init}")
     init_ref = str(train_node.out_dir / "encoder.pt") if train_node else init
     opts = p.pop("dataset_options", None) or {}
@@ -408,6 +470,7 @@ def _run_eval(node: Node, by_name) -> None:
 def _run_report(node: Node, by_name) -> None:
     from stages import report
 
+    # names: <variant> or <variant>:s<seed> (the report groups replicates by variant)
     trains = {n.split(":", 1)[1]: by_name[n].out_dir for n in by_name if n.startswith("train:")}
     evals = {n: by_name[n].out_dir for n in by_name if n.startswith("eval:")}
     cache = _cache_dir(by_name) if "embed-text" in by_name else None
