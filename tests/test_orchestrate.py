@@ -35,7 +35,7 @@ def test_run_skips_fresh_stages_and_reruns_only_what_changed(tmp_path):
     assert "10 stage(s) ran, 0 up to date" in res.output
     work = tmp_path / "work"
     report = (work / "report" / "results.md").read_text()
-    assert "| cls-chexpert | auroc |" in report and "zv effective rank" in report
+    assert "| cls-chexpert | auroc |" in report and "zv centred" in report
     for png in ("loss_curves.png", "spectra.png", "metrics.png"):
         assert (work / "report" / png).stat().st_size > 1000
     assert (work / "train" / "mflag" / "encoder.pt").is_file()
@@ -154,3 +154,60 @@ def test_run_checks_outside_inputs_before_any_stage(tmp_path, monkeypatch):
     assert "use init imagenet" in str(e.value) and "step 0" in str(e.value)
     assert not (tmp_path / "work").exists()  # nothing ran
     orchestrate.status(orchestrate.RunConfig(config=str(path)))  # status still shows the plan
+
+
+def test_seeds_per_variant_and_online_variants(tmp_path):
+    spec = yaml.safe_load(TINY.read_text())
+    spec["workdir"] = str(tmp_path / "work")
+    spec["train"]["seeds"] = [0, 1]
+    spec["train"]["variants"] = {"mflag": {}, "k1": {"text_mode": "online", "unfreeze_last": 1},
+                                 "all": {"text_mode": "online", "unfreeze_last": "all", "seeds": [2, 0, 1]}}
+    del spec["eval"]["common"]["seeds"]
+    spec["eval"]["inits"] = ["random", "mflag", "all"]
+    nodes = {n.name: n for n in orchestrate.build_nodes(spec)}
+    trains = [n for n in nodes if n.startswith("train:")]
+    assert trains == ["train:mflag:s0", "train:mflag:s1", "train:k1:s0", "train:k1:s1", "train:all:s2",
+                      "train:all:s0", "train:all:s1"]
+    work = tmp_path / "work"
+    assert nodes["train:mflag:s1"].out_dir == work / "train" / "mflag" / "seed-1"
+    assert nodes["train:mflag:s1"].params["seed"] == 1
+    # online variants: the pipeline's text model and reports, pooled and truncated as embed-text did
+    k1 = nodes["train:k1:s0"]
+    assert k1.params["text_model"] == "@text-model/model" and k1.params["reports"] == "@prepare/reports.jsonl"
+    assert (k1.params["text_pooling"], k1.params["text_max_length"]) == ("mean", 128)
+    assert "text-model" in k1.deps and "text_model" not in nodes["train:mflag:s0"].params
+    assert nodes["train:all:s2"].params["unfreeze_last"] == "all"
+    # pre-training replicate s is evaluated with downstream seed s; random with every train seed
+    evals = {n: nodes[n] for n in nodes if n.startswith("eval:")}
+    assert sorted(evals) == ["eval:cls-chexpert:all:s0", "eval:cls-chexpert:all:s1", "eval:cls-chexpert:all:s2",
+                             "eval:cls-chexpert:mflag:s0", "eval:cls-chexpert:mflag:s1",
+                             "eval:cls-chexpert:random"]
+    e = evals["eval:cls-chexpert:all:s2"]
+    assert e.params["seeds"] == [2] and e.params["init"] == "all:s2" and "train:all:s2" in e.deps
+    assert e.out_dir == work / "eval" / "cls-chexpert" / "all" / "seed-2"
+    assert evals["eval:cls-chexpert:random"].params["seeds"] == [0, 1]
+    # the report reads every replicate
+    assert {d for d in nodes["report"].deps if d.startswith("train:")} == set(trains)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train.seeds": [0, 0]}, r"train\.seeds: expected distinct non-negative seeds"),
+    ({"train.seeds": [1], "train.common.seed": 3}, r"train\.seeds \(one run per seed\) or train\.common\.seed"),
+    ({"train.variants.mflag": {"seeds": [0], "seed": 1}}, r"train\.variants\.mflag: give seeds"),
+    ({"train.variants.mflag": {"text_mode": "online", "unfreeze_last": "some"}},
+     r"train\.variants\.mflag\.unfreeze_last: expected a number of layers or 'all'"),
+    ({"train.variants.mflag": {"text_mode": "online", "text_model": "x"}},
+     r"train\.variants\.mflag: unknown or orchestrator-owned options \['text_model'\]"),
+    ({"train.variants.mflag": {"align_weight": 0.0, "orth_weight": 0.0}}, r"align_weight and orth_weight are both 0"),
+])
+def test_seed_and_online_options_are_checked(tmp_path, change, message):
+    path = _config(tmp_path, **change)
+    with pytest.raises(MflagError, match=message):
+        orchestrate.status(orchestrate.RunConfig(config=str(path)))
+
+
+@pytest.mark.parametrize("name", ["ablation.yaml", "ablation-mimic.yaml", "demo.yaml", "mimic.yaml"])
+def test_shipped_pipelines_validate(name, tmp_path):
+    path = TINY.parent / name
+    states = orchestrate.status(orchestrate.RunConfig(config=str(path), workdir=str(tmp_path / "w")))
+    assert states and all(s.state == "missing" for s in states)
