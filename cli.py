@@ -353,7 +353,8 @@ def cache_verify_cmd(path: str) -> None:
               help="Held-out images in the cheap probe every --probe-every steps.")
 @click.option("--final-probe-size", type=int, default=512, show_default=True,
               help="Held-out images (validate, then test shards) in the collapse diagnostic at the end.")
-@click.option("--keep-checkpoints", type=int, default=2, show_default=True, help="Step checkpoints kept on disk.")
+@click.option("--keep-checkpoints", type=int, default=2, show_default=True,
+              help="Step checkpoints kept on disk (0: none once the run has finished).")
 @click.option("--resume", default="auto", show_default=True,
               help="auto (OUT/checkpoints/latest.pt when present), never, or a checkpoint path.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads per process.")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -115,7 +116,7 @@ class TrainVisionConfig:
     probe_every: int = 500
     probe_size: int = 64  # held-out images of the cheap probe every probe_every steps
     final_probe_size: int = 512  # held-out images of the collapse diagnostic at the end of the run
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # 0: none once the run has finished (the final one is not written)
     resume: str = "auto"
     threads: int | None = None
 
@@ -141,14 +142,14 @@ class TrainVisionConfig:
             need(bool(self.text_model), "text_model", "required with text_mode 'online'")
             need(bool(self.reports), "reports", "required with text_mode 'online' (report texts by study_id)")
         for field in ("batch_size", "epochs", "image_size", "crop_size", "hidden_dim", "log_every",
-                      "ckpt_every", "probe_every", "text_max_length", "keep_checkpoints"):
+                      "ckpt_every", "probe_every", "text_max_length"):
             need(getattr(self, field) >= 1, field, f"must be >= 1, got {getattr(self, field)}")
         if isinstance(self.unfreeze_last, str) and self.unfreeze_last.strip().isdigit():
             object.__setattr__(self, "unfreeze_last", int(self.unfreeze_last))
         need(self.unfreeze_last == "all" or (isinstance(self.unfreeze_last, int)
                                              and not isinstance(self.unfreeze_last, bool)),
              "unfreeze_last", f"expected a number of layers or 'all', got {self.unfreeze_last!r}")
-        for field in ("num_workers", "warmup_steps", "probe_size", "final_probe_size", "seed"):
+        for field in ("num_workers", "warmup_steps", "probe_size", "final_probe_size", "seed", "keep_checkpoints"):
             need(getattr(self, field) >= 0, field, f"must be >= 0, got {getattr(self, field)}")
         need(self.batch_size >= 2, "batch_size", "BatchNorm in the projector needs at least 2")
         need(self.crop_size <= self.image_size, "crop_size",
@@ -447,7 +448,7 @@ class _Trainer:
             }
             save_checkpoint(path, payload)
             publish_latest(path, self.ckpt_dir / "latest.pt")
-            for p in sorted(self.ckpt_dir.glob("step-*.pt"))[:-self.cfg.keep_checkpoints]:
+            for p in sorted(self.ckpt_dir.glob("step-*.pt"))[:-max(1, self.cfg.keep_checkpoints)]:
                 p.unlink(missing_ok=True)
         barrier(self.dist)
         return path
@@ -613,10 +614,11 @@ class _Trainer:
                         last_probe, _ = self._probe(self._probe_subset(probe, cfg.probe_size))
                         self._write_metrics({"step": step, "epoch": self.pos.epoch,
                                              **{f"val/{k}": v for k, v in last_probe.items()}})
-                    if step % cfg.ckpt_every == 0 or step == self.total_steps:
-                        self._check_bad(final=self.pos.step_in_epoch >= self.steps_per_epoch
-                                        or step == self.total_steps)
-                        last_good = str(self._checkpoint(step, final=step == self.total_steps))
+                    final = step == self.total_steps
+                    if step % cfg.ckpt_every == 0 or final:
+                        self._check_bad(final=self.pos.step_in_epoch >= self.steps_per_epoch or final)
+                        if not (final and cfg.keep_checkpoints == 0):  # nothing left to resume
+                            last_good = str(self._checkpoint(step, final=final))
             finally:
                 del it
         self._check_bad(final=True)
@@ -732,6 +734,9 @@ class _Trainer:
                 write_json(self.out / "spectrum.json", {"step": step, "n_images": spectrum["zv"]["n"],
                                                          **spectrum})
             write_json(self.out / "summary.json", summary)
+            if self.cfg.keep_checkpoints == 0 and self.ckpt_dir.is_dir():
+                # the finished run is summary.json + encoder.pt: the multi-100 MB resume points go
+                shutil.rmtree(self.ckpt_dir)
             log.info("done: %d steps; encoder %s", step, self.out / "encoder.pt")
         barrier(dist)
         return summary

@@ -311,8 +311,13 @@ def test_probe_sizes_and_a_held_out_set_smaller_than_asked(tmp_path, caplog):
 def test_orthogonality_only_trains_on_the_orthogonality_term(tmp_path):
     world = make_world(tmp_path, n_train=8, n_val=2, per_shard=4)
     out = tmp_path / "orth-only"
-    tv.run(tiny_config(world, out, max_steps=2, align_weight=0.0, orth_weight=0.5, probe_size=0,
-                       final_probe_size=0))
+    cfg = tiny_config(world, out, max_steps=2, align_weight=0.0, orth_weight=0.5, probe_size=0,
+                      final_probe_size=0, keep_checkpoints=0)
+    tv.run(cfg)
+    # keep_checkpoints 0: the finished run keeps no resume point, and a rerun still finds it finished
+    assert not (out / "checkpoints").exists() and (out / "encoder.pt").is_file()
+    lines = (out / "metrics.jsonl").read_text()
+    assert tv.run(cfg)["steps"] == 2 and (out / "metrics.jsonl").read_text() == lines
     rows = [r for r in metrics(out) if "train/loss" in r]
     assert [r["train/loss"] for r in rows] == pytest.approx([0.5 * r["train/orth"] for r in rows], rel=1e-6)
     assert all(r["train/align"] > 0 for r in rows)  # still measured, as the orth term is at weight 0
