@@ -213,7 +213,7 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
     _validate("train.common", TrainVisionConfig, common,
               **placeholders, **(online_placeholders if common.get("text_mode") == "online" else {}))
     all_seeds = _seed_list("train.seeds", train.get("seeds"))
-    # variant -> its pre-training seeds (None: one run, stage train:<variant>) and its stage names
+    # variant -> its pre-training seeds (None: one run, stage train:<variant>)
     variant_seeds: dict[str, list[int] | None] = {}
     for name, overrides in train["variants"].items():
         section = f"train.variants.{name}"

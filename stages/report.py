@@ -294,13 +294,25 @@ def sweep(data: dict, reference: str) -> dict | None:
             else None
         row["downstream"] = {label: (by[v]["mean"], by[v]["std"], by[v]["n"]) for label, by in evals.items() if v in by}
         rows.append(row)
-    estimates = [r["terms"]["equal_grad_weight"] for v in members if trains[v]["config"].get("orth_weight", 1.0) > 0
-                 for r in trains[v]["runs"].values() if r["terms"]["equal_grad_weight"]]
     weights = [r["orth_weight"] for r in rows if r["orth_weight"] > 0]
-    equal = statistics.median(estimates) if estimates else None
-    return {"rows": rows, "equal_grad_weight": equal,
-            "brackets": bool(equal is not None and weights and min(weights) < equal < max(weights)),
-            "weights": weights}
+    # Where the orthogonality term's gradient on the trunk equals the alignment term's: the weight at
+    # which the measured (weighted) gradient ratio crosses 1 between two adjacent sweep points,
+    # interpolated in log-log. A single run's own estimate (g_align / g_orth) depends on the state the
+    # weight trained it into (orthogonality-dominated runs end with a small g_orth), so the crossing
+    # along the sweep is the estimate; without one, the median of the runs' own estimates is given.
+    pts = [(r["orth_weight"], r["grad_ratio"]) for r in rows if r["orth_weight"] > 0 and r["grad_ratio"]]
+    equal, brackets = None, False
+    for (w0, r0), (w1, r1) in zip(pts, pts[1:]):
+        if (r0 - 1) * (r1 - 1) <= 0 and r0 != r1:
+            t = math.log(r0) / (math.log(r0) - math.log(r1))
+            equal, brackets = math.exp(math.log(w0) + t * (math.log(w1) - math.log(w0))), True
+            break
+    if equal is None:
+        estimates = [r["terms"]["equal_grad_weight"] for v in members if trains[v]["config"].get("orth_weight", 1.0) > 0
+                     for r in trains[v]["runs"].values() if r["terms"]["equal_grad_weight"]]
+        equal = statistics.median(estimates) if estimates else None
+    return {"rows": rows, "equal_grad_weight": equal, "brackets": brackets, "weights": weights,
+            "from_crossing": brackets}
 
 
 def collect(cfg: ReportConfig) -> dict[str, Any]:
@@ -465,9 +477,11 @@ def render(cfg: ReportConfig, data: dict, out: Path) -> str:
                          f" | {_fmt(*(r['zv_rank'] or (None, None)), digits=1)} | {_g(r['loss_ratio'])} | "
                          f"{_g(r['grad_ratio'])} |")
         eq = sw["equal_grad_weight"]
+        how = ("where the gradient ratio crosses 1 between two sweep points, log-log interpolation"
+               if sw["from_crossing"] else "median of each run's own estimate; the ratio does not cross 1 "
+               "within the sweep")
         lines += ["", f"The two terms' gradients on the trunk are equal at an orthogonality weight of about {_g(eq)} "
-                  f"(median over the runs with both terms on); the sweep's nonzero weights "
-                  f"({', '.join(f'{w:g}' for w in sw['weights'])}) "
+                  f"({how}); the sweep's nonzero weights ({', '.join(f'{w:g}' for w in sw['weights'])}) "
                   f"{'bracket' if sw['brackets'] else 'do NOT bracket'} it.", ""]
     first = next((r["summary"] for t in trains.values() for r in t["runs"].values()
                   if r["summary"].get("trainable_params") and r["summary"].get("text_encoder_params")

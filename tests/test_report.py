@@ -174,9 +174,11 @@ def test_sweep_ratios_and_the_equal_gradient_weight(tmp_path):
     assert by["mflag"]["grad_ratio"] == pytest.approx(200.0)
     assert by["sweep-1e-2"]["grad_ratio"] == pytest.approx(2.0)
     assert by["align-only"]["grad_ratio"] == pytest.approx(0.0)
+    # the weighted ratio is 2 at 0.01 and 200 at 1: it never crosses 1 within the sweep, so the estimate
+    # is each run's own g_align / g_orth and the sweep does not bracket it
     assert sw["equal_grad_weight"] == pytest.approx(0.005)
     assert sw["weights"] == [0.01, 1.0]
-    assert sw["brackets"] is False  # 0.005 lies below the smallest nonzero weight, 0.01
+    assert sw["brackets"] is False
     # the loss ratio over the last quarter of logged steps (steps 7-8): w x mean(orth) / align
     assert by["mflag"]["loss_ratio"] == pytest.approx(np.mean([100.0, 101.0, 102.0]) / 1.5)
     assert by["mflag"]["zv_rank"][0] == pytest.approx(np.mean(RANKS["mflag"]))
@@ -209,3 +211,19 @@ def test_a_task_nothing_learnt_is_not_judged(tmp_path):
     data = report.run(report.ReportConfig(out=str(tmp_path / "r"), evals=tuple(evals))).data
     (c,) = data["claims"]
     assert c["verdict"] == "inconclusive" and c["n"] == 3 and not math.isnan(c["ci_low"])
+
+
+def test_the_sweep_brackets_the_weight_where_the_gradient_ratio_crosses_one(tmp_path):
+    # gradients that depend on the state each weight trains into, as in real runs: weighted ratio 0.01 at
+    # 1e-4, 4 at 1e-2 and 50 at 1, so the ratio crosses 1 between 1e-4 and 1e-2
+    grads = {"a": (0.0, (1.0, 1.0)), "b": (1e-4, (1.0, 100.0)), "c": (1e-2, (1.0, 400.0)), "mflag": (1.0, (1.0, 50.0))}
+    trains, evals = [], []
+    for v, (w, (ga, go)) in grads.items():
+        for s in SEEDS:
+            trains.append(_train(tmp_path, v, s, {"orth_weight": w}, 10.0, (1.0, 10.0, ga, go)))
+    sw = report.run(report.ReportConfig(out=str(tmp_path / "r"), trains=tuple(trains))).data["sweep"]
+    assert [r["grad_ratio"] for r in sw["rows"]] == pytest.approx([0.0, 0.01, 4.0, 50.0])
+    assert sw["brackets"] is True and sw["from_crossing"] is True
+    # log-log between (1e-4, 0.01) and (1e-2, 4): log ratio 0 at t = ln 100 / ln 400
+    t = math.log(100) / math.log(400)
+    assert sw["equal_grad_weight"] == pytest.approx(math.exp(math.log(1e-4) + t * math.log(100)))
