@@ -21,6 +21,10 @@ Orthogonality scope. The default is ``global``: z is all-gathered with gradients
 not depend on how many GPUs share the global batch; ``local`` is the original code's per-GPU loss.
 With one process both are the same. Likewise ``sync_bn`` (default on) makes every BatchNorm use
 the statistics of the global batch on several CUDA processes (SyncBatchNorm).
+
+Recipes. ``batch_semantics``, ``pairs``, ``decay_norm_bias``, ``restart_period`` and ``min_lr``
+express the original run's reading of its settings (512 per process, every MIMIC split, weight decay
+on every parameter, its T_0 formula, eta_min); docs/RECIPES.md and configs/mimic-original.yaml.
 """
 from __future__ import annotations
 

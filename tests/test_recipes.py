@@ -4,6 +4,7 @@ recommended one. The expected values below are read off the original source, ind
 YAML, with the file and line each comes from."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -266,3 +267,39 @@ def test_recipe_options_are_checked(tmp_path):
                                                              batch_semantics="per-process", probe_size=0)])
     assert res.exit_code == 2
     assert "the original's T_0 = int(1 x 12 // 4 // 4 x 0.4) is 0 steps" in res.output, res.output
+
+
+def _doc_command(path: Path, start: str) -> list[str]:
+    """The arguments of the shell command in ``path`` that begins with ``start`` (continuation lines
+    joined, ``#`` comments dropped)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    i = next(k for k, ln in enumerate(lines) if ln.startswith(start))
+    text = ""
+    for ln in lines[i:]:
+        text += ln.rstrip().rstrip("\\") + " "
+        if not ln.rstrip().endswith("\\"):
+            break
+    return shlex.split(text[len(start):])
+
+
+def _semantics(cfg: tv.TrainVisionConfig) -> dict:
+    d = tv.semantic_config(cfg)
+    for k in ("shards", "text_cache"):
+        d.pop(k)
+    if d["proj_dim"] is None and d["text_head"] == "mlp":
+        d["proj_dim"] = 1024  # what None means with an mlp text head
+    return d
+
+
+@pytest.mark.parametrize("doc, start, yaml_path, variant", [
+    ("docs/RECIPES.md", "torchrun --nproc_per_node=2 cli.py train-vision", ORIGINAL_YAML, "train:original"),
+    ("README.md", "torchrun --nproc_per_node=8 cli.py train-vision", RECOMMENDED_YAML, "train:mflag")])
+def test_documented_commands_train_what_the_recipes_train(tmp_path, doc, start, yaml_path, variant):
+    import cli as cli_module
+
+    args = _doc_command(REPO / doc, start)
+    ctx = cli_module.cli.commands["train-vision"].make_context("train-vision", args)
+    params = dict(ctx.params)
+    from_doc = tv.TrainVisionConfig(compile=params.pop("compile_"), **params)
+    from_yaml = _train_config(_nodes(yaml_path, tmp_path / "w")[variant].params)
+    assert _semantics(from_doc) == _semantics(from_yaml)
