@@ -290,7 +290,15 @@ def cache_verify_cmd(path: str) -> None:
               help="online mode: tokens per report, padded like the original.")
 @click.option("--probe-shards", default=None,
               help="Held-out shards for the probes [validate-*.tar beside the training shards, else test-*.tar].")
-@click.option("--batch-size", type=int, default=128, show_default=True, help="Global batch over all ranks.")
+@click.option("--pairs", type=click.Choice(["train", "all"]), default="train", show_default=True,
+              help="Which splits of a prepare output are trained on: train (validate/test stay held out for "
+                   "the probes) or all (train+validate+test, as the original code read MIMIC).")
+@click.option("--batch-size", type=int, default=128, show_default=True,
+              help="Images per step: over all ranks, or per process with --batch-semantics per-process.")
+@click.option("--batch-semantics", type=click.Choice(["global", "per-process"]), default="global",
+              show_default=True,
+              help="global: --batch-size is split over the ranks; per-process: each rank takes --batch-size "
+                   "(the original's 512 on 2 processes = 1,024 per step).")
 @click.option("--epochs", type=int, default=1, show_default=True, help="Passes over --num-samples training images.")
 @click.option("--max-steps", type=int, default=None, help="Total optimizer steps [epochs x steps per epoch].")
 @click.option("--num-samples", type=int, default=None,
@@ -324,14 +332,25 @@ def cache_verify_cmd(path: str) -> None:
 @click.option("--orth-standardize", is_flag=True, help="Standardize z over the batch first (correlation matrix).")
 @click.option("--lr", type=float, default=2e-5, show_default=True, help="AdamW peak learning rate.")
 @click.option("--weight-decay", type=float, default=0.05, show_default=True,
-              help="AdamW weight decay (not on biases and norm parameters).")
+              help="AdamW weight decay (not on biases and norm parameters unless --decay-norm-bias).")
+@click.option("--decay-norm-bias/--no-decay-norm-bias", default=False, show_default=True,
+              help="Weight decay on biases and norm parameters too, as the original code (one AdamW group).")
 @click.option("--schedule", type=click.Choice(["cosine", "restarts", "constant"]), default="cosine",
               show_default=True)
 @click.option("--warmup-steps", type=int, default=0, show_default=True, help="Linear warmup from 0.")
 @click.option("--restart-every", type=int, default=None,
-              help="restarts: cycle length in steps [40% of the run, the original's T_0].")
+              help="restarts: cycle length in steps [from --restart-period].")
+@click.option("--restart-period", type=click.Choice(["fraction", "original"]), default="fraction",
+              show_default=True,
+              help="restarts: cycle length as --restart-fraction of the run's steps, or the original code's "
+                   "T_0 = int((epochs-1) x samples per epoch // 4 // batch per process x 0.4).")
+@click.option("--restart-fraction", type=float, default=0.4, show_default=True,
+              help="restarts with --restart-period fraction: each cycle this fraction of the run's steps.")
 @click.option("--min-lr-ratio", type=float, default=0.0, show_default=True,
               help="Floor of the cosine schedule, as a fraction of --lr.")
+@click.option("--min-lr", type=float, default=None,
+              help="Floor of the cosine schedule as a learning rate (the original's eta_min 1e-8); "
+                   "instead of --min-lr-ratio.")
 @click.option("--grad-clip", type=float, default=None, help="Clip the global grad norm to this value.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
               show_default=True, help="auto: bf16 on CUDA, fp32 on CPU; losses always in fp32.")

@@ -542,12 +542,7 @@ def resolve_shards(spec: str, split: str = "train") -> ShardSet:
             names = [n for n in tars if n.startswith(f"{split}-")] or tars
             if not names:
                 raise DataError(f"no .tar shards in {folder}")
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise DataError(f"shard {folder / missing[0]} is listed but does not exist")
-        sizes = _load_sizes(folder)
-        count = sum(sizes[n] for n in names) if sizes and all(n in sizes for n in names) else None
-        return ShardSet(tuple(str(folder / n) for n in names), count, folder)
+        return _local_shards(folder, names)
     if p.is_file() and not p.name.endswith((".tar", ".tgz", ".tar.gz")):
         raise DataError(f"{p}: a file, not a shard (.tar), a folder of shards or a prepare output folder")
     urls = wds.shardlists.expand_urls(spec)
@@ -565,6 +560,38 @@ def resolve_shards(spec: str, split: str = "train") -> ShardSet:
         count = sum(sizes[n] for n in names) if sizes and all(n in sizes for n in names) else None
         return ShardSet(tuple(urls), count, folder)
     return ShardSet(tuple(urls), None, None)
+
+
+def _local_shards(folder: Path, names: list[str]) -> ShardSet:
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise DataError(f"shard {folder / missing[0]} is listed but does not exist")
+    sizes = _load_sizes(folder)
+    count = sum(sizes[n] for n in names) if sizes and all(n in sizes for n in names) else None
+    return ShardSet(tuple(str(folder / n) for n in names), count, folder)
+
+
+def resolve_splits(spec: str, splits: tuple[str, ...]) -> ShardSet:
+    """The shards of several splits together (in the order of ``splits``) and their sample count.
+
+    ``spec``: a prepare output folder (splits the manifest does not list are skipped) or a folder of
+    ``<split>-*.tar`` shards (all its .tar files when none is named by split). Explicit URLs name their
+    shards themselves, so they are refused here."""
+    p = Path(spec)
+    if not p.is_dir():
+        raise DataError(f"{spec}: training pairs from several splits need a prepare output folder or a "
+                        "folder of <split>-NNNNNN.tar shards; with URLs or single files, list the shards")
+    if (p / "manifest.json").is_file() and (p / "shards").is_dir():
+        listed = read_json(p / "manifest.json").get("splits") or {}
+        names = [n for s in splits for n in ((listed.get(s) or {}).get("shards") or [])]
+        if not names:
+            raise DataError(f"{p / 'manifest.json'} lists no shards for the splits {', '.join(splits)}")
+        return _local_shards(p / "shards", names)
+    tars = sorted(x.name for x in p.glob("*.tar"))
+    if not tars:
+        raise DataError(f"no .tar shards in {p}")
+    names = [n for s in splits for n in tars if n.startswith(f"{s}-")] or tars
+    return _local_shards(p, names)
 
 
 def heldout_shards(train: ShardSet, split: str = "validate") -> list[str]:

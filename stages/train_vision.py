@@ -21,6 +21,10 @@ Orthogonality scope. The default is ``global``: z is all-gathered with gradients
 not depend on how many GPUs share the global batch; ``local`` is the original code's per-GPU loss.
 With one process both are the same. Likewise ``sync_bn`` (default on) makes every BatchNorm use
 the statistics of the global batch on several CUDA processes (SyncBatchNorm).
+
+Recipes. ``batch_semantics``, ``pairs``, ``decay_norm_bias``, ``restart_period`` and ``min_lr``
+express the original run's reading of its settings (512 per process, every MIMIC split, weight decay
+on every parameter, its T_0 formula, eta_min); docs/RECIPES.md and configs/mimic-original.yaml.
 """
 from __future__ import annotations
 
@@ -39,15 +43,19 @@ from pipeline.common import (ConfigError, MflagError, atomic_path, config_to_dic
                              save_config, write_json)
 from pipeline.distributed import (DistInfo, all_gather_object, any_rank, any_rank_nonfinite, barrier, cleanup,
                                   init_distributed)
-from pipeline.pretrain import SampleAugmentFactory, StepSettings, TrainModule, prepare_images, train_step
+from pipeline.pretrain import (BATCH_SEMANTICS, SampleAugmentFactory, StepSettings, TrainModule, batch_per_rank,
+                               param_groups, prepare_images, train_step)
 from pipeline.textmodels import OnlineTextEncoder
 from pipeline.train_state import (load_checkpoint, param_checksum, publish_latest, rng_state, save_checkpoint,
                                   set_rng_state)
-from pipeline.schedules import WarmupCosine, WarmupCosineRestarts
+from pipeline.schedules import WarmupCosine, WarmupCosineRestarts, original_restart_period
 
 log = logging.getLogger(__name__)
 
 CKPT_FORMAT = 1
+# --pairs: the prepare splits trained on. "all" is what the original read: MGCA's master.csv holds every
+# split (its mimic_cxr.py keeps the split column and writes all rows), and M-FLAG's dataset reads every row.
+PAIRS = {"train": ("train",), "all": ("train", "validate", "test")}
 # Fields that do not change what is trained: a resumed run may change them.
 _NON_SEMANTIC = ("out", "resume", "log_every", "ckpt_every", "probe_every", "probe_size", "probe_shards",
                  "keep_checkpoints", "compile", "threads")
@@ -71,7 +79,9 @@ class TrainVisionConfig:
     text_pooling: str = "cls"
     text_max_length: int = 512
     probe_shards: str | None = None
-    batch_size: int = 128  # global, over all ranks
+    pairs: str = "train"  # train | all: which splits of a prepare output are trained on
+    batch_size: int = 128  # global over all ranks, or per process with batch_semantics "per-process"
+    batch_semantics: str = "global"
     epochs: int = 1
     max_steps: int | None = None
     num_samples: int | None = None
@@ -94,10 +104,14 @@ class TrainVisionConfig:
     orth_standardize: bool = False
     lr: float = 2e-5
     weight_decay: float = 0.05
+    decay_norm_bias: bool = False  # True: weight decay on every parameter, as the original
     schedule: str = "cosine"
     warmup_steps: int = 0
-    restart_every: int | None = None  # None: 40% of the run's steps, the original's cycle length
+    restart_every: int | None = None  # cycle length in steps; None: from restart_period
+    restart_period: str = "fraction"  # fraction (restart_fraction of the run) | original (its T_0 formula)
+    restart_fraction: float = 0.4
     min_lr_ratio: float = 0.0
+    min_lr: float | None = None  # absolute floor (the original's eta_min); excludes min_lr_ratio
     grad_clip: float | None = None
     precision: str = "auto"
     device: str = "auto"
@@ -122,7 +136,8 @@ class TrainVisionConfig:
                   "aug": ("original", "light", "none"), "aug_device": ("cpu", "cuda"),
                   "on_missing": ("skip", "error"), "text_head": ("mlp", "none"),
                   "orth_scope": ("local", "global"), "orth_on": ("zv", "za"),
-                  "schedule": ("cosine", "restarts", "constant"),
+                  "schedule": ("cosine", "restarts", "constant"), "pairs": PAIRS,
+                  "batch_semantics": BATCH_SEMANTICS, "restart_period": ("fraction", "original"),
                   "precision": ("auto", "bf16", "fp16", "fp32")}
         for field, allowed in choice.items():
             need(getattr(self, field) in allowed, field, f"expected one of {allowed}, got {getattr(self, field)!r}")
@@ -150,6 +165,12 @@ class TrainVisionConfig:
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(self.orth_weight >= 0, "orth_weight", "must be >= 0")
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        need(self.min_lr is None or 0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr:g}]")
+        need(self.min_lr is None or self.min_lr_ratio == 0, "min_lr",
+             "give either min_lr (an absolute floor) or min_lr_ratio (a fraction of lr), not both")
+        need(0 < self.restart_fraction <= 1, "restart_fraction", "must be in (0, 1]")
+        need(self.restart_every is None or self.restart_period == "fraction", "restart_every",
+             "give either restart_every (steps) or restart_period 'original' (the original's T_0 formula), not both")
         need(0 <= self.max_bad_fraction <= 1, "max_bad_fraction", "must be in [0, 1]")
         need(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0")
         need(self.threads is None or self.threads >= 1, "threads", "must be >= 1")
@@ -232,19 +253,21 @@ class _Trainer:
     # ------------------------------------------------------------------ set-up
     def _setup_data(self) -> None:
         cfg, dist = self.cfg, self.dist
-        self.train = wdsp.resolve_shards(cfg.shards, "train")
+        self.train = (wdsp.resolve_shards(cfg.shards, "train") if cfg.pairs == "train"
+                      else wdsp.resolve_splits(cfg.shards, PAIRS[cfg.pairs]))
         n = cfg.num_samples or self.train.num_samples
         if n is None:
             raise ConfigError("num_samples: the shards have no sizes.json; pass --num-samples "
                               "(training samples per epoch)")
         self.num_samples = n
-        if cfg.batch_size % dist.world_size:
-            raise ConfigError(f"batch_size: the global batch {cfg.batch_size} must be divisible by the "
-                              f"world size {dist.world_size}")
-        self.local_batch = cfg.batch_size // dist.world_size
+        try:
+            self.local_batch, self.global_batch = batch_per_rank(cfg.batch_size, cfg.batch_semantics,
+                                                                 dist.world_size)
+        except ValueError as e:
+            raise ConfigError(f"batch_size: {e} (or use --batch-semantics per-process)") from e
         if self.local_batch < 2:
             raise ConfigError(f"batch_size: {self.local_batch} per rank; BatchNorm in the projector needs at least 2")
-        self.steps_per_epoch = max(1, n // cfg.batch_size)
+        self.steps_per_epoch = max(1, n // self.global_batch)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         slots = dist.world_size * max(1, cfg.num_workers)
         if len(self.train.urls) < slots:
@@ -307,24 +330,24 @@ class _Trainer:
             elif self.dist.is_main:
                 log.warning("sync_bn: SyncBatchNorm needs CUDA; on %s each of the %d processes normalises "
                             "over its own %d samples", self.device.type, self.dist.world_size,
-                            cfg.batch_size // self.dist.world_size)
+                            self.local_batch)
         self.module = TrainModule(vision, text).to(self.device)
         if cfg.channels_last:
             self.module.vision.trunk.to(memory_format=torch.channels_last)
         self.trainable = count_parameters(self.module)
         params = [p for p in self.module.parameters() if p.requires_grad]
-        # No weight decay on biases and norm parameters, the usual AdamW practice.
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        # The original's AdamW: betas (0.9, 0.999), eps 1e-8 (torch's defaults), main.py lines 73-77.
+        self.optimizer = torch.optim.AdamW(param_groups(params, cfg.weight_decay, cfg.decay_norm_bias), lr=cfg.lr)
         warm = min(cfg.warmup_steps, self.total_steps)
+        # An absolute floor (the original's eta_min) as a multiplier of lr: LambdaLR then gives
+        # eta_min + (lr - eta_min) x cosine, the formula of torch's CosineAnnealingWarmRestarts.
+        floor = cfg.min_lr / cfg.lr if cfg.min_lr is not None else cfg.min_lr_ratio
+        self.restart_cycle = None
         if cfg.schedule == "cosine":
-            fn = WarmupCosine(warm, self.total_steps, cfg.min_lr_ratio)
+            fn = WarmupCosine(warm, self.total_steps, floor)
         elif cfg.schedule == "restarts":
-            # The original's cycle (CosineAnnealingWarmRestarts T_0) is 40% of the run's steps.
-            cycle = cfg.restart_every or max(1, round(0.4 * self.total_steps))
-            fn = WarmupCosineRestarts(warm, cycle, 1, cfg.min_lr_ratio)
+            self.restart_cycle = self._restart_cycle()
+            fn = WarmupCosineRestarts(warm, self.restart_cycle, 1, floor)
         else:
             fn = WarmupCosine(warm, self.total_steps, 1.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, fn)
@@ -333,6 +356,24 @@ class _Trainer:
         self.settings = StepSettings(cfg.orth_weight, cfg.orth_lambda, cfg.orth_standardize, cfg.orth_on,
                                      cfg.orth_scope == "global", self.dist.world_size, cfg.grad_clip, autocast,
                                      cfg.channels_last)
+
+    def _restart_cycle(self) -> int:
+        """Steps per cosine cycle: ``restart_every``, the original's T_0, or a fraction of the run."""
+        cfg = self.cfg
+        if cfg.restart_every:
+            return cfg.restart_every
+        if cfg.restart_period == "original":
+            # The original's max_epochs is epochs - 1: its loop range(start, max_epochs + 1) trains one
+            # epoch more than the formula counts (utils_trainer.py lines 102 and 112).
+            t0 = original_restart_period(cfg.epochs - 1, self.num_samples, self.local_batch)
+            if t0 < 1:
+                raise ConfigError(
+                    f"restart_period: the original's T_0 = int({cfg.epochs - 1} x {self.num_samples} // 4 // "
+                    f"{self.local_batch} x 0.4) is {t0} steps (max_epochs = epochs - 1, samples per epoch, batch "
+                    "per process); torch's CosineAnnealingWarmRestarts needs T_0 >= 1: use more epochs or "
+                    "data, restart_every, or restart_period fraction")
+            return t0
+        return max(1, round(cfg.restart_fraction * self.total_steps))
 
     def _report_parameters(self) -> dict:
         out = {"trainable_params": self.trainable, "text_encoder_params": self.text_params,
@@ -433,6 +474,7 @@ class _Trainer:
     # ------------------------------------------------------------------ probes
     def _load_probe(self) -> dict | None:
         cfg = self.cfg
+        self.probe_held_out = None
         if not self.dist.is_main or cfg.probe_size < 2:
             return None
         if cfg.probe_shards:
@@ -443,6 +485,12 @@ class _Trainer:
             log.warning("no held-out (validate-*/test-*) shards beside the training shards and no "
                         "--probe-shards: probes disabled")
             return None
+        self.probe_held_out = not set(urls) & set(self.train.urls)
+        if not self.probe_held_out:
+            # --pairs all trains on validate/test too: the probes then measure training images, which
+            # still shows collapse (effective rank, spectrum) but flatters retrieval.
+            log.warning("the probe images (%s ...) are also training images (--pairs %s); pass --probe-shards "
+                        "with other images to probe held-out data", Path(urls[0]).name, cfg.pairs)
         batch = wdsp.read_fixed_batch(urls, self.targets, cfg.probe_size, cfg.image_size)
         if batch is None or len(batch["key"]) < 2:
             log.warning("the held-out shards %s have fewer than 2 usable samples: probes disabled", urls[:2])
@@ -497,7 +545,9 @@ class _Trainer:
         if dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out, fingerprint=self.fingerprint, steps_per_epoch=self.steps_per_epoch,
-                        total_steps=self.total_steps, world_size=dist.world_size, precision=self.precision)
+                        total_steps=self.total_steps, world_size=dist.world_size, precision=self.precision,
+                        batch_per_process=self.local_batch, global_batch=self.global_batch,
+                        restart_cycle=self.restart_cycle)
             self._trim_metrics(step)
         train_module: nn.Module = self.module
         if dist.enabled:
@@ -507,8 +557,9 @@ class _Trainer:
             train_module = torch.compile(train_module)
         probe = self._load_probe()
         log.info("training %d steps (%d per epoch of %d samples), global batch %d (%d per rank x %d), "
-                 "precision %s, device %s", self.total_steps, self.steps_per_epoch, self.num_samples,
-                 cfg.batch_size, self.local_batch, dist.world_size, self.precision, dist.device)
+                 "precision %s, device %s%s", self.total_steps, self.steps_per_epoch, self.num_samples,
+                 self.global_batch, self.local_batch, dist.world_size, self.precision, dist.device,
+                 f", lr cycle {self.restart_cycle} steps" if self.restart_cycle else "")
         last_good = str(resume) if resume else None
         window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
         last_probe: dict = {}
@@ -600,7 +651,7 @@ class _Trainer:
         loss, align, orth, gnorm = (float(v) for v in vals.cpu())
         rec = {"step": step, "epoch": self.pos.epoch, "train/loss": loss, "train/align": align,
                "train/orth": orth, "train/lr": self.optimizer.param_groups[0]["lr"],
-               "train/grad_norm": gnorm, "train/images_per_s": window["steps"] * self.cfg.batch_size / dt,
+               "train/grad_norm": gnorm, "train/images_per_s": window["steps"] * self.global_batch / dt,
                "train/data_wait": window["wait"] / dt, "train/missing": self.pos.missing,
                "train/corrupt": self.pos.corrupt}
         if self.dist.is_main:
@@ -644,7 +695,9 @@ class _Trainer:
         summary = {
             "fingerprint": self.fingerprint, "steps": step, "epochs": pos.epoch + 1,
             "steps_per_epoch": self.steps_per_epoch, "world_size": dist.world_size,
-            "global_batch": self.cfg.batch_size, "precision": self.precision,
+            "global_batch": self.global_batch, "batch_per_process": self.local_batch,
+            "restart_cycle": self.restart_cycle, "probe_held_out": self.probe_held_out,
+            "precision": self.precision,
             "final_probe": last_probe, **params_report,
             "samples_read": sum(c["raw"] for c in counts), "missing": sum(c["missing"] for c in counts),
             "corrupt": sum(c["corrupt"] for c in counts),
