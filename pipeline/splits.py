@@ -23,16 +23,16 @@ import dataclasses
 import hashlib
 import logging
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
+from pipeline import mgca_splits
 from pipeline.common import MflagError, atomic_open, read_json, write_json
 from pipeline.datasets.base import DatasetSpec, Record
 from pipeline.datasets.registry import PROTOCOLS
 from pipeline.mgca_splits import FractionDraw, MgcaSplitError
-from pipeline import mgca_splits
 
 log = logging.getLogger(__name__)
 

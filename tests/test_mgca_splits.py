@@ -13,14 +13,13 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pandas as pd  # the test extra: the reference re-runs MGCA's pandas scripts
 import pytest
+from sklearn.model_selection import train_test_split
 
-pd = pytest.importorskip("pandas")
-from sklearn.model_selection import train_test_split  # noqa: E402
-
-from pipeline.datasets.registry import load_dataset  # noqa: E402
-from pipeline.splits import (SplitError, count_leaks, load_split_file, make_split, sample_fraction,  # noqa: E402
-                             write_fraction, write_split)
+from pipeline.datasets.registry import load_dataset
+from pipeline.splits import (SplitError, count_leaks, load_split_file, make_split, sample_fraction, write_fraction,
+                             write_split)
 
 FRACTIONS = (0.01, 0.1, 1.0)
 COMPETITION = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
@@ -42,7 +41,7 @@ def global_numpy_seed(seed: int):
 
 
 def uuid(rng: np.random.Generator) -> str:
-    h = "%016x%016x" % tuple(int(v) for v in rng.integers(0, 2**63, 2))
+    h = "".join(f"{int(v):016x}" for v in rng.integers(0, 2**63, 2))
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
@@ -87,9 +86,9 @@ def write_chexpert(root: Path, n_rows: int = 6400, n_valid: int = 60, seed: int 
     valid = []
     for i in range(n_valid):
         frontal = i % 3 != 2
-        valid.append([f"CheXpert-v1.0-small/valid/patient{64541 + i // 2:05d}/study1/"
-                      f"view{i % 2 + 1}_{'frontal' if frontal else 'lateral'}.jpg", "Male", "50",
-                      "Frontal" if frontal else "Lateral", "PA" if frontal else ""]
+        path = (f"CheXpert-v1.0-small/valid/patient{64541 + i // 2:05d}/study1/"
+                f"view{i % 2 + 1}_{'frontal' if frontal else 'lateral'}.jpg")
+        valid.append([path, "Male", "50", "Frontal" if frontal else "Lateral", "PA" if frontal else ""]
                      + [str(rng.choice(["0.0", "1.0"])) for _ in CHEXPERT_COLUMNS[5:]])
     root.mkdir(parents=True, exist_ok=True)
     for name, table in (("train.csv", rows), ("valid.csv", valid)):
@@ -137,7 +136,7 @@ def chexpert_reference(root: Path):
 
 def test_chexpert_matches_mgca(tmp_path):
     write_chexpert(tmp_path)
-    spec, split, fractions = ours("chexpert", "cls", tmp_path)
+    _spec, split, fractions = ours("chexpert", "cls", tmp_path)
     lists, ref_fractions = chexpert_reference(tmp_path)
     assert_same(split, fractions, lists, ref_fractions)
     # MGCA's validation rows that are not also dropped by label stay in training: counted, not fixed
@@ -184,7 +183,7 @@ def covidx_reference(root: Path):
 def test_covidx_matches_mgca_and_counts_patient_leaks(tmp_path, caplog):
     write_covidx(tmp_path)
     with caplog.at_level(logging.WARNING, logger="pipeline.splits"):
-        spec, split, fractions = ours("covidx", "cls", tmp_path)
+        _spec, split, fractions = ours("covidx", "cls", tmp_path)
     lists, ref_fractions, train_df, valid_df = covidx_reference(tmp_path)
     assert_same(split, fractions, lists, ref_fractions)
     crossing = set(train_df["patient id"]) & set(valid_df["patient id"])
@@ -246,7 +245,7 @@ def rsna_root(tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["cls", "det", "seg"])
 def test_rsna_matches_mgca(rsna_root, task):
-    spec, split, fractions = ours("rsna", task, rsna_root)
+    _spec, split, fractions = ours("rsna", task, rsna_root)
     lists, ref_fractions = rsna_reference(rsna_root, task)
     assert_same(split, fractions, lists, ref_fractions)
     expected = {"cls": (18678, 4003, 4003), "det": (16010, 5337, 5337), "seg": (16010, 5337, 5337)}[task]
@@ -350,7 +349,7 @@ def object_cxr_reference(root: Path):
 
 def test_object_cxr_matches_mgca(tmp_path):
     write_object_cxr(tmp_path)
-    spec, split, fractions = ours("object-cxr", "det", tmp_path)
+    _spec, split, fractions = ours("object-cxr", "det", tmp_path)
     lists, ref_fractions = object_cxr_reference(tmp_path)
     assert_same(split, fractions, lists, ref_fractions)
     assert len(fractions[0.01]) == int(0.01 * 270) == 2

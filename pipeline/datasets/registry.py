@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.common import MflagError, coerce_to_hint
-from pipeline.datasets._common import PROTOCOLS  # noqa: F401  (re-exported: --protocol choices)
+from pipeline.datasets._common import PROTOCOLS  # also the --protocol choices for callers
 from pipeline.datasets.base import DatasetSpec
 
 
