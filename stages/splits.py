@@ -13,8 +13,9 @@ they need from them, e.g. SIIM's patient ids from the DICOM headers).
 Outputs in OUT, each written under a temporary name and moved into place: ``config.json`` first; the
 fraction lists; ``train.txt``, ``val.txt``, ``test.txt``; ``split.json`` last (counts, sha256 of every
 list, the fraction files, and the patients and images two lists share). A folder holds one
-configuration: a rerun with the same one rewrites the same files, another one is refused without
-``force`` (which removes the previous lists first) rather than mixing lists of two configurations.
+configuration: a rerun with the same one rewrites the same files; another one is refused without
+``force`` (which removes the previous lists first) rather than mixing lists of two configurations,
+unless the earlier run did not finish (no split.json), whose files are then removed.
 """
 from __future__ import annotations
 
@@ -94,14 +95,16 @@ def _same_config(a: dict, b: dict) -> bool:
 
 
 def _clear(out: Path, cfg: SplitsConfig) -> None:
-    """Refuse a folder holding another configuration's lists (or, with ``force``, remove them)."""
+    """Refuse a folder holding another configuration's finished lists (with ``force``, or when that
+    run did not finish, remove them first)."""
     previous = out / "config.json"
     if not previous.is_file():
         return
     old = (read_json(previous) or {}).get("config", {})
     if _same_config(old, config_to_dict(cfg)):
         return  # the same lists are written again under the same names
-    if not cfg.force:
+    complete = (out / "split.json").is_file()  # written last: without it the earlier run did not finish
+    if complete and not cfg.force:
         changed = sorted(k for k in set(old) | set(config_to_dict(cfg)) if k not in ("force", "out")
                          and old.get(k) != config_to_dict(cfg).get(k))
         raise MflagError(f"{out} holds the lists of another configuration (differs in {', '.join(changed)}); "

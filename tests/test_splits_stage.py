@@ -109,3 +109,15 @@ def test_config_checks_dataset_options(tmp_path):
     with pytest.raises(ConfigError, match="dataset_options: dataset 'covidx' has no option"):
         SplitsConfig(dataset="covidx", task="cls", root=str(tmp_path), out=str(tmp_path / "o"),
                      dataset_options=(("frontal_only", "false"),))
+
+
+def test_an_unfinished_run_does_not_block_another_configuration(tmp_path):
+    root = tmp_path / "covidx"
+    write_covidx_labels(root, n=40)
+    out = tmp_path / "lists"
+    base = ["--dataset", "covidx", "--task", "cls", "--root", str(root), "--protocol", "mgca", "--out", str(out)]
+    res = CliRunner().invoke(cli, ["splits", *base, "--fraction", "0.01"])  # 1% of 32 images: MGCA keeps 0
+    assert res.exit_code == 2 and "takes 0; the dataset is too small" in res.output
+    assert not (out / "split.json").exists()
+    assert invoke(*base, "--fraction", "0.1").exit_code == 0
+    assert sorted(p.name for p in out.glob("train-frac*")) == ["train-frac0.1.txt"]
