@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path, PurePosixPath
 
-from pipeline.common import MflagError
+from pipeline.common import MflagError, unsafe_id_reason
 from pipeline.datasets._common import (DEFAULT_MAX_MISSING, DatasetError, Tally, check_task,
                                        enforce_missing, read_csv_rows)
 from pipeline.datasets.base import DatasetSpec, Record
@@ -77,6 +77,10 @@ def read_chexpert(root: str | Path, task: str = "cls", uncertainty: str = "compe
                 continue
             rel = _relative(row["Path"].strip())
             image_id = str(rel)
+            if unsafe_id_reason(image_id, allow_subfolders=True):
+                tally.add("unsafe_ids", message=f"{csv_path}:{line}: Path {row['Path']!r} "
+                                                f"{unsafe_id_reason(image_id, True)}; row skipped")
+                continue
             if image_id in seen:
                 tally.add("duplicate_rows", message=f"{csv_path}:{line}: duplicate image {image_id}, skipped")
                 continue

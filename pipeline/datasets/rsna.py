@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.common import MflagError, progress
+from pipeline.common import MflagError, progress, unsafe_id_reason
 from pipeline.datasets._common import (DEFAULT_MAX_MISSING, DatasetError, Tally, box_corners, check_task,
                                        clip_box, dicom_header, enforce_missing, fill_shapes, find_file,
                                        read_csv_rows)
@@ -96,6 +96,10 @@ def read_rsna(root: str | Path, task: str = "cls", max_missing: float = DEFAULT_
     tally.counts["patients_labelled"] = len(labels)
     records: list[Record] = []
     for pid, boxes in progress(labels.items(), total=len(labels), desc="RSNA DICOM headers", unit="img"):
+        if unsafe_id_reason(pid):
+            tally.add("unsafe_ids", message=f"{csv_path}:{first_line[pid]}: patientId {pid!r} "
+                                            f"{unsafe_id_reason(pid)}; skipped")
+            continue
         path = img_dir / f"{pid}.dcm"
         if not path.is_file():
             tally.add("missing_images", message=f"{csv_path}:{first_line[pid]}: image {path} for patientId "
