@@ -231,9 +231,19 @@ def _take(folder: Path, stage: str, scope: str | None, allow_read_only: bool) ->
     _prepare_folder(folder)
     path = folder / (LOCK_NAME if scope is None else f"{LOCK_NAME}.{scope}")
     key = str(path.resolve())
-    if key in _HELD and _HELD[key].pid == os.getpid():  # this process holds it already
-        _HELD[key].count += 1
-        return OutputLock(folder, path, _held=_HELD[key])
+    mine = _HELD.get(key)
+    if mine is not None and mine.pid == os.getpid():  # this process holds it already...
+        try:
+            intact = os.fstat(mine.fd).st_ino == os.stat(path).st_ino
+        except OSError:
+            intact = False
+        if intact:
+            mine.count += 1
+            return OutputLock(folder, path, _held=mine)
+        # ...but its file was removed with the folder (cli.py run replacing a stale stage output)
+        _HELD.pop(key, None)
+        with contextlib.suppress(OSError):
+            os.close(mine.fd)
     try:
         held, holder = _acquire(path, stage)
     except OSError as e:

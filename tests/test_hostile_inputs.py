@@ -216,8 +216,9 @@ def test_convirt_checkpoint_as_mgca_saves_it(tmp_path):
 
 def test_checkpoint_written_with_more_cuda_devices_resumes_on_cpu(tmp_path, train_world, monkeypatch):
     """A checkpoint of the previous format (RNG states as Python/NumPy tuples, plus the CUDA generators of
-    8 GPUs) resumes on a machine that reports 1 GPU, touching no CUDA generator, and ends bit-identical
-    to an uninterrupted run."""
+    8 GPUs) resumes where the RNG code sees 1 GPU, touching no CUDA generator, and ends bit-identical to
+    an uninterrupted run. (Only the RNG save/restore sees the fake GPU: the optimizer would try to use it.)"""
+    from pipeline import train_state
     opts = dict(max_steps=4, ckpt_every=2, probe_size=0)
     ref = tmp_path / "ref"
     tv.run(tiny_config(train_world, ref, **opts))
@@ -239,13 +240,23 @@ def test_checkpoint_written_with_more_cuda_devices_resumes_on_cpu(tmp_path, trai
     def no_cuda_rng(*a, **k):
         raise AssertionError("a CUDA generator was touched")
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    for name in ("set_rng_state_all", "get_rng_state_all", "set_rng_state", "get_rng_state"):
-        monkeypatch.setattr(torch.cuda, name, no_cuda_rng)
+    calls = []
+
+    def with_one_gpu(fn):
+        def wrapped(*a, **k):
+            calls.append(fn.__name__)
+            with monkeypatch.context() as m:
+                m.setattr(torch.cuda, "is_available", lambda: True)
+                m.setattr(torch.cuda, "device_count", lambda: 1)
+                for name in ("set_rng_state_all", "get_rng_state_all", "set_rng_state", "get_rng_state"):
+                    m.setattr(torch.cuda, name, no_cuda_rng)
+                return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(tv, "set_rng_state", with_one_gpu(train_state.set_rng_state))
+    monkeypatch.setattr(tv, "rng_state", with_one_gpu(train_state.rng_state))
     summary = tv.run(tiny_config(train_world, out, **opts))
-    monkeypatch.undo()
-    assert summary["steps"] == 4
+    assert summary["steps"] == 4 and calls == ["set_rng_state", "rng_state"]  # restored once, saved at step 4
     a, b = torch.load(ref / "encoder.pt", weights_only=True), torch.load(out / "encoder.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -567,7 +578,7 @@ def test_downstream_ids_never_become_paths_outside_the_root(tmp_path, dataset):
     if dataset == "chexpert":
         csv = root / "train.csv"
         first = csv.read_text().splitlines()[1].split(",", 1)
-        _append_line(csv, "CheXpert-v1.0-small/train/../../../secret/x.jpg," + first[1])
+        _append_line(csv, "CheXpert-v1.0-small/train/patient00001/../../../../secret/x.jpg," + first[1])
     elif dataset == "covidx":
         _append_line(root / "train.txt", "p999 ../../../secret/x.png normal synthetic")
     elif dataset == "object-cxr":
@@ -754,7 +765,12 @@ def test_wandb_offline_run_logs_the_same_scalars(tmp_path, train_world, monkeypa
     out = tmp_path / "run"
     tv.run(tiny_config(train_world, out, max_steps=3, probe_size=0, report_to="wandb"))
     runs = list((out / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
-    summary = json.loads((runs[0] / "files" / "wandb-summary.json").read_text())
-    last = [r for r in _metrics(out) if "train/loss" in r][-1]
-    assert summary["train/loss"] == pytest.approx(last["train/loss"], rel=1e-6) and summary["_step"] == 3
+    assert len(runs) == 1
+    # The run's transaction log (what `wandb sync` uploads) holds every logged value as JSON text; the
+    # wandb package has no public reader for it, so look for the bytes.
+    log = next(runs[0].glob("run-*.wandb")).read_bytes()
+    rows = [r for r in _metrics(out) if "train/loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3] and log.count(b"train/loss") >= 3
+    for r in rows:
+        for key in ("train/loss", "train/align", "train/orth"):
+            assert json.dumps(r[key]).encode() in log, (key, r[key])
