@@ -42,7 +42,7 @@ class UnsafePickleError(pickle.UnpicklingError):
 
     def __init__(self, what: str, action: str = "call"):
         self.what, self.action = what, action
-        super().__init__(f"it would {action} {what}, which is not a tensor, container, number or string")
+        super().__init__(f"it would {action} {what} (only tensors, containers, numbers and strings are loaded)")
 
 
 # --------------------------------------------------------------------------- inert stubs
@@ -87,10 +87,22 @@ def _stub_class(module: str, name: str) -> type:
 # --------------------------------------------------------------------------- the allow-list
 def _latin1_encode(text, encoding="latin1"):
     """``_codecs.encode`` as protocol-2 pickles use it for bytes; only the encodings they use."""
-    if not isinstance(text, str) or str(encoding).lower().replace("_", "-") not in ("latin1", "latin-1", "utf-8",
-                                                                                   "utf8"):
+    if not isinstance(text, str) or str(encoding).lower() not in ("latin1", "latin-1", "utf-8", "utf8"):
         raise UnsafePickleError(f"_codecs.encode({type(text).__name__}, {encoding!r})")
     return text.encode(encoding)
+
+
+def _set(items=()):
+    """``set`` as protocol-2 pickles build one: from a list (never from a lazy iterable)."""
+    if not isinstance(items, (list, tuple)):
+        raise UnsafePickleError(f"builtins.set({type(items).__name__})")
+    return set(items)
+
+
+def _frozenset(items=()):
+    if not isinstance(items, (list, tuple)):
+        raise UnsafePickleError(f"builtins.frozenset({type(items).__name__})")
+    return frozenset(items)
 
 
 def _np_reconstruct(subtype, shape, dtype):
@@ -137,10 +149,10 @@ _NP_SCALAR = np.float64(0).__reduce__()[0]
 def _allowed() -> dict[str, Any]:
     """Global name -> object for everything a weights file may name."""
     u = torch._utils
+    # Dense tensors only: sparse and quantized tensors carry invariants a crafted file could break.
     rebuild = (u._rebuild_tensor, u._rebuild_tensor_v2, u._rebuild_tensor_v3, u._rebuild_parameter,
-               u._rebuild_parameter_with_state, u._rebuild_qtensor, u._rebuild_sparse_tensor,
-               u._rebuild_device_tensor_from_numpy, u._rebuild_device_tensor_from_cpu_tensor,
-               u._rebuild_meta_tensor_no_storage)
+               u._rebuild_parameter_with_state, u._rebuild_device_tensor_from_numpy,
+               u._rebuild_device_tensor_from_cpu_tensor, u._rebuild_meta_tensor_no_storage)
     out: dict[str, Any] = {f"torch._utils.{f.__name__}": f for f in rebuild}
     out.update({
         "torch._tensor._rebuild_from_type_v2": _rebuild_from_type_v2,
@@ -152,9 +164,9 @@ def _allowed() -> dict[str, Any]:
         "_codecs.encode": _latin1_encode, "copyreg._reconstructor": _reconstructor,
         "torch.storage._load_from_bytes": _storage_from_bytes,
     })
-    for name in ("set", "frozenset", "complex", "slice", "range", "dict", "list", "tuple", "int", "float", "str",
-                 "bool", "bytes", "object"):
-        out[f"builtins.{name}"] = getattr(builtins, name)
+    for name in ("complex", "dict", "list", "tuple", "int", "float", "str", "bool", "bytes", "object"):
+        out[f"builtins.{name}"] = getattr(builtins, name)  # types named as data (OmegaConf metadata)
+    out["builtins.set"], out["builtins.frozenset"] = _set, _frozenset
     for value in vars(torch).values():  # dtypes, layouts, memory formats, qschemes: plain constants
         if isinstance(value, (torch.dtype, torch.layout, torch.memory_format, torch.qscheme)):
             out[f"torch.{str(value).split('.')[-1]}"] = value
@@ -177,9 +189,9 @@ def _callables() -> frozenset[int]:
     """What REDUCE may call (by identity): functions and constructors that only build data from their
     arguments. Everything else on the allow-list is a value (a type named as data, a dtype)."""
     fns = [v for k, v in _allowed().items() if k.startswith("torch._utils.")]
-    fns += [_rebuild_from_type_v2, torch.serialization._get_layout, torch.Size, torch.device, OrderedDict, Counter,
-            _latin1_encode, _reconstructor, _storage_from_bytes, _np_reconstruct, _NP_SCALAR, np.dtype, set, frozenset, complex, slice,
-            range]
+    fns += [_rebuild_from_type_v2, torch.serialization._get_layout, torch.Size, torch.device, OrderedDict,
+            Counter, _latin1_encode, _reconstructor, _storage_from_bytes, _np_reconstruct, _NP_SCALAR, np.dtype,
+            _set, _frozenset, complex]
     return frozenset(id(f) for f in fns)
 
 

@@ -124,6 +124,31 @@ def test_crafted_checkpoint_never_runs_code(tmp_path, train_world, chexpert_root
     assert str(evil) in line and "refused" in line and "mkdir" in line, line
 
 
+class _Reduces:
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+@pytest.mark.parametrize("payload,refused", [
+    (_Reduces(getattr, (1, "real")), "call builtins.getattr"),  # the first step of most gadget chains
+    (_Reduces(frozenset, (range(10**18),)), "call builtins.range"),  # a lazy iterable: memory and time bomb
+    (b"\x80\x02ccollections\nOrderedDict\n}X\x03\x00\x00\x00fooK\x01sb.", "write state into collections.OrderedDict"),
+    (b"\x80\x02ctorch\nTensor\n)\x81.", "instantiate torch.Tensor"),  # NEWOBJ of a non-stub class
+])
+def test_restricted_unpickler_refuses_what_is_not_data(tmp_path, payload, refused):
+    """Beyond calls of unknown globals: allow-listed names used as gadgets (getattr), lazy iterables
+    that would never end, state written into a class object, instances of non-data classes."""
+    from pipeline.safeload import safe_load
+
+    path = tmp_path / "x.pkl"
+    path.write_bytes(payload if isinstance(payload, bytes) else pickle.dumps({"w": payload}, protocol=2))
+    with pytest.raises(MflagError, match=f"{path}: refused to load: it would {refused}"):
+        safe_load(path)
+
+
 def test_lightning_checkpoints_with_omegaconf_and_attributedict_still_load(tmp_path, monkeypatch):
     """The layouts published checkpoints use: Lightning's AttributeDict and OmegaConf's DictConfig (with
     dataclass metadata and typing.Any references) as hyper-parameters, callbacks' state with tensors,
