@@ -239,6 +239,7 @@ def test_convirt_checkpoint_as_mgca_saves_it(tmp_path):
     assert torch.equal(model.state_dict()["layer3.5.bn2.running_mean"], ref["layer3.5.bn2.running_mean"])
 
 
+@pytest.mark.slow
 def test_checkpoint_written_with_more_cuda_devices_resumes_on_cpu(tmp_path, train_world, monkeypatch):
     """A checkpoint of the previous format (RNG states as Python/NumPy tuples, plus the CUDA generators of
     8 GPUs) resumes where the RNG code sees 1 GPU, touching no CUDA generator, and ends bit-identical to
@@ -331,6 +332,7 @@ def _readable_samples(tar: Path) -> int:
     return len(keys)
 
 
+@pytest.mark.slow
 def test_truncated_shard_counts_every_lost_sample(tmp_path):
     world = make_world(tmp_path, n_train=80, n_val=4, per_shard=40, size=32)
     tar = world["shards"] / "train-000001.tar"
@@ -660,6 +662,7 @@ def _snapshot(folder: Path) -> dict:
 
 
 @needs_readonly
+@pytest.mark.slow
 def test_read_only_out_in_every_stage(tmp_path, train_world, chexpert_root):
     from stages.prepare import PrepareConfig, run as prepare
     from tests._prepare_helpers import default_studies, make_tree
@@ -766,6 +769,7 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_tensorboard_events_hold_the_metrics_jsonl_scalars(tmp_path, train_world):
     pytest.importorskip("tensorboard", reason="the tracking extra (tensorboard) is not installed")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
