@@ -573,7 +573,8 @@ def test_prepare_never_reads_or_writes_outside_root_for_a_crafted_dicom_id(tmp_p
     assert members and not any(".." in m or "secret" in m for m in members)
     report = json.loads((tmp_path / "out" / "prepare-report.json").read_text())
     bad = [b for b in report["bad"] if evil_id in b["detail"]]
-    assert len(bad) == 1 and bad[0]["reason"] == "bad_csv_row" and bad[0]["where"].endswith(f"{METADATA_CSV}:{evil_line}")
+    assert len(bad) == 1 and bad[0]["reason"] == "bad_csv_row"
+    assert bad[0]["where"].endswith(f"{METADATA_CSV}:{evil_line}")
     assert res.counts["bad_images"] >= 1
     with pytest.raises(TooManyBadItems, match="bad_csv_row"):  # the row is counted against the threshold
         run(PrepareConfig(root=str(root), out=str(tmp_path / "strict"), size=32, workers=1,
@@ -738,8 +739,6 @@ def _png_bomb(path: Path, side: int) -> Path:
 
 
 def test_decompression_bomb_is_a_bad_item_never_decoded(tmp_path, monkeypatch):
-    from PIL import Image
-
     from pipeline.imaging import ImageTooLargeError, read_image
     from stages.prepare import PrepareConfig, run
     from tests._prepare_helpers import default_studies, make_tree
