@@ -5,6 +5,7 @@ sees click. ``python cli.py ...`` and the ``mflag`` console script are the same 
 """
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -48,6 +49,11 @@ def _as_option(message: str) -> str:
     return message
 
 
+# Environment failures a stage cannot foresee everywhere (storage made read-only or full mid-run):
+# one line naming the file rather than a traceback.
+_USER_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
 def user_errors(fn):
     """Print user-facing errors as one clear line (exit 2) instead of a traceback."""
 
@@ -58,6 +64,11 @@ def user_errors(fn):
         except MflagError as e:
             # Only config errors lead with a field name; others may lead with a path the user typed.
             click.echo(f"error: {_as_option(str(e)) if isinstance(e, ConfigError) else e}", err=True)
+            sys.exit(2)
+        except OSError as e:
+            if e.errno not in _USER_ERRNOS or not e.filename:
+                raise
+            click.echo(f"error: {e.filename}: {e.strerror}", err=True)
             sys.exit(2)
 
     return wrapper
@@ -180,10 +191,12 @@ def prepare() -> None:
               help="Fail when more than this fraction of images is lost to bad input.")
 @click.option("--crop-border/--no-crop-border", default=True, show_default=True,
               help="Crop the black border before scaling, as the original preprocessing did.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=50_000_000, show_default=True,
+              help="Images whose header declares more pixels are bad items, never decoded (memory bombs).")
 @click.option("--force", is_flag=True, help="Rebuild OUT even if it holds another config's outputs.")
 @user_errors
 def prepare_mimic(root, reports, out, size, views, splits, image_format, jpeg_quality, shard_size, workers,
-                  text_sections, section_separator, max_bad_fraction, crop_border, force) -> None:
+                  text_sections, section_separator, max_bad_fraction, crop_border, max_pixels, force) -> None:
     """MIMIC-CXR-JPG images + reports -> OUT/shards/<split>-NNNNNN.tar, OUT/reports.jsonl, manifest."""
     from stages import prepare as stage
 
@@ -191,7 +204,7 @@ def prepare_mimic(root, reports, out, size, views, splits, image_format, jpeg_qu
         root=root, reports=reports, out=out, size=size, views=csv_list(views), splits=csv_list(splits),
         image_format=image_format, jpeg_quality=jpeg_quality, shard_size=shard_size, workers=workers,
         text_sections=csv_list(text_sections), section_separator=section_separator,
-        max_bad_fraction=max_bad_fraction, crop_border=crop_border, force=force)
+        max_bad_fraction=max_bad_fraction, crop_border=crop_border, max_pixels=max_pixels, force=force)
     res = stage.run(cfg)
     for split, info in res.splits.items():
         click.echo(f"{split}: {info['count']} images in {len(info['shards'])} shards")
@@ -371,6 +384,9 @@ def cache_verify_cmd(path: str) -> None:
 @click.option("--resume", default="auto", show_default=True,
               help="auto (OUT/checkpoints/latest.pt when present), never, or a checkpoint path.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads per process.")
+@click.option("--report-to", type=click.Choice(["none", "tensorboard", "wandb"]), default="none", show_default=True,
+              help="Also send the metrics.jsonl scalars to TensorBoard (OUT/tensorboard) or W&B (OUT/wandb; "
+                   "WANDB_MODE=offline works without network). Needs the 'tracking' extra.")
 @user_errors
 def train_vision(compile_: bool, **options) -> None:
     """Pre-train the ResNet50 image encoder against cached report embeddings (M-FLAG)."""
@@ -412,7 +428,8 @@ def _seeds(value: str) -> tuple[int, ...]:
 @click.option("--out", type=click.Path(file_okay=False), required=True,
               help="Run folder: results.json, results.md (appended), split/, seeds/, config.json.")
 @click.option("--init", required=True,
-              help="Encoder: random | imagenet | PATH (encoder.pt or a baseline checkpoint).")
+              help="Encoder: random | imagenet | PATH (encoder.pt, encoder.safetensors or a published baseline's "
+                   "checkpoint; files are read without running any code from them).")
 @click.option("--fraction", type=float, default=1.0, show_default=True,
               help="Share of the training split used (e.g. 0.01, 0.1, 1.0), sampled per seed.")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds, e.g. 0,1,2.")
@@ -438,10 +455,12 @@ def _seeds(value: str) -> tuple[int, ...]:
               help="Input normalisation; auto: ImageNet stats for --init imagenet, mean/std 0.5 otherwise.")
 @click.option("--dataset-option", "dataset_option", multiple=True, metavar="KEY=VALUE",
               help="Reader option, repeatable (e.g. uncertainty=zeros, frontal_only=false, label_set=B).")
+@click.option("--report-to", type=click.Choice(["none", "tensorboard", "wandb"]), default="none", show_default=True,
+              help="Also send the per-epoch scalars to TensorBoard or W&B (OUT/tensorboard, OUT/wandb).")
 @user_errors
 def eval_cmd(task, dataset, root, out, init, fraction, seeds, finetune, epochs, batch_size, lr, weight_decay,
              image_size, patience, split_file, split_seed, device, workers, det_model, normalize,
-             dataset_option) -> None:
+             dataset_option, report_to) -> None:
     """Train and test a downstream head on an encoder; writes OUT/results.json and a results.md row."""
     from stages.evaluate import EvalConfig, run
 
@@ -449,7 +468,7 @@ def eval_cmd(task, dataset, root, out, init, fraction, seeds, finetune, epochs, 
                      seeds=_seeds(seeds), finetune=finetune, epochs=epochs, batch_size=batch_size, lr=lr,
                      weight_decay=weight_decay, image_size=image_size, patience=patience, split_file=split_file, split_seed=split_seed,
                      device=device, workers=workers, det_model=det_model, normalize=normalize,
-                     dataset_options=_dataset_options(dataset_option))
+                     dataset_options=_dataset_options(dataset_option), report_to=report_to)
     res = run(cfg)
     p = res["primary_metric"]
     s = res["summary"].get(p, {})

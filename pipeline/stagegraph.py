@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from pipeline import __version__
 from pipeline.common import MflagError, fingerprint, read_json, write_json
+from pipeline.locks import check_not_locked
 
 
 
@@ -224,6 +225,7 @@ def _claim(node: Node) -> None:
     done = record_path(node)
     same_pending = pending.is_file() and read_json(pending).get("fingerprint") == node.fingerprint
     if out.exists() and not same_pending and any(out.iterdir()):
+        check_not_locked(out)  # never delete a folder another live run is writing into
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     done.unlink(missing_ok=True)

@@ -3,7 +3,8 @@
 One readable list (see :func:`train_pipeline`)::
 
     EpochShards        shards of this (rank, worker), resampled epoch after epoch (never ends)
-    tarfile_to_samples webdataset's tar reader; broken tars are counted and skipped
+    ShardSamples       webdataset's tar reader, one shard at a time; a shard that yields fewer samples
+                       than sizes.json lists (truncated, damaged) counts every missing one as lost
     Shuffle            a shuffle buffer
     FastForward        numbers the raw samples; on resume drops the ones already trained on, undecoded
     Decode             PNG/JPEG -> uint8 H x W, JSON -> metadata; corrupt samples counted and skipped
@@ -66,7 +67,13 @@ class StreamState:
     raw: int = 0
     missing: int = 0
     corrupt: int = 0
+    lost: int = 0  # samples sizes.json lists that a shard did not yield
+    lost_shards: dict = dataclasses.field(default_factory=dict)  # shard name -> samples lost
     first_missing: str | None = None
+
+    def reset_counters(self) -> None:
+        self.missing = self.corrupt = self.lost = 0
+        self.lost_shards = {}
 
     def worker(self) -> tuple[int, int]:
         """(logical worker id, number of workers) of the calling process."""
@@ -136,6 +143,47 @@ class CountingHandler:
         return True
 
 
+class ShardSamples:
+    """Shards -> raw samples with webdataset's tar reader, one shard at a time, so each shard's yield
+    is compared with its count in ``sizes.json``. A tar that ends early or holds fewer samples than
+    listed loses samples that no decoding error would ever report: each missing one is counted in
+    ``state.lost`` under the shard's name. Without a listed size a broken tar counts one corrupt read."""
+
+    def __init__(self, state: StreamState, sizes: dict[str, int] | None = None):
+        self.state, self.sizes = state, dict(sizes or {})
+        self._warn = RateLimitedLog("shard with missing samples", logger=log)
+        self._warn_unsized = RateLimitedLog("unreadable shard data skipped", logger=log)
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        from webdataset.tariterators import tarfile_samples
+
+        st = self.state
+        for item in src:
+            url = item["url"]
+            name = Path(url).name
+            errors: list[Exception] = []
+
+            def handler(exn: Exception) -> bool:
+                errors.append(exn)
+                return True  # skip what cannot be read and go on; the count below says how much
+
+            n = 0
+            for sample in tarfile_samples([{"url": url}], handler=handler):
+                n += 1
+                yield sample
+            expected = self.sizes.get(name)
+            if expected is not None and n < expected:
+                st.lost += expected - n
+                st.lost_shards[name] = st.lost_shards.get(name, 0) + expected - n
+                why = f" ({type(errors[0]).__name__}: {str(errors[0])[:150]})" if errors else ""
+                self._warn(f"{url}: {n} of the {expected} samples sizes.json lists were readable{why}; the shard is "
+                           "truncated or damaged (rerun prepare on its output: it rebuilds shards whose size changed)")
+            elif errors:
+                st.corrupt += len(errors)
+                for e in errors:
+                    self._warn_unsized(f"{url}: {type(e).__name__}: {str(e)[:300]}")
+
+
 class Shuffle:
     """Shuffle buffer with a (seed, epoch, rank, worker)-determined RNG."""
 
@@ -182,10 +230,10 @@ class FastForward:
             n += 1
             if n <= skip:
                 if n == skip:
-                    st.missing = st.corrupt = 0
+                    st.reset_counters()
                 continue
             if n == 1:
-                st.missing = st.corrupt = 0
+                st.reset_counters()
             st.raw = n
             sample["__raw__"] = n
             yield sample
@@ -435,7 +483,12 @@ class Batch:
                 return
             buf.append(sample)
             if len(buf) == self.batch_size:
-                yield self._collate(buf, w)
+                batch = self._collate(buf, w)
+                error = non_finite_targets(batch, self.targets)
+                if error is not None:
+                    yield {"error": error, "meta": {"worker": w}}
+                    return
+                yield batch
                 buf = []
 
     def _collate(self, buf: list[dict], w: int) -> dict:
@@ -446,21 +499,38 @@ class Batch:
         else:
             image = torch.stack(imgs)
         study = [s["study_id"] for s in buf]
-        meta = {"worker": w, "raw": st.raw, "missing": st.missing, "corrupt": st.corrupt,
-                "first_missing": st.first_missing}
-        st.missing = st.corrupt = 0
+        meta = {"worker": w, "raw": st.raw, "missing": st.missing, "corrupt": st.corrupt, "lost": st.lost,
+                "lost_shards": dict(st.lost_shards), "first_missing": st.first_missing}
+        st.reset_counters()
         st.first_missing = None
         return {"image": image, "target": self.targets.fetch(study), "key": [s["key"] for s in buf],
                 "study_id": study, "urls": sorted({s["url"] for s in buf}), "meta": meta}
 
 
+def non_finite_targets(batch: dict, targets) -> str | None:
+    """An error naming the studies whose cached embedding holds NaN/inf, or None. Such a target makes
+    the loss non-finite, and that must be blamed on the cache, not on the learning rate."""
+    t = batch.get("target")
+    if not isinstance(t, torch.Tensor):
+        return None
+    bad = ~torch.isfinite(t).all(dim=1)
+    if not bool(bad.any()):
+        return None
+    studies = [batch["study_id"][i] for i in torch.nonzero(bad).flatten().tolist()]
+    where = getattr(targets, "path", "the text targets")
+    return (f"the text cache {where} holds NaN or inf embeddings for {len(studies)} study_id(s) of this batch "
+            f"(e.g. {', '.join(studies[:3])}); the cache is damaged: rebuild it with embed-text (check it with "
+            f"`cli.py cache verify`)")
+
+
 def train_pipeline(urls: list[str], state: StreamState, targets, batch_size: int, image_size: int,
                    on_missing: str = "skip", shuffle_buffer: int = 1000,
-                   augment: Callable | None = None) -> wds.DataPipeline:
-    """The endless training stream of one rank (see the module docstring)."""
+                   augment: Callable | None = None, sizes: dict[str, int] | None = None) -> wds.DataPipeline:
+    """The endless training stream of one rank (see the module docstring). ``sizes``: samples per shard
+    file name (``sizes.json``), to count the samples a damaged shard loses."""
     stages: list[Any] = [
         EpochShards(urls, state),
-        wds.tarfile_to_samples(handler=CountingHandler(state)),
+        ShardSamples(state, sizes),
         Shuffle(state, bufsize=shuffle_buffer, initial=min(100, shuffle_buffer)),
         FastForward(state),
         Decode(state, image_size),
@@ -510,6 +580,7 @@ class ShardSet:
     urls: tuple[str, ...]
     num_samples: int | None  # None when no sizes.json covers the shards
     root: Path | None  # local folder of the shards, when there is one
+    sizes: dict = dataclasses.field(default_factory=dict)  # shard file name -> samples (sizes.json)
 
 
 def _load_sizes(folder: Path) -> dict[str, int]:
@@ -519,7 +590,10 @@ def _load_sizes(folder: Path) -> dict[str, int]:
     sizes = read_json(p)
     if not isinstance(sizes, dict):
         raise DataError(f"{p}: expected an object {{shard name: count}}")
-    return {str(k): int(v) for k, v in sizes.items()}
+    try:
+        return {str(k): int(v) for k, v in sizes.items()}
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{p}: every count must be a whole number ({e})") from e
 
 
 def resolve_shards(spec: str, split: str = "train") -> ShardSet:
@@ -558,7 +632,7 @@ def resolve_shards(spec: str, split: str = "train") -> ShardSet:
         sizes = _load_sizes(folder)
         names = [u.name for u in local]
         count = sum(sizes[n] for n in names) if sizes and all(n in sizes for n in names) else None
-        return ShardSet(tuple(urls), count, folder)
+        return ShardSet(tuple(urls), count, folder, {n: sizes[n] for n in names if n in sizes})
     return ShardSet(tuple(urls), None, None)
 
 
@@ -568,7 +642,8 @@ def _local_shards(folder: Path, names: list[str]) -> ShardSet:
         raise DataError(f"shard {folder / missing[0]} is listed but does not exist")
     sizes = _load_sizes(folder)
     count = sum(sizes[n] for n in names) if sizes and all(n in sizes for n in names) else None
-    return ShardSet(tuple(str(folder / n) for n in names), count, folder)
+    return ShardSet(tuple(str(folder / n) for n in names), count, folder,
+                    {n: sizes[n] for n in names if n in sizes})
 
 
 def resolve_splits(spec: str, splits: tuple[str, ...]) -> ShardSet:

@@ -31,6 +31,8 @@ import numpy as np
 
 from pipeline.common import (ConfigError, MflagError, atomic_open, config_to_dict, file_sha256, fingerprint,
                              read_json, save_config, write_json)
+from pipeline.locks import hold_output_lock
+from pipeline.tracking import REPORT_TO
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ DATASETS = ("chexpert", "rsna", "covidx", "siim", "object-cxr")
 DET_MODELS = ("fasterrcnn", "retinanet")
 NORMALIZE = ("auto", "imagenet", "half")
 # Settings that change neither the numbers a seed produces nor which seeds are valid to reuse.
-_NOT_FINGERPRINTED = ("seeds", "out", "device", "workers")
+_NOT_FINGERPRINTED = ("seeds", "out", "device", "workers", "report_to")
 
 # (epochs, patience, lr) when not given; the linear probe runs on cached features, so epochs are cheap.
 DEFAULTS = {
@@ -78,6 +80,7 @@ class EvalConfig:
     weight_decay: float = 1e-4
     normalize: str = "auto"
     dataset_options: tuple[tuple[str, Any], ...] = ()
+    report_to: str = "none"  # none | tensorboard | wandb (pipeline.tracking.open_tracker)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -119,6 +122,8 @@ class EvalConfig:
             raise ConfigError(f"normalize: {self.normalize!r} is not one of {', '.join(NORMALIZE)}")
         if self.det_model not in DET_MODELS:
             raise ConfigError(f"det_model: {self.det_model!r} is not one of {', '.join(DET_MODELS)}")
+        if self.report_to not in REPORT_TO:
+            raise ConfigError(f"report_to: {self.report_to!r} is not one of {', '.join(REPORT_TO)}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device: expected auto, cpu or cuda[:N], got {self.device!r}")
         if self.split_file is not None and not Path(self.split_file).exists():
@@ -242,6 +247,7 @@ def _check_folder(out: Path, fp: str) -> None:
 def run(cfg: EvalConfig) -> dict:
     """Evaluate ``cfg.init`` on ``cfg.task``/``cfg.dataset`` for every seed; returns the results dict
     also written to ``OUT/results.json``."""
+    hold_output_lock(cfg.out, "eval", clean_temps=("", "seeds", "split"))
     import torch
 
     from pipeline import downstream as ds

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from pipeline.common import ConfigError, MflagError, coerce_to_hint, read_json, save_config, write_json
+from pipeline.locks import output_lock
 from pipeline.stagegraph import Node, NodeStatus, execute, path_signature, plan
 
 log = logging.getLogger(__name__)
@@ -465,12 +466,14 @@ def _check_inputs_exist(config: str, nodes: list[Node]) -> None:
 
 
 def run(cfg: RunConfig) -> RunResult:
+    """Run the pipeline; the workdir is locked for the whole run (each stage also locks its own folder,
+    which this process may take again), so two pipeline runs on one workdir never interleave."""
     spec, nodes = _plan_nodes(cfg)
     _check_inputs_exist(cfg.config, nodes)
     work = Path(spec["workdir"])
-    work.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, work, name="run-config.json", pipeline=spec)
-    steps = execute(nodes, force=cfg.force, from_stage=cfg.from_stage, log=log)
+    with output_lock(work, "run"):
+        save_config(cfg, work, name="run-config.json", pipeline=spec)
+        steps = execute(nodes, force=cfg.force, from_stage=cfg.from_stage, log=log)
     return RunResult(work, steps)
 
 

@@ -43,12 +43,14 @@ from pipeline.common import (ConfigError, MflagError, atomic_path, config_to_dic
                              save_config, write_json)
 from pipeline.distributed import (DistInfo, all_gather_object, any_rank, any_rank_nonfinite, barrier, cleanup,
                                   init_distributed)
+from pipeline.locks import output_lock
 from pipeline.pretrain import (BATCH_SEMANTICS, SampleAugmentFactory, StepSettings, TrainModule, batch_per_rank,
                                param_groups, prepare_images, train_step)
+from pipeline.schedules import WarmupCosine, WarmupCosineRestarts, original_restart_period
 from pipeline.textmodels import OnlineTextEncoder
+from pipeline.tracking import REPORT_TO, Tracker, open_tracker
 from pipeline.train_state import (load_checkpoint, param_checksum, publish_latest, rng_state, save_checkpoint,
                                   set_rng_state)
-from pipeline.schedules import WarmupCosine, WarmupCosineRestarts, original_restart_period
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ CKPT_FORMAT = 1
 PAIRS = {"train": ("train",), "all": ("train", "validate", "test")}
 # Fields that do not change what is trained: a resumed run may change them.
 _NON_SEMANTIC = ("out", "resume", "log_every", "ckpt_every", "probe_every", "probe_size", "probe_shards",
-                 "keep_checkpoints", "compile", "threads")
+                 "keep_checkpoints", "compile", "threads", "report_to")
 
 
 class TrainingError(MflagError):
@@ -126,6 +128,7 @@ class TrainVisionConfig:
     keep_checkpoints: int = 2
     resume: str = "auto"
     threads: int | None = None
+    report_to: str = "none"  # none | tensorboard | wandb: the metrics.jsonl scalars, also sent there
 
     def __post_init__(self):
         def need(cond: bool, field: str, msg: str) -> None:
@@ -138,7 +141,7 @@ class TrainVisionConfig:
                   "orth_scope": ("local", "global"), "orth_on": ("zv", "za"),
                   "schedule": ("cosine", "restarts", "constant"), "pairs": PAIRS,
                   "batch_semantics": BATCH_SEMANTICS, "restart_period": ("fraction", "original"),
-                  "precision": ("auto", "bf16", "fp16", "fp32")}
+                  "precision": ("auto", "bf16", "fp16", "fp32"), "report_to": REPORT_TO}
         for field, allowed in choice.items():
             need(getattr(self, field) in allowed, field, f"expected one of {allowed}, got {getattr(self, field)!r}")
         need(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")
@@ -226,16 +229,22 @@ class _DataPos:
     raw: int = 0
     missing: int = 0
     corrupt: int = 0
+    lost: int = 0  # samples damaged shards did not yield (against sizes.json)
+    lost_shards: dict = dataclasses.field(default_factory=dict)
     shards_seen: set = dataclasses.field(default_factory=set)
 
 
 def run(cfg: TrainVisionConfig) -> dict:
-    """Train; returns the summary dict (also written to ``OUT/summary.json``)."""
+    """Train; returns the summary dict (also written to ``OUT/summary.json``).
+
+    OUT is locked for the run (rank 0 holds the lock for every rank), and temp files that a run killed
+    while saving left in OUT and OUT/checkpoints are removed first."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist = init_distributed(cfg.device)
     try:
-        return _Trainer(cfg, dist).fit()
+        with output_lock(cfg.out, "train-vision", dist=dist, clean_temps=("", "checkpoints")):
+            return _Trainer(cfg, dist).fit()
     finally:
         cleanup(dist)
 
@@ -249,6 +258,7 @@ class _Trainer:
         if cfg.aug_device == "cuda" and self.device.type != "cuda":
             raise ConfigError("aug_device: 'cuda' needs a CUDA device")
         self.precision = _resolve_precision(cfg, dist.device)
+        self.tracker: Tracker = Tracker()
 
     # ------------------------------------------------------------------ set-up
     def _setup_data(self) -> None:
@@ -440,7 +450,8 @@ class _Trainer:
         d = ck["data"][self.dist.rank]
         self.pos = _DataPos(epoch=d["epoch"], step_in_epoch=d["step_in_epoch"],
                             workers={int(k): int(v) for k, v in d["workers"].items()}, raw=d["raw"],
-                            missing=d["missing"], corrupt=d["corrupt"], shards_seen=set(d["shards_seen"]))
+                            missing=d["missing"], corrupt=d["corrupt"], lost=int(d.get("lost", 0)),
+                            lost_shards=dict(d.get("lost_shards", {})), shards_seen=set(d["shards_seen"]))
         log.info("resumed from %s at step %d (epoch %d, step %d of %d)", path, ck["step"], self.pos.epoch,
                  self.pos.step_in_epoch, self.steps_per_epoch)
         return ck
@@ -448,8 +459,8 @@ class _Trainer:
     def _checkpoint(self, step: int, final: bool = False) -> Path | None:
         pos = self.pos
         data = {"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch, "workers": dict(pos.workers),
-                "raw": pos.raw, "missing": pos.missing, "corrupt": pos.corrupt,
-                "shards_seen": sorted(pos.shards_seen)}
+                "raw": pos.raw, "missing": pos.missing, "corrupt": pos.corrupt, "lost": pos.lost,
+                "lost_shards": dict(pos.lost_shards), "shards_seen": sorted(pos.shards_seen)}
         all_data = all_gather_object(data, self.dist)
         all_rng = all_gather_object(rng_state(), self.dist)
         all_aug = all_gather_object(self.batch_aug.state_dict() if self.batch_aug is not None else None,
@@ -549,6 +560,15 @@ class _Trainer:
                         batch_per_process=self.local_batch, global_batch=self.global_batch,
                         restart_cycle=self.restart_cycle)
             self._trim_metrics(step)
+            self.tracker = open_tracker(cfg.report_to, self.out, config_to_dict(cfg), key=self.fingerprint,
+                                        resume_step=step + 1 if resume is not None else None)
+        try:
+            return self._fit(step, resume, params_report, sample_aug)
+        finally:
+            self.tracker.close()
+
+    def _fit(self, step: int, resume: Path | None, params_report: dict, sample_aug) -> dict:
+        cfg, dist = self.cfg, self.dist
         train_module: nn.Module = self.module
         if dist.enabled:
             train_module = nn.parallel.DistributedDataParallel(
@@ -573,7 +593,8 @@ class _Trainer:
                                      world_size=dist.world_size, rotation=self.pos.step_in_epoch % nw,
                                      skip=dict(self.pos.workers))
             pipe = wdsp.train_pipeline(list(self.train.urls), state, self.targets, self.local_batch,
-                                       cfg.image_size, cfg.on_missing, cfg.shuffle_buffer, sample_aug)
+                                       cfg.image_size, cfg.on_missing, cfg.shuffle_buffer, sample_aug,
+                                       sizes=self.train.sizes)
             loader = wdsp.make_loader(pipe, cfg.num_workers, pin_memory=self.device.type == "cuda")
             it = iter(loader)
             try:
@@ -626,19 +647,33 @@ class _Trainer:
         pos.workers[meta["worker"]] = meta["raw"]
         pos.missing += meta["missing"]
         pos.corrupt += meta["corrupt"]
+        pos.lost += meta.get("lost", 0)
+        for name, n in meta.get("lost_shards", {}).items():
+            pos.lost_shards[name] = pos.lost_shards.get(name, 0) + n
         pos.shards_seen.update(Path(u).name for u in batch["urls"])
         return None
 
     def _check_bad(self, final: bool) -> None:
-        """Fail once corrupt samples exceed ``max_bad_fraction`` (judged over at least 1000 samples, or
-        at the end of an epoch or run)."""
+        """Fail once bad samples exceed ``max_bad_fraction`` of those the shards should have yielded
+        (judged over at least 1000 samples, or at the end of an epoch or run). Bad: corrupt samples, and
+        every sample a damaged shard lost (sizes.json lists more than it yielded)."""
         pos = self.pos
-        seen = pos.raw + pos.corrupt
-        if seen and (final or seen >= 1000) and pos.corrupt / seen > self.cfg.max_bad_fraction:
-            raise wdsp.DataError(
-                f"{pos.corrupt} corrupt samples or unreadable shard parts out of {seen} read on rank "
-                f"{self.dist.rank} ({100 * pos.corrupt / seen:.1f}% > {100 * self.cfg.max_bad_fraction:g}%); "
-                f"the warnings above name the shards and keys; re-run prepare or remove them")
+        expected = pos.raw + pos.lost + (0 if self.train.sizes else pos.corrupt)
+        bad = pos.corrupt + pos.lost
+        if not (expected and (final or expected >= 1000) and bad / expected > self.cfg.max_bad_fraction):
+            return
+        parts = []
+        if pos.lost:
+            worst = sorted(pos.lost_shards.items(), key=lambda kv: (-kv[1], kv[0]))
+            parts.append(f"{pos.lost} samples lost in damaged shard(s) "
+                         f"{', '.join(f'{name} ({n} missing)' for name, n in worst[:3])}"
+                         f"{' and others' if len(worst) > 3 else ''}: they yield fewer samples than sizes.json lists "
+                         f"(truncated or damaged); rerun prepare on their output folder, it rebuilds them")
+        if pos.corrupt:
+            parts.append(f"{pos.corrupt} corrupt samples or unreadable shard parts (the warnings above name the "
+                         f"shards and keys; rerun prepare or remove them)")
+        raise wdsp.DataError(f"{'; '.join(parts)}: {bad} bad of {expected} samples on rank {self.dist.rank} "
+                             f"({100 * bad / expected:.1f}% > {100 * self.cfg.max_bad_fraction:g}%)")
 
     def _log(self, step: int, out: dict, window: dict) -> None:
         dt = max(time.perf_counter() - window["t0"], 1e-9)
@@ -653,7 +688,7 @@ class _Trainer:
                "train/orth": orth, "train/lr": self.optimizer.param_groups[0]["lr"],
                "train/grad_norm": gnorm, "train/images_per_s": window["steps"] * self.global_batch / dt,
                "train/data_wait": window["wait"] / dt, "train/missing": self.pos.missing,
-               "train/corrupt": self.pos.corrupt}
+               "train/corrupt": self.pos.corrupt, "train/lost": self.pos.lost}
         if self.dist.is_main:
             log.info("step %d/%d loss %.4f (align %.4f orth %.4f) lr %.3g %.1f img/s data-wait %.0f%%",
                      step, self.total_steps, loss, align, orth, rec["train/lr"], rec["train/images_per_s"],
@@ -665,6 +700,7 @@ class _Trainer:
             return
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(rec, sort_keys=True) + "\n")
+        self.tracker.log(rec, rec["step"])
 
     def _trim_metrics(self, step: int) -> None:
         """On resume, drop metric lines past the checkpoint (those steps run again)."""
@@ -686,7 +722,7 @@ class _Trainer:
         checksums = all_gather_object(param_checksum(self.module), dist)
         pos = self.pos
         counts = all_gather_object({"raw": pos.raw, "missing": pos.missing, "corrupt": pos.corrupt,
-                                     "shards": sorted(pos.shards_seen)}, dist)
+                                     "lost": pos.lost, "shards": sorted(pos.shards_seen)}, dist)
         spectrum = None
         if probe is not None:
             last_probe, sv = self._probe(probe)
@@ -700,7 +736,7 @@ class _Trainer:
             "precision": self.precision,
             "final_probe": last_probe, **params_report,
             "samples_read": sum(c["raw"] for c in counts), "missing": sum(c["missing"] for c in counts),
-            "corrupt": sum(c["corrupt"] for c in counts),
+            "corrupt": sum(c["corrupt"] for c in counts), "lost": sum(c["lost"] for c in counts),
             "shards_per_rank": [c["shards"] for c in counts],
             "param_checksum_per_rank": checksums,
         }
@@ -710,8 +746,15 @@ class _Trainer:
             if len(set(checksums)) > 1:
                 log.error("ranks ended with different weights: %s", checksums)
             vision = self.module.vision
+            encoder = encoder_state_dict(vision)
             with atomic_path(self.out / "encoder.pt") as tmp:
-                torch.save(encoder_state_dict(vision), tmp)
+                torch.save(encoder, tmp)
+            # The same weights as safetensors: loadable anywhere without unpickling anything.
+            from safetensors.torch import save_file
+
+            with atomic_path(self.out / "encoder.safetensors") as tmp:
+                save_file({k: v.contiguous() for k, v in encoder.items()}, str(tmp),
+                          metadata={"format": "pt", "layout": "torchvision resnet50 state_dict without fc.*"})
             proj = {"projector": {k: v.cpu() for k, v in vision.projector.state_dict().items()},
                     "text_head": {k: v.cpu() for k, v in vision.text_head.state_dict().items()},
                     "text_head_kind": self.cfg.text_head, "text_dim": self.text_dim,

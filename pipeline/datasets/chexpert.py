@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path, PurePosixPath
 
-from pipeline.common import MflagError
+from pipeline.common import MflagError, unsafe_id_reason
 from pipeline.datasets._common import (DEFAULT_MAX_MISSING, DatasetError, Tally, check_protocol, check_task,
                                        enforce_missing, missing_image, read_csv_rows)
 from pipeline.datasets.base import DatasetSpec, LabelRow, Record
@@ -108,6 +108,10 @@ def read_chexpert(root: str | Path, task: str = "cls", uncertainty: str = "compe
             view = row["Frontal/Lateral"].strip()
             rel = _relative(row["Path"].strip())
             image_id = str(rel)
+            unsafe = unsafe_id_reason(image_id, allow_subfolders=True)
+            if unsafe:
+                tally.add("unsafe_ids", message=f"{csv_path}:{line}: Path {row['Path']!r} {unsafe}; row skipped")
+                continue
             keep = view == "Frontal" or not frontal_only
             patient = next((p for p in rel.parts if _PATIENT.match(p)), None)
             if patient is None and (keep or protocol == "mgca"):

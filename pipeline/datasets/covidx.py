@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.common import MflagError
+from pipeline.common import MflagError, unsafe_id_reason
 from pipeline.datasets._common import (DEFAULT_MAX_MISSING, DatasetError, Tally, check_protocol, check_task,
                                        enforce_missing, missing_image)
 from pipeline.datasets.base import DatasetSpec, LabelRow, Record
@@ -97,6 +97,10 @@ def read_covidx(root: str | Path, task: str = "cls", label_set: str = "auto",
                                f"({', '.join(names)})")
         tally.add("rows")
         image_id = f"{split}/{fname}"
+        if unsafe_id_reason(fname):
+            tally.add("unsafe_ids", message=f"{path}:{line_no}: filename {fname!r} {unsafe_id_reason(fname)}; "
+                                            "line skipped")
+            continue
         if image_id in seen_ids:
             tally.add("duplicate_rows", message=f"{path}:{line_no}: duplicate image {fname}, skipped")
             continue

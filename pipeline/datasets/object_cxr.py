@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.common import MflagError
+from pipeline.common import MflagError, unsafe_id_reason
 from pipeline.datasets._common import (DEFAULT_MAX_MISSING, DatasetError, Tally, check_protocol, check_task,
                                        clip_box, enforce_missing, fill_shapes, image_size, missing_image,
                                        read_csv_rows)
@@ -118,6 +118,10 @@ def read_object_cxr(root: str | Path, task: str = "det", max_missing: float = DE
             name = row["image_name"].strip()
             if not name:
                 raise DatasetError(f"{csv_path}:{line}: empty image_name")
+            if unsafe_id_reason(name):
+                tally.add("unsafe_ids", message=f"{csv_path}:{line}: image_name {name!r} {unsafe_id_reason(name)}; "
+                                                "row skipped")
+                continue
             rows.append(LabelRow(f"{split}/{name}", f"{split}/{name}", line))
             if name in seen:
                 tally.add("duplicate_rows", message=f"{csv_path}:{line}: duplicate image {name}, skipped")

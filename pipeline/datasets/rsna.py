@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.common import MflagError, progress
+from pipeline.common import MflagError, progress, unsafe_id_reason
 from pipeline.datasets._common import (DEFAULT_MAX_MISSING, DatasetError, Tally, box_corners, check_protocol,
                                        check_task, clip_box, dicom_header, enforce_missing, fill_shapes, find_file,
                                        missing_image, read_csv_rows)
@@ -106,6 +106,10 @@ def read_rsna(root: str | Path, task: str = "cls", max_missing: float = DEFAULT_
     records: list[Record] = []
     have_dir = img_dir.is_dir()  # label files alone: no per-image look-up in a folder that is not there
     for pid, boxes in progress(labels.items(), total=len(labels), desc="RSNA DICOM headers", unit="img"):
+        if unsafe_id_reason(pid):
+            tally.add("unsafe_ids", message=f"{csv_path}:{first_line[pid]}: patientId {pid!r} "
+                                            f"{unsafe_id_reason(pid)}; skipped")
+            continue
         path = img_dir / f"{pid}.dcm"
         size = None
         if have_dir and path.is_file():
