@@ -265,3 +265,45 @@ def test_online_fp16_checkpoint_trains_in_fp32_with_unfrozen_layers(tmp_path):
     assert not torch.equal(text[trained], saved[trained])  # the unfrozen layer was updated
     frozen = "encoder.layer.0.attention.self.query.weight"
     assert torch.equal(text[frozen], saved[frozen])  # fp16 values, held in float32, untouched
+
+
+# --------------------------------------------------------------------------- fp16 step with a GradScaler
+class _TinyVision(torch.nn.Module):
+    """MFlagVision's interface (forward -> (zv, za), project_text) in a few parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 16))
+        self.projector = torch.nn.Linear(16, 8)
+        self.text_head = torch.nn.Linear(4, 8)
+
+    def forward(self, x):
+        zv = self.trunk(x)
+        return zv, self.projector(zv)
+
+    def project_text(self, t):
+        return self.text_head(t)
+
+
+@pytest.mark.parametrize("overflow", [False, True])
+def test_fp16_step_with_grad_scaler_steps_or_skips(overflow):
+    """The --precision fp16 path of train_step (autocast fp16, GradScaler enabled; on CPU here): a
+    finite step updates the weights at an unchanged scale; an overflowing gradient skips the optimizer
+    step and halves the scale, and the unscale-then-clip order does not turn that into NaN weights."""
+    from pipeline.pretrain import StepSettings, TrainModule, train_step
+
+    torch.manual_seed(0)
+    module = TrainModule(_TinyVision())
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    before = [p.detach().clone() for p in module.parameters()]
+    if overflow:
+        module.vision.trunk[1].weight.register_hook(lambda g: g * float("inf"))
+    out = train_step(module, opt, scaler, torch.randn(8, 3, 8, 8), torch.randn(8, 4),
+                     StepSettings(autocast_dtype=torch.float16, grad_clip=1.0))
+    assert torch.isfinite(out["loss"])
+    after = list(module.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    changed = any(not torch.equal(a, b) for a, b in zip(before, after))
+    assert changed is (not overflow)
+    assert scaler.get_scale() == (2.0 ** 9 if overflow else 2.0 ** 10)
