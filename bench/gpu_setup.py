@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+import importlib.util
 import os
 import platform
 import re
@@ -39,9 +40,13 @@ DOWNLOAD = ("python3 -m pip download --only-binary=:all: --no-deps --python-vers
 
 
 def importable(module: str) -> bool:
-    """Whether ``module`` imports in a fresh interpreter (this one may have cached a failure)."""
-    proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)
-    return proc.returncode == 0
+    """Whether ``module`` can be found on the path (without importing it: segmentation-models-pytorch
+    would import torch and timm, seconds each time)."""
+    importlib.invalidate_caches()
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _norm(name: str) -> str:
@@ -72,8 +77,10 @@ def ensure_packages(wanted: dict[str, str], wheels: Path, site: Path) -> tuple[l
         else:
             installed = found
     env_path = os.environ.get("PYTHONPATH", "")
-    if str(site) not in env_path.split(os.pathsep):  # the check below runs in fresh interpreters
+    if str(site) not in env_path.split(os.pathsep):  # for the programs started after this one
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env_path) if p)
+    if str(site) not in sys.path:
+        sys.path.insert(0, str(site))
     still = [d for m, d in missing.items() if not importable(m)]
     return installed, still
 

@@ -148,6 +148,7 @@ def _fake_wheel(folder: Path, name: str = "mflag_fake_wheel_pkg") -> Path:
 
 def test_setup_installs_only_what_is_missing_from_the_wheels(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setattr(sys, "path", list(sys.path))
     wheels, site = tmp_path / ".whl", tmp_path / "site"
     _fake_wheel(wheels)
     wanted = {"mflag_fake_wheel_pkg": "mflag-fake-wheel-pkg", "json": "json-is-there"}
@@ -161,6 +162,7 @@ def test_setup_installs_only_what_is_missing_from_the_wheels(tmp_path, monkeypat
 
 def test_setup_fails_with_the_download_line_when_a_required_wheel_is_missing(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setattr(gpu_setup, "REQUIRED", {"mflag_not_a_module_xyz": "mflag-not-a-module-xyz"})
     monkeypatch.setattr(gpu_setup, "OPTIONAL", {})
     assert gpu_setup.main(["--wheels", str(tmp_path / ".whl"), "--site", str(tmp_path / "site"),
