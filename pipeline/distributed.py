@@ -12,6 +12,10 @@ import torch.distributed as dist
 from pipeline.common import ConfigError
 
 
+# A gloo process group beside NCCL for flags that live on the host (see any_rank); None otherwise.
+_HOST_GROUP = None
+
+
 @dataclasses.dataclass(frozen=True)
 class DistInfo:
     rank: int = 0
@@ -81,11 +85,16 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
     use_cuda = dev.startswith("cuda")
     if use_cuda:
         torch.cuda.set_device(torch.device(dev))
+    global _HOST_GROUP
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
             timeout=datetime.timedelta(seconds=timeout_s),
         )
+    if world > 1 and use_cuda and _HOST_GROUP is None:
+        # Host-side agreement (any_rank, every step) over gloo: an NCCL all-reduce read back with
+        # .item() would wait for all GPU work queued before it, a stall of the pipeline each step.
+        _HOST_GROUP = dist.new_group(backend="gloo")
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
@@ -95,8 +104,10 @@ def barrier(info: DistInfo) -> None:
 
 
 def cleanup(info: DistInfo) -> None:
+    global _HOST_GROUP
     if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the host group too
+    _HOST_GROUP = None
 
 
 def all_gather_object(obj: Any, info: DistInfo) -> list:
@@ -108,12 +119,14 @@ def all_gather_object(obj: Any, info: DistInfo) -> list:
     return out
 
 
-def any_rank(flag: bool, info: DistInfo, device: str | torch.device) -> bool:
-    """True on every rank when ``flag`` is true on any rank."""
+def any_rank(flag: bool, info: DistInfo, device: str | torch.device | None = None) -> bool:
+    """True on every rank when the host value ``flag`` is true on any rank. Reduced on the CPU (the
+    gloo default group, or the gloo host group beside NCCL), so it never waits for the GPU.
+    ``device`` is kept for callers of the older signature and not used."""
     if not info.enabled:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t)
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, group=_HOST_GROUP)
     return bool(t.item() > 0)
 
 

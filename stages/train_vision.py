@@ -537,7 +537,7 @@ class _Trainer:
                     batch = next(it)
                     window["wait"] += time.perf_counter() - t0
                     error = self._account(batch)
-                    if any_rank(error is not None, dist, self.device):
+                    if any_rank(error is not None, dist):
                         raise wdsp.DataError(error or "another rank stopped on a data error")
                     images = prepare_images(batch["image"], self.batch_aug, self.device, cfg.channels_last)
                     target = batch["target"]
