@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="CPU, toy sizes: the same commands as on the GPU")
     ap.add_argument("--compile", action="store_true", help="add the train-vision --compile row (a minute or two)")
     ap.add_argument("--budget", type=float, default=None,
-                    help="seconds after which no further row starts [200 on the GPU, none in a dry run]")
+                    help="seconds after which no further row starts [240 on the GPU, none in a dry run]")
     ap.add_argument("--only", default=None, help=f"comma-separated rows to run, of {','.join(ROWS)}")
     args = ap.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--only: unknown rows {sorted(only - set(ROWS))}; choose from {', '.join(ROWS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
-    budget = args.budget if args.budget is not None else (None if args.dry_run else 200.0)
+    budget = args.budget if args.budget is not None else (None if args.dry_run else 240.0)
     return Bench(args.out.resolve(), args.work.resolve(), args.dry_run, budget, args.compile, only).main()
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu_common import DRY, GPU, ROOT, CommandError, Runner, Sizes, make_cache, make_shards, make_text_model  # noqa: E402
+from bench.gpu_common import DRY, GPU, CommandError, Runner, Sizes, make_cache, make_shards, make_text_model  # noqa: E402
 from bench.gpu_common import read_metrics, tail, throughput  # noqa: E402
 
 
