@@ -4,13 +4,13 @@
 #   bash bench/gpu_all.sh [--dry-run]
 # Under the device tool: MFLAG_BENCH_OUT=$OUT bash bench/gpu_all.sh, carrying .whl (README, "GPU machines").
 set -uo pipefail
-export MFLAG_BENCH_WORK=${MFLAG_BENCH_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/mflag-bench-work.XXXXXX")}
-export MFLAG_BENCH_OUT=${MFLAG_BENCH_OUT:-$(mktemp -d "${TMPDIR:-/tmp}/mflag-bench-out.XXXXXX")}
-here=$(dirname "${BASH_SOURCE[0]}")
 dry=()
 for arg in "$@"; do
     if [ "$arg" = "--dry-run" ]; then dry=(--dry-run); else echo "bench/gpu_all.sh: unknown argument $arg" >&2; exit 2; fi
 done
+export MFLAG_BENCH_WORK=${MFLAG_BENCH_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/mflag-bench-work.XXXXXX")}
+export MFLAG_BENCH_OUT=${MFLAG_BENCH_OUT:-$(mktemp -d "${TMPDIR:-/tmp}/mflag-bench-out.XXXXXX")}
+here=$(dirname "${BASH_SOURCE[0]}")
 smoke=0
 bash "$here/gpu_smoke.sh" ${dry[@]+"${dry[@]}"} || smoke=$?
 bench=0
