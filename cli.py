@@ -368,7 +368,8 @@ def cache_verify_cmd(path: str) -> None:
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
               show_default=True, help="auto: bf16 on CUDA, fp32 on CPU; losses always in fp32.")
 @click.option("--device", default="auto", show_default=True,
-              help="auto, cpu, cuda or cuda:N (one process; under torchrun each rank uses its LOCAL_RANK GPU).")
+              help="auto, cpu, cuda or cuda:N (one process; under torchrun each rank uses its LOCAL_RANK GPU, "
+                   "or its only visible GPU).")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True)
 @click.option("--sync-bn/--no-sync-bn", default=True, show_default=True,
               help="With several CUDA processes, BatchNorm statistics over the global batch (SyncBatchNorm).")

@@ -124,6 +124,36 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, scaler, imag
     return {"loss": loss.detach(), "align": align.detach(), "orth": orth.detach(), "grad_norm": grad_norm.detach()}
 
 
+class NonFiniteWatch:
+    """Remembers the first step whose loss was not finite, without a host sync per step.
+
+    ``update`` runs on the device after each step (a few tiny kernels, no ``.item()``); the loop reads
+    the result with :meth:`first_bad` where it synchronises anyway (log and checkpoint steps, the
+    end), so a NaN is reported within ``log_every`` steps, before any checkpoint is written, and names
+    the step where it first appeared.
+    """
+
+    def __init__(self, device: torch.device | str, start_step: int = 0):
+        self.step = torch.full((), float(start_step), dtype=torch.float64, device=device)
+        self.state = torch.zeros(4, dtype=torch.float64, device=device)  # [seen, step, align, orth]
+
+    def update(self, out: dict[str, torch.Tensor]) -> None:
+        self.step += 1
+        first = ~torch.isfinite(out["loss"]) & (self.state[0] == 0)
+        seen = torch.ones_like(self.step)
+        here = torch.stack([seen, self.step, out["align"].double(), out["orth"].double()])
+        self.state = torch.where(first, here, self.state)
+
+    def flag(self) -> torch.Tensor:
+        """1-element tensor, nonzero once a non-finite loss was seen (for a cross-rank reduction)."""
+        return self.state[:1]
+
+    def first_bad(self) -> tuple[int, float, float] | None:
+        """``(step, align, orth)`` of the first non-finite loss on this process, or None (one sync)."""
+        seen, step, align, orth = self.state.tolist()
+        return (int(step), align, orth) if seen else None
+
+
 class SampleAugmentFactory:
     """Picklable factory of the worker-side augmentation ``fn(uint8 H x W, seed) -> float (3, c, c)``.
 

@@ -36,7 +36,6 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.common import MflagError, RateLimitedLog, read_json
@@ -48,6 +47,21 @@ IMAGE_EXTS = ("npy", "png", "jpg", "jpeg")
 
 class DataError(MflagError):
     """Shards or their samples cannot be used (missing, too few, too many bad samples)."""
+
+
+def _webdataset():
+    """The webdataset module, imported where a pipeline is built rather than with this module: the
+    stage classes, shard discovery of local folders, ``cli.py train-vision --help`` and the benchmarks
+    then work where webdataset is not installed (a GPU machine without network), and a missing
+    package is one clear error at the point of use."""
+    try:
+        import webdataset
+    except ImportError as e:
+        raise MflagError(
+            f"webdataset is not installed ({e}); install it with `pip install webdataset` (it brings "
+            "braceexpand), or offline from wheels: `pip install --no-index --find-links .whl webdataset "
+            "braceexpand` (README, 'GPU machines')") from e
+    return webdataset
 
 
 # --------------------------------------------------------------------------- stream state
@@ -525,9 +539,10 @@ def non_finite_targets(batch: dict, targets) -> str | None:
 
 def train_pipeline(urls: list[str], state: StreamState, targets, batch_size: int, image_size: int,
                    on_missing: str = "skip", shuffle_buffer: int = 1000,
-                   augment: Callable | None = None, sizes: dict[str, int] | None = None) -> wds.DataPipeline:
-    """The endless training stream of one rank (see the module docstring). ``sizes``: samples per shard
-    file name (``sizes.json``), to count the samples a damaged shard loses."""
+                   augment: Callable | None = None, sizes: dict[str, int] | None = None):
+    """The endless training stream of one rank (see the module docstring): a ``webdataset.DataPipeline``.
+    ``sizes``: samples per shard file name (``sizes.json``), to count the samples a damaged shard loses."""
+    wds = _webdataset()
     stages: list[Any] = [
         EpochShards(urls, state),
         ShardSamples(state, sizes),
@@ -542,7 +557,7 @@ def train_pipeline(urls: list[str], state: StreamState, targets, batch_size: int
     return wds.DataPipeline(*stages)
 
 
-def make_loader(pipeline: wds.DataPipeline, num_workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+def make_loader(pipeline, num_workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader over an already-batched pipeline (workers re-pickle it at each ``iter``)."""
     kw: dict[str, Any] = {}
     if num_workers > 0:
@@ -554,6 +569,7 @@ def make_loader(pipeline: wds.DataPipeline, num_workers: int, pin_memory: bool =
 def read_fixed_batch(urls: list[str], targets, n: int, image_size: int) -> dict | None:
     """The first ``n`` usable samples of ``urls`` in file order (no shuffle, no augmentation), as one
     batch; ``None`` when there are none. Used for the held-out probe batch."""
+    wds = _webdataset()
     state = StreamState()
     pipe = wds.DataPipeline(
         wds.SimpleShardList(list(urls)),
@@ -619,7 +635,7 @@ def resolve_shards(spec: str, split: str = "train") -> ShardSet:
         return _local_shards(folder, names)
     if p.is_file() and not p.name.endswith((".tar", ".tgz", ".tar.gz")):
         raise DataError(f"{p}: a file, not a shard (.tar), a folder of shards or a prepare output folder")
-    urls = wds.shardlists.expand_urls(spec)
+    urls = _webdataset().shardlists.expand_urls(spec)
     if not urls:
         raise DataError(f"no shards in {spec!r}")
     local = [Path(u) for u in urls if "://" not in u and not u.startswith("pipe:")]

@@ -323,7 +323,8 @@ def _producer(jobs: Iterable[Sequence[str]], tokenizer, max_length, budget, pad_
             if not put(("start", len(distinct), inverse, truncated)):
                 return
             for rows in batches:
-                if not put(("batch", torch.from_numpy(rows), *_collate(ids, rows, pad_id, pin))):
+                rows_t = torch.from_numpy(rows)
+                if not put(("batch", rows_t.pin_memory() if pin else rows_t, *_collate(ids, rows, pad_id, pin))):
                     return
             if not put(("end",)):
                 return
@@ -367,7 +368,7 @@ def embed_many(encoder: TextEncoder, jobs: Iterable[Sequence[str]], pooling: str
                     _, rows, input_ids, mask = item
                     emb = encoder.pool(input_ids.to(dev, non_blocking=True),
                                        mask.to(dev, non_blocking=True), pooling)
-                    out[rows.to(dev)] = emb
+                    out[rows.to(dev, non_blocking=True)] = emb
                 else:
                     distinct = out.cpu().numpy()
                     yield distinct[inverse], truncated[inverse], len(distinct)
@@ -383,14 +384,6 @@ def embed_texts(encoder: TextEncoder, texts: Sequence[str], **kwargs: Any) -> tu
 
 
 # --------------------------------------------------------------------------- the stage
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device: {device} requested but CUDA is not available")
-    return device
-
-
 def resolve_dtype(dtype: str, device: str) -> str:
     if dtype == "auto":
         return "fp16" if device.startswith("cuda") else "fp32"
@@ -509,10 +502,10 @@ def run(config: EmbedTextConfig) -> EmbedTextResult:
     itself when it already is a cache folder); returns where the cache is and what was done."""
     from pipeline.distributed import barrier, cleanup, init_distributed
 
-    device = resolve_device(config.device)
-    dist = init_distributed(device="cpu" if device == "cpu" else "cuda")
-    if dist.enabled and device.startswith("cuda"):
-        device = dist.device
+    # cuda:N is validated against the visible GPUs and becomes the current device (so pinned copies and
+    # anything that says just "cuda" use it); under torchrun each rank takes its LOCAL_RANK GPU.
+    dist = init_distributed(config.device)
+    device = dist.device
     # One run per --out (rank 0 locks for the whole job); parts of a split run lock only their part,
     # so they may run side by side. Temp files of another live run are never touched this way.
     scope = f"part-{config.part}-of-{config.num_parts}" if config.num_parts > 1 else None

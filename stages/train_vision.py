@@ -41,11 +41,11 @@ from pipeline import probes
 from pipeline import wds as wdsp
 from pipeline.common import (ConfigError, MflagError, atomic_path, config_to_dict, fingerprint, read_json,
                              save_config, write_json)
-from pipeline.distributed import (DistInfo, all_gather_object, any_rank, any_rank_nonfinite, barrier, cleanup,
+from pipeline.distributed import (DistInfo, all_gather_object, any_rank, any_rank_flag, barrier, cleanup,
                                   init_distributed)
 from pipeline.locks import output_lock
-from pipeline.pretrain import (BATCH_SEMANTICS, SampleAugmentFactory, StepSettings, TrainModule, batch_per_rank,
-                               param_groups, prepare_images, train_step)
+from pipeline.pretrain import (BATCH_SEMANTICS, NonFiniteWatch, SampleAugmentFactory, StepSettings, TrainModule,
+                               batch_per_rank, param_groups, prepare_images, train_step)
 from pipeline.schedules import WarmupCosine, WarmupCosineRestarts, original_restart_period
 from pipeline.textmodels import OnlineTextEncoder
 from pipeline.tracking import REPORT_TO, Tracker, open_tracker
@@ -259,6 +259,10 @@ class _Trainer:
             raise ConfigError("aug_device: 'cuda' needs a CUDA device")
         self.precision = _resolve_precision(cfg, dist.device)
         self.tracker: Tracker = Tracker()
+        if self.device.type == "cuda":
+            # Every step has the same input shape, so cuDNN's timed algorithm choice pays off after the
+            # first step; GPU runs are not bit-reproducible anyway (DESIGN.md, determinism).
+            torch.backends.cudnn.benchmark = True
 
     # ------------------------------------------------------------------ set-up
     def _setup_data(self) -> None:
@@ -581,6 +585,7 @@ class _Trainer:
                  self.global_batch, self.local_batch, dist.world_size, self.precision, dist.device,
                  f", lr cycle {self.restart_cycle} steps" if self.restart_cycle else "")
         last_good = str(resume) if resume else None
+        watch = NonFiniteWatch(self.device, step)
         window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
         last_probe: dict = {}
         self.module.train()
@@ -603,7 +608,7 @@ class _Trainer:
                     batch = next(it)
                     window["wait"] += time.perf_counter() - t0
                     error = self._account(batch)
-                    if any_rank(error is not None, dist, self.device):
+                    if any_rank(error is not None, dist):
                         raise wdsp.DataError(error or "another rank stopped on a data error")
                     images = prepare_images(batch["image"], self.batch_aug, self.device, cfg.channels_last)
                     target = batch["target"]
@@ -613,15 +618,13 @@ class _Trainer:
                         target = target.to(self.device, non_blocking=True)
                     out = train_step(train_module, self.optimizer, self.scaler, images, target, self.settings)
                     self.scheduler.step()
-                    if any_rank_nonfinite(out["loss"], dist):
-                        raise TrainingError(
-                            f"non-finite loss at step {step + 1} (align {out['align'].item():.4g}, orth "
-                            f"{out['orth'].item():.4g}) on rank {dist.rank}; stopping. The last good checkpoint "
-                            f"is {last_good or 'none (no checkpoint written yet)'}; lower --lr, set "
-                            f"--grad-clip or use --precision fp32")
+                    watch.update(out)  # no host sync here: read at log and checkpoint steps below
                     step += 1
                     self.pos.step_in_epoch += 1
                     window["steps"] += 1
+                    if (step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == self.total_steps
+                            or (probe is not None and step % cfg.probe_every == 0)):
+                        self._check_finite(watch, last_good)
                     if step % cfg.log_every == 0 or step == self.total_steps:
                         self._log(step, out, window)
                         window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
@@ -637,6 +640,19 @@ class _Trainer:
                 del it
         self._check_bad(final=True)
         return self._finish(step, probe, last_probe, params_report)
+
+    def _check_finite(self, watch: NonFiniteWatch, last_good: str | None) -> None:
+        """Stop when any rank has seen a non-finite loss since the start (one host sync). Called at
+        log and checkpoint steps, so a checkpoint never holds weights trained through a NaN."""
+        if not any_rank_flag(watch.flag(), self.dist):
+            return
+        bad = watch.first_bad()
+        where = (f"at step {bad[0]} (align {bad[1]:.4g}, orth {bad[2]:.4g}) on rank {self.dist.rank}" if bad
+                 else "on another rank")
+        raise TrainingError(
+            f"non-finite loss {where}; stopping. The last good checkpoint is "
+            f"{last_good or 'none (no checkpoint written yet)'}; lower --lr, set --grad-clip or use "
+            f"--precision fp32")
 
     def _account(self, batch: dict) -> str | None:
         """Fold a batch's position and counters into ``self.pos``; returns a fatal data error or None."""
