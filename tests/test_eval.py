@@ -1,7 +1,8 @@
-"""eval end to end on tiny synthetic sets in the real formats, plus the downstream building blocks."""
+"""eval end to end on tiny synthetic sets in the real formats: outputs, resume, protocols, and metrics that
+recompute exactly from the predictions files with sklearn / pycocotools. (What each head must learn is in
+tests/test_eval_learning.py; the building blocks are in tests/test_downstream.py.)"""
 import dataclasses
 import json
-import math
 
 import numpy as np
 import pytest
@@ -9,9 +10,7 @@ import torch
 import torchvision
 from click.testing import CliRunner
 
-from pipeline import downstream as ds
 from pipeline.common import ConfigError, MflagError, file_sha256
-from pipeline.datasets.base import Record
 from pipeline.synth import downstream as synth
 from stages.evaluate import EvalConfig, run
 
@@ -25,6 +24,7 @@ def data(tmp_path_factory):
     synth.write_covidx(root / "covidx", 36, 0, image_size=SIZE)
     synth.write_siim(root / "siim", 24, 0, image_size=SIZE)
     synth.write_rsna(root / "rsna", 20, 0, image_size=SIZE)
+    synth.write_object_cxr(root / "object_cxr", 20, 1, image_size=SIZE)
     return root
 
 
@@ -52,21 +52,91 @@ def _results(out):
     return res, md
 
 
+# --------------------------------------------------------------------------- recomputing from predictions
+def recompute_cls(path, label_kind):
+    """results.json's cls metrics from a predictions CSV, with sklearn."""
+    from sklearn.metrics import roc_auc_score
+
+    from pipeline.downstream.cls import read_cls_predictions
+
+    _, _, y, p = read_cls_predictions(path)
+    aucs = [roc_auc_score(y[:, c], p[:, c]) for c in range(y.shape[1]) if 0 < y[:, c].sum() < len(y)]
+    out = {"auroc": float(np.mean(aucs)) if aucs else None}
+    if label_kind == "multiclass":
+        out["accuracy"] = float((p.argmax(1) == y.argmax(1)).mean())
+    return out
+
+
+def recompute_det(path, iou_thresholds=tuple(np.linspace(0.40, 0.75, 8)), min_score=None, skip=False):
+    """COCO mAP over ``iou_thresholds`` from a predictions JSON with pycocotools' COCOeval (maxDets 100, all
+    areas). ``min_score`` keeps only boxes scoring above it; ``skip`` leaves out images without ground truth
+    or without a kept box (MGCA's filters)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    doc = json.loads(open(path).read())
+    images, anns, dets = [], [], []
+    for k, im in enumerate(doc["images"]):
+        keep = [j for j, s in enumerate(im["scores"]) if min_score is None or s > min_score]
+        if skip and (not im["truth"] or not keep):
+            continue
+        images.append({"id": k, "width": doc["image_size"], "height": doc["image_size"]})
+        for x1, y1, x2, y2 in im["truth"]:
+            anns.append({"id": len(anns) + 1, "image_id": k, "category_id": 1, "iscrowd": 0,
+                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)})
+        for j in keep:
+            x1, y1, x2, y2 = im["boxes"][j]
+            dets.append({"image_id": k, "category_id": 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                         "score": im["scores"][j]})
+    if not anns:
+        return None
+    if not dets:
+        return 0.0
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "object"}]}
+    gt.createIndex()
+    ev = COCOeval(gt, gt.loadRes(dets), "bbox")
+    ev.params.iouThrs = np.array(iou_thresholds)
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    return max(float(ev.stats[0]), 0.0)
+
+
+def recompute_seg(path):
+    """Per-image Dice (F1 over pixels; both empty counts 1) averaged over images, with pycocotools + sklearn."""
+    from pycocotools import mask as mask_utils
+    from sklearn.metrics import f1_score
+
+    doc = json.loads(open(path).read())
+
+    def dec(r):
+        return mask_utils.decode({"size": r["size"], "counts": r["counts"].encode()}).ravel()
+
+    return float(np.mean([f1_score(dec(im["truth"]), dec(im["pred"]), zero_division=1.0) for im in doc["images"]]))
+
+
 # --------------------------------------------------------------------------- end to end
 def test_cls_chexpert_linear_probe_two_seeds_and_resume(data, tmp_path, caplog):
-    cfg = _cfg(data, tmp_path, task="cls", dataset="chexpert", seeds=(0, 1), fraction=0.5, epochs=3,
-               init="random")
+    cfg = _cfg(data, tmp_path, task="cls", dataset="chexpert", seeds=(0, 1), fraction=0.5, epochs=3)
     res = run(cfg)
     out = tmp_path / "out"
     saved, md = _results(out)
-    assert saved["fingerprint"] == res["fingerprint"]
+    assert saved["fingerprint"] == res["fingerprint"] and saved["protocol"] == "tool"
     assert saved["primary_metric"] == "auroc" and "auroc" in saved["metric_definitions"]
     assert [r["seed"] for r in saved["per_seed"]] == [0, 1]
     for r in saved["per_seed"]:
-        assert r["test"]["auroc"] is None or 0.0 <= r["test"]["auroc"] <= 1.0
-        assert 0 <= r["best_epoch"] < r["epochs_run"] <= 3
+        # the test AUROC is exactly what sklearn gives on the predictions file
+        pred = out / "seeds" / r["predictions"]
+        assert saved["predictions"][str(r["seed"])] == f"seeds/{r['predictions']}"
+        assert r["test"]["auroc"] == pytest.approx(recompute_cls(pred, "multilabel")["auroc"], abs=1e-9)
+        ids = [line.split(",")[0] for line in pred.read_text().splitlines()[1:]]
+        assert ids == (out / "split" / "test.txt").read_text().split()
+        history = [h["val_auroc"] for h in json.loads((out / "seeds" / f"seed-{r['seed']}.json").read_text())
+                   ["history"]]
+        assert r["epochs_run"] == len(history) == 3  # patience 10 never stops 3 epochs
+        assert history[r["best_epoch"]] == max(history)  # tool: the best validation AUROC
     counts = saved["split"]["counts"]
-    assert counts["train"] > 0 and counts["val"] > 0 and counts["test"] > 0
     # fraction 0.5 of the training split, sampled per seed, recorded and written as id lists
     for s in ("0", "1"):
         n = saved["fraction_sizes"][s]
@@ -74,11 +144,11 @@ def test_cls_chexpert_linear_probe_two_seeds_and_resume(data, tmp_path, caplog):
         ids = (out / "split" / saved["fraction_files"][s]["file"]).read_text().split()
         assert len(ids) == n
         assert set(ids) <= set((out / "split" / "train.txt").read_text().split())
-    assert saved["summary"]["auroc"]["n"] <= 2
     assert saved["checkpoint_sha256"] is None and saved["init"] == "random"
-    assert saved["hyperparameters"]["epochs"] == 3 and saved["hyperparameters"]["frozen_encoder"]
+    hp = saved["hyperparameters"]
+    assert (hp["epochs"], hp["batch_size"], hp["lr"], hp["features"]) == (3, 4, 1e-3, "cached")
     assert json.loads((out / "config.json").read_text())["fingerprint"] == res["fingerprint"]
-    assert len(md) == 3 and "| cls | chexpert | random |" in md[2] and res["fingerprint"] in md[2]
+    assert len(md) == 3 and "| cls | chexpert | tool | random |" in md[2] and res["fingerprint"] in md[2]
 
     # a rerun of a finished config changes nothing; extending the seeds reuses the finished ones
     mtime = (out / "seeds" / "seed-0.json").stat().st_mtime_ns
@@ -90,9 +160,19 @@ def test_cls_chexpert_linear_probe_two_seeds_and_resume(data, tmp_path, caplog):
     assert more["per_seed"][:2] == saved["per_seed"]
     assert len((out / "results.md").read_text().strip().splitlines()) == 4
 
-    # another configuration in the same folder is refused, not mixed
+    # a seed whose predictions file was lost is redone, the others are reused
+    (out / "seeds" / "seed-1.predictions.csv").unlink()
+    again = run(dataclasses.replace(cfg, seeds=(0, 1, 2, 3)))
+    assert (out / "seeds" / "seed-1.predictions.csv").is_file()
+    assert again["per_seed"][1]["test"] == saved["per_seed"][1]["test"]  # same seed, same numbers
+
+    # another configuration in the same folder is refused, not mixed; an explicit value equal to the
+    # protocol's default is the same configuration
     with pytest.raises(MflagError, match="another configuration"):
         run(dataclasses.replace(cfg, fraction=1.0))
+    with pytest.raises(MflagError, match="another configuration"):
+        run(dataclasses.replace(cfg, protocol="mgca"))
+    assert run(dataclasses.replace(cfg, lr=1e-3, seeds=(0, 1, 2, 3)))["fingerprint"] == again["fingerprint"]
 
 
 def test_cls_linear_probe_is_deterministic_and_split_file_reuses_the_split(data, tmp_path):
@@ -104,6 +184,8 @@ def test_cls_linear_probe_is_deterministic_and_split_file_reuses_the_split(data,
     assert a["per_seed"][0]["test"] == b["per_seed"][0]["test"]
     assert a["fingerprint"] == b["fingerprint"]
     assert a["fraction_sizes"] == b["fraction_sizes"]
+    pa = (tmp_path / "a" / "out" / "seeds" / "seed-3.predictions.csv").read_bytes()
+    assert pa == (tmp_path / "b" / "out" / "seeds" / "seed-3.predictions.csv").read_bytes()
 
 
 def test_cli_cls_covidx_finetune_with_encoder_pt(data, tmp_path, encoder_pt):
@@ -115,13 +197,15 @@ def test_cli_cls_covidx_finetune_with_encoder_pt(data, tmp_path, encoder_pt):
             "--batch-size", "4", "--image-size", str(SIZE)]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
-    assert "test accuracy" in r.output
+    assert "test accuracy" in r.output and "(tool)" in r.output
     res, md = _results(out)
     assert res["checkpoint_sha256"] == file_sha256(encoder_pt)
     assert res["checkpoint_layout"] == "torchvision"
     assert res["finetune"] is True and res["hyperparameters"]["normalize"] == "half"
-    acc = res["per_seed"][0]["test"]["accuracy"]
-    assert 0.0 <= acc <= 1.0 and res["summary"]["accuracy"]["mean"] == pytest.approx(acc)
+    again = recompute_cls(out / "seeds" / "seed-0.predictions.csv", "multiclass")
+    assert res["per_seed"][0]["test"]["accuracy"] == pytest.approx(again["accuracy"], abs=1e-12)
+    assert res["per_seed"][0]["test"]["auroc"] == pytest.approx(again["auroc"], abs=1e-9)
+    assert res["summary"]["accuracy"]["mean"] == pytest.approx(again["accuracy"])
     assert res["class_names"] == ["normal", "pneumonia", "COVID-19"]
     assert res["fraction_sizes"]["0"] < res["split"]["counts"]["train"]
     assert "encoder.pt" in md[2] and res["checkpoint_sha256"][:12] in md[2]
@@ -134,152 +218,87 @@ def test_cli_cls_covidx_finetune_with_encoder_pt(data, tmp_path, encoder_pt):
     assert missing.exit_code == 2 and "error:" in missing.output
 
 
-def test_seg_siim_dice(data, tmp_path, encoder_pt):
-    res = run(_cfg(data, tmp_path, task="seg", dataset="siim", init=str(encoder_pt)))
+@pytest.mark.parametrize("protocol", ["tool", "mgca"])
+def test_seg_siim_dice_recomputes_from_the_masks(data, tmp_path, encoder_pt, protocol):
+    res = run(_cfg(data, tmp_path, task="seg", dataset="siim", init=str(encoder_pt), protocol=protocol))
     assert res["primary_metric"] == "dice"
     t = res["per_seed"][0]["test"]
-    assert 0.0 <= t["dice"] <= 1.0 and 0.0 <= t["dice_pooled"] <= 1.0
-    assert t["n_images"] == res["split"]["counts"]["test"]
+    doc = json.loads((tmp_path / "out" / "seeds" / "seed-0.predictions.json").read_text())
+    assert [im["image_id"] for im in doc["images"]] == (tmp_path / "out" / "split" / "test.txt").read_text().split()
+    assert doc["image_size"] == SIZE and all(im["pred"]["size"] == [SIZE, SIZE] for im in doc["images"])
+    assert t["dice"] == pytest.approx(recompute_seg(tmp_path / "out" / "seeds" / "seed-0.predictions.json"), abs=1e-9)
+    assert t["n_images"] == res["split"]["counts"]["test"] == len(doc["images"])
     assert "empty" in res["metric_definitions"]["dice"] and "dice_pooled" in res["metric_definitions"]
-    assert res["hyperparameters"]["frozen_encoder"] is True
+    hp = res["hyperparameters"]
+    assert hp["frozen_encoder"] is True
+    assert (hp["encoder_bn"], hp["soft_masks"], hp["monitor"]) == (
+        ("train", True, "loss") if protocol == "mgca" else ("fixed", False, "dice"))
 
 
-def test_det_rsna_fasterrcnn_map(data, tmp_path):
-    res = run(_cfg(data, tmp_path, task="det", dataset="rsna"))
+def test_det_rsna_fasterrcnn_map_recomputes_with_pycocotools(data, tmp_path):
+    res = run(_cfg(data, tmp_path, task="det", dataset="rsna", epochs=2))
     assert res["primary_metric"] == "map_40_75"
     t = res["per_seed"][0]["test"]
-    assert t["n_images"] == res["split"]["counts"]["test"]
-    for k in ("map_40_75", "map_coco", "map_50"):
-        assert t[k] is None or 0.0 <= t[k] <= 1.0
-        assert k in res["metric_definitions"]
+    path = tmp_path / "out" / "seeds" / "seed-0.predictions.json"
+    doc = json.loads(path.read_text())
+    assert len(doc["images"]) == t["n_images"] == res["split"]["counts"]["test"]
+    assert sum(len(im["truth"]) for im in doc["images"]) == t["n_gt_boxes"]
+    assert t["map_40_75"] == pytest.approx(recompute_det(path), abs=1e-9)
+    assert t["map_50"] == pytest.approx(recompute_det(path, (0.5,)), abs=1e-9)
     assert "0.40:0.75" in res["metric_definitions"]["map_40_75"]
-    assert res["per_seed"][0]["bn_calibration_images"] > 0
+    assert res["per_seed"][0]["bn_calibration_images"] == res["fraction_sizes"]["0"]
 
 
-def test_det_object_cxr_retinanet(data, tmp_path):
-    synth.write_object_cxr(tmp_path / "object_cxr", 20, 1, image_size=SIZE)
-    res = run(_cfg(data, tmp_path, task="det", dataset="object-cxr", det_model="retinanet",
-                   root=str(tmp_path / "object_cxr"), finetune=True))
+def test_det_object_cxr_retinanet_finetuned(data, tmp_path):
+    res = run(_cfg(data, tmp_path, task="det", dataset="object-cxr", det_model="retinanet", finetune=True))
     t = res["per_seed"][0]["test"]
-    assert res["hyperparameters"]["head"] == "retinanet"
+    assert res["hyperparameters"]["head"] == "retinanet" and res["hyperparameters"]["encoder_bn"] == "fixed"
     # The detection body's BN is frozen even when fine-tuned: a random body gets estimated statistics.
-    assert res["per_seed"][0]["bn_calibration_images"] > 0
-    assert t["n_images"] == res["split"]["counts"]["test"] and t["n_gt_boxes"] >= 0
+    assert res["per_seed"][0]["bn_calibration_images"] == res["fraction_sizes"]["0"]
+    path = tmp_path / "out" / "seeds" / "seed-0.predictions.json"
+    assert t["map_40_75"] == pytest.approx(recompute_det(path), abs=1e-9)
     assert res["split"]["protocol"]  # the split says how it was made (dev.csv is the test set)
+
+
+PAIRS = [("cls", "chexpert"), ("cls", "rsna"), ("cls", "covidx"), ("cls", "siim"), ("cls", "object-cxr"),
+         ("seg", "siim"), ("seg", "rsna"), ("det", "rsna"), ("det", "object-cxr")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["mgca", "tool"])
+@pytest.mark.parametrize("task,dataset", PAIRS)
+def test_every_task_dataset_pair_runs_under_both_protocols(data, tmp_path, task, dataset, protocol):
+    cfg = _cfg(data, tmp_path, task=task, dataset=dataset, protocol=protocol, batch_size=None, fraction=0.5)
+    res = run(cfg)
+    hp = res["hyperparameters"]
+    assert res["protocol"] == hp["protocol"] == protocol
+    assert hp == cfg.recipe(res["label_kind"]).as_dict()  # what ran is the recipe, recorded
+    pred = tmp_path / "out" / "seeds" / res["per_seed"][0]["predictions"]
+    t = res["per_seed"][0]["test"]
+    if task == "cls":
+        again = recompute_cls(pred, res["label_kind"])
+        for k, v in again.items():
+            assert t[k] == pytest.approx(v, abs=1e-9) if v is not None else t[k] is None
+    elif task == "seg":
+        assert t["dice"] == pytest.approx(recompute_seg(pred), abs=1e-9)
+    else:
+        assert t["map_40_75"] == pytest.approx(recompute_det(pred), abs=1e-9)
+    if protocol == "mgca":
+        assert hp["epochs"] == 1 and hp["patience"] == 10 and hp["normalize"] == "half"
+        assert hp["batch_size"] == {"cls": 48, "seg": 16 if dataset == "rsna" else 8, "det": 16}[task]
+    else:
+        assert hp["batch_size"] == 16 and hp["monitor"] == res["primary_metric"]
 
 
 def test_config_validation_names_the_field(tmp_path):
     good = dict(task="cls", dataset="covidx", root=str(tmp_path), out=str(tmp_path / "o"), init="random")
     for field, value in (("task", "clf"), ("fraction", 0.0), ("seeds", ()), ("image_size", 16),
-                         ("det_model", "yolo"), ("init", str(tmp_path / "nope.pt")), ("lr", -1.0)):
+                         ("det_model", "yolo"), ("init", str(tmp_path / "nope.pt")), ("lr", -1.0),
+                         ("protocol", "paper"), ("batch_size", 0), ("weight_decay", -1e-4)):
         with pytest.raises(ConfigError, match=field):
             EvalConfig(**{**good, field: value})
-    assert EvalConfig(**{**good, "init": "imagenet"}).norm() == "imagenet"
+    assert EvalConfig(**{**good, "init": "imagenet"}).recipe().normalize == "imagenet"
+    assert EvalConfig(**{**good, "init": "imagenet", "protocol": "mgca"}).recipe().normalize == "half"
     assert EvalConfig(**good).effective()["epochs"] == 100
     assert EvalConfig(**{**good, "finetune": True}).effective()["epochs"] == 10
-
-
-# --------------------------------------------------------------------------- building blocks
-def _encoder_state(seed=0):
-    torch.manual_seed(seed)
-    m = torchvision.models.resnet50(weights=None)
-    return {k: v for k, v in m.state_dict().items() if not k.startswith("fc.")}
-
-
-def test_unet_and_detector_carry_the_encoder_weights_and_freeze_them():
-    state = _encoder_state()
-    unet = ds.build_unet(state, finetune=False)
-    assert torch.equal(unet.encoder.layer4[2].conv3.weight, state["layer4.2.conv3.weight"])
-    assert not any(p.requires_grad for p in unet.encoder.parameters())
-    assert any(p.requires_grad for p in unet.decoder.parameters())
-    assert all(p.requires_grad for p in ds.build_unet(state, finetune=True).encoder.parameters())
-
-    det = ds.build_detector("fasterrcnn", state, 64, finetune=False)
-    body = det.backbone.body
-    assert torch.equal(body.layer1[0].conv1.weight, state["layer1.0.conv1.weight"])
-    assert torch.equal(body.bn1.running_mean, state["bn1.running_mean"])
-    assert not any(p.requires_grad for p in body.parameters())
-    assert any(p.requires_grad for p in det.backbone.fpn.parameters())
-    assert det.transform.min_size == (64,)
-    retina = ds.build_detector("retinanet", state, 64, finetune=True)
-    assert any(p.requires_grad for p in retina.backbone.body.layer1.parameters())
-
-    broken = dict(state)
-    broken.pop("layer1.0.conv1.weight")
-    with pytest.raises(MflagError, match="layer1.0.conv1.weight"):
-        ds.build_detector("fasterrcnn", broken, 64, finetune=False)
-    with pytest.raises(MflagError):
-        ds.build_unet(broken, finetune=False)
-
-
-def test_det_dataset_scales_and_clips_boxes(tmp_path):
-    from PIL import Image
-
-    p = tmp_path / "a.png"
-    Image.fromarray(np.zeros((100, 200), np.uint8)).save(p)
-    rec = Record(image_id="a", patient_id="a", path=p,
-                 boxes=((20.0, 10.0, 60.0, 50.0), (150.0, 90.0, 260.0, 130.0), (5.0, 5.0, 5.5, 6.0)))
-    src = ds.ImageSource([rec], 50)
-    img, target = ds.DetDataset(src)[0]
-    assert img.shape == (50, 50) and img.dtype == torch.uint8
-    # x scales by 50/200, y by 50/100; the second box is clipped, the tiny third one dropped
-    assert target["boxes"].tolist() == [[5.0, 5.0, 15.0, 25.0], [37.5, 45.0, 50.0, 50.0]]
-    assert target["labels"].tolist() == [1, 1]
-
-
-def test_augmentation_moves_mask_with_image_and_is_reproducible():
-    img = np.zeros((64, 64), np.uint8)
-    img[20:40, 24:44] = 200
-    mask = (img > 0).astype(np.uint8)
-    a1, m1 = ds.augment(img, mask, np.random.default_rng(5))
-    a2, m2 = ds.augment(img, mask, np.random.default_rng(5))
-    assert np.array_equal(a1, a2) and np.array_equal(m1, m2)
-    assert not np.array_equal(m1, mask)  # it did move
-    bright = a1 > np.median(a1) + 40
-    assert (bright & (m1 > 0)).sum() / max(bright.sum(), 1) > 0.9
-
-
-def test_linear_probe_learns_separable_features_and_keeps_best_epoch():
-    rng = np.random.default_rng(0)
-    y = (rng.random((600, 2)) < 0.5).astype(np.float32)
-    x = rng.normal(size=(600, 8)).astype(np.float32)
-    x[:, :2] += 3 * y  # the Bayes-optimal AUROC is about 0.98
-    settings = ds.TrainSettings(epochs=30, batch_size=32, lr=1e-2, patience=5, seed=0)
-    predict, fitted = ds.train_linear_probe(x[:400], y[:400], x[400:500], y[400:500], "multilabel", ["a", "b"],
-                                            settings)
-    from pipeline.metrics import mean_auroc
-
-    assert mean_auroc(y[500:], predict(x[500:])) > 0.93
-    best = fitted.history[fitted.best_epoch]["val_auroc"]
-    assert best == max(h["val_auroc"] for h in fitted.history)
-    assert math.isfinite(fitted.history[0]["val_loss"])
-
-
-def test_to_input_normalisations():
-    x = torch.full((2, 4, 4), 255, dtype=torch.uint8)
-    assert ds.to_input(x, "half").shape == (2, 3, 4, 4)
-    assert torch.allclose(ds.to_input(x, "half"), torch.ones(2, 3, 4, 4))
-    assert ds.to_input(x, "imagenet")[0, 0, 0, 0] == pytest.approx((1 - 0.485) / 0.229, rel=1e-5)
-
-
-def test_calibrate_bn_normalises_a_random_encoder_without_touching_weights(tmp_path):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    recs = []
-    for i in range(6):
-        p = tmp_path / f"{i}.png"
-        Image.fromarray((rng.random((64, 64)) * 255).astype(np.uint8)).save(p)
-        recs.append(Record(image_id=str(i), patient_id=str(i), path=p))
-    src = ds.ImageSource(recs, 64)
-    torch.manual_seed(0)
-    enc = torchvision.models.resnet50(weights=None)
-    enc.fc = torch.nn.Identity()
-    w = enc.layer3[0].conv1.weight.clone()
-    settings = ds.TrainSettings(epochs=1, batch_size=4, lr=1e-3, patience=1, seed=0, norm="half")
-    before = ds.extract_features(enc, src, range(6), settings).std()
-    assert ds.calibrate_bn(enc, src, list(range(6)), settings) == 6
-    after = ds.extract_features(enc, src, range(6), settings).std()
-    assert torch.equal(enc.layer3[0].conv1.weight, w)
-    assert not enc.training and enc.bn1.momentum == 0.1
-    assert after < before / 3, (before, after)
+    assert EvalConfig(**{**good, "protocol": "mgca"}).effective()["epochs"] == 50
