@@ -203,10 +203,11 @@ def _run_seed(cfg: EvalConfig, task, recipe: Recipe, store: "_Store", encoders: 
     log.info("seed %d: %s on %s (%s protocol), %d train / %d val / %d test images", seed, cfg.task, cfg.dataset,
              cfg.protocol, len(run.train_idx), len(run.val_idx), len(run.test_idx))
     n_bn = 0
-    # A random encoder's BN statistics describe no data. Frozen encoders, and the detection body
-    # (torchvision's frozen BN, which never learns statistics even when fine-tuned), get them
-    # estimated on training images; trainable BN (cls/seg fine-tuning) learns its own.
-    if cfg.init == "random" and (not cfg.finetune or cfg.task == "det"):
+    # A random encoder's BN statistics (mean 0, variance 1) describe no data: they are estimated on the
+    # training images first. Frozen encoders and torchvision's detection body (frozen BN even when
+    # fine-tuned) keep them; trainable BN starts from them instead of lagging behind the data for the
+    # first epochs (its running averages move by 10% a step).
+    if cfg.init == "random":
         n_bn = calibrate_bn(encoder, store.source, train_idx, settings, transform=run.transforms()[1])
     outcome = task.run(run)
     predictions = f"seed-{seed}.predictions{task.predictions_suffix}"
@@ -388,7 +389,7 @@ def _results(cfg: EvalConfig, recipe: Recipe, spec, split, fractions, fraction_f
     for r in per_seed:
         for name, v in (r["test"].get("auroc_per_class") or {}).items():
             per_class.setdefault(name, []).append(_num(v))
-    random_bn = cfg.init == "random" and (not cfg.finetune or cfg.task == "det")
+    random_bn = cfg.init == "random"
     images = (f"{recipe.resize} to {recipe.load_size}x{recipe.load_size} ({recipe.resample} resampling)"
               + (f", {recipe.image_size}x{recipe.image_size} crops" if recipe.load_size != recipe.image_size else "")
               + f", grey replicated to 3 channels, normalised with {recipe.normalize} mean/std")
@@ -413,7 +414,7 @@ def _results(cfg: EvalConfig, recipe: Recipe, spec, split, fractions, fraction_f
                          f"{recipe.patience}); test metrics from the best-validation epoch",
             "std": "sample standard deviation over seeds (ddof=1; 0 for one seed)",
             "random_init": "the random encoder's BatchNorm running statistics are estimated on the seed's "
-                           "training images (weights stay random)" if random_bn else None,
+                           "training images before training (its weights stay random)" if random_bn else None,
             "images": images,
             "cls_features": {"cached": "linear probe on frozen features computed once, no augmentation, "
                                        "standardised with the training statistics",

@@ -4,7 +4,6 @@ tests/test_eval_learning.py; the building blocks are in tests/test_downstream.py
 import dataclasses
 import json
 
-import numpy as np
 import pytest
 import torch
 import torchvision
@@ -13,6 +12,7 @@ from click.testing import CliRunner
 from pipeline.common import ConfigError, MflagError, file_sha256
 from pipeline.synth import downstream as synth
 from stages.evaluate import EvalConfig, run
+from tests._recompute import recompute_cls, recompute_det, recompute_seg
 
 SIZE = 64  # pixels: the real code paths, CPU-sized
 
@@ -50,70 +50,6 @@ def _results(out):
     res = json.loads((out / "results.json").read_text())
     md = (out / "results.md").read_text().strip().splitlines()
     return res, md
-
-
-# --------------------------------------------------------------------------- recomputing from predictions
-def recompute_cls(path, label_kind):
-    """results.json's cls metrics from a predictions CSV, with sklearn."""
-    from sklearn.metrics import roc_auc_score
-
-    from pipeline.downstream.cls import read_cls_predictions
-
-    _, _, y, p = read_cls_predictions(path)
-    aucs = [roc_auc_score(y[:, c], p[:, c]) for c in range(y.shape[1]) if 0 < y[:, c].sum() < len(y)]
-    out = {"auroc": float(np.mean(aucs)) if aucs else None}
-    if label_kind == "multiclass":
-        out["accuracy"] = float((p.argmax(1) == y.argmax(1)).mean())
-    return out
-
-
-def recompute_det(path, iou_thresholds=tuple(np.linspace(0.40, 0.75, 8)), min_score=None, skip=False):
-    """COCO mAP over ``iou_thresholds`` from a predictions JSON with pycocotools' COCOeval (maxDets 100, all
-    areas). ``min_score`` keeps only boxes scoring above it; ``skip`` leaves out images without ground truth
-    or without a kept box (MGCA's filters)."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    doc = json.loads(open(path).read())
-    images, anns, dets = [], [], []
-    for k, im in enumerate(doc["images"]):
-        keep = [j for j, s in enumerate(im["scores"]) if min_score is None or s > min_score]
-        if skip and (not im["truth"] or not keep):
-            continue
-        images.append({"id": k, "width": doc["image_size"], "height": doc["image_size"]})
-        for x1, y1, x2, y2 in im["truth"]:
-            anns.append({"id": len(anns) + 1, "image_id": k, "category_id": 1, "iscrowd": 0,
-                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)})
-        for j in keep:
-            x1, y1, x2, y2 = im["boxes"][j]
-            dets.append({"image_id": k, "category_id": 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
-                         "score": im["scores"][j]})
-    if not anns:
-        return None
-    if not dets:
-        return 0.0
-    gt = COCO()
-    gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "object"}]}
-    gt.createIndex()
-    ev = COCOeval(gt, gt.loadRes(dets), "bbox")
-    ev.params.iouThrs = np.array(iou_thresholds)
-    ev.evaluate()
-    ev.accumulate()
-    ev.summarize()
-    return max(float(ev.stats[0]), 0.0)
-
-
-def recompute_seg(path):
-    """Per-image Dice (F1 over pixels; both empty counts 1) averaged over images, with pycocotools + sklearn."""
-    from pycocotools import mask as mask_utils
-    from sklearn.metrics import f1_score
-
-    doc = json.loads(open(path).read())
-
-    def dec(r):
-        return mask_utils.decode({"size": r["size"], "counts": r["counts"].encode()}).ravel()
-
-    return float(np.mean([f1_score(dec(im["truth"]), dec(im["pred"]), zero_division=1.0) for im in doc["images"]]))
 
 
 # --------------------------------------------------------------------------- end to end

@@ -15,7 +15,7 @@ Resizing, as the two protocols need it (``ImageSource(resize=, resample=)``):
   antialiasing, MGCA's ``cv2.INTER_LINEAR`` in its seg/det datasets).
 Masks are stored as the share of each pixel the object covers (0..255, area-averaged): a task may train
 on that soft target (MGCA) or threshold it; every metric counts a pixel as foreground when it is
-covered more than half.
+covered at least half (stored above 127).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ RESAMPLES = ("antialias", "area", "linear")
 # Decoded, resized images are kept in memory up to this many bytes (fast epochs on CPU); above it
 # every access decodes the file again (use --workers then).
 PRELOAD_BUDGET_BYTES = 2 << 30
-MASK_ON = 127  # a stored mask pixel (coverage 0..255) is foreground above this: covered more than half
+MASK_ON = 127  # a stored mask pixel (coverage 0..255) is foreground above this: covered (about) half or more
 
 
 # --------------------------------------------------------------------------- resizing

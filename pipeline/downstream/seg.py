@@ -9,7 +9,7 @@ training mode). Losses: ``tool`` BCE + per-image soft Dice on the thresholded ma
 Predictions file (``seed-N.predictions.json``): ``{"format": "mflag-seg-predictions/1", "image_size": S,
 "resize", "threshold": 0.5, "images": [{"image_id", "height", "width", "pred": RLE, "truth": RLE}]}``,
 masks at the S x S network input (the prediction is the sigmoid thresholded at 0.5, the truth the
-stored mask covered more than half), each a COCO run-length encoding (``pycocotools.mask.encode`` of
+stored mask covered at least half), each a COCO run-length encoding (``pycocotools.mask.encode`` of
 the Fortran-ordered uint8 mask; ``counts`` as text): ``pycocotools.mask.decode`` gives the masks back.
 """
 from __future__ import annotations
@@ -77,7 +77,7 @@ def mgca_mixed_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 1
 
 
 def mask_target(mask_u8: torch.Tensor, soft: bool) -> torch.Tensor:
-    """The training target of a stored mask: its covered share (soft) or covered more than half."""
+    """The training target of a stored mask: its covered share (soft) or covered at least half."""
     return mask_u8.float() / 255.0 if soft else (mask_u8 > MASK_ON).float()
 
 
