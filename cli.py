@@ -448,6 +448,49 @@ def eval_cmd(task, dataset, root, out, init, protocol, fraction, seeds, finetune
                f"{','.join(map(str, res['seeds']))} -> {out}/results.json")
 
 
+# ==== splits (stages/splits.py) ====
+@cli.command("splits")
+@click.option("--dataset", type=click.Choice(["chexpert", "rsna", "covidx", "siim", "object-cxr"]), required=True,
+              help="Downstream dataset whose label files are split.")
+@click.option("--task", type=click.Choice(["cls", "seg", "det"]), required=True,
+              help="The eval task the split is for (RSNA's MGCA split differs between cls and det/seg).")
+@click.option("--root", type=click.Path(exists=True, file_okay=False), required=True,
+              help="Dataset folder in its published layout, as for eval; only the label files are needed.")
+@click.option("--protocol", type=click.Choice(["tool", "mgca"]), default="tool", show_default=True,
+              help="mgca: MGCA's published lists id for id (docs/PROTOCOLS.md); tool: the patient-disjoint "
+                   "split eval generates.")
+@click.option("--fraction", "fractions", type=float, multiple=True,
+              help="Label fraction to write a training list for, repeatable [default: 0.01, 0.1 and 1].")
+@click.option("--seeds", default="0", show_default=True,
+              help="tool only: comma-separated seeds, one list per fraction and seed (mgca: one list for all).")
+@click.option("--split-seed", type=int, default=0, show_default=True,
+              help="tool only: seed of the split, as eval's --split-seed.")
+@click.option("--dataset-option", "dataset_option", multiple=True, metavar="KEY=VALUE",
+              help="Reader option, repeatable, as for eval (e.g. frontal_only=false, train_file=train_COVIDx9A.txt).")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Folder for train.txt, val.txt, test.txt, split.json and train-frac<F>[-seed<S>].txt; "
+                   "pass it to eval --split-file.")
+@click.option("--force", is_flag=True, help="Replace the lists of another configuration in OUT.")
+@user_errors
+def splits_cmd(dataset, task, root, protocol, fractions, seeds, split_seed, dataset_option, out, force) -> None:
+    """Write a dataset's train/val/test and label-fraction id lists from its label files alone."""
+    from stages.splits import DEFAULT_FRACTIONS, SplitsConfig, run
+
+    cfg = SplitsConfig(dataset=dataset, task=task, root=root, out=out, protocol=protocol,
+                       fractions=tuple(fractions) or DEFAULT_FRACTIONS, seeds=_seeds(seeds), split_seed=split_seed,
+                       dataset_options=_dataset_options(dataset_option), force=force)
+    res = run(cfg)
+    counts = res.summary["counts"]
+    click.echo(f"{dataset} {task} ({protocol}): train {counts['train']}, val {counts['val']}, "
+               f"test {counts['test']} images -> {res.out}/split.json")
+    for kind, pairs in (res.summary.get("leaks") or {}).items():
+        for pair, n in pairs.items():
+            if n:
+                click.echo(f"  {n} {kind} in both {pair.replace('/', ' and ')}")
+    for f in res.fraction_files:
+        click.echo(f"  {f['file']}: {f['count']} images")
+
+
 # ==== run / status (stages/orchestrate.py) ====
 @cli.command("run")
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
