@@ -142,11 +142,11 @@ def run(cfg: EvalConfig) -> dict:
     also written to ``OUT/results.json``."""
     from pipeline import downstream
     from pipeline.datasets.registry import load_dataset
-    from pipeline.splits import sample_fraction, write_fraction, write_split
+    from pipeline.splits import sample_fraction, write_split
 
     out = Path(cfg.out)
     task = downstream.get_task(cfg.task)
-    spec = load_dataset(cfg.dataset, cfg.root, cfg.task, **dict(cfg.dataset_options))
+    spec = load_dataset(cfg.dataset, cfg.root, cfg.task, protocol=cfg.protocol, **dict(cfg.dataset_options))
     task.check(spec)
     recipe = cfg.recipe(spec.label_kind)
     split = _split(cfg, spec)
@@ -158,9 +158,9 @@ def run(cfg: EvalConfig) -> dict:
     if finished is not None:
         return finished
     save_config(cfg, out, fingerprint=fp, effective=recipe.as_dict(), checkpoint_sha256=ckpt_hash)
-    write_split(split, out / "split")
     fractions = {s: list(sample_fraction(split, cfg.fraction, s, spec=spec)) for s in cfg.seeds}
-    fraction_files = {s: write_fraction(ids, out / "split", cfg.fraction, s) for s, ids in fractions.items()}
+    fraction_files = _write_fractions(fractions, out / "split", cfg)
+    write_split(split, out / "split", fraction_files=list({f["file"]: f for f in fraction_files.values()}.values()))
 
     todo = [s for s in cfg.seeds if _load_seed(out, s, fp) is None]
     store = _Store(spec, recipe, task, fractions, split, decode=bool(todo))
@@ -270,7 +270,10 @@ def _split(cfg: EvalConfig, spec):
     """The run's split (generated, or ``--split-file``), every list non-empty and known to the dataset."""
     from pipeline.splits import load_split_file, make_split
 
-    split = load_split_file(cfg.split_file, spec=spec) if cfg.split_file else make_split(spec, seed=cfg.split_seed)
+    if cfg.split_file:
+        split = load_split_file(cfg.split_file, spec=spec, protocol=cfg.protocol)
+    else:
+        split = make_split(spec, seed=cfg.split_seed, protocol=cfg.protocol)
     known = {r.image_id for r in spec.records}
     for part in ("train", "val", "test"):
         ids = split.ids(part)
@@ -282,6 +285,20 @@ def _split(cfg: EvalConfig, spec):
             raise MflagError(f"split {part} is empty ({len(spec.records)} images in {cfg.dataset} at "
                              f"{cfg.root}); the dataset is too small to split")
     return split
+
+
+def _write_fractions(fractions: dict, folder: Path, cfg: EvalConfig) -> dict:
+    """Each seed's training subset as a file (under mgca one list, one file, shared by every seed)."""
+    from pipeline.splits import write_fraction
+
+    written: dict = {}
+    out = {}
+    for seed, ids in fractions.items():
+        key = None if cfg.protocol == "mgca" else seed
+        if key not in written:
+            written[key] = write_fraction(ids, folder, cfg.fraction, seed, protocol=cfg.protocol)
+        out[seed] = written[key]
+    return out
 
 
 def _device(name: str) -> str:
@@ -404,12 +421,16 @@ def _results(cfg: EvalConfig, recipe: Recipe, spec, split, fractions, fraction_f
         "per_seed": [{k: v for k, v in r.items() if k != "history"} for r in per_seed],
         "predictions": {str(r["seed"]): f"seeds/{r['predictions']}" for r in per_seed},
         "split": split_summary(split, spec, {f"seed {s}": fractions[s] for s in cfg.seeds}),
+        # patients / image ids two lists share (MGCA's splits can; this tool's never do), also in "split"
+        "leaks": split_summary(split, spec)["leaks"],
         "fraction_sizes": {str(s): len(fractions[s]) for s in cfg.seeds},
         "fraction_files": {str(s): fraction_files[s] for s in cfg.seeds},
         "class_names": list(spec.class_names), "label_kind": spec.label_kind,
         "dataset_counts": dict(spec.counts), "hyperparameters": recipe.as_dict(),
         "protocol_details": {
-            "split": "one split shared by all seeds; the training fraction is drawn from the training split",
+            "split": "one split shared by all seeds; the training fraction is drawn from the training split "
+                     + ("once, as MGCA draws it, and shared by all seeds" if cfg.protocol == "mgca" else
+                        "per seed"),
             "selection": f"early stopping on validation {recipe.monitor} ({recipe.mode}, patience "
                          f"{recipe.patience}); test metrics from the best-validation epoch",
             "std": "sample standard deviation over seeds (ddof=1; 0 for one seed)",
