@@ -87,6 +87,12 @@ class EvalConfig:
         if self.task not in TASKS_BY_DATASET[self.dataset]:
             raise ConfigError(f"task: {self.dataset} supports {', '.join(TASKS_BY_DATASET[self.dataset])}, "
                               f"not {self.task!r}")
+        from pipeline.mgca_splits import PAIRS as MGCA_PAIRS
+
+        if self.protocol == "mgca" and (self.dataset, self.task) not in MGCA_PAIRS:
+            have = ", ".join(f"{t} {d}" for d, t in MGCA_PAIRS)
+            raise ConfigError(f"protocol: MGCA has no {self.task} {self.dataset} recipe (it has {have}); "
+                              "use protocol tool")
         try:  # reader options are checked here, before any data is read (names and types only)
             check_options(self.dataset, dict(self.dataset_options))
         except MflagError as e:
