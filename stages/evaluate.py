@@ -171,14 +171,13 @@ def run(cfg: EvalConfig) -> dict:
     todo = [s for s in cfg.seeds if _load_seed(out, s, fp) is None]
     store = _Store(spec, recipe, task, fractions, split, decode=bool(todo))
     encoders = _Encoders(cfg.init, shared=task.shares_encoder(recipe, cfg.init))
-    cache: dict = {}  # kept by the task from seed to seed (e.g. features of the shared encoder)
     per_seed = []
     for seed in cfg.seeds:
         done = _load_seed(out, seed, fp)
         if done is not None:
             log.info("seed %d: already done (%s), reusing", seed, out / "seeds" / f"seed-{seed}.json")
         else:
-            done = _run_seed(cfg, task, recipe, store, encoders, cache, seed, out, fp)
+            done = _run_seed(cfg, task, recipe, store, encoders, seed, out, fp)
         per_seed.append(done)
 
     results = _results(cfg, recipe, spec, split, fractions, fraction_files, per_seed, fp, ckpt_hash)
@@ -187,8 +186,8 @@ def run(cfg: EvalConfig) -> dict:
     return results
 
 
-def _run_seed(cfg: EvalConfig, task, recipe: Recipe, store: "_Store", encoders: "_Encoders", cache: dict,
-              seed: int, out: Path, fp: str) -> dict:
+def _run_seed(cfg: EvalConfig, task, recipe: Recipe, store: "_Store", encoders: "_Encoders", seed: int,
+              out: Path, fp: str) -> dict:
     """Train and test one seed; writes its predictions, then ``seeds/seed-N.json`` (the seed's completion)."""
     import torch
 
@@ -201,7 +200,7 @@ def _run_seed(cfg: EvalConfig, task, recipe: Recipe, store: "_Store", encoders: 
                              weight_decay=recipe.weight_decay, norm=recipe.normalize, monitor=recipe.monitor,
                              mode=recipe.mode, grad_clip=recipe.grad_clip, drop_last=recipe.drop_last)
     torch.manual_seed(seed)  # before the encoder: a random encoder differs per seed
-    encoder, info = encoders.get()
+    encoder, info, cache = encoders.get()
     train_idx = store.indices(store.fractions[seed])
     run = SeedRun(seed=seed, spec=store.spec, source=store.source, train_idx=train_idx,
                   val_idx=store.indices(store.split.val), test_idx=store.indices(store.split.test),
@@ -257,18 +256,20 @@ class _Store:
 
 class _Encoders:
     """Encoders for the seeds: one shared when the task allows it (frozen, not random), else a fresh one
-    per seed (a random init differs per seed; fine-tuning changes it)."""
+    per seed (a random init differs per seed; fine-tuning changes it). Each comes with the cache the
+    task keeps for it (e.g. its features), which lives exactly as long as the encoder serves."""
 
     def __init__(self, init: str, shared: bool):
         self.init, self.shared, self._one = init, shared, None
 
-    def get(self):
+    def get(self) -> tuple:
+        """(encoder, info, cache)"""
         from pipeline.checkpoints import load_encoder
 
         if not self.shared:
-            return load_encoder(self.init)
+            return (*load_encoder(self.init), {})
         if self._one is None:
-            self._one = load_encoder(self.init)
+            self._one = (*load_encoder(self.init), {})
         return self._one
 
 
