@@ -420,8 +420,8 @@ def _seeds(value: str) -> tuple[int, ...]:
               help="Seed of the generated split (shared by all seeds).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--workers", type=int, default=0, show_default=True, help="DataLoader workers.")
-@click.option("--det-model", type=click.Choice(["fasterrcnn", "retinanet"]), default=None,
-              help="det: the detection head [default: tool fasterrcnn].")
+@click.option("--det-model", type=click.Choice(["fasterrcnn", "retinanet", "yolov3"]), default=None,
+              help="det: the detection head [default: mgca yolov3 (MGCA's), tool fasterrcnn].")
 @click.option("--normalize", type=click.Choice(["auto", "imagenet", "half"]), default="auto", show_default=True,
               help="Input normalisation; auto: mean/std 0.5 (mgca, and tool for every init but imagenet, which "
                    "takes ImageNet statistics).")

@@ -123,6 +123,8 @@ class EvalConfig:
             raise ConfigError(f"normalize: {self.normalize!r} is not one of {', '.join(NORMALIZE)}")
         if self.det_model is not None and self.det_model not in DET_MODELS:
             raise ConfigError(f"det_model: {self.det_model!r} is not one of {', '.join(DET_MODELS)}")
+        if self.task == "det" and self.image_size % 32 and self.recipe().head == "yolov3":
+            raise ConfigError(f"image_size: the YOLOv3 head needs a multiple of 32, got {self.image_size}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device: expected auto, cpu or cuda[:N], got {self.device!r}")
         if self.split_file is not None and not Path(self.split_file).exists():

@@ -35,15 +35,15 @@ def recompute_cls(path, label_kind):
 
 def recompute_det(path_or_doc, iou_thresholds=tuple(np.linspace(0.40, 0.75, 8)), min_score=None, skip=False):
     """COCO mAP over ``iou_thresholds`` from a predictions JSON with pycocotools' COCOeval (maxDets 100, all
-    areas). ``min_score`` keeps only boxes scoring above it; ``skip`` leaves out images without ground truth
-    or without a kept box (MGCA's filters)."""
+    areas). ``min_score`` keeps only boxes scoring at least that; ``skip`` leaves out images without ground
+    truth or without a kept box (MGCA's filters)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     doc = _doc(path_or_doc)
     images, anns, dets = [], [], []
     for k, im in enumerate(doc["images"]):
-        keep = [j for j, s in enumerate(im["scores"]) if min_score is None or s > min_score]
+        keep = [j for j, s in enumerate(im["scores"]) if min_score is None or s >= min_score]
         if skip and (not im["truth"] or not keep):
             continue
         images.append({"id": k, "width": doc["image_size"], "height": doc["image_size"]})

@@ -203,8 +203,17 @@ def test_det_rsna_fasterrcnn_map_recomputes_with_pycocotools(data, tmp_path):
     assert sum(len(im["truth"]) for im in doc["images"]) == t["n_gt_boxes"]
     assert t["map_40_75"] == pytest.approx(recompute_det(path), abs=1e-9)
     assert t["map_50"] == pytest.approx(recompute_det(path, (0.5,)), abs=1e-9)
+    _same_or_both_undefined(t["map_40_75_mgca"], recompute_det(path, min_score=0.5, skip=True))
     assert "0.40:0.75" in res["metric_definitions"]["map_40_75"]
+    assert "map_40_75_mgca" in res["summary"] and "map_40_75_mgca" in res["metric_definitions"]
     assert res["per_seed"][0]["bn_calibration_images"] == res["fraction_sizes"]["0"]
+
+
+def _same_or_both_undefined(ours, recomputed):
+    if recomputed is None:
+        assert ours is None  # undefined (no image with ground truth and a box scoring >= 0.5): null in JSON
+    else:
+        assert ours == pytest.approx(recomputed, abs=1e-9)
 
 
 def test_det_object_cxr_retinanet_finetuned(data, tmp_path):
@@ -244,6 +253,9 @@ def test_every_task_dataset_pair_runs_under_its_protocols(data, tmp_path, task, 
         assert t["dice"] == pytest.approx(recompute_seg(pred), abs=1e-9)
     else:
         assert t["map_40_75"] == pytest.approx(recompute_det(pred), abs=1e-9)
+        _same_or_both_undefined(t["map_40_75_mgca"], recompute_det(pred, min_score=0.5, skip=True))
+        assert res["primary_metric"] == ("map_40_75_mgca" if protocol == "mgca" else "map_40_75")
+        assert hp["head"] == ("yolov3" if protocol == "mgca" else "fasterrcnn")
     if protocol == "mgca":
         assert hp["epochs"] == 1 and hp["patience"] == 10 and hp["normalize"] == "half"
         assert hp["batch_size"] == {"cls": 48, "seg": 16 if dataset == "rsna" else 8, "det": 16}[task]
@@ -253,6 +265,9 @@ def test_every_task_dataset_pair_runs_under_its_protocols(data, tmp_path, task, 
 
 def test_config_validation_names_the_field(tmp_path):
     good = dict(task="cls", dataset="covidx", root=str(tmp_path), out=str(tmp_path / "o"), init="random")
+    with pytest.raises(ConfigError, match="image_size: the YOLOv3 head needs a multiple of 32"):
+        EvalConfig(**{**good, "task": "det", "dataset": "rsna", "protocol": "mgca", "image_size": 100})
+    assert EvalConfig(**{**good, "task": "det", "dataset": "rsna", "image_size": 100}).recipe().head == "fasterrcnn"
     with pytest.raises(ConfigError, match="protocol: MGCA has no cls siim recipe"):
         EvalConfig(**{**good, "dataset": "siim", "protocol": "mgca"})
     for field, value in (("task", "clf"), ("fraction", 0.0), ("seeds", ()), ("image_size", 16),

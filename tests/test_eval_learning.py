@@ -58,9 +58,10 @@ def test_unet_learns(easy, tmp_path, protocol):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("head", ["fasterrcnn"])
-def test_detector_learns(easy, tmp_path, head):
-    res, test, pred = _run(easy, tmp_path, task="det", det_model=head, epochs=12, patience=12)
+@pytest.mark.parametrize("head,protocol", [("fasterrcnn", "tool"), ("yolov3", "mgca")])
+def test_detector_learns(easy, tmp_path, head, protocol):
+    res, test, pred = _run(easy, tmp_path, task="det", det_model=head, protocol=protocol, epochs=8, patience=8,
+                           lr=5e-4)
     assert test["map_50"] >= 0.5, res["per_seed"][0]
     doc = json.loads(pred.read_text())
     assert recompute_det(doc, (0.5,)) == pytest.approx(test["map_50"], abs=1e-9)

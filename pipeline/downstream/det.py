@@ -6,6 +6,9 @@ mode, so the same step and evaluation drive them all. Heads (``DET_HEADS``):
 - ``fasterrcnn``, ``retinanet``: torchvision's, on a ResNet50 + FPN body (``BackboneWithFPN``) with
   frozen BatchNorm (torchvision's detection convention); without ``--finetune`` the body's weights
   are frozen too, with it all five stages train.
+- ``yolov3``: MGCA's YOLOv3 head on C3-C5 (``pipeline.yolov3``; the default under ``--protocol mgca``):
+  frozen ResNet50 weights, BatchNorm statistics adapting in training (MGCA's recipe); image sizes must
+  be multiples of 32.
 
 Predictions file (``seed-N.predictions.json``): ``{"format": "mflag-det-predictions/1", "image_size": S,
 "images": [{"image_id", "height", "width", "boxes", "scores", "labels", "truth"}]}``: per test image
@@ -100,6 +103,18 @@ def build_retinanet(encoder_state: dict, image_size: int, finetune: bool, norm: 
                      image_std=list(std))
 
 
+def build_yolo(encoder_state: dict, image_size: int, finetune: bool, norm: str):
+    """MGCA's YOLOv3 head on C3-C5 (``pipeline.yolov3``): its ResNet50 is frozen, BatchNorm following the
+    model's mode; ``finetune`` makes the ResNet50's weights trainable too."""
+    from pipeline.yolov3 import build_yolov3
+
+    model = build_yolov3(encoder_state, image_size, num_classes=1, norm=norm)
+    if finetune:
+        for p in model.backbone.parameters():
+            p.requires_grad_(True)
+    return model
+
+
 @dataclasses.dataclass(frozen=True)
 class DetHead:
     """``build(encoder_state, image_size, finetune, norm) -> model`` (torchvision's call convention);
@@ -115,6 +130,8 @@ DET_HEADS: dict[str, DetHead] = {
                           "torchvision Faster R-CNN, ResNet50-FPN body with frozen BatchNorm"),
     "retinanet": DetHead(build_retinanet, lambda m: m.backbone.body,
                          "torchvision RetinaNet, ResNet50-FPN (P3-P7) body with frozen BatchNorm"),
+    "yolov3": DetHead(build_yolo, lambda m: m.backbone,
+                      "MGCA's YOLOv3 head on C3-C5 of a frozen ResNet50 whose BatchNorm follows the model's mode"),
 }
 
 

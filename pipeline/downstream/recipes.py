@@ -27,7 +27,7 @@ import dataclasses
 
 PROTOCOLS = ("mgca", "tool")
 # The detection heads (pipeline.downstream.det.DET_HEADS; named here so configs check them without torch)
-DET_HEAD_NAMES = ("fasterrcnn", "retinanet")
+DET_HEAD_NAMES = ("fasterrcnn", "retinanet", "yolov3")
 NORMALIZE = ("auto", "imagenet", "half")
 # MGCA's classification loads images at 256 and crops 224: the stored size is the input size x 8/7.
 MGCA_CLS_LOAD = 256 / 224
