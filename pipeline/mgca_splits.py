@@ -53,6 +53,11 @@ CHEXPERT_PREPROCESS_SEED = 0       # preprocess/chexpert.py: np.random.seed(0) a
 SPLIT_RANDOM_STATE = 0             # train_test_split(..., random_state=0) in every preprocess script
 HOLDOUT_FRACTION = 0.15            # preprocess/rsna.py, siim.py: test_fac=0.15, test_size=test_fac * 2
 RSNA_DETECTION_HOLDOUT = 5337      # preprocess/rsna.py prepare_detection_data: test_size=5337 * 2
+# The published label files' sizes: MGCA's absolute counts above are these shares of them. A smaller file
+# (a synthetic set, a subset) cannot hold the absolute counts, so it gets the same shares instead, and
+# its split says so; on the published files (or larger) the counts are MGCA's exactly.
+RSNA_PATIENTS = 26684              # stage_2_train_labels.csv, distinct patientIds
+CHEXPERT_TRAIN_ROWS = 223414       # CheXpert-v1.0(-small) train.csv
 COVIDX_TRAIN_SIZE = 0.8            # preprocess/covidx.py
 OBJECT_CXR_VAL_SIZE = 0.1          # preprocess/object_cxr.py
 SAMPLE_RANDOM_STATE = 42           # datasets/classification_dataset.py: df.sample(frac, random_state=42)
@@ -143,6 +148,7 @@ class MgcaLists:
     draw: FractionDraw
     description: str
     held_out: int = 0  # rows MGCA sets aside for other uses (CheXpert's 5x200 zero-shot set)
+    scaled: bool = False  # the label file is smaller than the published one: MGCA's counts became shares
 
 
 def _unique(ids) -> list[str]:
@@ -182,20 +188,21 @@ def chexpert(label_rows: dict[str, Sequence[LabelRow]], task: str = "cls") -> Mg
     train_rows = _rows(label_rows, "chexpert", "train", "train.csv")
     valid_rows = _rows(label_rows, "chexpert", "valid", "valid.csv (MGCA's test set)")
     held: set[str] = set()
-    for k in range(5):
-        cand = [i for i, r in enumerate(train_rows) if r.group == k]
-        if len(cand) < CHEXPERT_5X200_PER_TASK:
-            raise MgcaSplitError(f"chexpert: MGCA sets aside {CHEXPERT_5X200_PER_TASK} frontal rows whose only "
-                                 f"positive is competition task {k}; train.csv has {len(cand)}")
-        pick = np.random.RandomState(0).choice(len(cand), size=CHEXPERT_5X200_PER_TASK, replace=False)
+    groups = [[i for i, r in enumerate(train_rows) if r.group == k] for k in range(5)]
+    # MGCA's counts need a train.csv of the published size; a smaller one gets the same shares of its rows
+    scaled = (min(len(c) for c in groups) < CHEXPERT_5X200_PER_TASK
+              or len(train_rows) - 5 * CHEXPERT_5X200_PER_TASK < CHEXPERT_VALID_NUM)
+    share = len(train_rows) / CHEXPERT_TRAIN_ROWS
+    per_task = round(CHEXPERT_5X200_PER_TASK * share) if scaled else CHEXPERT_5X200_PER_TASK
+    for cand in groups:
+        pick = np.random.RandomState(0).choice(len(cand), size=min(per_task, len(cand)), replace=False)
         held.update(train_rows[cand[j]].image_id for j in pick)
     # df keeps its RangeIndex labels (the 0-based row numbers of train.csv) after the 5x200 rows go.
     rest = [i for i, r in enumerate(train_rows) if r.image_id not in held]
-    if len(rest) < CHEXPERT_VALID_NUM:
-        raise MgcaSplitError(f"chexpert: MGCA draws {CHEXPERT_VALID_NUM} validation rows from train.csv; only "
-                             f"{len(rest)} rows remain after the 5x200 set")
-    valid_pos = np.random.RandomState(CHEXPERT_PREPROCESS_SEED).choice(len(rest), size=CHEXPERT_VALID_NUM,
-                                                                        replace=False)
+    n_valid = min(len(rest) - 1, max(1, round(CHEXPERT_VALID_NUM * share))) if scaled else CHEXPERT_VALID_NUM
+    if n_valid < 1:
+        raise MgcaSplitError(f"chexpert: train.csv has {len(train_rows)} rows, too few for a validation draw")
+    valid_pos = np.random.RandomState(CHEXPERT_PREPROCESS_SEED).choice(len(rest), size=n_valid, replace=False)
     valid = [train_rows[rest[p]] for p in valid_pos]          # df.iloc[valid_ids]: by position
     dropped_labels = {int(p) for p in valid_pos}
     train = [train_rows[i] for i in rest if i not in dropped_labels]  # df.drop(valid_ids): by label
@@ -204,10 +211,12 @@ def chexpert(label_rows: dict[str, Sequence[LabelRow]], task: str = "cls") -> Mg
         train=train_ids, val=_unique(r.image_id for r in valid if r.keep),
         test=_unique(r.image_id for r in valid_rows if r.keep),
         draw=FractionDraw("chexpert", task, "sample", tuple(r.image_id for r in train if r.keep)),
-        description=(f"mgca: CheXpert valid.csv as test; {CHEXPERT_VALID_NUM} validation rows drawn from "
+        description=(f"mgca: CheXpert valid.csv as test; {n_valid} validation rows drawn from "
                      f"train.csv by position (np.random.seed(0)) but dropped from training by label; "
-                     f"5x200 rows held out; frontal views"),
-        held_out=len(held))
+                     f"5x{per_task} rows held out; frontal views"
+                     + (f" (scaled from MGCA's 5,000 and 5x200 to this train.csv's {len(train_rows)} of "
+                        f"{CHEXPERT_TRAIN_ROWS:,} rows)" if scaled else "")),
+        held_out=len(held), scaled=scaled)
 
 
 def covidx(label_rows: dict[str, Sequence[LabelRow]], task: str = "cls") -> MgcaLists:
@@ -225,15 +234,20 @@ def rsna(label_rows: dict[str, Sequence[LabelRow]], task: str) -> MgcaLists:
     if task == "cls":
         tr, tv = _train_test_split(len(rows), test_size=HOLDOUT_FRACTION * 2)
         desc = "mgca: RSNA patients 70/15/15 (train_test_split 0.3 then 0.5, random_state=0)"
-    else:
+    elif len(rows) > RSNA_DETECTION_HOLDOUT * 2:
         tr, tv = _train_test_split(len(rows), test_size=RSNA_DETECTION_HOLDOUT * 2)
         desc = (f"mgca: RSNA detection split, {RSNA_DETECTION_HOLDOUT} patients each for validation and test "
                 f"(train_test_split, random_state=0)")
+    else:  # fewer patients than MGCA holds out: the same share of them (2 x 5337 of 26,684)
+        tr, tv = _train_test_split(len(rows), test_size=RSNA_DETECTION_HOLDOUT * 2 / RSNA_PATIENTS)
+        desc = (f"mgca: RSNA detection split scaled to {len(rows)} patients: {RSNA_DETECTION_HOLDOUT * 2} of "
+                f"{RSNA_PATIENTS:,} held out as in MGCA, half each for validation and test (train_test_split, "
+                f"random_state=0)")
     te, va = (tv[p] for p in _train_test_split(len(tv), test_size=0.5))
     return MgcaLists(train=_ids(rows, tr), val=_ids(rows, va), test=_ids(rows, te),
                      draw=FractionDraw("rsna", task, "sample" if task == "cls" else "choice",
                                        tuple(rows[i].image_id for i in tr)),
-                     description=desc)
+                     description=desc, scaled=task != "cls" and len(rows) <= RSNA_DETECTION_HOLDOUT * 2)
 
 
 def siim(label_rows: dict[str, Sequence[LabelRow]], task: str = "seg") -> MgcaLists:

@@ -209,6 +209,9 @@ def _make_mgca_split(spec: DatasetSpec, warn: bool = True) -> Split:
     split.leaks = count_leaks(split, spec)
     if warn:
         _warn_leaks(split)
+    if lists.scaled and warn:
+        log.warning("%s %s: the label file is smaller than the published one, so MGCA's fixed counts are taken "
+                    "as shares of it: %s", spec.name, spec.task, lists.description)
     if lists.held_out and warn:
         log.info("%s: %d rows held out as MGCA's chexpert 5x200 set (in no list)", spec.name, lists.held_out)
     return split

@@ -135,7 +135,8 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
     """Turn a checked spec into the ordered stage graph."""
     from cache.format import FORMAT_VERSION as CACHE_FORMAT
     from stages.embed_text import EmbedTextConfig
-    from stages.evaluate import EvalConfig, protocol_version
+    from stages.evaluate import FORMAT_VERSION as EVAL_FORMAT
+    from stages.evaluate import EvalConfig
     from stages.prepare import FORMAT_VERSION as PREPARE_FORMAT
     from stages.prepare import PrepareConfig
     from stages.train_vision import TrainVisionConfig
@@ -267,9 +268,7 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
             folder = init if init in train["variants"] or init in ("random", "imagenet") else f"file-{Path(init).stem}"
             ext = _external(root=roots[ds], init=None if init in train["variants"] else init,
                             split_file=opts.get("split_file"))
-            version = protocol_version(opts["task"], init, bool(opts.get("finetune", False)))
-            if version != 1:  # only the configurations whose computation changed
-                ext["format"] = version
+            ext["format"] = EVAL_FORMAT
             nodes.append(Node(f"eval:{label}:{init}", work / "eval" / label / folder,
                               {"root": roots[ds], "init": init, **opts}, tuple(deps), _run_eval, inputs=ext))
 

@@ -464,3 +464,18 @@ def test_object_cxr_mgca_boxes_worked_by_hand(tmp_path):
     assert polygon[2:] == pytest.approx((120, 160), abs=1e-9)
     assert mgca.counts["boxes_outside_image"] == 1 and "boxes_outside_image" not in \
         load_dataset("object-cxr", tmp_path, "det", files="train.csv").counts
+
+
+def test_rsna_detection_split_of_a_small_file_holds_out_mgca_share(tmp_path, caplog):
+    """A label file with fewer patients than MGCA's 2 x 5337 held-out ones (a synthetic set) gets the same
+    share held out (10,674 of 26,684), with a warning; the lists are sklearn's for that share."""
+    write_rsna(tmp_path, 300)
+    with caplog.at_level(logging.WARNING, logger="pipeline.splits"):
+        spec = load_dataset("rsna", tmp_path, "det", protocol="mgca", require_images=False)
+        split = make_split(spec, protocol="mgca")
+    ids = sorted(pd.read_csv(tmp_path / "stage_2_train_labels.csv")["patientId"].unique())
+    train, rest = train_test_split(ids, test_size=2 * 5337 / 26684, random_state=0)
+    test, val = train_test_split(rest, test_size=0.5, random_state=0)
+    assert (split.train, split.val, split.test) == (sorted(train), sorted(val), sorted(test))
+    assert split.counts() == {"train": 179, "val": 61, "test": 60}
+    assert "smaller than the published one" in caplog.text and "scaled to 300 patients" in split.protocol
