@@ -5,6 +5,7 @@ sees click. ``python cli.py ...`` and the ``mflag`` console script are the same 
 """
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -48,6 +49,11 @@ def _as_option(message: str) -> str:
     return message
 
 
+# Environment failures a stage cannot foresee everywhere (storage made read-only or full mid-run):
+# one line naming the file rather than a traceback.
+_USER_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
 def user_errors(fn):
     """Print user-facing errors as one clear line (exit 2) instead of a traceback."""
 
@@ -58,6 +64,11 @@ def user_errors(fn):
         except MflagError as e:
             # Only config errors lead with a field name; others may lead with a path the user typed.
             click.echo(f"error: {_as_option(str(e)) if isinstance(e, ConfigError) else e}", err=True)
+            sys.exit(2)
+        except OSError as e:
+            if e.errno not in _USER_ERRNOS or not e.filename:
+                raise
+            click.echo(f"error: {e.filename}: {e.strerror}", err=True)
             sys.exit(2)
 
     return wrapper
@@ -180,10 +191,12 @@ def prepare() -> None:
               help="Fail when more than this fraction of images is lost to bad input.")
 @click.option("--crop-border/--no-crop-border", default=True, show_default=True,
               help="Crop the black border before scaling, as the original preprocessing did.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=50_000_000, show_default=True,
+              help="Images whose header declares more pixels are bad items, never decoded (memory bombs).")
 @click.option("--force", is_flag=True, help="Rebuild OUT even if it holds another config's outputs.")
 @user_errors
 def prepare_mimic(root, reports, out, size, views, splits, image_format, jpeg_quality, shard_size, workers,
-                  text_sections, section_separator, max_bad_fraction, crop_border, force) -> None:
+                  text_sections, section_separator, max_bad_fraction, crop_border, max_pixels, force) -> None:
     """MIMIC-CXR-JPG images + reports -> OUT/shards/<split>-NNNNNN.tar, OUT/reports.jsonl, manifest."""
     from stages import prepare as stage
 
@@ -191,7 +204,7 @@ def prepare_mimic(root, reports, out, size, views, splits, image_format, jpeg_qu
         root=root, reports=reports, out=out, size=size, views=csv_list(views), splits=csv_list(splits),
         image_format=image_format, jpeg_quality=jpeg_quality, shard_size=shard_size, workers=workers,
         text_sections=csv_list(text_sections), section_separator=section_separator,
-        max_bad_fraction=max_bad_fraction, crop_border=crop_border, force=force)
+        max_bad_fraction=max_bad_fraction, crop_border=crop_border, max_pixels=max_pixels, force=force)
     res = stage.run(cfg)
     for split, info in res.splits.items():
         click.echo(f"{split}: {info['count']} images in {len(info['shards'])} shards")
@@ -290,7 +303,15 @@ def cache_verify_cmd(path: str) -> None:
               help="online mode: tokens per report, padded like the original.")
 @click.option("--probe-shards", default=None,
               help="Held-out shards for the probes [validate-*.tar beside the training shards, else test-*.tar].")
-@click.option("--batch-size", type=int, default=128, show_default=True, help="Global batch over all ranks.")
+@click.option("--pairs", type=click.Choice(["train", "all"]), default="train", show_default=True,
+              help="Which splits of a prepare output are trained on: train (validate/test stay held out for "
+                   "the probes) or all (train+validate+test, as the original code read MIMIC).")
+@click.option("--batch-size", type=int, default=128, show_default=True,
+              help="Images per step: over all ranks, or per process with --batch-semantics per-process.")
+@click.option("--batch-semantics", type=click.Choice(["global", "per-process"]), default="global",
+              show_default=True,
+              help="global: --batch-size is split over the ranks; per-process: each rank takes --batch-size "
+                   "(the original's 512 on 2 processes = 1,024 per step).")
 @click.option("--epochs", type=int, default=1, show_default=True, help="Passes over --num-samples training images.")
 @click.option("--max-steps", type=int, default=None, help="Total optimizer steps [epochs x steps per epoch].")
 @click.option("--num-samples", type=int, default=None,
@@ -326,19 +347,31 @@ def cache_verify_cmd(path: str) -> None:
 @click.option("--orth-standardize", is_flag=True, help="Standardize z over the batch first (correlation matrix).")
 @click.option("--lr", type=float, default=2e-5, show_default=True, help="AdamW peak learning rate.")
 @click.option("--weight-decay", type=float, default=0.05, show_default=True,
-              help="AdamW weight decay (not on biases and norm parameters).")
+              help="AdamW weight decay (not on biases and norm parameters unless --decay-norm-bias).")
+@click.option("--decay-norm-bias/--no-decay-norm-bias", default=False, show_default=True,
+              help="Weight decay on biases and norm parameters too, as the original code (one AdamW group).")
 @click.option("--schedule", type=click.Choice(["cosine", "restarts", "constant"]), default="cosine",
               show_default=True)
 @click.option("--warmup-steps", type=int, default=0, show_default=True, help="Linear warmup from 0.")
 @click.option("--restart-every", type=int, default=None,
-              help="restarts: cycle length in steps [40% of the run, the original's T_0].")
+              help="restarts: cycle length in steps [from --restart-period].")
+@click.option("--restart-period", type=click.Choice(["fraction", "original"]), default="fraction",
+              show_default=True,
+              help="restarts: cycle length as --restart-fraction of the run's steps, or the original code's "
+                   "T_0 = int((epochs-1) x samples per epoch // 4 // batch per process x 0.4).")
+@click.option("--restart-fraction", type=float, default=0.4, show_default=True,
+              help="restarts with --restart-period fraction: each cycle this fraction of the run's steps.")
 @click.option("--min-lr-ratio", type=float, default=0.0, show_default=True,
               help="Floor of the cosine schedule, as a fraction of --lr.")
+@click.option("--min-lr", type=float, default=None,
+              help="Floor of the cosine schedule as a learning rate (the original's eta_min 1e-8); "
+                   "instead of --min-lr-ratio.")
 @click.option("--grad-clip", type=float, default=None, help="Clip the global grad norm to this value.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
               show_default=True, help="auto: bf16 on CUDA, fp32 on CPU; losses always in fp32.")
 @click.option("--device", default="auto", show_default=True,
-              help="auto, cpu, cuda or cuda:N (one process; under torchrun each rank uses its LOCAL_RANK GPU).")
+              help="auto, cpu, cuda or cuda:N (one process; under torchrun each rank uses its LOCAL_RANK GPU, "
+                   "or its only visible GPU).")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True)
 @click.option("--sync-bn/--no-sync-bn", default=True, show_default=True,
               help="With several CUDA processes, BatchNorm statistics over the global batch (SyncBatchNorm).")
@@ -358,6 +391,9 @@ def cache_verify_cmd(path: str) -> None:
 @click.option("--resume", default="auto", show_default=True,
               help="auto (OUT/checkpoints/latest.pt when present), never, or a checkpoint path.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads per process.")
+@click.option("--report-to", type=click.Choice(["none", "tensorboard", "wandb"]), default="none", show_default=True,
+              help="Also send the metrics.jsonl scalars to TensorBoard (OUT/tensorboard) or W&B (OUT/wandb; "
+                   "WANDB_MODE=offline works without network). Needs the 'tracking' extra.")
 @user_errors
 def train_vision(compile_: bool, **options) -> None:
     """Pre-train the ResNet50 image encoder against cached report embeddings (M-FLAG)."""
@@ -392,57 +428,109 @@ def _seeds(value: str) -> tuple[int, ...]:
 
 @cli.command("eval")
 @click.option("--task", type=click.Choice(["cls", "seg", "det"]), required=True,
-              help="cls: linear probe (or --finetune); seg: U-Net; det: Faster R-CNN / RetinaNet with FPN.")
+              help="cls: linear probe (or --finetune); seg: U-Net; det: a detection head (--det-model).")
 @click.option("--dataset", type=click.Choice(["chexpert", "rsna", "covidx", "siim", "object-cxr"]), required=True)
 @click.option("--root", type=click.Path(file_okay=False), required=True,
               help="Dataset folder in its published layout (docs/DATASETS.md says which folder for each dataset).")
 @click.option("--out", type=click.Path(file_okay=False), required=True,
-              help="Run folder: results.json, results.md (appended), split/, seeds/, config.json.")
+              help="Run folder: results.json, results.md (appended), split/, seeds/ (with predictions), config.json.")
 @click.option("--init", required=True,
-              help="Encoder: random | imagenet | PATH (encoder.pt or a baseline checkpoint).")
+              help="Encoder: random | imagenet | PATH (encoder.pt, encoder.safetensors or a published baseline's "
+                   "checkpoint; files are read without running any code from them).")
 @click.option("--fraction", type=float, default=1.0, show_default=True,
-              help="Share of the training split used (e.g. 0.01, 0.1, 1.0), sampled per seed.")
+              help="Share of the training split used (e.g. 0.01, 0.1, 1.0): drawn per seed (tool) or once (mgca).")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds, e.g. 0,1,2.")
 @click.option("--finetune", is_flag=True, help="Train the encoder too (default: frozen encoder).")
 @click.option("--epochs", type=int, default=None,
-              help="Max epochs [default: 100 for the cls linear probe on cached features, 10 otherwise].")
-@click.option("--batch-size", type=int, default=16, show_default=True)
+              help="Max epochs [default: mgca 50; tool 100 for the cls linear probe on cached features, 10 otherwise].")
+@click.option("--batch-size", type=int, default=None,
+              help="[default: mgca cls 48, seg 8 SIIM / 16 RSNA, det 16 (8 at 1%); tool 16].")
 @click.option("--lr", type=float, default=None,
-              help="AdamW learning rate [default: linear probe 1e-3, seg 3e-4 (1e-4 finetuned), else 1e-4].")
-@click.option("--weight-decay", type=float, default=1e-4, show_default=True, help="AdamW weight decay.")
-@click.option("--image-size", type=int, default=224, show_default=True, help="Images are resized to this square.")
+              help="AdamW learning rate [default: mgca 5e-4 (det at 1%: 2e-4 RSNA, 2.5e-4 Object-CXR); tool linear "
+                   "probe 1e-3, seg 3e-4 (1e-4 finetuned), else 1e-4].")
+@click.option("--weight-decay", type=float, default=None,
+              help="AdamW weight decay [default: mgca 1e-6 (seg 0.05); tool 1e-4].")
+@click.option("--image-size", type=int, default=224, show_default=True,
+              help="Network input size (square). mgca cls loads images at 8/7 of it and crops.")
 @click.option("--patience", type=int, default=None,
-              help="Early-stopping patience in epochs [default: 10 for the linear probe, 3 otherwise].")
+              help="Early-stopping patience in epochs [default: mgca 10; tool 10 for the linear probe, 3 otherwise].")
 @click.option("--split-file", type=click.Path(exists=True), default=None,
               help="Reuse a split (split.json folder, JSON or CSV) instead of generating one.")
 @click.option("--split-seed", type=int, default=0, show_default=True,
               help="Seed of the generated split (shared by all seeds).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--workers", type=int, default=0, show_default=True, help="DataLoader workers.")
-@click.option("--det-model", type=click.Choice(["fasterrcnn", "retinanet"]), default="fasterrcnn", show_default=True,
-              help="det: the detection head on the ResNet50 + FPN body.")
+@click.option("--det-model", type=click.Choice(["fasterrcnn", "retinanet", "yolov3"]), default=None,
+              help="det: the detection head [default: mgca yolov3 (MGCA's), tool fasterrcnn].")
 @click.option("--normalize", type=click.Choice(["auto", "imagenet", "half"]), default="auto", show_default=True,
-              help="Input normalisation; auto: ImageNet stats for --init imagenet, mean/std 0.5 otherwise.")
+              help="Input normalisation; auto: mean/std 0.5 (mgca, and tool for every init but imagenet, which "
+                   "takes ImageNet statistics).")
 @click.option("--dataset-option", "dataset_option", multiple=True, metavar="KEY=VALUE",
               help="Reader option, repeatable (e.g. uncertainty=zeros, frontal_only=false, label_set=B).")
+@click.option("--report-to", type=click.Choice(["none", "tensorboard", "wandb"]), default="none", show_default=True,
+              help="Also send the per-epoch scalars to TensorBoard or W&B (OUT/tensorboard, OUT/wandb).")
 @user_errors
-def eval_cmd(task, dataset, root, out, init, fraction, seeds, finetune, epochs, batch_size, lr, weight_decay,
-             image_size, patience, split_file, split_seed, device, workers, det_model, normalize,
-             dataset_option) -> None:
+def eval_cmd(task, dataset, root, out, init, protocol, fraction, seeds, finetune, epochs, batch_size, lr,
+             weight_decay, image_size, patience, split_file, split_seed, device, workers, det_model, normalize,
+             dataset_option, report_to) -> None:
     """Train and test a downstream head on an encoder; writes OUT/results.json and a results.md row."""
     from stages.evaluate import EvalConfig, run
 
-    cfg = EvalConfig(task=task, dataset=dataset, root=root, out=out, init=init, fraction=fraction,
-                     seeds=_seeds(seeds), finetune=finetune, epochs=epochs, batch_size=batch_size, lr=lr,
-                     weight_decay=weight_decay, image_size=image_size, patience=patience, split_file=split_file, split_seed=split_seed,
-                     device=device, workers=workers, det_model=det_model, normalize=normalize,
-                     dataset_options=_dataset_options(dataset_option))
+    cfg = EvalConfig(task=task, dataset=dataset, root=root, out=out, init=init, protocol=protocol,
+                     fraction=fraction, seeds=_seeds(seeds), finetune=finetune, epochs=epochs,
+                     batch_size=batch_size, lr=lr, weight_decay=weight_decay, image_size=image_size,
+                     patience=patience, split_file=split_file, split_seed=split_seed, device=device,
+                     workers=workers, det_model=det_model, normalize=normalize,
+                     dataset_options=_dataset_options(dataset_option), report_to=report_to)
     res = run(cfg)
     p = res["primary_metric"]
     s = res["summary"].get(p, {})
     mean = "n/a" if s.get("mean") is None else f"{s['mean']:.4f} ± {s['std']:.4f}"
-    click.echo(f"{task} {dataset} init={init} fraction={fraction}: test {p} {mean} over seeds "
+    click.echo(f"{task} {dataset} ({protocol}) init={init} fraction={fraction}: test {p} {mean} over seeds "
                f"{','.join(map(str, res['seeds']))} -> {out}/results.json")
+
+
+# ==== splits (stages/splits.py) ====
+@cli.command("splits")
+@click.option("--dataset", type=click.Choice(["chexpert", "rsna", "covidx", "siim", "object-cxr"]), required=True,
+              help="Downstream dataset whose label files are split.")
+@click.option("--task", type=click.Choice(["cls", "seg", "det"]), required=True,
+              help="The eval task the split is for (RSNA's MGCA split differs between cls and det/seg).")
+@click.option("--root", type=click.Path(exists=True, file_okay=False), required=True,
+              help="Dataset folder in its published layout, as for eval; only the label files are needed.")
+@click.option("--protocol", type=click.Choice(["tool", "mgca"]), default="tool", show_default=True,
+              help="mgca: MGCA's published lists id for id (docs/PROTOCOLS.md); tool: the patient-disjoint "
+                   "split eval generates.")
+@click.option("--fraction", "fractions", type=float, multiple=True,
+              help="Label fraction to write a training list for, repeatable [default: 0.01, 0.1 and 1].")
+@click.option("--seeds", default="0", show_default=True,
+              help="tool only: comma-separated seeds, one list per fraction and seed (mgca: one list for all).")
+@click.option("--split-seed", type=int, default=0, show_default=True,
+              help="tool only: seed of the split, as eval's --split-seed.")
+@click.option("--dataset-option", "dataset_option", multiple=True, metavar="KEY=VALUE",
+              help="Reader option, repeatable, as for eval (e.g. frontal_only=false, train_file=train_COVIDx9A.txt).")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Folder for train.txt, val.txt, test.txt, split.json and train-frac<F>[-seed<S>].txt; "
+                   "pass it to eval --split-file.")
+@click.option("--force", is_flag=True, help="Replace the lists of another configuration in OUT.")
+@user_errors
+def splits_cmd(dataset, task, root, protocol, fractions, seeds, split_seed, dataset_option, out, force) -> None:
+    """Write a dataset's train/val/test and label-fraction id lists from its label files alone."""
+    from stages.splits import DEFAULT_FRACTIONS, SplitsConfig, run
+
+    cfg = SplitsConfig(dataset=dataset, task=task, root=root, out=out, protocol=protocol,
+                       fractions=tuple(fractions) or DEFAULT_FRACTIONS, seeds=_seeds(seeds), split_seed=split_seed,
+                       dataset_options=_dataset_options(dataset_option), force=force)
+    res = run(cfg)
+    counts = res.summary["counts"]
+    click.echo(f"{dataset} {task} ({protocol}): train {counts['train']}, val {counts['val']}, "
+               f"test {counts['test']} images -> {res.out}/split.json")
+    for kind, pairs in (res.summary.get("leaks") or {}).items():
+        for pair, n in pairs.items():
+            if n:
+                click.echo(f"  {n} {kind} in both {pair.replace('/', ' and ')}")
+    for f in res.fraction_files:
+        click.echo(f"  {f['file']}: {f['count']} images")
 
 
 # ==== run / status (stages/orchestrate.py) ====

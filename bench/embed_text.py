@@ -78,9 +78,13 @@ def main() -> None:
     ap.add_argument("--reports", type=int, default=None, help="reports for our path [160; quick 60]")
     ap.add_argument("--baseline-reports", type=int, default=None, help="reports for the original [20; quick 12]")
     ap.add_argument("--batch-size", type=int, default=8, help="original approach's batch size")
-    ap.add_argument("--gpu-reports", type=int, default=20000, help="reports for the CUDA fp16 run")
+    ap.add_argument("--gpu-reports", type=int, default=20000, help="reports for the device run (CUDA fp16)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else None,
+                    help="device of the fp16 throughput run [cuda when available, else none]; bench/gpu.sh "
+                         "--dry-run passes cpu (then in fp32, at toy sizes)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--gpu-only", action="store_true", help="skip the CPU comparison (bench/gpu.sh)")
+    ap.add_argument("--budget", type=int, default=None, help="token budget of the device run [65536 CUDA, 8192 CPU]")
     args = ap.parse_args()
     from transformers.utils import logging as hf_logging
 
@@ -92,7 +96,7 @@ def main() -> None:
     shape = (dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
              if args.quick else {})  # {}: BertConfig defaults = BERT-base
 
-    texts = synthetic_reports(max(n, args.gpu_reports if torch.cuda.is_available() else 0))
+    texts = synthetic_reports(max(n, args.gpu_reports if args.device else 0))
     # A small WordPiece vocabulary splits the words like BERT's does MIMIC text (~1.3 tokens/word).
     tokenizer = train_wordpiece_tokenizer(texts[:2000], vocab_size=345)
     model = random_bert(tokenizer, seed=0, **shape).eval().requires_grad_(False)
@@ -109,22 +113,31 @@ def main() -> None:
 
     if not args.gpu_only:
         _cpu_comparison(enc, texts, n, n_base, args)
-    if torch.cuda.is_available():
-        enc.to("cuda", torch.float16)
-        g = texts[:args.gpu_reports]
-        embed_texts(enc, g[:2000], max_length=512, token_budget=65536, device="cuda")  # warm-up
-        _, t_gpu = timed(embed_texts, enc, g, max_length=512, token_budget=65536, device="cuda")
-        gb = g[:2048]
-        original_approach(enc, gb[:64], 64, "cuda")
-        _, t_gbase = timed(original_approach, enc, gb, 64, "cuda")
-        print(f"CUDA fp16 original: {len(gb) / t_gbase:10.0f} reports/s ({len(gb)} reports, batch 64)")
-        print(f"CUDA fp16 embed-text: {len(g) / t_gpu:10.0f} reports/s ({len(g)} reports, "
-              f"{torch.cuda.get_device_name()})")
-        print(f"CUDA speed-up: {(len(g) / t_gpu) / (len(gb) / t_gbase):.2f}x")
-        emit("embed_text", "CUDA fp16 reports/s: embed-text vs pad-512", (len(g) / t_gpu) / (len(gb) / t_gbase),
-             None, ours=round(len(g) / t_gpu), original=round(len(gb) / t_gbase), gpu=torch.cuda.get_device_name())
-        emit("embed_text", "CUDA fp16 reports/s of embed-text against the 5,000/s target", (len(g) / t_gpu) / 5000,
-             1, ours=round(len(g) / t_gpu))
+    if args.device:
+        _device_run(enc, texts[:args.gpu_reports], args.device, args.budget)
+
+
+def _device_run(enc: TextEncoder, g: list[str], device: str, budget: int | None) -> None:
+    """fp16 reports/s on ``device`` (a GPU: float32 on the CPU), ours against the pad-512 original."""
+    dev = torch.device(device)
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    label = f"{dev.type.upper() if dev.type == 'cuda' else 'CPU'} {'fp16' if dtype == torch.float16 else 'fp32'}"
+    budget = budget or (65536 if dev.type == "cuda" else 8192)
+    enc.to(dev, dtype)
+    embed_texts(enc, g[:2000], max_length=512, token_budget=budget, device=device)  # warm-up
+    _, t_ours = timed(embed_texts, enc, g, max_length=512, token_budget=budget, device=device)
+    gb = g[:2048]
+    original_approach(enc, gb[:64], 64, device)
+    _, t_base = timed(original_approach, enc, gb, 64, device)
+    ours, base = len(g) / t_ours, len(gb) / t_base
+    print(f"{label} original: {base:10.0f} reports/s ({len(gb)} reports, batch 64)")
+    print(f"{label} embed-text: {ours:10.0f} reports/s ({len(g)} reports, {name})")
+    print(f"{label} speed-up: {ours / base:.2f}x")
+    emit("embed_text", f"{label} reports/s: embed-text vs pad-512", ours / base, None, ours=round(ours),
+         original=round(base), device=name)
+    emit("embed_text", f"{label} reports/s of embed-text against the 5,000/s target", ours / 5000, 1,
+         ours=round(ours))
 
 
 def _cpu_comparison(enc, texts, n, n_base, args) -> None:

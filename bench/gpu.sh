@@ -1,31 +1,18 @@
 #!/usr/bin/env bash
-# One-shot GPU benchmark, sized to finish within about 8 minutes on one H100-class GPU (not yet run on one);
-# prints one table.
-#   train-vision images/s: cached targets vs the online frozen text encoder (bf16, channels_last,
-#     batch 256 at 224 px); embed-text reports/s (fp16, BERT-base shape); the orthogonality loss fused
-#     vs the original formulation; augmentation CPU cost with the warp on the GPU.
-# Paste the table into the README's Benchmarks section with the name of the card it ran on.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
-[ -x "$PY" ] || PY=python3
-"$PY" - <<'PY'
-import torch
-assert torch.cuda.is_available(), "bench/gpu.sh needs a CUDA GPU"
-print("GPU:", torch.cuda.get_device_name(0), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
-PY
-log=$(mktemp)
-run() { echo "== $*" >&2; "$PY" "$@" | tee -a "$log"; }
-run bench/train_step.py --device cuda --precision bf16 --batch 256 --steps 5
-run bench/embed_text.py --gpu-only --gpu-reports 20000
-run bench/orth_loss.py --rounds 5
-run bench/loader.py --rounds 3
-echo
-echo "bench/gpu.sh results ($(date -u +%F)):"
-grep '^RESULT ' "$log" | sed 's/^RESULT //' | "$PY" -c '
-import json, sys
-for line in sys.stdin:
-    r = json.loads(line)
-    t = f">= {r[\"target\"]:g}x" if r.get("target") else ""
-    extra = {k: v for k, v in r.items() if k not in ("bench", "what", "ratio", "target")}
-    print(f"{r[\"bench\"]:<11} {r[\"what\"]:<78} {r[\"ratio\"]:>8.2f}x {t:>7}  {extra}")'
+# GPU measurements, one table (bench/gpu_bench.py lists the rows): train-vision images/s and data-wait
+# at batch 256 on raw shards (warp on the GPU and in the workers), the training step with cached targets
+# vs a frozen BERT-base in the step, embed-text fp16 reports/s, the orthogonality loss, the GPU
+# augmentation's CPU cost, and (--compile) train-vision --compile. About 3 minutes on one H100/H200-class
+# card, 2 more with --compile (estimated: not yet run on one); run bench/gpu_smoke.sh first
+# (bench/gpu_all.sh runs both).
+#   bash bench/gpu.sh [--dry-run] [--compile] [--budget SECONDS]
+# --dry-run: the same commands on the CPU at toy sizes (the test suite runs it).
+# Writes versions.txt, results.jsonl, table.md and gpu.log to $MFLAG_BENCH_OUT (default: a new temporary
+# folder); reuses the smoke test's data when $MFLAG_BENCH_WORK is the same folder.
+set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh" "$@"
+if [ "$SETUP_STATUS" != 0 ]; then
+    echo "bench/gpu.sh: setup failed (bench/gpu_setup.py exited $SETUP_STATUS; see above)"
+    exit 1
+fi
+"$PY" "$ROOT/bench/gpu_bench.py" $DRY --out "$MFLAG_BENCH_OUT" --work "$MFLAG_BENCH_WORK" ${ARGS[@]+"${ARGS[@]}"}

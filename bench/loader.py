@@ -53,11 +53,21 @@ def run_loader(members, ext: str, gen: torch.Generator) -> None:
         augment_one(decode_image(data, ext), gen.manual_seed(i), "original")
 
 
+def _pinned(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """What the DataLoader hands over with pin_memory=True (only meaningful for a GPU)."""
+    return batch.pin_memory() if device.type == "cuda" else batch
+
+
+def _wait(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_loader_gpu(members, ext: str, aug: Augmenter, batch: int) -> None:
     for s in range(0, len(members), batch):
         imgs = torch.stack([torch.from_numpy(decode_image(d, ext)) for d in members[s:s + batch]])
-        aug(imgs[:, None].pin_memory())
-    torch.cuda.synchronize()
+        aug(_pinned(imgs[:, None], aug.device))
+    _wait(aug.device)
 
 
 def synthetic_pngs(n: int, size: int = 256, seed: int = 0) -> tuple[list[bytes], list[np.ndarray]]:
@@ -114,9 +124,8 @@ def run_ours_batched(pngs, aug: Augmenter, batch: int) -> None:
 
 def run_ours_gpu(pngs, aug: Augmenter, batch: int) -> None:
     for s in range(0, len(pngs), batch):
-        imgs = torch.stack([decode_grey(d) for d in pngs[s:s + batch]]).pin_memory()
-        aug(imgs)
-    torch.cuda.synchronize()
+        aug(_pinned(torch.stack([decode_grey(d) for d in pngs[s:s + batch]]), aug.device))
+    _wait(aug.device)
 
 
 def timed(fn, n_images: int) -> tuple[float, float]:
@@ -132,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=256, help="images per round")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else None,
+                    help="device of the batched-warp rows [cuda when available, else none]; bench/gpu.sh "
+                         "--dry-run passes cpu")
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.rounds, args.batch = 32, 2, 16
@@ -154,12 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         "ours per-sample, seeded per sample (decode + 1 warp)": lambda: run_ours_seeded(pngs, gen),
         f"ours batched CPU (decode + 1 warp, B={args.batch})": lambda: run_ours_batched(pngs, batch_aug, args.batch),
     }
-    has_cuda = torch.cuda.is_available()
-    if has_cuda:
-        gpu_aug = Augmenter("original", device="cuda", seed=0)
+    device = torch.device(args.device) if args.device else None
+    on = f"{device.type.upper() if device.type == 'cuda' else 'CPU'}" if device else ""
+    if device is not None:
+        gpu_aug = Augmenter("original", device=device, seed=0)
         run_ours_gpu(pngs[: args.batch], gpu_aug, args.batch)  # warm-up: CUDA context, kernels
-        variants[f"ours batched GPU (CPU decodes, B={args.batch})"] = lambda: run_ours_gpu(pngs, gpu_aug, args.batch)
-        variants[f"ours: raw shard member, batched GPU warp (B={args.batch})"] = (
+        variants[f"ours batched {on} (CPU decodes, B={args.batch})"] = lambda: run_ours_gpu(pngs, gpu_aug, args.batch)
+        variants[f"ours: raw shard member, batched {on} warp (B={args.batch})"] = (
             lambda: run_loader_gpu(npys, "npy", gpu_aug, args.batch))
     for fn in variants.values():  # warm-up (allocator, first-call overheads)
         fn()
@@ -173,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     med = {k: statistics.median(v) for k, v in cpu.items()}
     base = med["original (uint8 array -> RGB PIL -> torchvision)"]
     print(f"{len(pngs)} images/round, {args.rounds} rounds, torch threads 1, device "
-          f"{torch.cuda.get_device_name() if has_cuda else 'cpu only'}")
+          f"{(torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu') if device else 'cpu only'}")
     print(f"{'variant':58s} {'CPU ms/img':>11s} {'wall ms/img':>12s} {'vs original':>12s}")
     for name in variants:
         w = statistics.median(wall[name])
@@ -184,16 +197,19 @@ def main(argv: list[str] | None = None) -> int:
          ours_ms=round(raw * 1e3, 3), original_ms=round(base * 1e3, 3))
     emit("loader", "CPU ms/img: PNG shards + decode + 1 warp vs original uint8", base / png, None,
          ours_ms=round(png * 1e3, 3), original_ms=round(base * 1e3, 3))
-    if has_cuda:
-        g = med[f"ours: raw shard member, batched GPU warp (B={args.batch})"]
-        emit("loader", "CPU ms/img: raw shards + batched GPU warp vs original on CPU", base / g, 8,
-             ours_ms=round(g * 1e3, 3), original_ms=round(base * 1e3, 3))
+    if device is not None:
+        g = med[f"ours: raw shard member, batched {on} warp (B={args.batch})"]
+        emit("loader", f"CPU ms/img: raw shards + batched {on} warp vs original on CPU", base / g,
+             8 if device.type == "cuda" else None, ours_ms=round(g * 1e3, 3), original_ms=round(base * 1e3, 3),
+             wall_ms=round(statistics.median(wall[f"ours: raw shard member, batched {on} warp (B={args.batch})"]) * 1e3,
+                           3))
     print(f"ratio original / ours on raw shards (both start from uint8 arrays): {base / raw:.2f}x (target >= 2x)")
     print(f"ratio original / ours on PNG shards (ours also decodes): {base / png:.2f}x")
     print(f"ratio augmentation alone, both from uint8 arrays: "
           f"{base / med['ours augmentation alone (uint8 array -> 1 warp)']:.2f}x")
-    if has_cuda:
-        print(f"ratio original / ours raw shards + batched GPU warp, CPU time per image: {base / g:.2f}x (target >= 8x)")
+    if device is not None:
+        print(f"ratio original / ours raw shards + batched {on} warp, CPU time per image: {base / g:.2f}x"
+              f"{' (target >= 8x)' if device.type == 'cuda' else ''}")
     return 0
 
 

@@ -16,6 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._result import result_cell  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 BENCHES = ["prepare.py", "embed_text.py", "orth_loss.py", "train_step.py", "loader.py"]
 
@@ -62,7 +66,7 @@ def main() -> int:
     print(f"{'benchmark':<16} {'measure':<64} {'ratio':>8} {'target':>8}")
     for r in rows:
         target = f">= {r['target']:g}x" if r.get("target") else ""
-        print(f"{r['bench']:<16} {r['what']:<64} {r['ratio']:>7.2f}x {target:>8}")
+        print(f"{r['bench']:<16} {r['what']:<64} {result_cell(r):>8} {target:>8}")
     if failed:
         print(f"failed: {', '.join(failed)}")
     return 1 if failed else 0

@@ -270,6 +270,25 @@ def _stack_maps(geoms: list[_Geom], recipe: str) -> tuple[Tensor, Tensor, Tensor
 _CENTRES: dict[tuple[int, str], Tensor] = {}
 
 
+def _to_device(t: Tensor, device: torch.device | str) -> Tensor:
+    """A small CPU tensor (indices, flags, coefficients) onto ``device`` without stalling the host:
+    on CUDA it is pinned and copied asynchronously (a pageable or host-built tensor would make the
+    copy synchronous and wait for all queued GPU work). The pinned block is not reused before the
+    copy has finished (PyTorch's caching host allocator tracks it)."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _compute_float(images: Tensor) -> Tensor:
+    """The images in the dtype the warp computes in: float32 for uint8, float16 and bfloat16. The
+    sampling grid takes this dtype too, and in half precision its coordinates near the border of
+    [-1, 1] are off by up to a tenth of a pixel at 224 px (worse in bf16), and the projective map
+    overflows; float32 and float64 input is used as it is."""
+    return images if images.dtype in (torch.float32, torch.float64) else images.float()
+
+
 def _pixel_centres(n: int, device: torch.device) -> Tensor:
     key = (n, str(device))
     r = _CENTRES.get(key)
@@ -290,7 +309,7 @@ def _coords(maps: Tensor, out_size: int, device: torch.device) -> Tensor:
     is ~20x slower on CPU. ``planes.permute(0, 2, 3, 1)`` is the grid_sample layout, no copy needed.
     """
     affine = bool((maps[:, 2, :2] == 0).all()) and bool((maps[:, 2, 2] == 1).all())
-    m = maps.to(device=device, dtype=torch.float32)
+    m = _to_device(maps.to(torch.float32), device)
     b = m.shape[0]
     r = _pixel_centres(out_size, device)
     u, v = r.view(1, 1, 1, -1), r.view(1, 1, -1, 1)
@@ -314,7 +333,7 @@ def _warp_raw(images: Tensor, homographies: Tensor, out_size: int, bounds: Tenso
     b, _, h, w = images.shape
     if homographies.shape != (b, 3, 3):
         raise ValueError(f"warp_batch: {b} images but homographies of shape {tuple(homographies.shape)}")
-    x = images if images.is_floating_point() else images.float()
+    x = _compute_float(images)
     homographies = homographies.detach().to("cpu", torch.float64)
     if bounds is not None:
         bounds = bounds.detach().to("cpu", torch.float64)
@@ -344,7 +363,7 @@ def _warp_raw(images: Tensor, homographies: Tensor, out_size: int, bounds: Tenso
         else:
             out = x.new_empty((b, x.shape[1], out_size, out_size))
             for mode, sel in (("bilinear", bilinear), ("nearest", ~bilinear)):
-                idx = sel.nonzero().flatten().to(x.device)
+                idx = _to_device(sel.cpu().nonzero().flatten(), x.device)
                 out.index_copy_(0, idx, F.grid_sample(x.index_select(0, idx), grid.index_select(0, idx), mode=mode,
                                                       padding_mode="zeros", align_corners=False))
             return out
@@ -355,12 +374,15 @@ def _warp_raw(images: Tensor, homographies: Tensor, out_size: int, bounds: Tenso
 def warp_batch(images: Tensor, homographies: Tensor, out_size: int = 224, bounds: Tensor | None = None) -> Tensor:
     """Warp (B,1,H,W) images by output->input homographies (B,3,3) into float (B,1,out,out).
 
-    uint8 input gives values in [0, 1] (like ToTensor); float input keeps its scale. Bilinear, zero
+    uint8 input gives float32 values in [0, 1] (like ToTensor); float input keeps its scale and its
+    dtype, float16 and bfloat16 being warped in float32 (see :func:`_compute_float`). Bilinear, zero
     outside the image (torchvision's fill 0). ``bounds`` (B,K,3,3), optional: output pixels that any
     of these maps sends outside [0, out]² are zero too. Runs on the images' device (CPU or CUDA).
     """
     out = _warp_raw(images, homographies, out_size, bounds)
-    return out.div_(255.0) if images.dtype == torch.uint8 else out
+    if images.dtype == torch.uint8:
+        return out.div_(255.0)
+    return out if out.dtype == images.dtype else out.to(images.dtype)
 
 def _grid(coef: Tensor, out_size: int) -> Tensor:
     """(B, K, 3) float32 plane coefficients -> the grid_sample grid (B, out, out, 2), a view.
@@ -411,13 +433,13 @@ def _warp_group(images: Tensor, geoms: list[_Geom], out_size: int) -> Tensor:
         else:
             images = torch.stack([img[..., t:t + out_size, l:l + out_size]
                                   for img, (t, l) in zip(images, (g.window for g in geoms))])
-    x = images if images.is_floating_point() else images.float()
+    x = _compute_float(images)
     if g0.coef is None:  # identity ("none"): the crop itself, exact
         return x.clone(memory_format=torch.contiguous_format) if x is images else x
     coef = torch.tensor([g.coef for g in geoms], dtype=torch.float32).view(len(geoms), -1, 3)
     mode = "bilinear" if g0.bilinear else "nearest"
     if x.device.type != "cpu" or len(geoms) <= _CPU_CHUNK:
-        grid = _grid(coef.to(x.device, non_blocking=True), out_size)
+        grid = _grid(_to_device(coef, x.device), out_size)
         return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
     # On the CPU, a few images at a time keep the coordinate planes in cache (~2x faster at B = 64).
     out = x.new_empty((x.shape[0], x.shape[1], out_size, out_size))
@@ -437,7 +459,7 @@ def _warp_geoms(images: Tensor, geoms: list[_Geom], out_size: int) -> Tensor:
     out = None
     for kind in groups:
         idx = [i for i, k in enumerate(kinds) if k == kind]
-        sel = torch.tensor(idx, device=images.device)
+        sel = _to_device(torch.tensor(idx), images.device)
         part = _warp_group(images.index_select(0, sel), [geoms[i] for i in idx], out_size)
         if out is None:
             out = part.new_empty((images.shape[0],) + tuple(part.shape[1:]))
@@ -457,7 +479,7 @@ def autocontrast_batch(x: Tensor, flags: Tensor | None = None, bound: float = 1.
     scale = torch.where(flat, torch.ones_like(span), bound / torch.where(flat, torch.ones_like(span), span))
     mn = torch.where(flat, torch.zeros_like(mn), mn)
     if flags is not None:
-        on = flags.to(device=x.device, dtype=torch.bool).view(-1, *([1] * (x.ndim - 1)))
+        on = _to_device(flags.to(torch.bool), x.device).view(-1, *([1] * (x.ndim - 1)))
         scale = torch.where(on, scale, torch.ones_like(scale))
         mn = torch.where(on, mn, torch.zeros_like(mn))
     return ((x - mn) * scale).clamp_(0, bound)
@@ -499,7 +521,7 @@ def _finish(raw: Tensor, flags: Tensor, value_max: float) -> Tensor:
     a = torch.full((b,), 1.0 / (value_max * STD), dtype=torch.float64, device=raw.device)
     off = torch.full((b,), -MEAN / STD, dtype=torch.float64, device=raw.device)
     if bool(flags.any()):  # flags are built on the CPU: testing them costs no device sync
-        flags = flags.to(raw.device, torch.bool).view(b)
+        flags = _to_device(flags.to(torch.bool), raw.device).view(b)
         mn = raw.amin(dim=(1, 2, 3)).double()
         span = raw.amax(dim=(1, 2, 3)).double() - mn
         on = flags & (span > 0)  # constant images stay unchanged, as in torchvision

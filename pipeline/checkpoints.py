@@ -9,17 +9,21 @@ torch.compile ``_orig_mod.``):
 - ``mgca``: MGCA's Lightning checkpoint, ``img_encoder_q.model.*`` (``global_embed``/``local_embed``
   dropped);
 - ``gloria``: GLoRIA's Lightning checkpoint, ``gloria.img_encoder.model.*``;
+- ``convirt``: ConVIRT as MGCA's code trains and saves it (a Lightning checkpoint whose module holds
+  ``img_encoder`` = MGCA's ImageEncoder): ``img_encoder.model.*`` (``global_embed``/``local_embed``
+  and ``text_encoder.*`` dropped);
 - ``mflag-checkpoint`` / ``mflag-vision``: this tool's training checkpoints (``vision.trunk.*`` under
   ``model``) and vision-model state_dicts (``trunk.*``).
 Checkpoints may nest the weights under ``state_dict``, ``model`` or ``encoder`` (Lightning, common
-trainers).
+trainers). Files may be torch zip or legacy files, plain pickles or ``.safetensors`` (train-vision
+writes ``encoder.safetensors`` beside ``encoder.pt``); all are read by ``pipeline.safeload``, which
+never runs code from a file: Lightning/OmegaConf hyper-parameters load as inert stubs, and a file
+that would call anything outside its allow-list is refused. Weights with NaN or inf are refused too.
 """
 from __future__ import annotations
 
 import functools
 import logging
-import pickle
-import types
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,6 +31,7 @@ import torch
 from torch import nn
 
 from pipeline.common import MflagError, file_sha256
+from pipeline.safeload import safe_load
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +39,7 @@ log = logging.getLogger(__name__)
 LAYOUTS: tuple[tuple[str, str], ...] = (
     ("gloria", "gloria.img_encoder.model."),
     ("mgca", "img_encoder_q.model."),
+    ("convirt", "img_encoder.model."),  # MGCA's ConVIRT module: self.img_encoder = ImageEncoder(...)
     ("mflag-original", "encoder."),
     ("mflag-checkpoint", "vision.trunk."),  # train-vision's checkpoints/*.pt ("model" entry)
     ("mflag-vision", "trunk."),  # an MFlagVision state_dict
@@ -56,54 +62,10 @@ def _reference_shapes() -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in resnet50(weights=None).state_dict().items() if not k.startswith("fc.")}
 
 
-class _Stub:
-    """Stands in for a pickled object whose class cannot be imported here (a Lightning AttributeDict,
-    an OmegaConf DictConfig, a callback): keeps whatever state it is given and does nothing else."""
-
-    def __init__(self, *args, **kwargs):
-        self.__dict__["_args"] = args
-
-    def __setstate__(self, state):
-        self.__dict__["_state"] = state
-
-    def __setitem__(self, key, value):
-        self.__dict__.setdefault("_items", {})[key] = value
-
-    def append(self, value):
-        self.__dict__.setdefault("_list", []).append(value)
-
-    def extend(self, values):
-        self.__dict__.setdefault("_list", []).extend(values)
-
-
-class _LenientUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            return type(name, (_Stub,), {"__module__": module})
-
-
-_lenient_pickle = types.ModuleType("mflag_lenient_pickle")
-_lenient_pickle.Unpickler = _LenientUnpickler
-_lenient_pickle.load = lambda f, **kw: _LenientUnpickler(f, **kw).load()
-_lenient_pickle.__name__ = "mflag_lenient_pickle"
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Lightning checkpoints (MGCA, GLoRIA) pickle their hyper-parameters as arbitrary objects, which
-        # the safe loader refuses; fall back to full unpickling with a warning. Classes that are not
-        # installed here (OmegaConf, Lightning) become inert stubs: only the tensors are used.
-        log.warning("%s needs full unpickling (not weights-only); load only checkpoints you trust", path)
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle)
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from e
-    except (RuntimeError, OSError, EOFError) as e:
-        raise CheckpointError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from e
+def _load_file(path: Path) -> Any:
+    """Whatever ``path`` holds, read by the restricted loader (``pipeline.safeload``): nothing in the
+    file is executed; a file that asks to run code is refused naming the global it wanted."""
+    return safe_load(path, CheckpointError)
 
 
 def _tensor_dict(obj: Any) -> Mapping[str, torch.Tensor] | None:
@@ -125,6 +87,8 @@ def _strip_wrappers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     """Drop DataParallel/DDP ``module.`` and torch.compile ``_orig_mod.`` prefixes."""
     out = {}
     for k, v in state.items():
+        if not isinstance(k, str):
+            continue  # not a parameter name (a crafted or foreign mapping)
         while k.startswith(("module.", "_orig_mod.")):
             k = k.split(".", 1)[1]
         out[k] = v
@@ -159,8 +123,16 @@ def extract_encoder_state(state: Mapping[str, torch.Tensor], source: str = "stat
             raise CheckpointError(f"{source}: {layout} layout has key(s) under {prefix!r} that ResNet50 lacks: "
                                   f"{extra[:5]}")
         for k, v in trunk.items():
+            if not isinstance(v, torch.Tensor):
+                raise CheckpointError(f"{source}: {prefix}{k} is a {type(v).__name__}, not a tensor")
             if tuple(v.shape) != ref[k]:
                 raise CheckpointError(f"{source}: {prefix}{k} has shape {tuple(v.shape)}, ResNet50 expects {ref[k]}")
+        # NaN/inf weights (a diverged run, a damaged file) would only surface later as a crash deep in a
+        # downstream solver or as NaN metrics; refuse them here, naming the tensors.
+        bad = [f"{prefix}{k}" for k, v in trunk.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise CheckpointError(f"{source}: {len(bad)} weight tensor(s) hold NaN or inf, e.g. {bad[:3]}; the "
+                                  f"checkpoint comes from a diverged run or is damaged")
         out = {k: trunk[k].detach().clone() if k in trunk else torch.tensor(0, dtype=torch.long) for k in ref}
         return out, layout
     first = list(flat)[:10]
@@ -173,7 +145,7 @@ def load_encoder_state(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
-    obj = _torch_load(path)
+    obj = _load_file(path)
     state = _tensor_dict(obj)
     if state is None:
         keys = list(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__

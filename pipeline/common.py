@@ -265,3 +265,36 @@ def coerce_to_hint(where: str, value: Any, hint: Any, from_text: bool = False) -
             return [coerce_to_hint(f"{where}[{i}]", x, args[0], from_text) for i, x in enumerate(seq)]
         return seq
     return value
+
+
+# --------------------------------------------------------------------------- ids from data files
+def unsafe_id_reason(value: str, allow_subfolders: bool = False) -> str | None:
+    """Why ``value`` (an id read from a CSV/JSON/text file) must not become part of a file path, or None
+    when it may. Refused: empty, ``.``/``..``, NUL or other control characters, backslashes, an absolute
+    path, and (unless ``allow_subfolders``, for ids that are relative paths such as CheXpert's
+    ``Path`` column) any ``/``; with subfolders allowed, every part is checked the same way."""
+    if not isinstance(value, str) or not value:
+        return "empty"
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return "contains a control character"
+    if "\\" in value:
+        return "contains a backslash"
+    if value.startswith("/"):
+        return "is an absolute path"
+    parts = value.split("/") if allow_subfolders else [value]
+    for part in parts:
+        if part in ("", ".", ".."):
+            return f"has a {part or 'empty'!r} path part" if allow_subfolders else f"is {part!r}"
+        if "/" in part:
+            return "contains '/'"
+    return None
+
+
+def check_id(value: str, what: str, where: str, allow_subfolders: bool = False) -> str:
+    """``value`` unchanged when it is safe as a path part (see ``unsafe_id_reason``); otherwise a
+    MflagError naming ``what`` (e.g. "dicom_id") and ``where`` (e.g. "file.csv:12")."""
+    why = unsafe_id_reason(value, allow_subfolders)
+    if why is not None:
+        raise MflagError(f"{where}: {what} {value!r} {why}; ids from data files never become paths outside "
+                         "the dataset folder")
+    return value

@@ -9,6 +9,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipeline.common import ConfigError
+
+
+# A gloo process group beside NCCL for flags that live on the host (see any_rank); None otherwise.
+_HOST_GROUP = None
+
 
 @dataclasses.dataclass(frozen=True)
 class DistInfo:
@@ -26,27 +32,69 @@ class DistInfo:
         return self.world_size > 1
 
 
+def resolve_device(device: str = "auto", local_rank: int = 0, world_size: int = 1) -> str:
+    """The device this process computes on: ``"cpu"`` or ``"cuda:I"`` with I a visible GPU.
+
+    ``device``: "auto" (CUDA when available, else cpu), "cpu", "cuda", or "cuda:N". A single process
+    takes GPU N ("cuda" means 0); under torchrun (``world_size`` > 1) each rank takes its LOCAL_RANK
+    GPU, or GPU 0 when the launcher makes one GPU visible per rank (SLURM ``--gpus-per-task=1`` and the
+    like, where LOCAL_RANK can exceed the visible count). A GPU that does not exist, or CUDA where
+    there is none, is a ConfigError naming the option and what is visible, never a raw traceback.
+    """
+    if device == "cpu":
+        return "cpu"
+    if device == "auto":
+        if not torch.cuda.is_available():
+            return "cpu"
+        device = "cuda"
+    if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device: {device} requested but CUDA is not available (torch {torch.__version__}, "
+                          f"built for CUDA {torch.version.cuda or 'none'}); use --device cpu")
+    n = torch.cuda.device_count()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    seen = f"{n} CUDA device(s) visible (CUDA_VISIBLE_DEVICES={visible if visible is not None else 'unset'})"
+    if world_size > 1:
+        if local_rank < n:
+            index = local_rank
+        elif n == 1:
+            index = 0  # one GPU per rank, chosen by the launcher
+        else:
+            raise ConfigError(f"device: rank with LOCAL_RANK={local_rank} has no GPU of its own: {seen}; "
+                              "start at most one process per visible GPU")
+    else:
+        index = int(device[5:]) if device.startswith("cuda:") else 0
+        if index >= n:
+            raise ConfigError(f"device: {device} does not exist: {seen}"
+                              + (f"; use cuda:0 to cuda:{n - 1}" if n else ""))
+    return f"cuda:{index}"
+
+
 def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
     """Initialise the process group when launched by torchrun (WORLD_SIZE > 1), else a single process.
 
-    ``device``: "auto" (cuda:LOCAL_RANK when CUDA is available, else cpu), "cpu", "cuda", or
-    "cuda:N" (that GPU for a single process; under torchrun each rank takes cuda:LOCAL_RANK).
+    ``device`` as :func:`resolve_device`; a CUDA device also becomes the process's current device, so
+    work that names no index (``device="cuda"``, streams, pinned-memory copies, NCCL) lands on it.
     NCCL on CUDA, gloo on CPU.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if world == 1 and device.startswith("cuda:"):
-        local = int(device.split(":", 1)[1])
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    dev = f"cuda:{local}" if use_cuda else "cpu"
+    dev = resolve_device(device, local, world)
+    use_cuda = dev.startswith("cuda")
     if use_cuda:
-        torch.cuda.set_device(local)
+        torch.cuda.set_device(torch.device(dev))
+    global _HOST_GROUP
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
             timeout=datetime.timedelta(seconds=timeout_s),
         )
+    if world > 1 and use_cuda and _HOST_GROUP is None:
+        # Host-side agreement (any_rank, every step) over gloo: an NCCL all-reduce read back with
+        # .item() would wait for all GPU work queued before it, a stall of the pipeline each step.
+        _HOST_GROUP = dist.new_group(backend="gloo")
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
@@ -56,8 +104,10 @@ def barrier(info: DistInfo) -> None:
 
 
 def cleanup(info: DistInfo) -> None:
+    global _HOST_GROUP
     if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the host group too
+    _HOST_GROUP = None
 
 
 def all_gather_object(obj: Any, info: DistInfo) -> list:
@@ -69,18 +119,21 @@ def all_gather_object(obj: Any, info: DistInfo) -> list:
     return out
 
 
-def any_rank(flag: bool, info: DistInfo, device: str | torch.device) -> bool:
-    """True on every rank when ``flag`` is true on any rank."""
+def any_rank(flag: bool, info: DistInfo, device: str | torch.device | None = None) -> bool:
+    """True on every rank when the host value ``flag`` is true on any rank. Reduced on the CPU (the
+    gloo default group, or the gloo host group beside NCCL), so it never waits for the GPU.
+    ``device`` is kept for callers of the older signature and not used."""
     if not info.enabled:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t)
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, group=_HOST_GROUP)
     return bool(t.item() > 0)
 
 
-def any_rank_nonfinite(value: torch.Tensor, info: DistInfo) -> bool:
-    """True on every rank when ``value`` is NaN/inf on any rank (one host sync)."""
-    bad = (~torch.isfinite(value.detach())).float().reshape(1)
+def any_rank_flag(flag: torch.Tensor, info: DistInfo) -> bool:
+    """True on every rank when the one-element tensor ``flag`` is nonzero on any rank. One host sync:
+    call it where the loop synchronises anyway (log and checkpoint steps), not every step."""
+    f = flag.detach().float().reshape(1).clone()
     if info.enabled:
-        dist.all_reduce(bad)
-    return bool(bad.item() > 0)
+        dist.all_reduce(f, op=dist.ReduceOp.MAX)
+    return bool(f.item() > 0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -34,6 +35,12 @@ BORDER_FRACTION = 0.02
 UPSAMPLE_TOLERANCE = 0.08
 
 RESAMPLE = Image.Resampling.LANCZOS
+
+# Largest image (height x width, read from the header before any pixel is decoded) that is decoded at
+# all. The largest radiographs in MIMIC-CXR, CheXpert and the RSNA/SIIM DICOMs are under 20 Mpx; a
+# small crafted PNG can claim 169 Mpx (over 500 MB per decoding process) and pass Pillow's own bomb
+# check with only a warning. Larger images are ImageTooLargeError (a bad item, counted and named).
+DEFAULT_MAX_PIXELS = 50_000_000
 _DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
 
 
@@ -43,6 +50,19 @@ class ImageError(MflagError):
 
 class MissingImageError(ImageError):
     """The image file does not exist."""
+
+
+class ImageTooLargeError(ImageError):
+    """The image header declares more pixels than the limit; nothing was decoded."""
+
+
+def check_pixels(path: Path, height: int, width: int, max_pixels: int | None, frames: int = 1) -> None:
+    """Raise ImageTooLargeError when ``frames x height x width`` exceeds ``max_pixels`` (None: no limit)."""
+    n = int(height) * int(width) * max(1, int(frames))
+    if max_pixels is not None and n > max_pixels:
+        raise ImageTooLargeError(f"{path}: {int(width)}x{int(height)}{f'x{frames}' if frames > 1 else ''} = "
+                                 f"{n / 1e6:.1f} Mpx exceeds the pixel limit of {max_pixels / 1e6:g} Mpx "
+                                 f"(--max-pixels); not decoded")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -116,13 +136,21 @@ def _pil_to_gray(im: Image.Image, path: Path) -> np.ndarray:
     raise ImageError(f"{path}: unsupported image mode {mode!r}")
 
 
-def _read_dicom(path: Path) -> np.ndarray:
+def _read_dicom(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     import pydicom
     from pydicom.multival import MultiValue
     from pydicom.pixels import apply_modality_lut
 
     try:
         ds = pydicom.dcmread(path)
+    except Exception as e:  # pydicom raises many types for corrupt files
+        raise ImageError(f"{path}: cannot read DICOM ({type(e).__name__}: {e})") from e
+    try:
+        rows, cols, frames = int(ds.get("Rows", 0)), int(ds.get("Columns", 0)), int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError) as e:
+        raise ImageError(f"{path}: unreadable DICOM Rows/Columns ({e})") from e
+    check_pixels(path, rows, cols, max_pixels, frames)  # before the pixel data is decompressed
+    try:
         arr = ds.pixel_array
     except Exception as e:  # pydicom raises many types for corrupt or unsupported pixel data
         raise ImageError(f"{path}: cannot decode DICOM ({type(e).__name__}: {e})") from e
@@ -155,13 +183,24 @@ def _photometric(a: np.ndarray, ds) -> np.ndarray:
     return a
 
 
-def _open_pil(path: Path) -> Image.Image:
+def _open_pil(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open (header only) and check the declared size against ``max_pixels`` before any decoding."""
     try:
-        im = Image.open(path)
+        with warnings.catch_warnings():
+            # Pillow's bomb warning (over 89 Mpx) says less than the check below, which decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
     except FileNotFoundError as e:
         raise MissingImageError(f"{path}: image file not found") from e
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"{path}: {e}") from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"{path}: not a readable image ({e})") from e
+    try:
+        check_pixels(path, im.height, im.width, max_pixels)
+    except ImageTooLargeError:
+        im.close()
+        raise
     return im
 
 
@@ -174,19 +213,20 @@ def _decode(im: Image.Image, path: Path) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- public API
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read PNG/JPEG (8/16-bit, grey or RGB) or DICOM into a uint8 H x W array of the stored size.
 
     8-bit content keeps its values; 16-bit and DICOM data are min-max scaled to 0..255 (DICOM after
     the modality rescale and, when present, its default window); MONOCHROME1 is inverted.
-    Raises ``ImageError`` naming the file, for missing files too.
+    Raises ``ImageError`` naming the file, for missing files too, and ``ImageTooLargeError`` (before
+    decoding) for an image over ``max_pixels`` (None: no limit).
     """
     path = Path(path)
     if not path.is_file():
         raise MissingImageError(f"{path}: image file not found")
     if _is_dicom(path):
-        return _read_dicom(path)
-    with _open_pil(path) as im:
+        return _read_dicom(path, max_pixels)
+    with _open_pil(path, max_pixels) as im:
         return _decode(im, path)
 
 
@@ -202,7 +242,8 @@ def _to_square(a: np.ndarray, size: int, crop: bool) -> np.ndarray:
 
 
 def load_for_shard(path: str | os.PathLike, size: int, crop_border: bool = True,
-                   draft: bool = True) -> tuple[np.ndarray, tuple[int, int]]:
+                   draft: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS
+                   ) -> tuple[np.ndarray, tuple[int, int]]:
     """Prepare one image for a shard: ``(uint8 size x size array, original (H, W))``.
 
     Steps, as in the original M-FLAG preprocessing: optional crop of the dark border, resize (squash)
@@ -210,15 +251,15 @@ def load_for_shard(path: str | os.PathLike, size: int, crop_border: bool = True,
     leaves at least ``size`` pixels on each side; when the border crop then leaves fewer than
     ``size * (1 - UPSAMPLE_TOLERANCE)`` on a side, the file is decoded again at a finer scale, so the
     reduced path upsamples by at most that tolerance. ``draft=False`` forces full decoding (the
-    benchmark's baseline).
+    benchmark's baseline). An image over ``max_pixels`` is ``ImageTooLargeError``, before decoding.
     """
     path = Path(path)
     if not path.is_file():
         raise MissingImageError(f"{path}: image file not found")
     if _is_dicom(path):
-        a = _read_dicom(path)
+        a = _read_dicom(path, max_pixels)
         return _to_square(a, size, crop_border), (a.shape[0], a.shape[1])
-    with _open_pil(path) as im:
+    with _open_pil(path, max_pixels) as im:
         orig = (im.height, im.width)
         if not (draft and im.format == "JPEG"):
             return _to_square(_decode(im, path), size, crop_border), orig
@@ -234,7 +275,7 @@ def load_for_shard(path: str | os.PathLike, size: int, crop_border: bool = True,
         # the cropped region, so a wide border never costs much resolution.
         full_h, full_w = (box[3] - box[1]) * scale, (box[2] - box[0]) * scale  # full-resolution pixels
         want = (math.ceil(size * orig[1] / max(full_w, 1)), math.ceil(size * orig[0] / max(full_h, 1)))
-        with _open_pil(path) as im:
+        with _open_pil(path, max_pixels) as im:
             im.draft("L", (min(want[0], orig[1]), min(want[1], orig[0])))
             a = _decode(im, path)
         scale = orig[1] / a.shape[1]

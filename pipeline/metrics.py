@@ -15,6 +15,10 @@ import torch
 # challenge and of MGCA's detection code); COCO averages over 0.50, 0.55, ..., 0.95.
 IOU_PAPER = tuple(round(0.40 + 0.05 * i, 2) for i in range(8))
 IOU_COCO = tuple(round(0.50 + 0.05 * i, 2) for i in range(10))
+# MGCA scores detection on the boxes its non_max_suppression keeps: objectness >= 0.5, NMS IoU 0.5
+# (mgca/models/ssl_detector.py: conf_thres=0.5, nms_thres=0.5).
+MGCA_CONF_THRESH = 0.5
+MGCA_NMS_IOU = 0.5
 
 METRIC_DEFINITIONS = {
     "auroc": "mean over classes of the per-class ROC AUC (sklearn roc_auc_score) of the sigmoid "
@@ -31,6 +35,11 @@ METRIC_DEFINITIONS = {
                  "MeanAveragePrecision with the pycocotools backend",
     "map_coco": "the same AP averaged over IoU 0.50:0.95 step 0.05 (COCO mAP)",
     "map_50": "the same AP at IoU 0.50",
+    "map_40_75_mgca": "MGCA's detection metric: the same AP over IoU 0.40:0.75 step 0.05, but only on the "
+                      "boxes with score >= 0.5 after class-wise NMS at IoU 0.5, and only over the test "
+                      "images that have at least one ground-truth box and at least one such box (images "
+                      "without ground truth or without a confident prediction are left out, their "
+                      "ground truth and false positives included); n_images_mgca counts the images kept",
 }
 
 
@@ -146,7 +155,7 @@ def dice_scores(pred: np.ndarray, target: np.ndarray) -> dict:
 
 # --------------------------------------------------------------------------- detection
 class DetectionAccumulator:
-    """Collects per-image predictions and ground-truth boxes; ``compute`` gives paper and COCO mAP.
+    """Collects per-image predictions and ground-truth boxes; ``compute`` gives paper, COCO and MGCA mAP.
 
     Predictions: dicts with ``boxes`` (K x 4 xyxy), ``scores`` (K), ``labels`` (K); targets: dicts with
     ``boxes`` and ``labels``. All in the same pixel frame.
@@ -166,10 +175,14 @@ class DetectionAccumulator:
         out = {"n_images": len(self.targets), "n_gt_boxes": n_gt}
         if n_gt == 0:
             # AP is undefined without a single ground-truth box; torchmetrics would report -1.
-            return {**out, "map_40_75": float("nan"), "map_coco": float("nan"), "map_50": float("nan")}
+            return {**out, "map_40_75": float("nan"), "map_coco": float("nan"), "map_50": float("nan"),
+                    "map_40_75_mgca": float("nan"), "n_images_mgca": 0}
         out["map_40_75"] = _map(self.preds, self.targets, IOU_PAPER)
         coco = _map(self.preds, self.targets, IOU_COCO, with_50=True)
         out["map_coco"], out["map_50"] = coco
+        kept_preds, kept_targets = mgca_eligible(self.preds, self.targets)
+        out["map_40_75_mgca"] = _map(kept_preds, kept_targets, IOU_PAPER) if kept_targets else float("nan")
+        out["n_images_mgca"] = len(kept_targets)
         return out
 
 
@@ -194,8 +207,47 @@ def _clean(v: float) -> float:
     return float("nan") if v < 0 or math.isnan(v) else v
 
 
+def mgca_eligible(preds: Sequence[dict], targets: Sequence[dict], conf_thresh: float = MGCA_CONF_THRESH,
+                  nms_iou: float = MGCA_NMS_IOU) -> tuple[list[dict], list[dict]]:
+    """The (preds, targets) MGCA's metric scores: per image the boxes with score >= ``conf_thresh``
+    after class-wise NMS at ``nms_iou``, and only the images with a ground-truth box and a kept box.
+
+    MGCA thresholds before NMS and we after; the two agree (greedy NMS visits boxes by falling score, so
+    boxes under the cut never suppress a box over it). NMS here is a no-op on the output of our
+    detectors, which already ran it at 0.5; it makes the definition hold for any input. MGCA keeps
+    ``score >= 0.5`` (``conf_mask = image_pred[:, 4] >= conf_thres``), so a score of exactly 0.5 counts.
+    """
+    from torchvision.ops import batched_nms
+
+    kept_preds, kept_targets = [], []
+    for p, t in zip(preds, targets, strict=True):
+        if len(torch.as_tensor(t["boxes"]).reshape(-1, 4)) == 0:
+            continue  # MGCA drops images without ground truth (filtered_target.shape[0] > 0)
+        boxes = torch.as_tensor(p["boxes"]).float().reshape(-1, 4)
+        scores = torch.as_tensor(p["scores"]).float().reshape(-1)
+        labels = torch.as_tensor(p["labels"]).long().reshape(-1)
+        cut = scores >= conf_thresh
+        boxes, scores, labels = boxes[cut], scores[cut], labels[cut]
+        if len(scores) == 0:
+            continue  # ... and images without a confident box (non_max_suppression returns None)
+        keep = batched_nms(boxes, scores, labels, nms_iou)
+        kept_preds.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+        kept_targets.append(t)
+    return kept_preds, kept_targets
+
+
+def detection_map_mgca(preds: Sequence[dict], targets: Sequence[dict]) -> float:
+    """MGCA's mAP over IoU 0.40:0.75 (``map_40_75_mgca`` in ``METRIC_DEFINITIONS``); NaN when no image
+    has both a ground-truth box and a box with score >= 0.5. Same inputs as ``detection_map``."""
+    kept_preds, kept_targets = mgca_eligible(preds, targets)
+    if not kept_targets:
+        return float("nan")
+    return _map(kept_preds, kept_targets, IOU_PAPER)
+
+
 def detection_map(preds: Sequence[dict], targets: Sequence[dict]) -> dict:
-    """mAP over IoU 0.40:0.75 (``map_40_75``), COCO mAP@[.50:.95] (``map_coco``) and AP50."""
+    """mAP over IoU 0.40:0.75 (``map_40_75``), COCO mAP@[.50:.95] (``map_coco``), AP50 (``map_50``) and
+    MGCA's filtered mAP over IoU 0.40:0.75 (``map_40_75_mgca``, with ``n_images_mgca``)."""
     acc = DetectionAccumulator()
     acc.update(preds, targets)
     return acc.compute()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from pipeline.common import MflagError
+from pipeline.common import MflagError, unsafe_id_reason
 
 
 METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv"
@@ -177,6 +177,11 @@ def load_index(root: str | os.PathLike, views: Sequence[str], splits: Sequence[s
         subj, study, dicom = _id(row["subject_id"]), _id(row["study_id"]), row["dicom_id"]
         if not dicom or subj is None or study is None:
             bad.append(BadItem("bad_csv_row", where, f"malformed row {row}"))
+            continue
+        why = unsafe_id_reason(dicom)
+        if why is not None:  # it would name a file outside --root and a tar member outside the shard
+            bad.append(BadItem("bad_csv_row", where, f"dicom_id {dicom!r} {why}; not used as a file name",
+                               {"subject_id": subj, "study_id": study}))
             continue
         ids = {"dicom_id": dicom, "subject_id": subj, "study_id": study}
         if dicom in seen:

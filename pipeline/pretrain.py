@@ -56,6 +56,37 @@ class StepSettings:
     channels_last: bool = True
 
 
+BATCH_SEMANTICS = ("global", "per-process")
+
+
+def batch_per_rank(batch_size: int, semantics: str, world_size: int) -> tuple[int, int]:
+    """``(batch per process, global batch)`` for ``batch_size`` read as ``semantics``.
+
+    "global": ``batch_size`` is shared by all ranks (it must divide evenly); "per-process": each rank
+    takes ``batch_size``, as the original code's DataLoader over a DistributedSampler did, so the
+    global batch grows with the number of processes. Raises ``ValueError`` naming the numbers."""
+    if semantics not in BATCH_SEMANTICS:
+        raise ValueError(f"batch semantics must be one of {BATCH_SEMANTICS}, got {semantics!r}")
+    if batch_size < 1 or world_size < 1:
+        raise ValueError(f"batch_size and world_size must be >= 1, got {batch_size} and {world_size}")
+    if semantics == "per-process":
+        return batch_size, batch_size * world_size
+    if batch_size % world_size:
+        raise ValueError(f"the global batch {batch_size} must be divisible by the world size {world_size}")
+    return batch_size // world_size, batch_size
+
+
+def param_groups(params: list[nn.Parameter], weight_decay: float, decay_norm_bias: bool) -> list[dict]:
+    """AdamW parameter groups. By default biases and norm parameters (every tensor of at most one
+    dimension) get no weight decay, the usual practice; ``decay_norm_bias`` decays every parameter,
+    as the original code did (``AdamW(model.parameters(), weight_decay=0.05)``, main.py line 73)."""
+    params = list(params)
+    if decay_norm_bias:
+        return [{"params": params, "weight_decay": weight_decay}]
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+
+
 def prepare_images(images: torch.Tensor, augmenter, device, channels_last: bool) -> torch.Tensor:
     """A batch from the loader -> float (B, 3, c, c) on ``device``. uint8 batches (GPU path) are
     augmented here; the 3 channels are a stride-0 view of the one grey channel."""
@@ -121,6 +152,36 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, scaler, imag
     scaler.update()
     return {"loss": loss.detach(), "align": align.detach(), "orth": orth.detach(), "grad_norm": grad_norm.detach(),
             **measured}
+
+
+class NonFiniteWatch:
+    """Remembers the first step whose loss was not finite, without a host sync per step.
+
+    ``update`` runs on the device after each step (a few tiny kernels, no ``.item()``); the loop reads
+    the result with :meth:`first_bad` where it synchronises anyway (log and checkpoint steps, the
+    end), so a NaN is reported within ``log_every`` steps, before any checkpoint is written, and names
+    the step where it first appeared.
+    """
+
+    def __init__(self, device: torch.device | str, start_step: int = 0):
+        self.step = torch.full((), float(start_step), dtype=torch.float64, device=device)
+        self.state = torch.zeros(4, dtype=torch.float64, device=device)  # [seen, step, align, orth]
+
+    def update(self, out: dict[str, torch.Tensor]) -> None:
+        self.step += 1
+        first = ~torch.isfinite(out["loss"]) & (self.state[0] == 0)
+        seen = torch.ones_like(self.step)
+        here = torch.stack([seen, self.step, out["align"].double(), out["orth"].double()])
+        self.state = torch.where(first, here, self.state)
+
+    def flag(self) -> torch.Tensor:
+        """1-element tensor, nonzero once a non-finite loss was seen (for a cross-rank reduction)."""
+        return self.state[:1]
+
+    def first_bad(self) -> tuple[int, float, float] | None:
+        """``(step, align, orth)`` of the first non-finite loss on this process, or None (one sync)."""
+        seen, step, align, orth = self.state.tolist()
+        return (int(step), align, orth) if seen else None
 
 
 class SampleAugmentFactory:

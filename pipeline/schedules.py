@@ -66,3 +66,23 @@ class WarmupCosineRestarts:
             return (step + 1) / self.warmup_steps
         _, t, length = self.position(step)
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t / length))
+
+
+# The original code divides by 4 whatever the number of processes (M-FLAG utils/utils_trainer.py
+# lines 102-103), while its README launches 2 (torchrun --nproc_per_node=2): on 2 processes its cycle
+# is about a fifth of the run, not the 40% the formula's 0.4 suggests.
+ORIGINAL_T0_DIVISOR = 4
+
+
+def original_restart_period(max_epochs: int, num_samples: int, batch_per_process: int) -> int:
+    """The original code's ``CosineAnnealingWarmRestarts`` T_0, in optimizer steps.
+
+    ``int(max_epochs * num_samples // 4 // batch_per_process * 0.4)``, evaluated left to right as in
+    M-FLAG ``utils/utils_trainer.py`` lines 100-106 (``num_samples`` is its ``len(train_dataset)``,
+    ``batch_per_process`` its ``batch_size``). The result may be 0 for small data; torch refuses such
+    a T_0, and so do the callers here.
+    """
+    if max_epochs < 0 or num_samples < 0 or batch_per_process < 1:
+        raise ValueError(f"need max_epochs >= 0, num_samples >= 0, batch_per_process >= 1; got "
+                         f"{max_epochs}, {num_samples}, {batch_per_process}")
+    return int(max_epochs * num_samples // ORIGINAL_T0_DIVISOR // batch_per_process * 0.4)

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from pipeline import __version__
 from pipeline.common import MflagError, fingerprint, read_json, write_json
+from pipeline.locks import check_not_locked
 
 
 
@@ -177,14 +178,21 @@ def execute(nodes: list[Node], force: tuple[str, ...] = (), from_stage: str | No
     """Run what ``plan`` says must run, in order; record each completion in its stage.json."""
     by_name, steps = plan(nodes, force, from_stage)
     summary = []
+    n_run = sum(1 for _, _, will in steps if will)
+    k, start = 0, time.monotonic()
+    if log:
+        log.info("%d of %d stage(s) to run", n_run, len(steps))
     for node, status, will in steps:
         if not will:
             if log:
                 log.info("stage %s: fresh, skipped", node.name)
             summary.append({"stage": node.name, "action": "skipped", "seconds": 0.0})
             continue
+        k += 1
         if log:
-            log.info("stage %s: running (%s)", node.name, status.reason if status.state != "fresh" else "forced")
+            # which stage of how many, and the time so far, so a user on a slow machine sees where it stands
+            log.info("[%d/%d, %s elapsed] stage %s: running (%s)", k, n_run, _clock(time.monotonic() - start),
+                     node.name, status.reason if status.state != "fresh" else "forced")
         t0 = time.monotonic()
         _claim(node)
         assert node.run is not None, node.name
@@ -209,7 +217,18 @@ def execute(nodes: list[Node], force: tuple[str, ...] = (), from_stage: str | No
         })
         pending_path(node).unlink(missing_ok=True)
         summary.append({"stage": node.name, "action": "ran", "seconds": round(seconds, 2)})
+        if log:
+            log.info("[%d/%d, %s elapsed] stage %s: done in %s", k, n_run, _clock(time.monotonic() - start),
+                     node.name, _clock(seconds))
     return summary
+
+
+def _clock(seconds: float) -> str:
+    """``1 h 02 min``, ``3 min 05 s`` or ``42 s``."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
 
 
 def _claim(node: Node) -> None:
@@ -224,6 +243,7 @@ def _claim(node: Node) -> None:
     done = record_path(node)
     same_pending = pending.is_file() and read_json(pending).get("fingerprint") == node.fingerprint
     if out.exists() and not same_pending and any(out.iterdir()):
+        check_not_locked(out)  # never delete a folder another live run is writing into
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     done.unlink(missing_ok=True)

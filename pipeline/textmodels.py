@@ -464,6 +464,8 @@ class OnlineTextEncoder(torch.nn.Module):
     def tokenize(self, texts: list[str], device) -> dict[str, torch.Tensor]:
         tok = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
                              return_tensors="pt")
+        if torch.device(device).type == "cuda":  # pinned and asynchronous: no host stall every step
+            return {k: v.pin_memory().to(device, non_blocking=True) for k, v in tok.items()}
         return {k: v.to(device) for k, v in tok.items()}
 
     def forward(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -3,7 +3,14 @@
 Checkpoints are written atomically (temp file + rename) and published as ``latest.pt`` by a hard
 link, so a file under its final name is always complete and a kill at any point leaves the last
 complete checkpoint in place. RNG states cover everything the training loop draws from: Python's
-``random``, NumPy's global generator and torch's CPU generator.
+``random``, NumPy's global generator and torch's CPU generator. They are stored as tensors and plain
+numbers, so a checkpoint holds nothing ``torch.load(..., weights_only=True)`` refuses; this tool reads
+its own checkpoints with the same restricted loader as anyone else's (``pipeline.safeload``), since
+``latest.pt`` or a ``--resume`` file may have been planted.
+
+The CUDA generators are neither saved nor restored: training never draws from them (the GPU
+augmentation keeps its own generator, saved with the augmenter), saving every visible device's
+state made a resume on fewer visible GPUs fail, and asking for them initialised CUDA in CPU runs.
 """
 from __future__ import annotations
 
@@ -17,21 +24,39 @@ import torch
 from torch import nn
 
 from pipeline.common import MflagError, atomic_path
+from pipeline.safeload import safe_load
 
 
 def rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
+    """The CPU generators' states as tensors and numbers (loadable with ``weights_only=True``)."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"bit_generator": str(np_state["bit_generator"]),
+                  "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                  "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+    }
 
 
 def set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    """Restore :func:`rng_state`'s output (or the tuple form of checkpoints written before it). A
+    ``cuda`` entry of an old checkpoint is ignored (see the module docstring)."""
+    py = st["python"]
+    if isinstance(py, dict):
+        random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    else:
+        random.setstate(py)
+    npst = st["numpy"]
+    if isinstance(npst, dict):
+        np.random.set_state({"bit_generator": npst["bit_generator"],
+                             "state": {"key": npst["key"].numpy().astype(np.uint32), "pos": npst["pos"]},
+                             "has_gauss": npst["has_gauss"], "gauss": npst["gauss"]})
+    else:
+        np.random.set_state(npst)
     torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -53,11 +78,9 @@ def publish_latest(path: Path, latest: Path) -> None:
 
 
 def load_checkpoint(path: Path, error: type[MflagError] = MflagError) -> dict:
-    """A checkpoint written by :func:`save_checkpoint`; ``error`` names the file when it cannot be read."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or foreign files
-        raise error(f"cannot read checkpoint {path}: {e}") from e
+    """A checkpoint written by :func:`save_checkpoint`, read without running anything from the file;
+    ``error`` names the file when it cannot be read or asks to run code."""
+    return safe_load(path, error)
 
 
 def param_checksum(module: nn.Module) -> float:

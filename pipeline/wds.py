@@ -3,7 +3,8 @@
 One readable list (see :func:`train_pipeline`)::
 
     EpochShards        shards of this (rank, worker), resampled epoch after epoch (never ends)
-    tarfile_to_samples webdataset's tar reader; broken tars are counted and skipped
+    ShardSamples       webdataset's tar reader, one shard at a time; a shard that yields fewer samples
+                       than sizes.json lists (truncated, damaged) counts every missing one as lost
     Shuffle            a shuffle buffer
     FastForward        numbers the raw samples; on resume drops the ones already trained on, undecoded
     Decode             PNG/JPEG -> uint8 H x W, JSON -> metadata; corrupt samples counted and skipped
@@ -35,7 +36,6 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.common import MflagError, RateLimitedLog, read_json
@@ -47,6 +47,21 @@ IMAGE_EXTS = ("npy", "png", "jpg", "jpeg")
 
 class DataError(MflagError):
     """Shards or their samples cannot be used (missing, too few, too many bad samples)."""
+
+
+def _webdataset():
+    """The webdataset module, imported where a pipeline is built rather than with this module: the
+    stage classes, shard discovery of local folders, ``cli.py train-vision --help`` and the benchmarks
+    then work where webdataset is not installed (a GPU machine without network), and a missing
+    package is one clear error at the point of use."""
+    try:
+        import webdataset
+    except ImportError as e:
+        raise MflagError(
+            f"webdataset is not installed ({e}); install it with `pip install webdataset` (it brings "
+            "braceexpand), or offline from wheels: `pip install --no-index --find-links .whl webdataset "
+            "braceexpand` (README, 'GPU machines')") from e
+    return webdataset
 
 
 # --------------------------------------------------------------------------- stream state
@@ -66,7 +81,13 @@ class StreamState:
     raw: int = 0
     missing: int = 0
     corrupt: int = 0
+    lost: int = 0  # samples sizes.json lists that a shard did not yield
+    lost_shards: dict = dataclasses.field(default_factory=dict)  # shard name -> samples lost
     first_missing: str | None = None
+
+    def reset_counters(self) -> None:
+        self.missing = self.corrupt = self.lost = 0
+        self.lost_shards = {}
 
     def worker(self) -> tuple[int, int]:
         """(logical worker id, number of workers) of the calling process."""
@@ -136,6 +157,47 @@ class CountingHandler:
         return True
 
 
+class ShardSamples:
+    """Shards -> raw samples with webdataset's tar reader, one shard at a time, so each shard's yield
+    is compared with its count in ``sizes.json``. A tar that ends early or holds fewer samples than
+    listed loses samples that no decoding error would ever report: each missing one is counted in
+    ``state.lost`` under the shard's name. Without a listed size a broken tar counts one corrupt read."""
+
+    def __init__(self, state: StreamState, sizes: dict[str, int] | None = None):
+        self.state, self.sizes = state, dict(sizes or {})
+        self._warn = RateLimitedLog("shard with missing samples", logger=log)
+        self._warn_unsized = RateLimitedLog("unreadable shard data skipped", logger=log)
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        from webdataset.tariterators import tarfile_samples
+
+        st = self.state
+        for item in src:
+            url = item["url"]
+            name = Path(url).name
+            errors: list[Exception] = []
+
+            def handler(exn: Exception) -> bool:
+                errors.append(exn)
+                return True  # skip what cannot be read and go on; the count below says how much
+
+            n = 0
+            for sample in tarfile_samples([{"url": url}], handler=handler):
+                n += 1
+                yield sample
+            expected = self.sizes.get(name)
+            if expected is not None and n < expected:
+                st.lost += expected - n
+                st.lost_shards[name] = st.lost_shards.get(name, 0) + expected - n
+                why = f" ({type(errors[0]).__name__}: {str(errors[0])[:150]})" if errors else ""
+                self._warn(f"{url}: {n} of the {expected} samples sizes.json lists were readable{why}; the shard is "
+                           "truncated or damaged (rerun prepare on its output: it rebuilds shards whose size changed)")
+            elif errors:
+                st.corrupt += len(errors)
+                for e in errors:
+                    self._warn_unsized(f"{url}: {type(e).__name__}: {str(e)[:300]}")
+
+
 class Shuffle:
     """Shuffle buffer with a (seed, epoch, rank, worker)-determined RNG."""
 
@@ -182,10 +244,10 @@ class FastForward:
             n += 1
             if n <= skip:
                 if n == skip:
-                    st.missing = st.corrupt = 0
+                    st.reset_counters()
                 continue
             if n == 1:
-                st.missing = st.corrupt = 0
+                st.reset_counters()
             st.raw = n
             sample["__raw__"] = n
             yield sample
@@ -435,7 +497,12 @@ class Batch:
                 return
             buf.append(sample)
             if len(buf) == self.batch_size:
-                yield self._collate(buf, w)
+                batch = self._collate(buf, w)
+                error = non_finite_targets(batch, self.targets)
+                if error is not None:
+                    yield {"error": error, "meta": {"worker": w}}
+                    return
+                yield batch
                 buf = []
 
     def _collate(self, buf: list[dict], w: int) -> dict:
@@ -446,21 +513,39 @@ class Batch:
         else:
             image = torch.stack(imgs)
         study = [s["study_id"] for s in buf]
-        meta = {"worker": w, "raw": st.raw, "missing": st.missing, "corrupt": st.corrupt,
-                "first_missing": st.first_missing}
-        st.missing = st.corrupt = 0
+        meta = {"worker": w, "raw": st.raw, "missing": st.missing, "corrupt": st.corrupt, "lost": st.lost,
+                "lost_shards": dict(st.lost_shards), "first_missing": st.first_missing}
+        st.reset_counters()
         st.first_missing = None
         return {"image": image, "target": self.targets.fetch(study), "key": [s["key"] for s in buf],
                 "study_id": study, "urls": sorted({s["url"] for s in buf}), "meta": meta}
 
 
+def non_finite_targets(batch: dict, targets) -> str | None:
+    """An error naming the studies whose cached embedding holds NaN/inf, or None. Such a target makes
+    the loss non-finite, and that must be blamed on the cache, not on the learning rate."""
+    t = batch.get("target")
+    if not isinstance(t, torch.Tensor):
+        return None
+    bad = ~torch.isfinite(t).all(dim=1)
+    if not bool(bad.any()):
+        return None
+    studies = [batch["study_id"][i] for i in torch.nonzero(bad).flatten().tolist()]
+    where = getattr(targets, "path", "the text targets")
+    return (f"the text cache {where} holds NaN or inf embeddings for {len(studies)} study_id(s) of this batch "
+            f"(e.g. {', '.join(studies[:3])}); the cache is damaged: rebuild it with embed-text (check it with "
+            f"`cli.py cache verify`)")
+
+
 def train_pipeline(urls: list[str], state: StreamState, targets, batch_size: int, image_size: int,
                    on_missing: str = "skip", shuffle_buffer: int = 1000,
-                   augment: Callable | None = None) -> wds.DataPipeline:
-    """The endless training stream of one rank (see the module docstring)."""
+                   augment: Callable | None = None, sizes: dict[str, int] | None = None):
+    """The endless training stream of one rank (see the module docstring): a ``webdataset.DataPipeline``.
+    ``sizes``: samples per shard file name (``sizes.json``), to count the samples a damaged shard loses."""
+    wds = _webdataset()
     stages: list[Any] = [
         EpochShards(urls, state),
-        wds.tarfile_to_samples(handler=CountingHandler(state)),
+        ShardSamples(state, sizes),
         Shuffle(state, bufsize=shuffle_buffer, initial=min(100, shuffle_buffer)),
         FastForward(state),
         Decode(state, image_size),
@@ -472,7 +557,7 @@ def train_pipeline(urls: list[str], state: StreamState, targets, batch_size: int
     return wds.DataPipeline(*stages)
 
 
-def make_loader(pipeline: wds.DataPipeline, num_workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+def make_loader(pipeline, num_workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader over an already-batched pipeline (workers re-pickle it at each ``iter``)."""
     kw: dict[str, Any] = {}
     if num_workers > 0:
@@ -484,6 +569,7 @@ def make_loader(pipeline: wds.DataPipeline, num_workers: int, pin_memory: bool =
 def read_fixed_batch(urls: list[str], targets, n: int, image_size: int) -> dict | None:
     """The first ``n`` usable samples of ``urls`` in file order (no shuffle, no augmentation), as one
     batch; ``None`` when there are none. Used for the held-out probe batch."""
+    wds = _webdataset()
     state = StreamState()
     pipe = wds.DataPipeline(
         wds.SimpleShardList(list(urls)),
@@ -510,6 +596,7 @@ class ShardSet:
     urls: tuple[str, ...]
     num_samples: int | None  # None when no sizes.json covers the shards
     root: Path | None  # local folder of the shards, when there is one
+    sizes: dict = dataclasses.field(default_factory=dict)  # shard file name -> samples (sizes.json)
 
 
 def _load_sizes(folder: Path) -> dict[str, int]:
@@ -519,7 +606,10 @@ def _load_sizes(folder: Path) -> dict[str, int]:
     sizes = read_json(p)
     if not isinstance(sizes, dict):
         raise DataError(f"{p}: expected an object {{shard name: count}}")
-    return {str(k): int(v) for k, v in sizes.items()}
+    try:
+        return {str(k): int(v) for k, v in sizes.items()}
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{p}: every count must be a whole number ({e})") from e
 
 
 def resolve_shards(spec: str, split: str = "train") -> ShardSet:
@@ -542,15 +632,10 @@ def resolve_shards(spec: str, split: str = "train") -> ShardSet:
             names = [n for n in tars if n.startswith(f"{split}-")] or tars
             if not names:
                 raise DataError(f"no .tar shards in {folder}")
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise DataError(f"shard {folder / missing[0]} is listed but does not exist")
-        sizes = _load_sizes(folder)
-        count = sum(sizes[n] for n in names) if sizes and all(n in sizes for n in names) else None
-        return ShardSet(tuple(str(folder / n) for n in names), count, folder)
+        return _local_shards(folder, names)
     if p.is_file() and not p.name.endswith((".tar", ".tgz", ".tar.gz")):
         raise DataError(f"{p}: a file, not a shard (.tar), a folder of shards or a prepare output folder")
-    urls = wds.shardlists.expand_urls(spec)
+    urls = _webdataset().shardlists.expand_urls(spec)
     if not urls:
         raise DataError(f"no shards in {spec!r}")
     local = [Path(u) for u in urls if "://" not in u and not u.startswith("pipe:")]
@@ -563,8 +648,41 @@ def resolve_shards(spec: str, split: str = "train") -> ShardSet:
         sizes = _load_sizes(folder)
         names = [u.name for u in local]
         count = sum(sizes[n] for n in names) if sizes and all(n in sizes for n in names) else None
-        return ShardSet(tuple(urls), count, folder)
+        return ShardSet(tuple(urls), count, folder, {n: sizes[n] for n in names if n in sizes})
     return ShardSet(tuple(urls), None, None)
+
+
+def _local_shards(folder: Path, names: list[str]) -> ShardSet:
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise DataError(f"shard {folder / missing[0]} is listed but does not exist")
+    sizes = _load_sizes(folder)
+    count = sum(sizes[n] for n in names) if sizes and all(n in sizes for n in names) else None
+    return ShardSet(tuple(str(folder / n) for n in names), count, folder,
+                    {n: sizes[n] for n in names if n in sizes})
+
+
+def resolve_splits(spec: str, splits: tuple[str, ...]) -> ShardSet:
+    """The shards of several splits together (in the order of ``splits``) and their sample count.
+
+    ``spec``: a prepare output folder (splits the manifest does not list are skipped) or a folder of
+    ``<split>-*.tar`` shards (all its .tar files when none is named by split). Explicit URLs name their
+    shards themselves, so they are refused here."""
+    p = Path(spec)
+    if not p.is_dir():
+        raise DataError(f"{spec}: training pairs from several splits need a prepare output folder or a "
+                        "folder of <split>-NNNNNN.tar shards; with URLs or single files, list the shards")
+    if (p / "manifest.json").is_file() and (p / "shards").is_dir():
+        listed = read_json(p / "manifest.json").get("splits") or {}
+        names = [n for s in splits for n in ((listed.get(s) or {}).get("shards") or [])]
+        if not names:
+            raise DataError(f"{p / 'manifest.json'} lists no shards for the splits {', '.join(splits)}")
+        return _local_shards(p / "shards", names)
+    tars = sorted(x.name for x in p.glob("*.tar"))
+    if not tars:
+        raise DataError(f"no .tar shards in {p}")
+    names = [n for s in splits for n in tars if n.startswith(f"{s}-")] or tars
+    return _local_shards(p, names)
 
 
 def heldout_shards(train: ShardSet, split: str = "validate") -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import gzip
 import hashlib
 import io
@@ -35,7 +36,9 @@ from cache.format import (
     content_hash,
     shard_name,
 )
-from pipeline.common import ConfigError, MflagError, file_sha256, fingerprint, progress, save_config
+from pipeline.common import (ConfigError, MflagError, canonical_json, file_sha256, fingerprint, progress,
+                             save_config)
+from pipeline.locks import OutputLock, output_lock
 from pipeline.textmodels import DEFAULT_TEXT_MODEL, POOLINGS, TextEncoder, load_text_model, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -320,7 +323,8 @@ def _producer(jobs: Iterable[Sequence[str]], tokenizer, max_length, budget, pad_
             if not put(("start", len(distinct), inverse, truncated)):
                 return
             for rows in batches:
-                if not put(("batch", torch.from_numpy(rows), *_collate(ids, rows, pad_id, pin))):
+                rows_t = torch.from_numpy(rows)
+                if not put(("batch", rows_t.pin_memory() if pin else rows_t, *_collate(ids, rows, pad_id, pin))):
                     return
             if not put(("end",)):
                 return
@@ -364,7 +368,7 @@ def embed_many(encoder: TextEncoder, jobs: Iterable[Sequence[str]], pooling: str
                     _, rows, input_ids, mask = item
                     emb = encoder.pool(input_ids.to(dev, non_blocking=True),
                                        mask.to(dev, non_blocking=True), pooling)
-                    out[rows.to(dev)] = emb
+                    out[rows.to(dev, non_blocking=True)] = emb
                 else:
                     distinct = out.cpu().numpy()
                     yield distinct[inverse], truncated[inverse], len(distinct)
@@ -380,14 +384,6 @@ def embed_texts(encoder: TextEncoder, texts: Sequence[str], **kwargs: Any) -> tu
 
 
 # --------------------------------------------------------------------------- the stage
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device: {device} requested but CUDA is not available")
-    return device
-
-
 def resolve_dtype(dtype: str, device: str) -> str:
     if dtype == "auto":
         return "fp16" if device.startswith("cuda") else "fp32"
@@ -433,8 +429,11 @@ def _remove_stale_temps(cache_dir: Path, name: str) -> None:
             tmp.unlink()
 
 
-def finalize_index(cache_dir: Path, n_shards: int, attrs: dict, extra: dict) -> bool:
-    """Write index.json when all ``n_shards`` shards exist; returns whether it did."""
+def finalize_index(cache_dir: Path, n_shards: int, attrs: dict, extra: dict,
+                   writable: bool = True) -> bool:
+    """Make index.json describe the ``n_shards`` shards once all exist; returns whether the cache is
+    complete. Every shard is read back and hashed; an index.json that already says exactly that is left
+    as it is (a rerun of a finished cache only re-checks it, also on read-only storage)."""
     paths = [cache_dir / shard_name(i) for i in range(n_shards)]
     if not all(p.is_file() for p in paths):
         return False
@@ -448,8 +447,28 @@ def finalize_index(cache_dir: Path, n_shards: int, attrs: dict, extra: dict) -> 
                    "truncation": {"max_length": attrs["max_length"], "n_truncated": n_trunc,
                                   "fraction": n_trunc / max(attrs["count"], 1)},
                    **extra}
+    if _index_matches(cache_dir, entries, attrs["dim"], index_attrs):
+        log.info("embed-text: %s is complete and its index matches every shard; nothing rewritten", cache_dir)
+        return True
+    if not writable:
+        raise CacheError(f"{cache_dir / INDEX_NAME}: missing or out of date, and {cache_dir} is not writable; "
+                         "run embed-text where the cache can be written")
     writer.write_index(cache_dir, entries, attrs["dim"], index_attrs)
     return True
+
+
+def _index_matches(cache_dir: Path, entries: list[dict], dim: int, index_attrs: dict) -> bool:
+    """index.json exists and lists exactly ``entries`` with these attributes (JSON-normalised)."""
+    path = cache_dir / INDEX_NAME
+    if not path.is_file():
+        return False
+    try:
+        have = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    want = json.loads(canonical_json({"shards": entries, "dim": dim, "attrs": index_attrs}))
+    return (have.get("shards") == want["shards"] and have.get("dim") == want["dim"]
+            and all(have.get("attrs", {}).get(k) == v for k, v in want["attrs"].items()))
 
 
 def _write_shards(stream, todo, spans, reports, cache_dir, attrs, config, bar):
@@ -471,8 +490,9 @@ def _write_shards(stream, todo, spans, reports, cache_dir, attrs, config, bar):
         try:
             writer.write_shard(name, reports.keys[a:b], stored, shard_attrs)
         except OSError as e:
-            raise CacheError(f"{name}: cannot write shard ({e}); no partial shard was left; "
-                             "free space and rerun to resume") from e
+            fix = "free space and rerun" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that and rerun"
+            raise CacheError(f"{name}: cannot write shard ({e}); no partial shard was left; {fix} to "
+                             "resume") from e
         bar.update(b - a)
         yield n_distinct, int(truncated.sum())
 
@@ -482,17 +502,22 @@ def run(config: EmbedTextConfig) -> EmbedTextResult:
     itself when it already is a cache folder); returns where the cache is and what was done."""
     from pipeline.distributed import barrier, cleanup, init_distributed
 
-    device = resolve_device(config.device)
-    dist = init_distributed(device="cpu" if device == "cpu" else "cuda")
-    if dist.enabled and device.startswith("cuda"):
-        device = dist.device
+    # cuda:N is validated against the visible GPUs and becomes the current device (so pinned copies and
+    # anything that says just "cuda" use it); under torchrun each rank takes its LOCAL_RANK GPU.
+    dist = init_distributed(config.device)
+    device = dist.device
+    # One run per --out (rank 0 locks for the whole job); parts of a split run lock only their part,
+    # so they may run side by side. Temp files of another live run are never touched this way.
+    scope = f"part-{config.part}-of-{config.num_parts}" if config.num_parts > 1 else None
     try:
-        return _run(config, device, dist, barrier)
+        with output_lock(config.out, "embed-text", dist=dist, scope=scope, allow_read_only=True) as lock:
+            return _run(config, device, dist, barrier, lock)
     finally:
         cleanup(dist)
 
 
-def _run(config: EmbedTextConfig, device: str, dist, barrier) -> EmbedTextResult:
+def _run(config: EmbedTextConfig, device: str, dist, barrier, lock: OutputLock | None = None) -> EmbedTextResult:
+    lock = lock or OutputLock(Path(config.out), None)  # called without run(): the caller owns the folder
     reports = load_reports(config.reports, config.key_column, config.text_column, config.on_empty)
     dtype = resolve_dtype(config.dtype, device)
     encoder = load_text_model(config.model, config.pooling, device=device, dtype=torch_dtype(dtype))
@@ -503,7 +528,9 @@ def _run(config: EmbedTextConfig, device: str, dist, barrier) -> EmbedTextResult
     fp = fingerprint(content_key(encoder, reports, config, dtype))
     out = Path(config.out)
     cache_dir = out if _is_cache_dir(out) else out / fp
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    if not cache_dir.is_dir():
+        lock.require_writable("embed-text (a new cache)")
+        cache_dir.mkdir(parents=True, exist_ok=True)
     dim = encoder.dim(config.pooling)
     attrs = writer.cache_attrs(dim, len(reports.keys), config.store_dtype, {
         "model_id": encoder.model_id, "revision": encoder.revision, "model_kind": encoder.kind,
@@ -525,6 +552,8 @@ def _run(config: EmbedTextConfig, device: str, dist, barrier) -> EmbedTextResult
             _check_existing(cache_dir / shard_name(i), attrs, reports.keys[a:b])
     todo = [i for i in own if not (cache_dir / shard_name(i)).is_file()]
     skipped = len(own) - len(todo)
+    if todo:
+        lock.require_writable(f"embed-text ({len(todo)} shard(s) to write)")
     log.info("embed-text: %d reports (%d distinct texts), %d shards, this part writes %d (%d done) "
              "-> %s", len(reports.keys), reports.stats["distinct_texts"], n_shards, len(todo),
              skipped, cache_dir)
@@ -545,13 +574,14 @@ def _run(config: EmbedTextConfig, device: str, dist, barrier) -> EmbedTextResult
     if dist.is_main:
         extra = {"input": reports.stats}
         try:
-            wrote_index = finalize_index(cache_dir, n_shards, attrs, extra)
+            wrote_index = finalize_index(cache_dir, n_shards, attrs, extra, writable=lock.writable)
         except OSError as e:
             raise CacheError(f"{cache_dir / INDEX_NAME}: cannot write the index ({e}); "
                              "the shards are complete: rerun to finish") from e
         if wrote_index:
-            save_config(config, cache_dir, resolved={"device": device, "dtype": dtype,
-                                                     "token_budget": budget, "cache_dir": cache_dir})
+            if lock.writable:
+                save_config(config, cache_dir, resolved={"device": device, "dtype": dtype,
+                                                         "token_budget": budget, "cache_dir": cache_dir})
             log.info("embed-text: cache complete: %s", cache_dir)
         else:
             log.info("embed-text: part %d/%d done; index.json is written when all parts are done",

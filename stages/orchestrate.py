@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from pipeline.common import ConfigError, MflagError, coerce_to_hint, read_json, save_config, write_json
+from pipeline.locks import output_lock
 from pipeline.stagegraph import Node, NodeStatus, execute, path_signature, plan
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,8 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
     """Turn a checked spec into the ordered stage graph."""
     from cache.format import FORMAT_VERSION as CACHE_FORMAT
     from stages.embed_text import EmbedTextConfig
-    from stages.evaluate import EvalConfig, protocol_version
+    from stages.evaluate import FORMAT_VERSION as EVAL_FORMAT
+    from stages.evaluate import EvalConfig
     from stages.prepare import FORMAT_VERSION as PREPARE_FORMAT
     from stages.prepare import PrepareConfig
     from stages.train_vision import TrainVisionConfig
@@ -300,9 +302,7 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
             folder = init if init in train["variants"] or init in ("random", "imagenet") else f"file-{Path(init).stem}"
             ext = _external(root=roots[ds], init=None if init in train["variants"] else init,
                             split_file=opts.get("split_file"))
-            version = protocol_version(opts["task"], init, bool(opts.get("finetune", False)))
-            if version != 1:  # only the configurations whose computation changed
-                ext["format"] = version
+            ext["format"] = EVAL_FORMAT
             params = {"root": roots[ds], "init": init, **opts}
             if init in train["variants"] and variant_seeds[init] is not None:
                 # pre-training replicate s is evaluated with downstream seed s: the pairing unit
@@ -528,12 +528,14 @@ def _check_inputs_exist(config: str, nodes: list[Node]) -> None:
 
 
 def run(cfg: RunConfig) -> RunResult:
+    """Run the pipeline; the workdir is locked for the whole run (each stage also locks its own folder,
+    which this process may take again), so two pipeline runs on one workdir never interleave."""
     spec, nodes = _plan_nodes(cfg)
     _check_inputs_exist(cfg.config, nodes)
     work = Path(spec["workdir"])
-    work.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, work, name="run-config.json", pipeline=spec)
-    steps = execute(nodes, force=cfg.force, from_stage=cfg.from_stage, log=log)
+    with output_lock(work, "run"):
+        save_config(cfg, work, name="run-config.json", pipeline=spec)
+        steps = execute(nodes, force=cfg.force, from_stage=cfg.from_stage, log=log)
     return RunResult(work, steps)
 
 

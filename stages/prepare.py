@@ -25,7 +25,9 @@ import numpy as np
 
 from pipeline.common import (ConfigError, MflagError, RateLimitedLog, atomic_open, atomic_path, config_to_dict,
                              fingerprint, progress, read_json, save_config, write_json)
-from pipeline.imaging import ImageError, MissingImageError, encode_png, load_for_shard
+from pipeline.imaging import (DEFAULT_MAX_PIXELS, ImageError, ImageTooLargeError, MissingImageError, encode_png,
+                              load_for_shard)
+from pipeline.locks import output_lock
 from pipeline.mimic import BadItem, CsvColumnError, MimicImage, ReportError, ReportSource, load_index
 from pipeline.reports import extract_sections, join_sections
 
@@ -60,6 +62,7 @@ class PrepareConfig:
     section_separator: str = " "
     max_bad_fraction: float = 0.01
     crop_border: bool = True
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are bad items, never decoded
     force: bool = False
 
     def __post_init__(self) -> None:
@@ -95,6 +98,8 @@ class PrepareConfig:
             raise ConfigError(f"workers: {self.workers} must be >= 1")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError(f"max_bad_fraction: {self.max_bad_fraction} is outside 0..1")
+        if self.max_pixels < self.size * self.size:
+            raise ConfigError(f"max_pixels: {self.max_pixels} is below one {self.size}x{self.size} output image")
 
     def content_dict(self) -> dict:
         """The settings that change output content (not paths, workers, force or the bad-item limit)."""
@@ -102,6 +107,8 @@ class PrepareConfig:
              if k not in ("root", "out", "reports", "workers", "force", "max_bad_fraction")}
         if self.image_format != "jpg":
             d.pop("jpeg_quality")
+        if self.max_pixels == DEFAULT_MAX_PIXELS:
+            d.pop("max_pixels")  # outputs made before the limit existed stay valid at its default
         return d
 
 
@@ -147,16 +154,18 @@ def encode_image(arr: np.ndarray, fmt: str, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
-def _encode(task: tuple[str, int, bool, str, int]) -> tuple[str, object]:
+def _encode(task: tuple[str, int, bool, str, int, int]) -> tuple[str, object]:
     """Worker: one image file -> ("ok", (bytes, (H, W))) or (reason, message). Never raises.
 
     The bytes are the image encoded as ``fmt`` (``encode_image``)."""
-    path, size, crop, fmt, quality = task
+    path, size, crop, fmt, quality, max_pixels = task
     try:
-        arr, orig = load_for_shard(path, size, crop_border=crop)
+        arr, orig = load_for_shard(path, size, crop_border=crop, max_pixels=max_pixels)
         return "ok", (encode_image(arr, fmt, quality), orig)
     except MissingImageError as e:
         return "missing_image", str(e)
+    except ImageTooLargeError as e:
+        return "image_too_large", str(e)
     except ImageError as e:
         return "corrupt_image", str(e)
     except Exception as e:  # a decoder bug on one file must not kill a multi-hour run
@@ -171,11 +180,19 @@ def _order_key(img: MimicImage) -> str:
 
 # --------------------------------------------------------------------------- stage
 def run(cfg: PrepareConfig) -> PrepareResult:
-    """Prepare MIMIC-CXR-JPG into shards under ``cfg.out``; see the module docstring and DESIGN.md."""
+    """Prepare MIMIC-CXR-JPG into shards under ``cfg.out``; see the module docstring and DESIGN.md.
+
+    Holds OUT's lock (``pipeline.locks``) throughout. A finished output of the same configuration and
+    input is only re-checked (nothing is written, so read-only storage is fine)."""
+    with output_lock(cfg.out, "prepare", allow_read_only=True) as lock:
+        return _run(cfg, lock.writable, lock.require_writable)
+
+
+def _run(cfg: PrepareConfig, writable: bool, require_writable) -> PrepareResult:
     out = Path(cfg.out)
     shards_dir, state_dir = out / "shards", out / STATE_DIR
     root = Path(cfg.root)
-    report = _Report(out)
+    report = _Report(out, writable)
     _refuse_other_config(cfg, out)
 
     try:
@@ -248,6 +265,12 @@ def run(cfg: PrepareConfig) -> PrepareResult:
         raise MflagError(f"{msg}; see {report.path}")
     plan_digest = fingerprint([[s.name, [i.dicom_id for i in s.items]] for s in plan], length=32)
     fp = fingerprint({"version": FORMAT_VERSION, "config": cfg.content_dict(), "plan": plan_digest})
+    finished = None if cfg.force else _finished(out, fp, plan)
+    if finished is not None:
+        log.info("%s already holds this prepare output (fingerprint %s); re-checked %d shards, nothing written",
+                 out, fp, len(plan))
+        return finished
+    require_writable("prepare")
     _claim_out(cfg, out, fp)
 
     # ---- shards
@@ -262,8 +285,8 @@ def run(cfg: PrepareConfig) -> PrepareResult:
     prior_bad = sum(len(read_json(state_dir / f"{s.name}.json")["bad"]) for s in done)
     running_bad = n_bad_images + prior_bad
     if pending:
-        tasks = [(str(root / i.relpath), cfg.size, cfg.crop_border, cfg.image_format, cfg.jpeg_quality)
-                 for s in pending for i in s.items]
+        tasks = [(str(root / i.relpath), cfg.size, cfg.crop_border, cfg.image_format, cfg.jpeg_quality,
+                  cfg.max_pixels) for s in pending for i in s.items]
         with _results(tasks, cfg.workers) as results, \
                 progress(total=n_pending, desc="prepare", unit="img") as bar:
             for shard in pending:
@@ -392,6 +415,30 @@ def _done_record(state_dir: Path, shards_dir: Path, shard: _Shard, fp: str) -> d
     return rec if tar.is_file() and tar.stat().st_size == rec.get("bytes") else None
 
 
+def _finished(out: Path, fp: str, plan: list[_Shard]) -> PrepareResult | None:
+    """The result of a complete earlier run with fingerprint ``fp`` (every shard's done-record and size
+    match, the success files exist), read without writing anything; None otherwise."""
+    shards_dir, state_dir = out / "shards", out / STATE_DIR
+    if not all(p.is_file() for p in _outputs(out) + [shards_dir / "sizes.json"]):
+        return None
+    try:
+        manifest = read_json(out / "manifest.json")
+        stamp = read_json(state_dir / "fingerprint.json")
+    except (MflagError, OSError):
+        return None
+    if manifest.get("fingerprint") != fp or stamp.get("fingerprint") != fp or \
+            manifest.get("format_version") != FORMAT_VERSION:
+        return None
+    if any(_done_record(state_dir, shards_dir, shard, fp) is None for shard in plan):
+        return None
+    try:
+        counts = read_json(out / "prepare-report.json").get("counts", {})
+    except (MflagError, OSError):
+        counts = {}
+    return PrepareResult(out, fp, manifest["splits"], int(manifest["n_images"]), int(manifest["n_studies"]), 0,
+                         len(plan), dict(counts))
+
+
 def _outputs(out: Path) -> list[Path]:
     return [out / n for n in ("manifest.json", "reports.jsonl", "prepare-report.json", "config.json")]
 
@@ -469,8 +516,9 @@ def _check_bad(cfg: PrepareConfig, report: "_Report", n_bad: int, n_total: int, 
 class _Report:
     """Accumulates prepare-report.json: counts, filtered counts, every dropped and bad item."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, writable: bool = True):
         self.path = out / "prepare-report.json"
+        self.writable = writable
         self.counts: Counter = Counter()
         self.filtered: dict = {}
         self.bad: list[BadItem] = []
@@ -497,6 +545,8 @@ class _Report:
         return Counter(b.reason for b in self.bad)
 
     def write(self, status: str, error: str | None = None) -> None:
+        if not self.writable:  # read-only OUT: the error itself still reaches the user
+            return
         dropped_counts = Counter(d["reason"] for d in self.dropped)
         write_json(self.path, {
             "status": status, "error": error,

@@ -21,6 +21,10 @@ Orthogonality scope. The default is ``global``: z is all-gathered with gradients
 not depend on how many GPUs share the global batch; ``local`` is the original code's per-GPU loss.
 With one process both are the same. Likewise ``sync_bn`` (default on) makes every BatchNorm use
 the statistics of the global batch on several CUDA processes (SyncBatchNorm).
+
+Recipes. ``batch_semantics``, ``pairs``, ``decay_norm_bias``, ``restart_period`` and ``min_lr``
+express the original run's reading of its settings (512 per process, every MIMIC split, weight decay
+on every parameter, its T_0 formula, eta_min); docs/RECIPES.md and configs/mimic-original.yaml.
 """
 from __future__ import annotations
 
@@ -38,21 +42,26 @@ from pipeline import probes
 from pipeline import wds as wdsp
 from pipeline.common import (ConfigError, MflagError, atomic_path, config_to_dict, fingerprint, read_json,
                              save_config, write_json)
-from pipeline.distributed import (DistInfo, all_gather_object, any_rank, any_rank_nonfinite, barrier, cleanup,
+from pipeline.distributed import (DistInfo, all_gather_object, any_rank, any_rank_flag, barrier, cleanup,
                                   init_distributed)
-from pipeline.pretrain import (SampleAugmentFactory, StepSettings, TrainModule, prepare_images, train_step,
-                               trunk_probe_params)
+from pipeline.locks import output_lock
+from pipeline.pretrain import (BATCH_SEMANTICS, NonFiniteWatch, SampleAugmentFactory, StepSettings, TrainModule,
+                               batch_per_rank, param_groups, prepare_images, train_step, trunk_probe_params)
+from pipeline.schedules import WarmupCosine, WarmupCosineRestarts, original_restart_period
 from pipeline.textmodels import OnlineTextEncoder
+from pipeline.tracking import REPORT_TO, Tracker, open_tracker
 from pipeline.train_state import (load_checkpoint, param_checksum, publish_latest, rng_state, save_checkpoint,
                                   set_rng_state)
-from pipeline.schedules import WarmupCosine, WarmupCosineRestarts
 
 log = logging.getLogger(__name__)
 
 CKPT_FORMAT = 1
+# --pairs: the prepare splits trained on. "all" is what the original read: MGCA's master.csv holds every
+# split (its mimic_cxr.py keeps the split column and writes all rows), and M-FLAG's dataset reads every row.
+PAIRS = {"train": ("train",), "all": ("train", "validate", "test")}
 # Fields that do not change what is trained: a resumed run may change them.
 _NON_SEMANTIC = ("out", "resume", "log_every", "ckpt_every", "probe_every", "probe_size", "final_probe_size",
-                 "probe_shards", "keep_checkpoints", "compile", "threads")
+                 "probe_shards", "keep_checkpoints", "compile", "threads", "report_to")
 # Options added after runs were made: at their default they stay out of the fingerprint, so runs made
 # before they existed still resume and still count as finished.
 _ADDED_WITH_DEFAULT = {"align_weight": 1.0}
@@ -76,7 +85,9 @@ class TrainVisionConfig:
     text_pooling: str = "cls"
     text_max_length: int = 512
     probe_shards: str | None = None
-    batch_size: int = 128  # global, over all ranks
+    pairs: str = "train"  # train | all: which splits of a prepare output are trained on
+    batch_size: int = 128  # global over all ranks, or per process with batch_semantics "per-process"
+    batch_semantics: str = "global"
     epochs: int = 1
     max_steps: int | None = None
     num_samples: int | None = None
@@ -100,10 +111,14 @@ class TrainVisionConfig:
     orth_standardize: bool = False
     lr: float = 2e-5
     weight_decay: float = 0.05
+    decay_norm_bias: bool = False  # True: weight decay on every parameter, as the original
     schedule: str = "cosine"
     warmup_steps: int = 0
-    restart_every: int | None = None  # None: 40% of the run's steps, the original's cycle length
+    restart_every: int | None = None  # cycle length in steps; None: from restart_period
+    restart_period: str = "fraction"  # fraction (restart_fraction of the run) | original (its T_0 formula)
+    restart_fraction: float = 0.4
     min_lr_ratio: float = 0.0
+    min_lr: float | None = None  # absolute floor (the original's eta_min); excludes min_lr_ratio
     grad_clip: float | None = None
     precision: str = "auto"
     device: str = "auto"
@@ -119,6 +134,7 @@ class TrainVisionConfig:
     keep_checkpoints: int = 2  # 0: none once the run has finished (the final one is not written)
     resume: str = "auto"
     threads: int | None = None
+    report_to: str = "none"  # none | tensorboard | wandb: the metrics.jsonl scalars, also sent there
 
     def __post_init__(self):
         def need(cond: bool, field: str, msg: str) -> None:
@@ -129,8 +145,9 @@ class TrainVisionConfig:
                   "aug": ("original", "light", "none"), "aug_device": ("cpu", "cuda"),
                   "on_missing": ("skip", "error"), "text_head": ("mlp", "none"),
                   "orth_scope": ("local", "global"), "orth_on": ("zv", "za"),
-                  "schedule": ("cosine", "restarts", "constant"),
-                  "precision": ("auto", "bf16", "fp16", "fp32")}
+                  "schedule": ("cosine", "restarts", "constant"), "pairs": PAIRS,
+                  "batch_semantics": BATCH_SEMANTICS, "restart_period": ("fraction", "original"),
+                  "precision": ("auto", "bf16", "fp16", "fp32"), "report_to": REPORT_TO}
         for field, allowed in choice.items():
             need(getattr(self, field) in allowed, field, f"expected one of {allowed}, got {getattr(self, field)!r}")
         need(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")
@@ -167,6 +184,12 @@ class TrainVisionConfig:
         need(self.align_weight > 0 or self.orth_weight > 0, "align_weight",
              "align_weight and orth_weight are both 0: nothing to train")
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        need(self.min_lr is None or 0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr:g}]")
+        need(self.min_lr is None or self.min_lr_ratio == 0, "min_lr",
+             "give either min_lr (an absolute floor) or min_lr_ratio (a fraction of lr), not both")
+        need(0 < self.restart_fraction <= 1, "restart_fraction", "must be in (0, 1]")
+        need(self.restart_every is None or self.restart_period == "fraction", "restart_every",
+             "give either restart_every (steps) or restart_period 'original' (the original's T_0 formula), not both")
         need(0 <= self.max_bad_fraction <= 1, "max_bad_fraction", "must be in [0, 1]")
         need(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0")
         need(self.threads is None or self.threads >= 1, "threads", "must be >= 1")
@@ -225,16 +248,22 @@ class _DataPos:
     raw: int = 0
     missing: int = 0
     corrupt: int = 0
+    lost: int = 0  # samples damaged shards did not yield (against sizes.json)
+    lost_shards: dict = dataclasses.field(default_factory=dict)
     shards_seen: set = dataclasses.field(default_factory=set)
 
 
 def run(cfg: TrainVisionConfig) -> dict:
-    """Train; returns the summary dict (also written to ``OUT/summary.json``)."""
+    """Train; returns the summary dict (also written to ``OUT/summary.json``).
+
+    OUT is locked for the run (rank 0 holds the lock for every rank), and temp files that a run killed
+    while saving left in OUT and OUT/checkpoints are removed first."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist = init_distributed(cfg.device)
     try:
-        return _Trainer(cfg, dist).fit()
+        with output_lock(cfg.out, "train-vision", dist=dist, clean_temps=("", "checkpoints")):
+            return _Trainer(cfg, dist).fit()
     finally:
         cleanup(dist)
 
@@ -248,23 +277,30 @@ class _Trainer:
         if cfg.aug_device == "cuda" and self.device.type != "cuda":
             raise ConfigError("aug_device: 'cuda' needs a CUDA device")
         self.precision = _resolve_precision(cfg, dist.device)
+        self.tracker: Tracker = Tracker()
+        if self.device.type == "cuda":
+            # Every step has the same input shape, so cuDNN's timed algorithm choice pays off after the
+            # first step; GPU runs are not bit-reproducible anyway (DESIGN.md, determinism).
+            torch.backends.cudnn.benchmark = True
 
     # ------------------------------------------------------------------ set-up
     def _setup_data(self) -> None:
         cfg, dist = self.cfg, self.dist
-        self.train = wdsp.resolve_shards(cfg.shards, "train")
+        self.train = (wdsp.resolve_shards(cfg.shards, "train") if cfg.pairs == "train"
+                      else wdsp.resolve_splits(cfg.shards, PAIRS[cfg.pairs]))
         n = cfg.num_samples or self.train.num_samples
         if n is None:
             raise ConfigError("num_samples: the shards have no sizes.json; pass --num-samples "
                               "(training samples per epoch)")
         self.num_samples = n
-        if cfg.batch_size % dist.world_size:
-            raise ConfigError(f"batch_size: the global batch {cfg.batch_size} must be divisible by the "
-                              f"world size {dist.world_size}")
-        self.local_batch = cfg.batch_size // dist.world_size
+        try:
+            self.local_batch, self.global_batch = batch_per_rank(cfg.batch_size, cfg.batch_semantics,
+                                                                 dist.world_size)
+        except ValueError as e:
+            raise ConfigError(f"batch_size: {e} (or use --batch-semantics per-process)") from e
         if self.local_batch < 2:
             raise ConfigError(f"batch_size: {self.local_batch} per rank; BatchNorm in the projector needs at least 2")
-        self.steps_per_epoch = max(1, n // cfg.batch_size)
+        self.steps_per_epoch = max(1, n // self.global_batch)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         slots = dist.world_size * max(1, cfg.num_workers)
         if len(self.train.urls) < slots:
@@ -327,24 +363,24 @@ class _Trainer:
             elif self.dist.is_main:
                 log.warning("sync_bn: SyncBatchNorm needs CUDA; on %s each of the %d processes normalises "
                             "over its own %d samples", self.device.type, self.dist.world_size,
-                            cfg.batch_size // self.dist.world_size)
+                            self.local_batch)
         self.module = TrainModule(vision, text).to(self.device)
         if cfg.channels_last:
             self.module.vision.trunk.to(memory_format=torch.channels_last)
         self.trainable = count_parameters(self.module)
         params = [p for p in self.module.parameters() if p.requires_grad]
-        # No weight decay on biases and norm parameters, the usual AdamW practice.
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        # The original's AdamW: betas (0.9, 0.999), eps 1e-8 (torch's defaults), main.py lines 73-77.
+        self.optimizer = torch.optim.AdamW(param_groups(params, cfg.weight_decay, cfg.decay_norm_bias), lr=cfg.lr)
         warm = min(cfg.warmup_steps, self.total_steps)
+        # An absolute floor (the original's eta_min) as a multiplier of lr: LambdaLR then gives
+        # eta_min + (lr - eta_min) x cosine, the formula of torch's CosineAnnealingWarmRestarts.
+        floor = cfg.min_lr / cfg.lr if cfg.min_lr is not None else cfg.min_lr_ratio
+        self.restart_cycle = None
         if cfg.schedule == "cosine":
-            fn = WarmupCosine(warm, self.total_steps, cfg.min_lr_ratio)
+            fn = WarmupCosine(warm, self.total_steps, floor)
         elif cfg.schedule == "restarts":
-            # The original's cycle (CosineAnnealingWarmRestarts T_0) is 40% of the run's steps.
-            cycle = cfg.restart_every or max(1, round(0.4 * self.total_steps))
-            fn = WarmupCosineRestarts(warm, cycle, 1, cfg.min_lr_ratio)
+            self.restart_cycle = self._restart_cycle()
+            fn = WarmupCosineRestarts(warm, self.restart_cycle, 1, floor)
         else:
             fn = WarmupCosine(warm, self.total_steps, 1.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, fn)
@@ -356,6 +392,24 @@ class _Trainer:
                                      world_size=self.dist.world_size, grad_clip=cfg.grad_clip,
                                      autocast_dtype=autocast, channels_last=cfg.channels_last)
         self.grad_params = trunk_probe_params(self.module.vision)
+
+    def _restart_cycle(self) -> int:
+        """Steps per cosine cycle: ``restart_every``, the original's T_0, or a fraction of the run."""
+        cfg = self.cfg
+        if cfg.restart_every:
+            return cfg.restart_every
+        if cfg.restart_period == "original":
+            # The original's max_epochs is epochs - 1: its loop range(start, max_epochs + 1) trains one
+            # epoch more than the formula counts (utils_trainer.py lines 102 and 112).
+            t0 = original_restart_period(cfg.epochs - 1, self.num_samples, self.local_batch)
+            if t0 < 1:
+                raise ConfigError(
+                    f"restart_period: the original's T_0 = int({cfg.epochs - 1} x {self.num_samples} // 4 // "
+                    f"{self.local_batch} x 0.4) is {t0} steps (max_epochs = epochs - 1, samples per epoch, batch "
+                    "per process); torch's CosineAnnealingWarmRestarts needs T_0 >= 1: use more epochs or "
+                    "data, restart_every, or restart_period fraction")
+            return t0
+        return max(1, round(cfg.restart_fraction * self.total_steps))
 
     def _report_parameters(self) -> dict:
         out = {"trainable_params": self.trainable, "text_encoder_params": self.text_params,
@@ -422,7 +476,8 @@ class _Trainer:
         d = ck["data"][self.dist.rank]
         self.pos = _DataPos(epoch=d["epoch"], step_in_epoch=d["step_in_epoch"],
                             workers={int(k): int(v) for k, v in d["workers"].items()}, raw=d["raw"],
-                            missing=d["missing"], corrupt=d["corrupt"], shards_seen=set(d["shards_seen"]))
+                            missing=d["missing"], corrupt=d["corrupt"], lost=int(d.get("lost", 0)),
+                            lost_shards=dict(d.get("lost_shards", {})), shards_seen=set(d["shards_seen"]))
         log.info("resumed from %s at step %d (epoch %d, step %d of %d)", path, ck["step"], self.pos.epoch,
                  self.pos.step_in_epoch, self.steps_per_epoch)
         return ck
@@ -430,8 +485,8 @@ class _Trainer:
     def _checkpoint(self, step: int, final: bool = False) -> Path | None:
         pos = self.pos
         data = {"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch, "workers": dict(pos.workers),
-                "raw": pos.raw, "missing": pos.missing, "corrupt": pos.corrupt,
-                "shards_seen": sorted(pos.shards_seen)}
+                "raw": pos.raw, "missing": pos.missing, "corrupt": pos.corrupt, "lost": pos.lost,
+                "lost_shards": dict(pos.lost_shards), "shards_seen": sorted(pos.shards_seen)}
         all_data = all_gather_object(data, self.dist)
         all_rng = all_gather_object(rng_state(), self.dist)
         all_aug = all_gather_object(self.batch_aug.state_dict() if self.batch_aug is not None else None,
@@ -461,6 +516,7 @@ class _Trainer:
         ``final_probe_size``; a size below 2 turns that probe off."""
         cfg = self.cfg
         want = max(cfg.probe_size, cfg.final_probe_size)
+        self.probe_held_out = None
         if not self.dist.is_main or want < 2:
             return None
         if cfg.probe_shards:
@@ -471,6 +527,12 @@ class _Trainer:
             log.warning("no held-out (validate-*/test-*) shards beside the training shards and no "
                         "--probe-shards: probes disabled")
             return None
+        self.probe_held_out = not set(urls) & set(self.train.urls)
+        if not self.probe_held_out:
+            # --pairs all trains on validate/test too: the probes then measure training images, which
+            # still shows collapse (effective rank, spectrum) but flatters retrieval.
+            log.warning("the probe images (%s ...) are also training images (--pairs %s); pass --probe-shards "
+                        "with other images to probe held-out data", Path(urls[0]).name, cfg.pairs)
         batch = wdsp.read_fixed_batch(urls, self.targets, want, cfg.image_size)
         if batch is None or len(batch["key"]) < 2:
             log.warning("the held-out shards %s have fewer than 2 usable samples: probes disabled", urls[:2])
@@ -551,8 +613,19 @@ class _Trainer:
         if dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out, fingerprint=self.fingerprint, steps_per_epoch=self.steps_per_epoch,
-                        total_steps=self.total_steps, world_size=dist.world_size, precision=self.precision)
+                        total_steps=self.total_steps, world_size=dist.world_size, precision=self.precision,
+                        batch_per_process=self.local_batch, global_batch=self.global_batch,
+                        restart_cycle=self.restart_cycle)
             self._trim_metrics(step)
+            self.tracker = open_tracker(cfg.report_to, self.out, config_to_dict(cfg), key=self.fingerprint,
+                                        resume_step=step + 1 if resume is not None else None)
+        try:
+            return self._fit(step, resume, params_report, sample_aug)
+        finally:
+            self.tracker.close()
+
+    def _fit(self, step: int, resume: Path | None, params_report: dict, sample_aug) -> dict:
+        cfg, dist = self.cfg, self.dist
         train_module: nn.Module = self.module
         if dist.enabled:
             train_module = nn.parallel.DistributedDataParallel(
@@ -561,9 +634,11 @@ class _Trainer:
             train_module = torch.compile(train_module)
         probe = self._load_probe()
         log.info("training %d steps (%d per epoch of %d samples), global batch %d (%d per rank x %d), "
-                 "precision %s, device %s", self.total_steps, self.steps_per_epoch, self.num_samples,
-                 cfg.batch_size, self.local_batch, dist.world_size, self.precision, dist.device)
+                 "precision %s, device %s%s", self.total_steps, self.steps_per_epoch, self.num_samples,
+                 self.global_batch, self.local_batch, dist.world_size, self.precision, dist.device,
+                 f", lr cycle {self.restart_cycle} steps" if self.restart_cycle else "")
         last_good = str(resume) if resume else None
+        watch = NonFiniteWatch(self.device, step)
         window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
         last_probe: dict = {}
         self.module.train()
@@ -576,7 +651,8 @@ class _Trainer:
                                      world_size=dist.world_size, rotation=self.pos.step_in_epoch % nw,
                                      skip=dict(self.pos.workers))
             pipe = wdsp.train_pipeline(list(self.train.urls), state, self.targets, self.local_batch,
-                                       cfg.image_size, cfg.on_missing, cfg.shuffle_buffer, sample_aug)
+                                       cfg.image_size, cfg.on_missing, cfg.shuffle_buffer, sample_aug,
+                                       sizes=self.train.sizes)
             loader = wdsp.make_loader(pipe, cfg.num_workers, pin_memory=self.device.type == "cuda")
             it = iter(loader)
             try:
@@ -585,7 +661,7 @@ class _Trainer:
                     batch = next(it)
                     window["wait"] += time.perf_counter() - t0
                     error = self._account(batch)
-                    if any_rank(error is not None, dist, self.device):
+                    if any_rank(error is not None, dist):
                         raise wdsp.DataError(error or "another rank stopped on a data error")
                     images = prepare_images(batch["image"], self.batch_aug, self.device, cfg.channels_last)
                     target = batch["target"]
@@ -597,15 +673,13 @@ class _Trainer:
                     out = train_step(train_module, self.optimizer, self.scaler, images, target, self.settings,
                                      self.grad_params if log_now else None)
                     self.scheduler.step()
-                    if any_rank_nonfinite(out["loss"], dist):
-                        raise TrainingError(
-                            f"non-finite loss at step {step + 1} (align {out['align'].item():.4g}, orth "
-                            f"{out['orth'].item():.4g}) on rank {dist.rank}; stopping. The last good checkpoint "
-                            f"is {last_good or 'none (no checkpoint written yet)'}; lower --lr, set "
-                            f"--grad-clip or use --precision fp32")
+                    watch.update(out)  # no host sync here: read at log and checkpoint steps below
                     step += 1
                     self.pos.step_in_epoch += 1
                     window["steps"] += 1
+                    if (log_now or step % cfg.ckpt_every == 0
+                            or (probe is not None and step % cfg.probe_every == 0)):
+                        self._check_finite(watch, last_good)
                     if log_now:
                         self._log(step, out, window)
                         window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
@@ -624,6 +698,19 @@ class _Trainer:
         self._check_bad(final=True)
         return self._finish(step, probe, last_probe, params_report)
 
+    def _check_finite(self, watch: NonFiniteWatch, last_good: str | None) -> None:
+        """Stop when any rank has seen a non-finite loss since the start (one host sync). Called at
+        log and checkpoint steps, so a checkpoint never holds weights trained through a NaN."""
+        if not any_rank_flag(watch.flag(), self.dist):
+            return
+        bad = watch.first_bad()
+        where = (f"at step {bad[0]} (align {bad[1]:.4g}, orth {bad[2]:.4g}) on rank {self.dist.rank}" if bad
+                 else "on another rank")
+        raise TrainingError(
+            f"non-finite loss {where}; stopping. The last good checkpoint is "
+            f"{last_good or 'none (no checkpoint written yet)'}; lower --lr, set --grad-clip or use "
+            f"--precision fp32")
+
     def _account(self, batch: dict) -> str | None:
         """Fold a batch's position and counters into ``self.pos``; returns a fatal data error or None."""
         if "error" in batch:
@@ -633,19 +720,33 @@ class _Trainer:
         pos.workers[meta["worker"]] = meta["raw"]
         pos.missing += meta["missing"]
         pos.corrupt += meta["corrupt"]
+        pos.lost += meta.get("lost", 0)
+        for name, n in meta.get("lost_shards", {}).items():
+            pos.lost_shards[name] = pos.lost_shards.get(name, 0) + n
         pos.shards_seen.update(Path(u).name for u in batch["urls"])
         return None
 
     def _check_bad(self, final: bool) -> None:
-        """Fail once corrupt samples exceed ``max_bad_fraction`` (judged over at least 1000 samples, or
-        at the end of an epoch or run)."""
+        """Fail once bad samples exceed ``max_bad_fraction`` of those the shards should have yielded
+        (judged over at least 1000 samples, or at the end of an epoch or run). Bad: corrupt samples, and
+        every sample a damaged shard lost (sizes.json lists more than it yielded)."""
         pos = self.pos
-        seen = pos.raw + pos.corrupt
-        if seen and (final or seen >= 1000) and pos.corrupt / seen > self.cfg.max_bad_fraction:
-            raise wdsp.DataError(
-                f"{pos.corrupt} corrupt samples or unreadable shard parts out of {seen} read on rank "
-                f"{self.dist.rank} ({100 * pos.corrupt / seen:.1f}% > {100 * self.cfg.max_bad_fraction:g}%); "
-                f"the warnings above name the shards and keys; re-run prepare or remove them")
+        expected = pos.raw + pos.lost + (0 if self.train.sizes else pos.corrupt)
+        bad = pos.corrupt + pos.lost
+        if not (expected and (final or expected >= 1000) and bad / expected > self.cfg.max_bad_fraction):
+            return
+        parts = []
+        if pos.lost:
+            worst = sorted(pos.lost_shards.items(), key=lambda kv: (-kv[1], kv[0]))
+            parts.append(f"{pos.lost} samples lost in damaged shard(s) "
+                         f"{', '.join(f'{name} ({n} missing)' for name, n in worst[:3])}"
+                         f"{' and others' if len(worst) > 3 else ''}: they yield fewer samples than sizes.json lists "
+                         f"(truncated or damaged); rerun prepare on their output folder, it rebuilds them")
+        if pos.corrupt:
+            parts.append(f"{pos.corrupt} corrupt samples or unreadable shard parts (the warnings above name the "
+                         f"shards and keys; rerun prepare or remove them)")
+        raise wdsp.DataError(f"{'; '.join(parts)}: {bad} bad of {expected} samples on rank {self.dist.rank} "
+                             f"({100 * bad / expected:.1f}% > {100 * self.cfg.max_bad_fraction:g}%)")
 
     def _log(self, step: int, out: dict, window: dict) -> None:
         dt = max(time.perf_counter() - window["t0"], 1e-9)
@@ -664,9 +765,9 @@ class _Trainer:
         rec = {"step": step, "epoch": self.pos.epoch, "train/loss": loss, "train/align": align,
                "train/orth": orth, "train/lr": self.optimizer.param_groups[0]["lr"],
                "train/grad_norm": gnorm, "train/grad_align_trunk": g_align, "train/grad_orth_trunk": g_orth,
-               "train/images_per_s": window["steps"] * self.cfg.batch_size / dt,
+               "train/images_per_s": window["steps"] * self.global_batch / dt,
                "train/data_wait": window["wait"] / dt, "train/missing": self.pos.missing,
-               "train/corrupt": self.pos.corrupt}
+               "train/corrupt": self.pos.corrupt, "train/lost": self.pos.lost}
         if self.dist.is_main:
             log.info("step %d/%d loss %.4f (align %.4f orth %.4f) lr %.3g %.1f img/s data-wait %.0f%%",
                      step, self.total_steps, loss, align, orth, rec["train/lr"], rec["train/images_per_s"],
@@ -678,6 +779,7 @@ class _Trainer:
             return
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(rec, sort_keys=True) + "\n")
+        self.tracker.log(rec, rec["step"])
 
     def _trim_metrics(self, step: int) -> None:
         """On resume, drop metric lines past the checkpoint (those steps run again)."""
@@ -699,7 +801,7 @@ class _Trainer:
         checksums = all_gather_object(param_checksum(self.module), dist)
         pos = self.pos
         counts = all_gather_object({"raw": pos.raw, "missing": pos.missing, "corrupt": pos.corrupt,
-                                     "shards": sorted(pos.shards_seen)}, dist)
+                                     "lost": pos.lost, "shards": sorted(pos.shards_seen)}, dist)
         spectrum = None
         if probe is not None and self.cfg.final_probe_size >= 2:
             last_probe, spectrum = self._probe(self._probe_subset(probe, self.cfg.final_probe_size))
@@ -707,10 +809,12 @@ class _Trainer:
         summary = {
             "fingerprint": self.fingerprint, "steps": step, "epochs": pos.epoch + 1,
             "steps_per_epoch": self.steps_per_epoch, "world_size": dist.world_size,
-            "global_batch": self.cfg.batch_size, "precision": self.precision,
+            "global_batch": self.global_batch, "batch_per_process": self.local_batch,
+            "restart_cycle": self.restart_cycle, "probe_held_out": self.probe_held_out,
+            "precision": self.precision,
             "final_probe": last_probe, **params_report,
             "samples_read": sum(c["raw"] for c in counts), "missing": sum(c["missing"] for c in counts),
-            "corrupt": sum(c["corrupt"] for c in counts),
+            "corrupt": sum(c["corrupt"] for c in counts), "lost": sum(c["lost"] for c in counts),
             "shards_per_rank": [c["shards"] for c in counts],
             "param_checksum_per_rank": checksums,
         }
@@ -720,8 +824,15 @@ class _Trainer:
             if len(set(checksums)) > 1:
                 log.error("ranks ended with different weights: %s", checksums)
             vision = self.module.vision
+            encoder = encoder_state_dict(vision)
             with atomic_path(self.out / "encoder.pt") as tmp:
-                torch.save(encoder_state_dict(vision), tmp)
+                torch.save(encoder, tmp)
+            # The same weights as safetensors: loadable anywhere without unpickling anything.
+            from safetensors.torch import save_file
+
+            with atomic_path(self.out / "encoder.safetensors") as tmp:
+                save_file({k: v.contiguous() for k, v in encoder.items()}, str(tmp),
+                          metadata={"format": "pt", "layout": "torchvision resnet50 state_dict without fc.*"})
             proj = {"projector": {k: v.cpu() for k, v in vision.projector.state_dict().items()},
                     "text_head": {k: v.cpu() for k, v in vision.text_head.state_dict().items()},
                     "text_head_kind": self.cfg.text_head, "text_dim": self.text_dim,

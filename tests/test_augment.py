@@ -245,6 +245,7 @@ def test_decode_grey_png():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_augmenter_matches_cpu():
     imgs = _uint8_batch(16, 256)
     cpu = A.Augmenter("original", device="cpu", seed=4)(imgs)

@@ -1,19 +1,18 @@
-"""eval end to end on tiny synthetic sets in the real formats, plus the downstream building blocks."""
+"""eval end to end on tiny synthetic sets in the real formats: outputs, resume, protocols, and metrics that
+recompute exactly from the predictions files with sklearn / pycocotools. (What each head must learn is in
+tests/test_eval_learning.py; the building blocks are in tests/test_downstream.py.)"""
 import dataclasses
 import json
-import math
 
-import numpy as np
 import pytest
 import torch
 import torchvision
 from click.testing import CliRunner
 
-from pipeline import downstream as ds
 from pipeline.common import ConfigError, MflagError, file_sha256
-from pipeline.datasets.base import Record
 from pipeline.synth import downstream as synth
 from stages.evaluate import EvalConfig, run
+from tests._recompute import recompute_cls, recompute_det, recompute_seg
 
 SIZE = 64  # pixels: the real code paths, CPU-sized
 
@@ -25,6 +24,7 @@ def data(tmp_path_factory):
     synth.write_covidx(root / "covidx", 36, 0, image_size=SIZE)
     synth.write_siim(root / "siim", 24, 0, image_size=SIZE)
     synth.write_rsna(root / "rsna", 20, 0, image_size=SIZE)
+    synth.write_object_cxr(root / "object_cxr", 20, 1, image_size=SIZE)
     return root
 
 
@@ -54,19 +54,25 @@ def _results(out):
 
 # --------------------------------------------------------------------------- end to end
 def test_cls_chexpert_linear_probe_two_seeds_and_resume(data, tmp_path, caplog):
-    cfg = _cfg(data, tmp_path, task="cls", dataset="chexpert", seeds=(0, 1), fraction=0.5, epochs=3,
-               init="random")
+    cfg = _cfg(data, tmp_path, task="cls", dataset="chexpert", seeds=(0, 1), fraction=0.5, epochs=3)
     res = run(cfg)
     out = tmp_path / "out"
     saved, md = _results(out)
-    assert saved["fingerprint"] == res["fingerprint"]
+    assert saved["fingerprint"] == res["fingerprint"] and saved["protocol"] == "tool"
     assert saved["primary_metric"] == "auroc" and "auroc" in saved["metric_definitions"]
     assert [r["seed"] for r in saved["per_seed"]] == [0, 1]
     for r in saved["per_seed"]:
-        assert r["test"]["auroc"] is None or 0.0 <= r["test"]["auroc"] <= 1.0
-        assert 0 <= r["best_epoch"] < r["epochs_run"] <= 3
+        # the test AUROC is exactly what sklearn gives on the predictions file
+        pred = out / "seeds" / r["predictions"]
+        assert saved["predictions"][str(r["seed"])] == f"seeds/{r['predictions']}"
+        assert r["test"]["auroc"] == pytest.approx(recompute_cls(pred, "multilabel")["auroc"], abs=1e-9)
+        ids = [line.split(",")[0] for line in pred.read_text().splitlines()[1:]]
+        assert ids == (out / "split" / "test.txt").read_text().split()
+        history = [h["val_auroc"] for h in json.loads((out / "seeds" / f"seed-{r['seed']}.json").read_text())
+                   ["history"]]
+        assert r["epochs_run"] == len(history) == 3  # patience 10 never stops 3 epochs
+        assert history[r["best_epoch"]] == max(history)  # tool: the best validation AUROC
     counts = saved["split"]["counts"]
-    assert counts["train"] > 0 and counts["val"] > 0 and counts["test"] > 0
     # fraction 0.5 of the training split, sampled per seed, recorded and written as id lists
     for s in ("0", "1"):
         n = saved["fraction_sizes"][s]
@@ -74,11 +80,11 @@ def test_cls_chexpert_linear_probe_two_seeds_and_resume(data, tmp_path, caplog):
         ids = (out / "split" / saved["fraction_files"][s]["file"]).read_text().split()
         assert len(ids) == n
         assert set(ids) <= set((out / "split" / "train.txt").read_text().split())
-    assert saved["summary"]["auroc"]["n"] <= 2
     assert saved["checkpoint_sha256"] is None and saved["init"] == "random"
-    assert saved["hyperparameters"]["epochs"] == 3 and saved["hyperparameters"]["frozen_encoder"]
+    hp = saved["hyperparameters"]
+    assert (hp["epochs"], hp["batch_size"], hp["lr"], hp["features"]) == (3, 4, 1e-3, "cached")
     assert json.loads((out / "config.json").read_text())["fingerprint"] == res["fingerprint"]
-    assert len(md) == 3 and "| cls | chexpert | random |" in md[2] and res["fingerprint"] in md[2]
+    assert len(md) == 3 and "| cls | chexpert | tool | random |" in md[2] and res["fingerprint"] in md[2]
 
     # a rerun of a finished config changes nothing; extending the seeds reuses the finished ones
     mtime = (out / "seeds" / "seed-0.json").stat().st_mtime_ns
@@ -90,9 +96,19 @@ def test_cls_chexpert_linear_probe_two_seeds_and_resume(data, tmp_path, caplog):
     assert more["per_seed"][:2] == saved["per_seed"]
     assert len((out / "results.md").read_text().strip().splitlines()) == 4
 
-    # another configuration in the same folder is refused, not mixed
+    # a seed whose predictions file was lost is redone, the others are reused
+    (out / "seeds" / "seed-1.predictions.csv").unlink()
+    again = run(dataclasses.replace(cfg, seeds=(0, 1, 2, 3)))
+    assert (out / "seeds" / "seed-1.predictions.csv").is_file()
+    assert again["per_seed"][1]["test"] == saved["per_seed"][1]["test"]  # same seed, same numbers
+
+    # another configuration in the same folder is refused, not mixed; an explicit value equal to the
+    # protocol's default is the same configuration
     with pytest.raises(MflagError, match="another configuration"):
         run(dataclasses.replace(cfg, fraction=1.0))
+    with pytest.raises(MflagError, match="another configuration"):
+        run(dataclasses.replace(cfg, protocol="mgca"))
+    assert run(dataclasses.replace(cfg, lr=1e-3, seeds=(0, 1, 2, 3)))["fingerprint"] == again["fingerprint"]
 
 
 def test_cls_linear_probe_is_deterministic_and_split_file_reuses_the_split(data, tmp_path):
@@ -104,6 +120,8 @@ def test_cls_linear_probe_is_deterministic_and_split_file_reuses_the_split(data,
     assert a["per_seed"][0]["test"] == b["per_seed"][0]["test"]
     assert a["fingerprint"] == b["fingerprint"]
     assert a["fraction_sizes"] == b["fraction_sizes"]
+    pa = (tmp_path / "a" / "out" / "seeds" / "seed-3.predictions.csv").read_bytes()
+    assert pa == (tmp_path / "b" / "out" / "seeds" / "seed-3.predictions.csv").read_bytes()
 
 
 def test_cli_cls_covidx_finetune_with_encoder_pt(data, tmp_path, encoder_pt):
@@ -115,13 +133,15 @@ def test_cli_cls_covidx_finetune_with_encoder_pt(data, tmp_path, encoder_pt):
             "--batch-size", "4", "--image-size", str(SIZE)]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
-    assert "test accuracy" in r.output
+    assert "test accuracy" in r.output and "(tool)" in r.output
     res, md = _results(out)
     assert res["checkpoint_sha256"] == file_sha256(encoder_pt)
     assert res["checkpoint_layout"] == "torchvision"
     assert res["finetune"] is True and res["hyperparameters"]["normalize"] == "half"
-    acc = res["per_seed"][0]["test"]["accuracy"]
-    assert 0.0 <= acc <= 1.0 and res["summary"]["accuracy"]["mean"] == pytest.approx(acc)
+    again = recompute_cls(out / "seeds" / "seed-0.predictions.csv", "multiclass")
+    assert res["per_seed"][0]["test"]["accuracy"] == pytest.approx(again["accuracy"], abs=1e-12)
+    assert res["per_seed"][0]["test"]["auroc"] == pytest.approx(again["auroc"], abs=1e-9)
+    assert res["summary"]["accuracy"]["mean"] == pytest.approx(again["accuracy"])
     assert res["class_names"] == ["normal", "pneumonia", "COVID-19"]
     assert res["fraction_sizes"]["0"] < res["split"]["counts"]["train"]
     assert "encoder.pt" in md[2] and res["checkpoint_sha256"][:12] in md[2]
@@ -134,152 +154,129 @@ def test_cli_cls_covidx_finetune_with_encoder_pt(data, tmp_path, encoder_pt):
     assert missing.exit_code == 2 and "error:" in missing.output
 
 
-def test_seg_siim_dice(data, tmp_path, encoder_pt):
-    res = run(_cfg(data, tmp_path, task="seg", dataset="siim", init=str(encoder_pt)))
+def test_mgca_draws_one_fraction_for_every_seed_and_records_it_in_the_split(data, tmp_path):
+    res = run(_cfg(data, tmp_path, task="cls", dataset="covidx", protocol="mgca", seeds=(0, 1), fraction=0.5))
+    out = tmp_path / "out"
+    assert res["fraction_files"]["0"] == res["fraction_files"]["1"]
+    assert res["fraction_files"]["0"]["file"] == "train-frac0.5.txt" and res["fraction_files"]["0"]["seed"] is None
+    assert sorted(p.name for p in (out / "split").glob("train-frac*")) == ["train-frac0.5.txt"]
+    split_json = json.loads((out / "split" / "split.json").read_text())
+    assert split_json["scheme"] == "mgca" and [f["file"] for f in split_json["fractions"]] == ["train-frac0.5.txt"]
+    assert res["split"]["scheme"] == "mgca" and res["leaks"] == res["split"]["leaks"]
+    a, b = (out / "seeds" / f"seed-{s}.predictions.csv" for s in (0, 1))
+    assert a.read_text() != b.read_text()  # same images, another head initialisation and data order
+    hp = res["hyperparameters"]
+    assert (hp["features"], hp["train_transform"], hp["eval_transform"], hp["resize"]) == (
+        "per-epoch", "crop", "center-crop", "pad")
+    assert hp["load_size"] == 73 and hp["image_size"] == SIZE  # 64 x 8/7, then cropped to 64
+    # the split folder is a --split-file for another run under the same protocol: same lists, same fraction
+    again = run(_cfg(data, tmp_path / "again", task="cls", dataset="covidx", protocol="mgca", seeds=(0,),
+                     fraction=0.5, split_file=str(out / "split")))
+    assert again["split"]["sha256"] == res["split"]["sha256"]
+    assert again["fraction_files"]["0"]["sha256"] == res["fraction_files"]["0"]["sha256"]
+
+
+@pytest.mark.parametrize("protocol", ["tool", "mgca"])
+def test_seg_siim_dice_recomputes_from_the_masks(data, tmp_path, encoder_pt, protocol):
+    res = run(_cfg(data, tmp_path, task="seg", dataset="siim", init=str(encoder_pt), protocol=protocol))
     assert res["primary_metric"] == "dice"
     t = res["per_seed"][0]["test"]
-    assert 0.0 <= t["dice"] <= 1.0 and 0.0 <= t["dice_pooled"] <= 1.0
-    assert t["n_images"] == res["split"]["counts"]["test"]
+    doc = json.loads((tmp_path / "out" / "seeds" / "seed-0.predictions.json").read_text())
+    assert [im["image_id"] for im in doc["images"]] == (tmp_path / "out" / "split" / "test.txt").read_text().split()
+    assert doc["image_size"] == SIZE and all(im["pred"]["size"] == [SIZE, SIZE] for im in doc["images"])
+    assert t["dice"] == pytest.approx(recompute_seg(tmp_path / "out" / "seeds" / "seed-0.predictions.json"), abs=1e-9)
+    assert t["n_images"] == res["split"]["counts"]["test"] == len(doc["images"])
     assert "empty" in res["metric_definitions"]["dice"] and "dice_pooled" in res["metric_definitions"]
-    assert res["hyperparameters"]["frozen_encoder"] is True
+    hp = res["hyperparameters"]
+    assert hp["frozen_encoder"] is True
+    assert (hp["encoder_bn"], hp["soft_masks"], hp["monitor"]) == (
+        ("train", True, "loss") if protocol == "mgca" else ("fixed", False, "dice"))
 
 
-def test_det_rsna_fasterrcnn_map(data, tmp_path):
-    res = run(_cfg(data, tmp_path, task="det", dataset="rsna"))
+def test_det_rsna_fasterrcnn_map_recomputes_with_pycocotools(data, tmp_path):
+    res = run(_cfg(data, tmp_path, task="det", dataset="rsna", epochs=2))
     assert res["primary_metric"] == "map_40_75"
     t = res["per_seed"][0]["test"]
-    assert t["n_images"] == res["split"]["counts"]["test"]
-    for k in ("map_40_75", "map_coco", "map_50"):
-        assert t[k] is None or 0.0 <= t[k] <= 1.0
-        assert k in res["metric_definitions"]
+    path = tmp_path / "out" / "seeds" / "seed-0.predictions.json"
+    doc = json.loads(path.read_text())
+    assert len(doc["images"]) == t["n_images"] == res["split"]["counts"]["test"]
+    assert sum(len(im["truth"]) for im in doc["images"]) == t["n_gt_boxes"]
+    assert t["map_40_75"] == pytest.approx(recompute_det(path), abs=1e-9)
+    assert t["map_50"] == pytest.approx(recompute_det(path, (0.5,)), abs=1e-9)
+    _same_or_both_undefined(t["map_40_75_mgca"], recompute_det(path, min_score=0.5, skip=True))
     assert "0.40:0.75" in res["metric_definitions"]["map_40_75"]
-    assert res["per_seed"][0]["bn_calibration_images"] > 0
+    assert "map_40_75_mgca" in res["summary"] and "map_40_75_mgca" in res["metric_definitions"]
+    assert res["per_seed"][0]["bn_calibration_images"] == res["fraction_sizes"]["0"]
 
 
-def test_det_object_cxr_retinanet(data, tmp_path):
-    synth.write_object_cxr(tmp_path / "object_cxr", 20, 1, image_size=SIZE)
-    res = run(_cfg(data, tmp_path, task="det", dataset="object-cxr", det_model="retinanet",
-                   root=str(tmp_path / "object_cxr"), finetune=True))
+def _same_or_both_undefined(ours, recomputed):
+    if recomputed is None:
+        assert ours is None  # undefined (no image with ground truth and a box scoring >= 0.5): null in JSON
+    else:
+        assert ours == pytest.approx(recomputed, abs=1e-9)
+
+
+def test_det_object_cxr_retinanet_finetuned(data, tmp_path):
+    res = run(_cfg(data, tmp_path, task="det", dataset="object-cxr", det_model="retinanet", finetune=True))
     t = res["per_seed"][0]["test"]
-    assert res["hyperparameters"]["head"] == "retinanet"
+    assert res["hyperparameters"]["head"] == "retinanet" and res["hyperparameters"]["encoder_bn"] == "fixed"
     # The detection body's BN is frozen even when fine-tuned: a random body gets estimated statistics.
-    assert res["per_seed"][0]["bn_calibration_images"] > 0
-    assert t["n_images"] == res["split"]["counts"]["test"] and t["n_gt_boxes"] >= 0
+    assert res["per_seed"][0]["bn_calibration_images"] == res["fraction_sizes"]["0"]
+    path = tmp_path / "out" / "seeds" / "seed-0.predictions.json"
+    assert t["map_40_75"] == pytest.approx(recompute_det(path), abs=1e-9)
     assert res["split"]["protocol"]  # the split says how it was made (dev.csv is the test set)
+
+
+# Every pair under every protocol it has: MGCA's seven pairs (the paper's tables) under mgca here, and
+# under tool here or in the tests above (cls chexpert/covidx, seg siim, det rsna/object-cxr); the pairs
+# only this tool has run under tool.
+PAIRS = [("cls", "chexpert", "mgca"), ("cls", "rsna", "mgca"), ("cls", "covidx", "mgca"), ("seg", "siim", "mgca"),
+         ("seg", "rsna", "mgca"), ("det", "rsna", "mgca"), ("det", "object-cxr", "mgca"),
+         ("cls", "rsna", "tool"), ("seg", "rsna", "tool"), ("cls", "siim", "tool"), ("cls", "object-cxr", "tool")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task,dataset,protocol", PAIRS)
+def test_every_task_dataset_pair_runs_under_its_protocols(data, tmp_path, task, dataset, protocol):
+    cfg = _cfg(data, tmp_path, task=task, dataset=dataset, protocol=protocol, batch_size=None, fraction=0.5)
+    res = run(cfg)
+    hp = res["hyperparameters"]
+    assert res["protocol"] == hp["protocol"] == protocol
+    assert hp == cfg.recipe(res["label_kind"]).as_dict()  # what ran is the recipe, recorded
+    pred = tmp_path / "out" / "seeds" / res["per_seed"][0]["predictions"]
+    t = res["per_seed"][0]["test"]
+    if task == "cls":
+        again = recompute_cls(pred, res["label_kind"])
+        for k, v in again.items():
+            assert t[k] == pytest.approx(v, abs=1e-9) if v is not None else t[k] is None
+    elif task == "seg":
+        assert t["dice"] == pytest.approx(recompute_seg(pred), abs=1e-9)
+    else:
+        assert t["map_40_75"] == pytest.approx(recompute_det(pred), abs=1e-9)
+        _same_or_both_undefined(t["map_40_75_mgca"], recompute_det(pred, min_score=0.5, skip=True))
+        assert res["primary_metric"] == ("map_40_75_mgca" if protocol == "mgca" else "map_40_75")
+        assert hp["head"] == ("yolov3" if protocol == "mgca" else "fasterrcnn")
+    if protocol == "mgca":
+        assert hp["epochs"] == 1 and hp["patience"] == 10 and hp["normalize"] == "half"
+        assert hp["batch_size"] == {"cls": 48, "seg": 16 if dataset == "rsna" else 8, "det": 16}[task]
+    else:
+        assert hp["batch_size"] == 16 and hp["monitor"] == res["primary_metric"]
 
 
 def test_config_validation_names_the_field(tmp_path):
     good = dict(task="cls", dataset="covidx", root=str(tmp_path), out=str(tmp_path / "o"), init="random")
+    with pytest.raises(ConfigError, match="image_size: the YOLOv3 head needs a multiple of 32"):
+        EvalConfig(**{**good, "task": "det", "dataset": "rsna", "protocol": "mgca", "image_size": 100})
+    assert EvalConfig(**{**good, "task": "det", "dataset": "rsna", "image_size": 100}).recipe().head == "fasterrcnn"
+    with pytest.raises(ConfigError, match="protocol: MGCA has no cls siim recipe"):
+        EvalConfig(**{**good, "dataset": "siim", "protocol": "mgca"})
     for field, value in (("task", "clf"), ("fraction", 0.0), ("seeds", ()), ("image_size", 16),
-                         ("det_model", "yolo"), ("init", str(tmp_path / "nope.pt")), ("lr", -1.0)):
+                         ("det_model", "yolo"), ("init", str(tmp_path / "nope.pt")), ("lr", -1.0),
+                         ("protocol", "paper"), ("batch_size", 0), ("weight_decay", -1e-4)):
         with pytest.raises(ConfigError, match=field):
             EvalConfig(**{**good, field: value})
-    assert EvalConfig(**{**good, "init": "imagenet"}).norm() == "imagenet"
+    assert EvalConfig(**{**good, "init": "imagenet"}).recipe().normalize == "imagenet"
+    assert EvalConfig(**{**good, "init": "imagenet", "protocol": "mgca"}).recipe().normalize == "half"
     assert EvalConfig(**good).effective()["epochs"] == 100
     assert EvalConfig(**{**good, "finetune": True}).effective()["epochs"] == 10
-
-
-# --------------------------------------------------------------------------- building blocks
-def _encoder_state(seed=0):
-    torch.manual_seed(seed)
-    m = torchvision.models.resnet50(weights=None)
-    return {k: v for k, v in m.state_dict().items() if not k.startswith("fc.")}
-
-
-def test_unet_and_detector_carry_the_encoder_weights_and_freeze_them():
-    state = _encoder_state()
-    unet = ds.build_unet(state, finetune=False)
-    assert torch.equal(unet.encoder.layer4[2].conv3.weight, state["layer4.2.conv3.weight"])
-    assert not any(p.requires_grad for p in unet.encoder.parameters())
-    assert any(p.requires_grad for p in unet.decoder.parameters())
-    assert all(p.requires_grad for p in ds.build_unet(state, finetune=True).encoder.parameters())
-
-    det = ds.build_detector("fasterrcnn", state, 64, finetune=False)
-    body = det.backbone.body
-    assert torch.equal(body.layer1[0].conv1.weight, state["layer1.0.conv1.weight"])
-    assert torch.equal(body.bn1.running_mean, state["bn1.running_mean"])
-    assert not any(p.requires_grad for p in body.parameters())
-    assert any(p.requires_grad for p in det.backbone.fpn.parameters())
-    assert det.transform.min_size == (64,)
-    retina = ds.build_detector("retinanet", state, 64, finetune=True)
-    assert any(p.requires_grad for p in retina.backbone.body.layer1.parameters())
-
-    broken = dict(state)
-    broken.pop("layer1.0.conv1.weight")
-    with pytest.raises(MflagError, match="layer1.0.conv1.weight"):
-        ds.build_detector("fasterrcnn", broken, 64, finetune=False)
-    with pytest.raises(MflagError):
-        ds.build_unet(broken, finetune=False)
-
-
-def test_det_dataset_scales_and_clips_boxes(tmp_path):
-    from PIL import Image
-
-    p = tmp_path / "a.png"
-    Image.fromarray(np.zeros((100, 200), np.uint8)).save(p)
-    rec = Record(image_id="a", patient_id="a", path=p,
-                 boxes=((20.0, 10.0, 60.0, 50.0), (150.0, 90.0, 260.0, 130.0), (5.0, 5.0, 5.5, 6.0)))
-    src = ds.ImageSource([rec], 50)
-    img, target = ds.DetDataset(src)[0]
-    assert img.shape == (50, 50) and img.dtype == torch.uint8
-    # x scales by 50/200, y by 50/100; the second box is clipped, the tiny third one dropped
-    assert target["boxes"].tolist() == [[5.0, 5.0, 15.0, 25.0], [37.5, 45.0, 50.0, 50.0]]
-    assert target["labels"].tolist() == [1, 1]
-
-
-def test_augmentation_moves_mask_with_image_and_is_reproducible():
-    img = np.zeros((64, 64), np.uint8)
-    img[20:40, 24:44] = 200
-    mask = (img > 0).astype(np.uint8)
-    a1, m1 = ds.augment(img, mask, np.random.default_rng(5))
-    a2, m2 = ds.augment(img, mask, np.random.default_rng(5))
-    assert np.array_equal(a1, a2) and np.array_equal(m1, m2)
-    assert not np.array_equal(m1, mask)  # it did move
-    bright = a1 > np.median(a1) + 40
-    assert (bright & (m1 > 0)).sum() / max(bright.sum(), 1) > 0.9
-
-
-def test_linear_probe_learns_separable_features_and_keeps_best_epoch():
-    rng = np.random.default_rng(0)
-    y = (rng.random((600, 2)) < 0.5).astype(np.float32)
-    x = rng.normal(size=(600, 8)).astype(np.float32)
-    x[:, :2] += 3 * y  # the Bayes-optimal AUROC is about 0.98
-    settings = ds.TrainSettings(epochs=30, batch_size=32, lr=1e-2, patience=5, seed=0)
-    predict, fitted = ds.train_linear_probe(x[:400], y[:400], x[400:500], y[400:500], "multilabel", ["a", "b"],
-                                            settings)
-    from pipeline.metrics import mean_auroc
-
-    assert mean_auroc(y[500:], predict(x[500:])) > 0.93
-    best = fitted.history[fitted.best_epoch]["val_auroc"]
-    assert best == max(h["val_auroc"] for h in fitted.history)
-    assert math.isfinite(fitted.history[0]["val_loss"])
-
-
-def test_to_input_normalisations():
-    x = torch.full((2, 4, 4), 255, dtype=torch.uint8)
-    assert ds.to_input(x, "half").shape == (2, 3, 4, 4)
-    assert torch.allclose(ds.to_input(x, "half"), torch.ones(2, 3, 4, 4))
-    assert ds.to_input(x, "imagenet")[0, 0, 0, 0] == pytest.approx((1 - 0.485) / 0.229, rel=1e-5)
-
-
-def test_calibrate_bn_normalises_a_random_encoder_without_touching_weights(tmp_path):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    recs = []
-    for i in range(6):
-        p = tmp_path / f"{i}.png"
-        Image.fromarray((rng.random((64, 64)) * 255).astype(np.uint8)).save(p)
-        recs.append(Record(image_id=str(i), patient_id=str(i), path=p))
-    src = ds.ImageSource(recs, 64)
-    torch.manual_seed(0)
-    enc = torchvision.models.resnet50(weights=None)
-    enc.fc = torch.nn.Identity()
-    w = enc.layer3[0].conv1.weight.clone()
-    settings = ds.TrainSettings(epochs=1, batch_size=4, lr=1e-3, patience=1, seed=0, norm="half")
-    before = ds.extract_features(enc, src, range(6), settings).std()
-    assert ds.calibrate_bn(enc, src, list(range(6)), settings) == 6
-    after = ds.extract_features(enc, src, range(6), settings).std()
-    assert torch.equal(enc.layer3[0].conv1.weight, w)
-    assert not enc.training and enc.bn1.momentum == 0.1
-    assert after < before / 3, (before, after)
+    assert EvalConfig(**{**good, "protocol": "mgca"}).effective()["epochs"] == 50

@@ -149,3 +149,20 @@ def test_a_replaced_external_input_makes_the_stage_stale(tmp_path):
     assert states["embed-text"] == ("stale", "input model changed")
     execute(graph())
     assert calls == ["embed-text", "train:mflag", "eval:cls"]
+
+
+def test_progress_names_each_stage_of_how_many_with_the_time_so_far(tmp_path, caplog):
+    import logging
+    import re
+
+    calls = []
+    execute(_graph(tmp_path, calls))
+    logger = logging.getLogger("test.progress")
+    with caplog.at_level(logging.INFO, logger="test.progress"):
+        execute(_graph(tmp_path, calls), force=("embed",), log=logger)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "3 of 4 stage(s) to run"
+    running = [m for m in lines if "running" in m]
+    assert [re.match(r"\[(\d)/(\d), (\d+ s|\d+ min \d\d s) elapsed\] stage (\S+): running", m).group(1, 2, 4)
+            for m in running] == [("1", "3", "embed-text"), ("2", "3", "train:mflag"), ("3", "3", "eval:cls")]
+    assert sum("done in" in m for m in lines) == 3

@@ -108,9 +108,9 @@ def test_bad_samples_are_counted_and_too_many_stop_the_run(tmp_path):
         tv.run(tiny_config(world, tmp_path / "strict", max_steps=2, probe_size=0))
 
 
-def test_restart_schedule_defaults_to_the_originals_cycle(tmp_path):
-    # Without --restart-every a cycle is 40% of the run (the original's T_0): 2 of 5 steps here, so the
-    # learning rate is back at its peak after steps 2 and 4.
+def test_restart_schedule_defaults_to_cycles_of_40_percent_of_the_run(tmp_path):
+    # Without --restart-every a cycle is --restart-fraction (0.4) of the run: 2 of 5 steps here, so the
+    # learning rate is back at its peak after steps 2 and 4 (tests/test_recipes.py: the original's T_0).
     world = make_world(tmp_path, n_train=8, n_val=2, per_shard=4)
     out = tmp_path / "run"
     tv.run(tiny_config(world, out, schedule="restarts", max_steps=5, probe_size=0, ckpt_every=5))

@@ -26,6 +26,15 @@ def check_task(name: str, task: str, supported: Sequence[str]) -> None:
         raise MflagError(f"dataset {name!r} supports tasks {', '.join(supported)}, not {task!r}")
 
 
+# --protocol: "tool" (this tool's reading and splits) or "mgca" (MGCA's, docs/PROTOCOLS.md).
+PROTOCOLS = ("tool", "mgca")
+
+
+def check_protocol(name: str, protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise MflagError(f"dataset {name!r}: unknown protocol {protocol!r} (one of {', '.join(PROTOCOLS)})")
+
+
 def find_file(root: Path, candidates: Sequence[str], what: str) -> Path:
     """The first of ``candidates`` (relative to ``root``) that exists; an error listing them otherwise."""
     for c in candidates:
@@ -77,6 +86,15 @@ class Tally:
             log.warning("%s", message)
             if self.counts[kind] == _WARN_LIMIT:
                 log.warning("further %s warnings are only counted", kind)
+
+
+def missing_image(tally: Tally, require_images: bool, message: str) -> None:
+    """Count an image missing on disk: a skipped record (with a warning) when images are required,
+    else only a count (``require_images=False`` reads label files alone and expects no images)."""
+    if require_images:
+        tally.add("missing_images", message=message)
+    else:
+        tally.add("images_not_on_disk")
 
 
 def enforce_missing(tally: Tally, n_labelled: int, source: Path, max_missing: float) -> None:

@@ -33,6 +33,25 @@ class Record:
     official_split: str | None = None
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class LabelRow:
+    """One row of a label file as published, kept only under ``protocol="mgca"``: MGCA's splits draw on
+    row positions, so every row counts, in file order, duplicates and rows no record keeps included.
+
+    ``keep``: the row passes the filter MGCA's dataset class applies before training (CheXpert: the
+    view; True elsewhere). ``positive``: the row's mask is non-empty (SIIM). ``group``: the competition
+    task (0-4) a CheXpert frontal row is the only positive of, which puts it in MGCA's 5x200 draw; -1
+    otherwise.
+    """
+
+    image_id: str
+    patient_id: str
+    line: int
+    keep: bool = True
+    positive: bool = False
+    group: int = -1
+
+
 @dataclasses.dataclass
 class DatasetSpec:
     """A read dataset: its records plus what eval needs to know to train on it.
@@ -41,6 +60,9 @@ class DatasetSpec:
     ``tasks``: the eval tasks this dataset supports, subset of {"cls", "seg", "det"}.
     ``mask_fn(record, height, width) -> uint8 HxW`` renders the segmentation target.
     ``counts``: what the reader counted (rows read, missing images, clipped boxes, ...).
+    ``task`` / ``protocol``: what the dataset was read for (``load_dataset`` sets them).
+    ``label_rows``: under ``protocol="mgca"``, every row of each label file by the split it belongs
+    to ("train", "valid", "test", "dev"), for the splits MGCA draws by row position; empty otherwise.
     """
 
     name: str
@@ -51,3 +73,6 @@ class DatasetSpec:
     tasks: tuple[str, ...] = ("cls",)
     mask_fn: Callable[[Record, int, int], np.ndarray] | None = None
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    task: str = ""
+    protocol: str = "tool"
+    label_rows: dict[str, tuple[LabelRow, ...]] = dataclasses.field(default_factory=dict)

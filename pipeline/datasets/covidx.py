@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.common import MflagError
-from pipeline.datasets._common import DEFAULT_MAX_MISSING, DatasetError, Tally, check_task, enforce_missing
-from pipeline.datasets.base import DatasetSpec, Record
+from pipeline.common import MflagError, unsafe_id_reason
+from pipeline.datasets._common import (DEFAULT_MAX_MISSING, DatasetError, Tally, check_protocol, check_task,
+                                       enforce_missing, missing_image)
+from pipeline.datasets.base import DatasetSpec, LabelRow, Record
 
 LABEL_SETS: dict[str, tuple[str, ...]] = {
     "A": ("normal", "pneumonia", "COVID-19"),
@@ -44,14 +45,17 @@ def _parse_line(path: Path, line_no: int, text: str) -> tuple[str, str, str]:
 def read_covidx(root: str | Path, task: str = "cls", label_set: str = "auto",
                 train_file: str | None = None, test_file: str | None = None,
                 train_dir: str = "train", test_dir: str = "test",
-                max_missing: float = DEFAULT_MAX_MISSING) -> DatasetSpec:
+                max_missing: float = DEFAULT_MAX_MISSING, protocol: str = "tool",
+                require_images: bool = True) -> DatasetSpec:
     """Read COVIDx into one-hot multiclass records.
 
     ``label_set``: "A" (normal, pneumonia, COVID-19), "B" (negative, positive) or "auto" (the set
     containing every class in the files). A class outside the set is a DatasetError naming the file and
     line; nothing is mapped silently. Records carry ``official_split`` "train" or "test".
+    Under ``protocol="mgca"`` every label line (duplicates too) is kept in ``label_rows`` by file.
     """
     check_task("covidx", task, ("cls",))
+    check_protocol("covidx", protocol)
     if label_set not in ("auto", *LABEL_SETS):
         raise MflagError(f"COVIDx: label_set must be auto, A or B, not {label_set!r}")
     root = Path(root)
@@ -93,19 +97,30 @@ def read_covidx(root: str | Path, task: str = "cls", label_set: str = "auto",
                                f"({', '.join(names)})")
         tally.add("rows")
         image_id = f"{split}/{fname}"
+        if unsafe_id_reason(fname):
+            tally.add("unsafe_ids", message=f"{path}:{line_no}: filename {fname!r} {unsafe_id_reason(fname)}; "
+                                            "line skipped")
+            continue
         if image_id in seen_ids:
             tally.add("duplicate_rows", message=f"{path}:{line_no}: duplicate image {fname}, skipped")
             continue
         seen_ids.add(image_id)
         img = root / dirs[split] / fname
         if not img.is_file():
-            tally.add("missing_images", message=f"{path}:{line_no}: image {img} not found, skipped")
-            continue
+            missing_image(tally, require_images, f"{path}:{line_no}: image {img} not found, skipped")
+            if require_images:
+                continue
         onehot = [0.0] * len(names)
         onehot[index[cls.lower()]] = 1.0
         records.append(Record(image_id=image_id, patient_id=pid, path=img, labels=tuple(onehot),
                               official_split=split))
     enforce_missing(tally, tally.counts.get("rows", 0) - tally.counts.get("duplicate_rows", 0), root, max_missing)
     tally.counts["images"] = len(records)
+    label_rows: dict[str, tuple[LabelRow, ...]] = {}
+    if protocol == "mgca":
+        for split in ("train", "test"):
+            label_rows[split] = tuple(LabelRow(f"{split}/{fname}", pid, line_no)
+                                      for _, line_no, sp, pid, fname, _ in rows if sp == split)
     return DatasetSpec(name="covidx", root=root, records=records, class_names=names,
-                       label_kind="multiclass", tasks=("cls",), counts=tally.counts)
+                       label_kind="multiclass", tasks=("cls",), counts=tally.counts, task=task,
+                       protocol=protocol, label_rows=label_rows)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.common import MflagError, coerce_to_hint
+from pipeline.datasets._common import PROTOCOLS  # also the --protocol choices for callers
 from pipeline.datasets.base import DatasetSpec
 
 
@@ -23,6 +24,8 @@ def _readers() -> dict[str, Callable[..., DatasetSpec]]:
 
 
 DATASETS = ("chexpert", "rsna", "covidx", "siim", "object-cxr")
+# Reader parameters set by the caller, not by users' --dataset-option.
+_CALLER_PARAMS = ("root", "task", "protocol", "require_images")
 # The tasks each reader supports (each reader also checks its own with check_task).
 TASKS_BY_DATASET = {"chexpert": ("cls",), "rsna": ("cls", "det", "seg"), "covidx": ("cls",),
                     "siim": ("seg", "cls"), "object-cxr": ("det", "cls")}
@@ -34,7 +37,7 @@ def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     be text as typed on the command line (``KEY=VALUE``: "false", "0.1", "a.csv,b.csv") or YAML values;
     text meant as a name is kept exactly as typed ("0001" stays "0001")."""
     key, reader = _reader(name)
-    accepted = [p for p in inspect.signature(reader).parameters if p not in ("root", "task")]
+    accepted = [p for p in inspect.signature(reader).parameters if p not in _CALLER_PARAMS]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise MflagError(f"dataset {key!r} has no option(s) {', '.join(unknown)} (accepted: {', '.join(accepted)})")
@@ -51,15 +54,24 @@ def _reader(name: str) -> tuple[str, Callable[..., DatasetSpec]]:
     return key, readers[key]
 
 
-def load_dataset(name: str, root: str | Path, task: str, **options: Any) -> DatasetSpec:
+def load_dataset(name: str, root: str | Path, task: str, protocol: str = "tool", require_images: bool = True,
+                 **options: Any) -> DatasetSpec:
     """Read dataset ``name`` (chexpert|rsna|covidx|siim|object-cxr) at ``root`` for ``task``.
 
+    ``protocol``: "tool" or "mgca"; under "mgca" the spec also carries every label-file row in published
+    order (``DatasetSpec.label_rows``, what MGCA's splits draw on) and Object-CXR boxes are MGCA's.
+    ``require_images=False`` reads the label files alone (``cli.py splits``): an image missing on disk
+    is kept as a record without a size instead of being skipped, and nothing fails for it.
     ``options`` go to the reader (e.g. uncertainty=, frontal_only=, label_set=, max_missing=), checked
     and converted by ``check_options``.
     """
     key, reader = _reader(name)
+    if protocol not in PROTOCOLS:
+        raise MflagError(f"unknown protocol {protocol!r} (one of {', '.join(PROTOCOLS)})")
     options = check_options(key, options)
     root = Path(root)
     if not root.is_dir():
         raise MflagError(f"dataset root {root} is not a directory")
-    return reader(root, task=task, **options)
+    spec = reader(root, task=task, protocol=protocol, require_images=require_images, **options)
+    spec.task, spec.protocol = task, protocol
+    return spec

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.common import MflagError, progress
-from pipeline.datasets._common import (DEFAULT_MAX_MISSING, DatasetError, Tally, box_corners, check_task,
-                                       clip_box, dicom_header, enforce_missing, fill_shapes, find_file,
-                                       read_csv_rows)
-from pipeline.datasets.base import DatasetSpec, Record
+from pipeline.common import MflagError, progress, unsafe_id_reason
+from pipeline.datasets._common import (DEFAULT_MAX_MISSING, DatasetError, Tally, box_corners, check_protocol,
+                                       check_task, clip_box, dicom_header, enforce_missing, fill_shapes, find_file,
+                                       missing_image, read_csv_rows)
+from pipeline.datasets.base import DatasetSpec, LabelRow, Record
 
 CLASS_NAMES = ("Lung Opacity",)
 LABELS_FILES = ("stage_2_train_labels.csv", "stage_1_train_labels.csv")
@@ -74,13 +74,18 @@ def _mask(record: Record, height: int, width: int) -> np.ndarray:
 
 
 def read_rsna(root: str | Path, task: str = "cls", max_missing: float = DEFAULT_MAX_MISSING,
-              labels_file: str | None = None, images_dir: str | None = None) -> DatasetSpec:
+              labels_file: str | None = None, images_dir: str | None = None, protocol: str = "tool",
+              require_images: bool = True) -> DatasetSpec:
     """Read RSNA into records: labels (any box), boxes clipped to the DICOM's Rows x Columns.
 
     ``patient_id`` = ``image_id`` = patientId (one image per patient). Image sizes come from the
-    DICOM headers (no pixel decode); ``mask_fn`` fills the boxes for the seg task.
+    DICOM headers (no pixel decode); ``mask_fn`` fills the boxes for the seg task. With
+    ``require_images=False`` a patient without a DICOM keeps its boxes unclipped and no size.
+    Under ``protocol="mgca"`` ``label_rows["train"]`` holds each patientId once (MGCA groups the rows
+    by patientId, which sorts them).
     """
     check_task("rsna", task, ("cls", "det", "seg"))
+    check_protocol("rsna", protocol)
     root = Path(root)
     csv_path = root / labels_file if labels_file else find_file(root, LABELS_FILES, "RSNA labels CSV")
     if images_dir:
@@ -89,19 +94,31 @@ def read_rsna(root: str | Path, task: str = "cls", max_missing: float = DEFAULT_
         # The image folder of the same stage as the labels when it exists (stage 2 labels with stage 1
         # images would miss most files), else whichever is there.
         same = [d for d in IMAGE_DIRS if d.split("_", 2)[:2] == csv_path.name.split("_", 2)[:2]]
-        img_dir = root / same[0] if same and (root / same[0]).is_dir() else \
-            find_file(root, IMAGE_DIRS, "RSNA image folder")
+        if same and (root / same[0]).is_dir():
+            img_dir = root / same[0]
+        elif require_images or any((root / d).is_dir() for d in IMAGE_DIRS):
+            img_dir = find_file(root, IMAGE_DIRS, "RSNA image folder")
+        else:
+            img_dir = root / (same[0] if same else IMAGE_DIRS[0])  # label files alone: no image is read
     labels, first_line = _read_rows(csv_path)
     tally = Tally()
     tally.counts["patients_labelled"] = len(labels)
     records: list[Record] = []
+    have_dir = img_dir.is_dir()  # label files alone: no per-image look-up in a folder that is not there
     for pid, boxes in progress(labels.items(), total=len(labels), desc="RSNA DICOM headers", unit="img"):
-        path = img_dir / f"{pid}.dcm"
-        if not path.is_file():
-            tally.add("missing_images", message=f"{csv_path}:{first_line[pid]}: image {path} for patientId "
-                                                f"{pid} not found, skipped")
+        if unsafe_id_reason(pid):
+            tally.add("unsafe_ids", message=f"{csv_path}:{first_line[pid]}: patientId {pid!r} "
+                                            f"{unsafe_id_reason(pid)}; skipped")
             continue
-        size, _ = dicom_header(path)
+        path = img_dir / f"{pid}.dcm"
+        size = None
+        if have_dir and path.is_file():
+            size, _ = dicom_header(path)
+        else:
+            missing_image(tally, require_images, f"{csv_path}:{first_line[pid]}: image {path} for patientId "
+                                                 f"{pid} not found, skipped")
+            if require_images:
+                continue
         kept = []
         for line, b in boxes:
             c, changed = clip_box(b, size)
@@ -119,7 +136,7 @@ def read_rsna(root: str | Path, task: str = "cls", max_missing: float = DEFAULT_
     enforce_missing(tally, len(labels), csv_path, max_missing)
     tally.counts["images"] = len(records)
     tally.counts["boxes"] = sum(len(r.boxes) for r in records)
+    label_rows = {"train": tuple(LabelRow(pid, pid, first_line[pid]) for pid in labels)} if protocol == "mgca" else {}
     return DatasetSpec(name="rsna", root=root, records=records, class_names=CLASS_NAMES,
                        label_kind="multilabel", tasks=("cls", "det", "seg"), mask_fn=_mask,
-                       counts=tally.counts)
-
+                       counts=tally.counts, task=task, protocol=protocol, label_rows=label_rows)

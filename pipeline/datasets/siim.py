@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.common import MflagError, progress
-from pipeline.datasets._common import (DEFAULT_MAX_MISSING, DatasetError, Tally, check_task, dicom_header,
-                                       enforce_missing, find_file, read_csv_rows)
-from pipeline.datasets.base import DatasetSpec, Record
+from pipeline.datasets._common import (DEFAULT_MAX_MISSING, DatasetError, Tally, check_protocol, check_task,
+                                       dicom_header, enforce_missing, find_file, missing_image, read_csv_rows)
+from pipeline.datasets.base import DatasetSpec, LabelRow, Record
 
 
 class RLEError(MflagError):
@@ -100,42 +100,59 @@ def siim_mask(record: Record, height: int, width: int) -> np.ndarray:
 
 
 def read_siim(root: str | Path, task: str = "seg", max_missing: float = DEFAULT_MAX_MISSING,
-              labels_file: str | None = None, images_dir: str | None = None) -> DatasetSpec:
+              labels_file: str | None = None, images_dir: str | None = None, protocol: str = "tool",
+              require_images: bool = True) -> DatasetSpec:
     """Read SIIM-ACR into records: rle = the image's non-empty RLE rows (unioned by ``mask_fn``).
 
     train-rle.csv is read with skipinitialspace; ``-1`` and `` -1`` are empty. DICOMs are found by
     stem anywhere under dicom-images-train/. Sizes and PatientID come from the DICOM headers
-    (no pixel decode); patient_id falls back to the ImageId when the header has none. Malformed RLE
-    (bad token, odd count, runs past the image end) is an RLEError naming the file and line.
+    (no pixel decode); patient_id falls back to the ImageId when the header has none (or, with
+    ``require_images=False``, when there is no DICOM). Malformed RLE (bad token, odd count, runs past
+    the image end) is an RLEError naming the file and line; without a DICOM only the tokens are checked.
+    Under ``protocol="mgca"`` ``label_rows["train"]`` holds every CSV row in file order with
+    ``positive`` = non-empty mask: MGCA splits SIIM by row, not by image.
     """
     check_task("siim", task, ("seg", "cls"))
+    check_protocol("siim", protocol)
     root = Path(root)
     # Only train-rle.csv: the later stage_2_train.csv uses absolute, not relative, run starts.
     csv_path = root / labels_file if labels_file else find_file(root, ("train-rle.csv",), "SIIM RLE CSV")
-    img_dir = root / images_dir if images_dir else find_file(
-        root, ("dicom-images-train", "dicom-images"), "SIIM DICOM folder")
+    if images_dir:
+        img_dir = root / images_dir
+    elif require_images or any((root / d).is_dir() for d in ("dicom-images-train", "dicom-images")):
+        img_dir = find_file(root, ("dicom-images-train", "dicom-images"), "SIIM DICOM folder")
+    else:
+        img_dir = root / "dicom-images-train"  # label files alone: no image is read
     rows: dict[str, list[tuple[int, str]]] = {}
+    label_rows: list[LabelRow] = []
     tally = Tally()
     for line, row in read_csv_rows(csv_path, ("ImageId", "EncodedPixels"), skipinitialspace=True):
         tally.add("rows")
         image_id = row["ImageId"].strip()
         if not image_id:
             raise DatasetError(f"{csv_path}:{line}: empty ImageId")
-        rows.setdefault(image_id, []).append((line, row["EncodedPixels"].strip()))
-    files = {p.stem: p for p in sorted(img_dir.rglob("*.dcm"))}
+        rle = row["EncodedPixels"].strip()
+        rows.setdefault(image_id, []).append((line, rle))
+        if protocol == "mgca":
+            label_rows.append(LabelRow(image_id, image_id, line, positive=rle not in _EMPTY))
+    files = {p.stem: p for p in sorted(img_dir.rglob("*.dcm"))} if img_dir.is_dir() else {}
     records: list[Record] = []
     for image_id, entries in progress(rows.items(), total=len(rows), desc="SIIM DICOM headers", unit="img"):
         path = files.get(image_id)
-        if path is None:
-            tally.add("missing_images",
-                      message=f"{csv_path}:{entries[0][0]}: no {image_id}.dcm under {img_dir}, skipped")
-            continue
-        size, pid = dicom_header(path)
+        size, pid = None, None
+        if path is not None:
+            size, pid = dicom_header(path)
+        else:
+            missing_image(tally, require_images,
+                          f"{csv_path}:{entries[0][0]}: no {image_id}.dcm under {img_dir}, skipped")
+            if require_images:
+                continue
+            path = img_dir / f"{image_id}.dcm"
         rles = []
         for line, rle in entries:
             if rle in _EMPTY:
                 continue
-            why = check_rle(rle, *size)
+            why = check_rle(rle, *size) if size else check_rle(rle, 1 << 62, 1)
             if why:
                 raise RLEError(f"{csv_path}:{line}: malformed RLE for {image_id}: {why}")
             rles.append(rle)
@@ -145,5 +162,11 @@ def read_siim(root: str | Path, task: str = "seg", max_missing: float = DEFAULT_
     tally.counts["images"] = len(records)
     tally.counts["positive"] = sum(1 for r in records if r.rle)
     tally.counts["unlabelled_dicoms"] = len(set(files) - set(rows))
+    if protocol == "mgca":
+        # Patients come from the DICOM headers; rows of an image without one keep the ImageId.
+        patient = {r.image_id: r.patient_id for r in records}
+        label_rows = [LabelRow(x.image_id, patient.get(x.image_id, x.image_id), x.line, positive=x.positive)
+                      for x in label_rows]
     return DatasetSpec(name="siim", root=root, records=records, class_names=CLASS_NAMES,
-                       label_kind="multilabel", tasks=("seg", "cls"), mask_fn=siim_mask, counts=tally.counts)
+                       label_kind="multilabel", tasks=("seg", "cls"), mask_fn=siim_mask, counts=tally.counts,
+                       task=task, protocol=protocol, label_rows={"train": tuple(label_rows)} if label_rows else {})

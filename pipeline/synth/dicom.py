@@ -7,9 +7,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
-from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
 
 # The SIIM/RSNA releases were converted with DCMTK under this implementation UID root.
 UID_ROOT = "1.2.276.0.7230010.3"
@@ -35,6 +32,12 @@ def write_dicom(path, image: np.ndarray, *, sop_uid: str, study_uid: str, series
     With ``monochrome1`` the stored pixels are inverted and PhotometricInterpretation says
     MONOCHROME1, so a reader that inverts MONOCHROME1 recovers ``image`` (up to JPEG loss).
     """
+    # pydicom is needed here only: the other synthetic writers (and the GPU smoke test's CheXpert)
+    # work where it is not installed.
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
+
     if image.dtype != np.uint8 or image.ndim != 2:
         raise ValueError(f"expected a uint8 HxW image, got {image.dtype} {image.shape}")
     stored = 255 - image if monochrome1 else image

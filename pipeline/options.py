@@ -1,0 +1,297 @@
+"""One declaration per option: a stage's config dataclass field says everything about an option.
+
+A field declared with :func:`option` carries its help text, choices, bounds and command-line names
+in its metadata. From the dataclass alone this module derives:
+
+- the checks of ``__post_init__`` (:func:`check_fields`: type, choices, bounds; an error names the
+  field, and ``cli.py`` renames it to the option as typed);
+- the click options of the stage's command (:func:`click_options`);
+- the option name of a field for error messages (:func:`option_name`);
+- the pipeline YAML's checks (``stages/orchestrate.py`` reads the same fields and types);
+- the options table of the docs (:func:`markdown_table`, written to docs/OPTIONS.md).
+
+Cross-field rules (``crop_size <= image_size``) stay in the stage's ``__post_init__`` after
+``check_fields(self)``. Why not pydantic: the checks needed are few (types, choices, bounds), a
+command line and a YAML file read values differently (``pipeline.common.coerce_to_hint`` decides
+both), and errors must be one line naming the option as the user typed it; a small module that
+also generates the click options is less code than adapting a validation library to do that.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Callable, Sequence
+
+from pipeline.common import ConfigError
+
+_KEY = "mflag_option"
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """What a field's metadata says about its option (see :func:`option`)."""
+
+    help: str
+    choices: tuple[Any, ...] | None = None
+    min: float | None = None
+    max: float | None = None
+    min_open: bool = False
+    max_open: bool = False
+    names: tuple[str, ...] = ()
+    show_default: str | None = None
+    negatable: bool = True
+    exists: str | None = None
+    metavar: str | None = None
+    cli: bool = True
+
+
+def option(default: Any = dataclasses.MISSING, *, help: str, choices: Sequence[Any] | None = None,
+           min: float | None = None, max: float | None = None, min_open: bool = False, max_open: bool = False,
+           names: Sequence[str] = (), show_default: str | None = None, negatable: bool = True,
+           exists: str | None = None, metavar: str | None = None, cli: bool = True,
+           default_factory: Callable[[], Any] | Any = dataclasses.MISSING) -> Any:
+    """A dataclass field that is also an option.
+
+    ``help``: the one-line help (the default is appended by click). ``choices``: allowed values.
+    ``min``/``max``: inclusive bounds (``min_open``/``max_open`` make them exclusive). ``names``:
+    the command-line spellings (default ``--field-name``). ``show_default``: text shown instead of
+    the default (for defaults computed at run time or ``None`` meaning "derived"). ``negatable``:
+    a bool option gets ``--x/--no-x`` (False: a plain ``--x`` flag). ``exists``: ``"dir"``,
+    ``"file"`` or ``"any"``: click checks that the path exists. ``cli=False``: YAML/API only.
+    """
+    meta = {_KEY: Option(help=help, choices=tuple(choices) if choices is not None else None, min=min, max=max,
+                         min_open=min_open, max_open=max_open, names=tuple(names), show_default=show_default,
+                         negatable=negatable, exists=exists, metavar=metavar, cli=cli)}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def options_of(cls) -> list[tuple[dataclasses.Field, Option, Any]]:
+    """(field, Option, type hint) of every field of ``cls`` declared with :func:`option`, in order."""
+    hints = typing.get_type_hints(cls)
+    return [(f, f.metadata[_KEY], hints[f.name]) for f in dataclasses.fields(cls) if _KEY in f.metadata]
+
+
+def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return inner[0], type(None) in args
+    return hint, False
+
+
+def _is_pairs(hint: Any) -> bool:
+    """``tuple[tuple[str, Any], ...]``: KEY=VALUE options."""
+    if typing.get_origin(hint) is not tuple:
+        return False
+    args = typing.get_args(hint)
+    return len(args) == 2 and args[1] is Ellipsis and typing.get_origin(args[0]) is tuple
+
+
+def _describe(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+# --------------------------------------------------------------------------- checks
+def check_fields(cfg: Any) -> None:
+    """Check every :func:`option` field of the dataclass instance ``cfg`` against its type, choices and
+    bounds; a ConfigError names the first bad field (``batch_size: must be >= 2, got 1``)."""
+    for f, opt, hint in options_of(type(cfg)):
+        value = getattr(cfg, f.name)
+        base, optional = _unwrap_optional(hint)
+        if value is None:
+            if optional:
+                continue
+            raise ConfigError(f"{f.name}: required")
+        _check_type(f.name, value, base)
+        if opt.choices is not None:
+            items = value if typing.get_origin(base) is tuple else (value,)
+            bad = [v for v in items if v not in opt.choices]
+            if bad:
+                raise ConfigError(f"{f.name}: expected one of {', '.join(map(str, opt.choices))}, got "
+                                  f"{_describe(bad[0])}")
+        if opt.min is not None or opt.max is not None:
+            for v in (value if typing.get_origin(base) is tuple else (value,)):
+                _check_bounds(f.name, v, opt)
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    if hint is Any:
+        return
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            raise ConfigError(f"{name}: expected a list, got {_describe(value)}")
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis and typing.get_origin(args[0]) is None:
+            for v in value:
+                _check_type(name, v, args[0])
+        return
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:
+        return
+    if not ok:
+        what = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}[hint]
+        raise ConfigError(f"{name}: expected {what}, got {_describe(value)}")
+
+
+def _check_bounds(name: str, v: Any, opt: Option) -> None:
+    lo_ok = opt.min is None or (v > opt.min if opt.min_open else v >= opt.min)
+    hi_ok = opt.max is None or (v < opt.max if opt.max_open else v <= opt.max)
+    if lo_ok and hi_ok:
+        return
+    if opt.min is not None and opt.max is not None:
+        lo, hi = ("(" if opt.min_open else "["), (")" if opt.max_open else "]")
+        raise ConfigError(f"{name}: must be in {lo}{opt.min:g}, {opt.max:g}{hi}, got {v}")
+    if opt.min is not None:
+        raise ConfigError(f"{name}: must be {'>' if opt.min_open else '>='} {opt.min:g}, got {v}")
+    raise ConfigError(f"{name}: must be {'<' if opt.max_open else '<='} {opt.max:g}, got {v}")
+
+
+# --------------------------------------------------------------------------- command line
+def option_names(f: dataclasses.Field, opt: Option) -> tuple[str, ...]:
+    return opt.names or ("--" + f.name.replace("_", "-"),)
+
+
+def option_name(cls, field: str) -> str | None:
+    """How the user types ``field`` of ``cls`` on the command line (``--crop-size``), if it is an option."""
+    for f, opt, _ in options_of(cls):
+        if f.name == field and opt.cli:
+            return option_names(f, opt)[0]
+    return None
+
+
+def _split_csv(cast: Callable[[str], Any]) -> Callable:
+    def convert(ctx, param, value):
+        if value is None:
+            return None
+        if isinstance(value, (tuple, list)):
+            return tuple(value)
+        try:
+            return tuple(cast(v.strip()) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            import click
+
+            raise click.BadParameter(f"expected comma-separated values, got {value!r}") from None
+    return convert
+
+
+def _key_values(ctx, param, values):
+    import click
+
+    out = []
+    for p in values or ():
+        if "=" not in p:
+            raise click.BadParameter(f"expected KEY=VALUE, got {p!r}")
+        k, v = p.split("=", 1)
+        out.append((k.strip().replace("-", "_"), v.strip()))
+    return tuple(out)
+
+
+def _default_text(default: Any) -> str:
+    if isinstance(default, tuple):
+        return ",".join(map(str, default))
+    return str(default)
+
+
+def click_options(cls) -> Callable[[Callable], Callable]:
+    """A decorator adding one click option per :func:`option` field of ``cls`` (in field order)."""
+    import click
+
+    decorators = []
+    for f, opt, hint in options_of(cls):
+        if not opt.cli:
+            continue
+        base, _ = _unwrap_optional(hint)
+        names = option_names(f, opt)
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        kw: dict[str, Any] = {"help": opt.help, "metavar": opt.metavar}
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory
+        else:
+            default = None
+        if base is bool:
+            decl = [f"{names[0]}/--no-{names[0][2:]}"] if opt.negatable else list(names)
+            kw.update(is_flag=True, default=bool(default), show_default=opt.negatable)
+            decorators.append(click.option(*decl, f.name, **kw))
+            continue
+        if _is_pairs(base):
+            kw.update(multiple=True, callback=_key_values, metavar=opt.metavar or "KEY=VALUE")
+            decorators.append(click.option(*names, f.name, **kw))
+            continue
+        if typing.get_origin(base) is tuple:
+            elem = typing.get_args(base)[0]
+            cast = elem if elem in (int, float) else str
+            kw.update(type=str, callback=_split_csv(cast), required=required)
+            if not required:
+                kw["default"] = _default_text(default) if default not in (None, ()) else None
+            if default not in (None, ()):
+                kw["show_default"] = opt.show_default or True
+        else:
+            kw["required"] = required
+            if not required:  # click (8.3+) takes an explicit default=None as a value that satisfies required
+                kw["default"] = default
+            if opt.choices is not None:
+                kw["type"] = click.Choice([str(c) for c in opt.choices])
+            elif opt.exists is not None:
+                kw["type"] = click.Path(exists=True, file_okay=opt.exists != "dir", dir_okay=opt.exists != "file")
+            elif base is int:
+                kw["type"] = _range(click.IntRange, opt) if (opt.min is not None or opt.max is not None) else int
+            elif base is float:
+                kw["type"] = _range(click.FloatRange, opt) if (opt.min is not None or opt.max is not None) else float
+            else:
+                kw["type"] = str
+            if opt.show_default is not None:
+                kw["show_default"] = opt.show_default
+            elif default is not None and not callable(default):
+                kw["show_default"] = True
+        decorators.append(click.option(*names, f.name, **kw))
+
+    def apply(fn: Callable) -> Callable:
+        for deco in reversed(decorators):
+            fn = deco(fn)
+        return fn
+
+    return apply
+
+
+def _range(kind, opt: Option):
+    return kind(min=opt.min, max=opt.max, min_open=opt.min_open, max_open=opt.max_open)
+
+
+# --------------------------------------------------------------------------- docs
+def markdown_table(cls, command: str) -> str:
+    """The options of ``cls`` as a Markdown table (option, default, meaning), for docs/OPTIONS.md."""
+    rows = [f"### `{command}`", "", "| option | default | meaning |", "|---|---|---|"]
+    for f, opt, hint in options_of(cls):
+        base, _ = _unwrap_optional(hint)
+        name = ", ".join(f"`{n}`" for n in option_names(f, opt)) if opt.cli else f"`{f.name}` (YAML only)"
+        if base is bool and opt.negatable and opt.cli:
+            name = f"`{option_names(f, opt)[0]}` / `--no-{option_names(f, opt)[0][2:]}`"
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            default = "required"
+        elif opt.show_default is not None:
+            default = opt.show_default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = _default_text(f.default_factory())
+        elif f.default is None:
+            default = "-"
+        else:
+            default = _default_text(f.default)
+        meaning = opt.help
+        if opt.choices is not None:
+            meaning += " One of: " + ", ".join(f"`{c}`" for c in opt.choices) + "."
+        rows.append(f"| {name} | {default} | {meaning.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,118 @@
+"""pipeline.options: one dataclass field -> checks, click option, option name and docs row."""
+import dataclasses
+from typing import Any
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from pipeline.common import ConfigError
+from pipeline.options import check_fields, click_options, markdown_table, option, option_name
+
+
+@dataclasses.dataclass(frozen=True)
+class Toy:
+    out: str = option(help="Output folder.")
+    batch_size: int = option(128, help="Global batch.", min=2)
+    lr: float = option(2e-5, help="Learning rate.", min=0, min_open=True)
+    ratio: float = option(0.0, help="A fraction.", min=0, max=1)
+    aug: str = option("original", help="Augmentation.", choices=("original", "light", "none"))
+    steps: int | None = option(None, help="Total steps.", min=1, show_default="epochs x steps per epoch")
+    workers: int = option(2, help="Loader workers.", names=("--num-workers", "--workers"), min=0)
+    sync_bn: bool = option(True, help="SyncBatchNorm.")
+    force: bool = option(False, help="Rebuild.", negatable=False)
+    views: tuple[str, ...] = option(("PA", "AP"), help="Views.")
+    seeds: tuple[int, ...] = option((0,), help="Seeds.", min=0)
+    pairs: tuple[tuple[str, Any], ...] = option((), help="Reader options.")
+    internal: str = option("x", help="Not on the command line.", cli=False)
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"batch_size": 1}, "batch_size: must be >= 2, got 1"),
+    ({"lr": 0.0}, "lr: must be > 0, got 0.0"),
+    ({"ratio": 1.5}, "ratio: must be in [0, 1], got 1.5"),
+    ({"aug": "heavy"}, "aug: expected one of original, light, none, got 'heavy'"),
+    ({"steps": 0}, "steps: must be >= 1, got 0"),
+    ({"batch_size": 2.5}, "batch_size: expected a whole number, got 2.5"),
+    ({"sync_bn": "yes"}, "sync_bn: expected true or false, got 'yes'"),
+    ({"seeds": (0, -1)}, "seeds: must be >= 0, got -1"),
+    ({"views": ["PA"]}, "views: expected a list, got ['PA']"),
+    ({"batch_size": True}, "batch_size: expected a whole number, got True"),
+])
+def test_check_fields_names_the_field_and_the_rule(kw, message):
+    with pytest.raises(ConfigError) as e:
+        Toy(out="o", **kw)
+    assert str(e.value) == message
+
+
+def test_valid_values_pass_and_none_is_allowed_only_where_optional():
+    Toy(out="o", steps=None, lr=1, ratio=1.0, seeds=(0, 3))
+    with pytest.raises(ConfigError, match="^out: required$"):
+        Toy(out=None)
+
+
+def _command():
+    seen = {}
+
+    @click.command()
+    @click_options(Toy)
+    def cmd(**kw):
+        seen.update(kw)
+
+    return cmd, seen
+
+
+def test_click_options_parse_to_the_dataclass_fields():
+    cmd, seen = _command()
+    res = CliRunner().invoke(cmd, ["--out", "o", "--workers", "3", "--no-sync-bn", "--force", "--views", "PA, LL",
+                                   "--seeds", "0,1,2", "--pairs", "a-b=1", "--pairs", "c=x=y", "--aug", "light"])
+    assert res.exit_code == 0, res.output
+    assert Toy(**seen) == Toy(out="o", workers=3, sync_bn=False, force=True, views=("PA", "LL"), seeds=(0, 1, 2),
+                             pairs=(("a_b", "1"), ("c", "x=y")), aug="light")
+    assert "internal" not in seen
+
+
+def test_click_defaults_equal_the_dataclass_defaults():
+    cmd, seen = _command()
+    assert CliRunner().invoke(cmd, ["--out", "o"]).exit_code == 0
+    assert Toy(**seen) == Toy(out="o")
+
+
+def test_click_enforces_choices_bounds_and_required():
+    cmd, _ = _command()
+    for args, text in ((["--out", "o", "--aug", "heavy"], "'heavy' is not one of"),
+                       (["--out", "o", "--batch-size", "1"], "1 is not in the range x>=2"),
+                       (["--out", "o", "--lr", "0"], "0.0 is not in the range x>0"),
+                       ([], "Missing option '--out'"),
+                       (["--out", "o", "--pairs", "novalue"], "expected KEY=VALUE"),
+                       (["--out", "o", "--seeds", "0,a"], "expected comma-separated values")):
+        res = CliRunner().invoke(cmd, args)
+        assert res.exit_code == 2 and text in res.output, (args, res.output)
+
+
+def test_help_shows_every_option_with_its_default():
+    cmd, _ = _command()
+    out = CliRunner().invoke(cmd, ["--help"], terminal_width=200).output
+    for text in ("--out", "--batch-size", "[default: 128; x>=2]", "--num-workers, --workers", "--sync-bn / --no-sync-bn",
+                 "[default: (epochs x steps per epoch); x>=1]", "[default: PA,AP]", "--force"):
+        assert text in out, text
+    assert "--internal" not in out and "--no-force" not in out
+
+
+def test_option_name_and_markdown_table():
+    assert option_name(Toy, "workers") == "--num-workers"
+    assert option_name(Toy, "batch_size") == "--batch-size"
+    assert option_name(Toy, "internal") is None
+    table = markdown_table(Toy, "toy").splitlines()
+    assert table[0] == "### `toy`"
+    rows = {r.split(" | ")[0].lstrip("| "): r.split(" | ")[1] for r in table[4:]}
+    assert rows["`--out`"] == "required"
+    assert rows["`--batch-size`"] == "128"
+    assert rows["`--sync-bn` / `--no-sync-bn`"] == "True"
+    assert rows["`--views`"] == "PA,AP"
+    assert rows["`--steps`"] == "epochs x steps per epoch"
+    assert rows["`internal` (YAML only)"] == "x"
+    assert len(rows) == len(dataclasses.fields(Toy))
