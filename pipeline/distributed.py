@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import logging
 import os
 from typing import Any
 
@@ -69,6 +70,26 @@ def resolve_device(device: str = "auto", local_rank: int = 0, world_size: int = 
             raise ConfigError(f"device: {device} does not exist: {seen}"
                               + (f"; use cuda:0 to cuda:{n - 1}" if n else ""))
     return f"cuda:{index}"
+
+
+def resolve_precision(precision: str, device: str, *, cuda_auto: str = "bf16", field: str = "precision",
+                      cpu_fp16: str = "error") -> str:
+    """The numeric precision a stage computes in on ``device``: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+
+    ``"auto"`` is fp32 on CPU and ``cuda_auto`` on CUDA (bf16 for training: no loss scaling needed;
+    embed-text passes fp16, which every CUDA GPU runs fast and which its frozen forward pass tolerates).
+    fp16 on CPU is slow and inexact: ``cpu_fp16="error"`` refuses it (training, where GradScaler needs
+    CUDA) with a ConfigError naming ``field``; ``"warn"`` logs a warning and keeps it.
+    """
+    if precision == "auto":
+        return cuda_auto if str(device).startswith("cuda") else "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"{field}: expected auto, fp32, bf16 or fp16, got {precision!r}")
+    if precision == "fp16" and not str(device).startswith("cuda"):
+        if cpu_fp16 == "error":
+            raise ConfigError(f"{field}: fp16 needs CUDA (use bf16 or fp32 on CPU)")
+        logging.getLogger(__name__).warning("%s fp16 on CPU is slow and inexact; consider fp32 or bf16", field)
+    return precision
 
 
 def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:

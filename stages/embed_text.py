@@ -38,6 +38,7 @@ from cache.format import (
 )
 from pipeline.common import (ConfigError, MflagError, canonical_json, file_sha256, fingerprint, progress,
                              save_config)
+from pipeline.distributed import resolve_precision
 from pipeline.locks import OutputLock, output_lock
 from pipeline.textmodels import DEFAULT_TEXT_MODEL, POOLINGS, TextEncoder, load_text_model, torch_dtype
 
@@ -384,14 +385,6 @@ def embed_texts(encoder: TextEncoder, texts: Sequence[str], **kwargs: Any) -> tu
 
 
 # --------------------------------------------------------------------------- the stage
-def resolve_dtype(dtype: str, device: str) -> str:
-    if dtype == "auto":
-        return "fp16" if device.startswith("cuda") else "fp32"
-    if dtype == "fp16" and device == "cpu":
-        log.warning("fp16 on CPU is slow and inexact; consider --dtype fp32 or bf16")
-    return dtype
-
-
 def content_key(encoder: TextEncoder, reports: ReportSet, config: EmbedTextConfig, dtype: str) -> dict:
     """Everything that determines the cache's bytes; its fingerprint names the cache folder."""
     return {"format": FORMAT_VERSION, "revision": encoder.revision, "config_hash": encoder.config_hash,
@@ -519,7 +512,7 @@ def run(config: EmbedTextConfig) -> EmbedTextResult:
 def _run(config: EmbedTextConfig, device: str, dist, barrier, lock: OutputLock | None = None) -> EmbedTextResult:
     lock = lock or OutputLock(Path(config.out), None)  # called without run(): the caller owns the folder
     reports = load_reports(config.reports, config.key_column, config.text_column, config.on_empty)
-    dtype = resolve_dtype(config.dtype, device)
+    dtype = resolve_precision(config.dtype, device, cuda_auto="fp16", field="dtype", cpu_fp16="warn")
     encoder = load_text_model(config.model, config.pooling, device=device, dtype=torch_dtype(dtype))
     if config.max_length > encoder.max_positions:
         raise ConfigError(f"max_length: {config.max_length} exceeds the model's "

@@ -43,7 +43,7 @@ from pipeline import wds as wdsp
 from pipeline.common import (ConfigError, MflagError, atomic_path, config_to_dict, fingerprint, read_json,
                              save_config, write_json)
 from pipeline.distributed import (DistInfo, all_gather_object, any_rank, any_rank_flag, barrier, cleanup,
-                                  init_distributed)
+                                  init_distributed, resolve_precision)
 from pipeline.locks import output_lock
 from pipeline.pretrain import (BATCH_SEMANTICS, NonFiniteWatch, SampleAugmentFactory, StepSettings, TrainModule,
                                batch_per_rank, param_groups, prepare_images, train_step, trunk_probe_params)
@@ -199,14 +199,6 @@ class TrainVisionConfig:
 
 
 # --------------------------------------------------------------------------- helpers
-def _resolve_precision(cfg: TrainVisionConfig, device: str) -> str:
-    if cfg.precision != "auto":
-        if cfg.precision == "fp16" and not device.startswith("cuda"):
-            raise ConfigError("precision: fp16 needs CUDA (use bf16 or fp32 on CPU)")
-        return cfg.precision
-    return "bf16" if device.startswith("cuda") else "fp32"
-
-
 def semantic_config(cfg: TrainVisionConfig) -> dict:
     """The config fields that define what is trained (a resumed run must match them)."""
     d = config_to_dict(cfg)
@@ -276,7 +268,7 @@ class _Trainer:
         self.device = torch.device(dist.device)
         if cfg.aug_device == "cuda" and self.device.type != "cuda":
             raise ConfigError("aug_device: 'cuda' needs a CUDA device")
-        self.precision = _resolve_precision(cfg, dist.device)
+        self.precision = resolve_precision(cfg.precision, dist.device)
         self.tracker: Tracker = Tracker()
         if self.device.type == "cuda":
             # Every step has the same input shape, so cuDNN's timed algorithm choice pays off after the
