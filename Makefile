@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo ablation install bench clean
+.PHONY: test test-fast lint demo ablation install bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,14 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The inner loop: everything but the tests marked slow (each over ~10 s here); CI runs `make test`.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+# ruff: pycodestyle, pyflakes, import order, bugbear (rules in pyproject.toml); CI runs it first.
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 demo: $(STAMP)
 	$(PY) cli.py run --config configs/demo.yaml
