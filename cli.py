@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import importlib
 import logging
 import os
 import re
@@ -74,10 +75,37 @@ def user_errors(fn):
     return wrapper
 
 
-def csv_list(value: str | None) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    return tuple(v.strip() for v in value.split(",") if v.strip())
+class StageCommand(click.Command):
+    """A stage's command: its options are generated from the stage's config dataclass
+    (``pipeline.options.click_params``), and the callback gets the config built from the parsed values.
+
+    ``config`` is ``"module:Class"``; the stage module is imported when the options are first needed
+    (parsing or ``--help``), so that ``mflag cache info`` or ``mflag --help`` do not import torch.
+    Errors of the config (and of the stage) are one ``error:`` line naming the option (:func:`user_errors`).
+    """
+
+    def __init__(self, name: str | None, *, config: str, callback, **kwargs) -> None:
+        self.config = config
+
+        def build_and_call(**values):
+            return callback(self.config_class()(**values))
+
+        super().__init__(name, callback=user_errors(build_and_call), **kwargs)
+        self._generated = False
+
+    def config_class(self) -> type:
+        if isinstance(self.config, str):
+            module, _, name = self.config.partition(":")
+            self.config = getattr(importlib.import_module(module), name)
+        return self.config
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if not self._generated:
+            from pipeline.options import click_params
+
+            self.params[:0] = click_params(self.config_class())
+            self._generated = True
+        return super().get_params(ctx)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -491,39 +519,14 @@ def eval_cmd(task, dataset, root, out, init, protocol, fraction, seeds, finetune
 
 
 # ==== splits (stages/splits.py) ====
-@cli.command("splits")
-@click.option("--dataset", type=click.Choice(["chexpert", "rsna", "covidx", "siim", "object-cxr"]), required=True,
-              help="Downstream dataset whose label files are split.")
-@click.option("--task", type=click.Choice(["cls", "seg", "det"]), required=True,
-              help="The eval task the split is for (RSNA's MGCA split differs between cls and det/seg).")
-@click.option("--root", type=click.Path(exists=True, file_okay=False), required=True,
-              help="Dataset folder in its published layout, as for eval; only the label files are needed.")
-@click.option("--protocol", type=click.Choice(["tool", "mgca"]), default="tool", show_default=True,
-              help="mgca: MGCA's published lists id for id (docs/PROTOCOLS.md); tool: the patient-disjoint "
-                   "split eval generates.")
-@click.option("--fraction", "fractions", type=float, multiple=True,
-              help="Label fraction to write a training list for, repeatable [default: 0.01, 0.1 and 1].")
-@click.option("--seeds", default="0", show_default=True,
-              help="tool only: comma-separated seeds, one list per fraction and seed (mgca: one list for all).")
-@click.option("--split-seed", type=int, default=0, show_default=True,
-              help="tool only: seed of the split, as eval's --split-seed.")
-@click.option("--dataset-option", "dataset_option", multiple=True, metavar="KEY=VALUE",
-              help="Reader option, repeatable, as for eval (e.g. frontal_only=false, train_file=train_COVIDx9A.txt).")
-@click.option("--out", type=click.Path(file_okay=False), required=True,
-              help="Folder for train.txt, val.txt, test.txt, split.json and train-frac<F>[-seed<S>].txt; "
-                   "pass it to eval --split-file.")
-@click.option("--force", is_flag=True, help="Replace the lists of another configuration in OUT.")
-@user_errors
-def splits_cmd(dataset, task, root, protocol, fractions, seeds, split_seed, dataset_option, out, force) -> None:
+@cli.command("splits", cls=StageCommand, config="stages.splits:SplitsConfig")
+def splits_cmd(cfg) -> None:
     """Write a dataset's train/val/test and label-fraction id lists from its label files alone."""
-    from stages.splits import DEFAULT_FRACTIONS, SplitsConfig, run
+    from stages.splits import run
 
-    cfg = SplitsConfig(dataset=dataset, task=task, root=root, out=out, protocol=protocol,
-                       fractions=tuple(fractions) or DEFAULT_FRACTIONS, seeds=_seeds(seeds), split_seed=split_seed,
-                       dataset_options=_dataset_options(dataset_option), force=force)
     res = run(cfg)
     counts = res.summary["counts"]
-    click.echo(f"{dataset} {task} ({protocol}): train {counts['train']}, val {counts['val']}, "
+    click.echo(f"{cfg.dataset} {cfg.task} ({cfg.protocol}): train {counts['train']}, val {counts['val']}, "
                f"test {counts['test']} images -> {res.out}/split.json")
     for kind, pairs in (res.summary.get("leaks") or {}).items():
         for pair, n in pairs.items():
