@@ -194,45 +194,11 @@ def prepare() -> None:
     """Turn a raw dataset into webdataset shards and a reports file for embed-text."""
 
 
-@prepare.command("mimic")
-@click.option("--root", required=True, type=click.Path(exists=True, file_okay=False),
-              help="MIMIC-CXR-JPG root (holds files/ and the metadata/split CSVs, .csv or .csv.gz).")
-@click.option("--reports", type=click.Path(exists=True),
-              help="Reports folder (files/pNN/...) or mimic-cxr-reports.zip. Default: --root.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--size", default=256, show_default=True, help="Square output size in pixels.")
-@click.option("--views", default="PA,AP", show_default=True, help="ViewPosition values to keep.")
-@click.option("--splits", default="train,validate,test", show_default=True, help="Splits to write.")
-@click.option("--format", "image_format", type=click.Choice(["png", "jpg", "raw"]), default="png",
-              show_default=True,
-              help="Image encoding inside the shards: png (lossless, ~25 KiB per 256 px image), jpg "
-                   "(lossy, smallest), or raw (uint8 array as a .npy member: 64 KiB per 256 px image, "
-                   "no decode cost when training).")
-@click.option("--jpeg-quality", default=95, show_default=True, help="Quality for --format jpg.")
-@click.option("--shard-size", default=1000, show_default=True, help="Images per shard.")
-@click.option("--workers", type=int, default=lambda: min(8, os.cpu_count() or 1), show_default="min(8, CPUs)",
-              help="Decoding processes (output does not depend on it).")
-@click.option("--text-sections", default="impression,findings", show_default=True,
-              help="Report sections to join, in this order.")
-@click.option("--section-separator", default=" ", help="Text put between sections [default: one space].")
-@click.option("--max-bad-fraction", default=0.01, show_default=True,
-              help="Fail when more than this fraction of images is lost to bad input.")
-@click.option("--crop-border/--no-crop-border", default=True, show_default=True,
-              help="Crop the black border before scaling, as the original preprocessing did.")
-@click.option("--max-pixels", type=click.IntRange(min=1), default=50_000_000, show_default=True,
-              help="Images whose header declares more pixels are bad items, never decoded (memory bombs).")
-@click.option("--force", is_flag=True, help="Rebuild OUT even if it holds another config's outputs.")
-@user_errors
-def prepare_mimic(root, reports, out, size, views, splits, image_format, jpeg_quality, shard_size, workers,
-                  text_sections, section_separator, max_bad_fraction, crop_border, max_pixels, force) -> None:
+@prepare.command("mimic", cls=StageCommand, config="stages.prepare:PrepareConfig")
+def prepare_mimic(cfg) -> None:
     """MIMIC-CXR-JPG images + reports -> OUT/shards/<split>-NNNNNN.tar, OUT/reports.jsonl, manifest."""
     from stages import prepare as stage
 
-    cfg = stage.PrepareConfig(
-        root=root, reports=reports, out=out, size=size, views=csv_list(views), splits=csv_list(splits),
-        image_format=image_format, jpeg_quality=jpeg_quality, shard_size=shard_size, workers=workers,
-        text_sections=csv_list(text_sections), section_separator=section_separator,
-        max_bad_fraction=max_bad_fraction, crop_border=crop_border, max_pixels=max_pixels, force=force)
     res = stage.run(cfg)
     for split, info in res.splits.items():
         click.echo(f"{split}: {info['count']} images in {len(info['shards'])} shards")
