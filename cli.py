@@ -208,35 +208,12 @@ def prepare_mimic(cfg) -> None:
 
 # ==== embed-text and cache (stages/embed_text.py, cache/) ====
 
-@cli.command("embed-text")
-@click.option("--reports", required=True, help="reports.jsonl from prepare, or any CSV/JSONL file.")
-@click.option("--out", required=True, help="Cache root; the cache goes to OUT/<fingerprint>/.")
-@click.option("--model", default="microsoft/BiomedVLP-CXR-BERT-general", show_default=True,
-              help="Hub id or local model directory (offline: a local directory).")
-@click.option("--key-column", default="study_id", show_default=True,
-              help="Column (CSV) or field (JSONL) holding the key a training sample is joined on.")
-@click.option("--text-column", default="text", show_default=True, help="Column or field holding the report text.")
-@click.option("--pooling", type=click.Choice(["cls", "mean", "proj"]), default="cls", show_default=True,
-              help="cls = last_hidden_state[:, 0]; proj = CXR-BERT-specialized projection head.")
-@click.option("--max-length", type=int, default=512, show_default=True, help="Tokens per report (truncation counted).")
-@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
-              help="Compute dtype; auto = fp16 on CUDA, fp32 on CPU.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--token-budget", type=int, default=None, help="Padded tokens per batch [8192 CPU, 65536 CUDA].")
-@click.option("--store-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
-              help="Precision of the stored embeddings (float16 halves the cache; lookups return float32).")
-@click.option("--shard-size", type=int, default=50_000, show_default=True, help="Reports per HDF5 shard.")
-@click.option("--on-empty", type=click.Choice(["skip", "error"]), default="skip", show_default=True,
-              help="A row with empty text: leave it out of the cache (counted) or stop.")
-@click.option("--num-parts", type=int, default=1, show_default=True,
-              help="Split the work across machines; the run that finishes the last part writes index.json.")
-@click.option("--part", type=int, default=0, show_default=True, help="Which part this run embeds (0-based).")
-@user_errors
-def embed_text(**options) -> None:
+@cli.command("embed-text", cls=StageCommand, config="stages.embed_text:EmbedTextConfig")
+def embed_text(cfg) -> None:
     """Embed every report once with the frozen text encoder into an HDF5 cache."""
-    from stages.embed_text import EmbedTextConfig, run
+    from stages.embed_text import run
 
-    result = run(EmbedTextConfig(**options))
+    result = run(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         state = "complete" if result.complete else "partial (other parts pending)"
         click.echo(f"{result.cache_dir}  [{state}: {result.count} reports, dim {result.dim}, "
