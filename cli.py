@@ -379,86 +379,17 @@ def train_vision(compile_: bool, **options) -> None:
 
 
 # ==== eval (stages/evaluate.py) ====
-def _dataset_options(pairs: tuple[str, ...]) -> tuple[tuple[str, object], ...]:
-    out = []
-    for p in pairs:
-        if "=" not in p:
-            raise click.BadParameter(f"expected KEY=VALUE, got {p!r}", param_hint="--dataset-option")
-        k, v = p.split("=", 1)
-        # kept as typed: the reader's option types decide (pipeline.datasets.registry.check_options)
-        out.append((k.strip().replace("-", "_"), v.strip()))
-    return tuple(out)
-
-
-def _seeds(value: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(s) for s in csv_list(value))
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}", param_hint="--seeds")
-
-
-@cli.command("eval")
-@click.option("--task", type=click.Choice(["cls", "seg", "det"]), required=True,
-              help="cls: linear probe (or --finetune); seg: U-Net; det: a detection head (--det-model).")
-@click.option("--dataset", type=click.Choice(["chexpert", "rsna", "covidx", "siim", "object-cxr"]), required=True)
-@click.option("--root", type=click.Path(file_okay=False), required=True,
-              help="Dataset folder in its published layout (docs/DATASETS.md says which folder for each dataset).")
-@click.option("--out", type=click.Path(file_okay=False), required=True,
-              help="Run folder: results.json, results.md (appended), split/, seeds/ (with predictions), config.json.")
-@click.option("--init", required=True,
-              help="Encoder: random | imagenet | PATH (encoder.pt, encoder.safetensors or a published baseline's "
-                   "checkpoint; files are read without running any code from them).")
-@click.option("--fraction", type=float, default=1.0, show_default=True,
-              help="Share of the training split used (e.g. 0.01, 0.1, 1.0): drawn per seed (tool) or once (mgca).")
-@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds, e.g. 0,1,2.")
-@click.option("--finetune", is_flag=True, help="Train the encoder too (default: frozen encoder).")
-@click.option("--epochs", type=int, default=None,
-              help="Max epochs [default: mgca 50; tool 100 for the cls linear probe on cached features, 10 otherwise].")
-@click.option("--batch-size", type=int, default=None,
-              help="[default: mgca cls 48, seg 8 SIIM / 16 RSNA, det 16 (8 at 1%); tool 16].")
-@click.option("--lr", type=float, default=None,
-              help="AdamW learning rate [default: mgca 5e-4 (det at 1%: 2e-4 RSNA, 2.5e-4 Object-CXR); tool linear "
-                   "probe 1e-3, seg 3e-4 (1e-4 finetuned), else 1e-4].")
-@click.option("--weight-decay", type=float, default=None,
-              help="AdamW weight decay [default: mgca 1e-6 (seg 0.05); tool 1e-4].")
-@click.option("--image-size", type=int, default=224, show_default=True,
-              help="Network input size (square). mgca cls loads images at 8/7 of it and crops.")
-@click.option("--patience", type=int, default=None,
-              help="Early-stopping patience in epochs [default: mgca 10; tool 10 for the linear probe, 3 otherwise].")
-@click.option("--split-file", type=click.Path(exists=True), default=None,
-              help="Reuse a split (split.json folder, JSON or CSV) instead of generating one.")
-@click.option("--split-seed", type=int, default=0, show_default=True,
-              help="Seed of the generated split (shared by all seeds).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader workers.")
-@click.option("--det-model", type=click.Choice(["fasterrcnn", "retinanet", "yolov3"]), default=None,
-              help="det: the detection head [default: mgca yolov3 (MGCA's), tool fasterrcnn].")
-@click.option("--normalize", type=click.Choice(["auto", "imagenet", "half"]), default="auto", show_default=True,
-              help="Input normalisation; auto: mean/std 0.5 (mgca, and tool for every init but imagenet, which "
-                   "takes ImageNet statistics).")
-@click.option("--dataset-option", "dataset_option", multiple=True, metavar="KEY=VALUE",
-              help="Reader option, repeatable (e.g. uncertainty=zeros, frontal_only=false, label_set=B).")
-@click.option("--report-to", type=click.Choice(["none", "tensorboard", "wandb"]), default="none", show_default=True,
-              help="Also send the per-epoch scalars to TensorBoard or W&B (OUT/tensorboard, OUT/wandb).")
-@user_errors
-def eval_cmd(task, dataset, root, out, init, protocol, fraction, seeds, finetune, epochs, batch_size, lr,
-             weight_decay, image_size, patience, split_file, split_seed, device, workers, det_model, normalize,
-             dataset_option, report_to) -> None:
+@cli.command("eval", cls=StageCommand, config="stages.evaluate:EvalConfig")
+def eval_cmd(cfg) -> None:
     """Train and test a downstream head on an encoder; writes OUT/results.json and a results.md row."""
-    from stages.evaluate import EvalConfig, run
+    from stages.evaluate import run
 
-    cfg = EvalConfig(task=task, dataset=dataset, root=root, out=out, init=init, protocol=protocol,
-                     fraction=fraction, seeds=_seeds(seeds), finetune=finetune, epochs=epochs,
-                     batch_size=batch_size, lr=lr, weight_decay=weight_decay, image_size=image_size,
-                     patience=patience, split_file=split_file, split_seed=split_seed, device=device,
-                     workers=workers, det_model=det_model, normalize=normalize,
-                     dataset_options=_dataset_options(dataset_option), report_to=report_to)
     res = run(cfg)
     p = res["primary_metric"]
     s = res["summary"].get(p, {})
     mean = "n/a" if s.get("mean") is None else f"{s['mean']:.4f} ± {s['std']:.4f}"
-    click.echo(f"{task} {dataset} ({protocol}) init={init} fraction={fraction}: test {p} {mean} over seeds "
-               f"{','.join(map(str, res['seeds']))} -> {out}/results.json")
+    click.echo(f"{cfg.task} {cfg.dataset} ({cfg.protocol}) init={cfg.init} fraction={cfg.fraction}: test {p} {mean} "
+               f"over seeds {','.join(map(str, res['seeds']))} -> {cfg.out}/results.json")
 
 
 # ==== splits (stages/splits.py) ====

@@ -98,7 +98,7 @@ def test_yaml_numbers_with_an_exponent_are_numbers(tmp_path):
     ("text_model.build.hiden", 4, r"text_model\.build: unknown options \['hiden'\]"),
     ("downstream.synth.chexpert.size", 4, r"downstream\.synth\.chexpert: unknown options \['size'\]"),
     ("eval.common.fraction", 2, r"eval\.common\.fraction: must be in \(0, 1\]"),
-    ("eval.common.protocol", "paper", r"eval\.common\.protocol: 'paper' is not one of mgca, tool"),
+    ("eval.common.protocol", "paper", r"eval\.common\.protocol: expected one of mgca, tool, got 'paper'"),
     ("embed_text.pooling", "max", r"embed_text\.pooling: expected one of cls, mean, proj, got 'max'"),
     ("report", {"titel": "x"}, r"report: unknown .*titel"),
     ("eval.common.dataset_options", {"frontal_olny": False}, r"dataset 'chexpert' has no option\(s\) frontal_olny"),
