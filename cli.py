@@ -79,12 +79,13 @@ class StageCommand(click.Command):
     """A stage's command: its options are generated from the stage's config dataclass
     (``pipeline.options.click_params``), and the callback gets the config built from the parsed values.
 
-    ``config`` is ``"module:Class"``; the stage module is imported when the options are first needed
-    (parsing or ``--help``), so that ``mflag cache info`` or ``mflag --help`` do not import torch.
+    ``config`` is ``"module:Class"`` (or the class); the stage module is imported when the options are
+    first needed (parsing or ``--help``), so that ``mflag cache info`` or ``mflag --help`` do not import
+    torch. A field added to the dataclass is an option of the command with no change here.
     Errors of the config (and of the stage) are one ``error:`` line naming the option (:func:`user_errors`).
     """
 
-    def __init__(self, name: str | None, *, config: str, callback, **kwargs) -> None:
+    def __init__(self, name: str | None, *, config: str | type, callback, **kwargs) -> None:
         self.config = config
 
         def build_and_call(**values):
@@ -255,125 +256,15 @@ def cache_verify_cmd(path: str) -> None:
 
 # ==== train-vision (stages/train_vision.py) ====
 
-@cli.command("train-vision")
-@click.option("--shards", required=True,
-              help="prepare output folder, a folder of .tar shards, or webdataset URLs (brace ranges, "
-                   "'::'-separated lists, pipe: commands).")
-@click.option("--text-cache", default=None,
-              help="Text-embedding cache folder (or its parent) from embed-text; required unless --text-mode online.")
-@click.option("--out", required=True, help="Output folder: encoder.pt, projector.pt, metrics.jsonl, checkpoints/.")
-@click.option("--text-mode", type=click.Choice(["cache", "online"]), default="cache", show_default=True,
-              help="online runs the text encoder inside each step (the original design; baseline/ablation).")
-@click.option("--text-model", default=None, help="online mode: hub id or local folder of the text encoder.")
-@click.option("--reports", default=None, help="online mode: reports.jsonl (texts by study_id).")
-@click.option("--unfreeze-last", default="0", show_default=True,
-              help="online mode: train the last K text-encoder layers, or 'all' (every layer and the embeddings).")
-@click.option("--text-pooling", type=click.Choice(["cls", "mean"]), default="cls", show_default=True,
-              help="online mode: how the text encoder's output becomes one vector.")
-@click.option("--text-max-length", type=int, default=512, show_default=True,
-              help="online mode: tokens per report, padded like the original.")
-@click.option("--probe-shards", default=None,
-              help="Held-out shards for the probes [validate-*.tar beside the training shards, else test-*.tar].")
-@click.option("--pairs", type=click.Choice(["train", "all"]), default="train", show_default=True,
-              help="Which splits of a prepare output are trained on: train (validate/test stay held out for "
-                   "the probes) or all (train+validate+test, as the original code read MIMIC).")
-@click.option("--batch-size", type=int, default=128, show_default=True,
-              help="Images per step: over all ranks, or per process with --batch-semantics per-process.")
-@click.option("--batch-semantics", type=click.Choice(["global", "per-process"]), default="global",
-              show_default=True,
-              help="global: --batch-size is split over the ranks; per-process: each rank takes --batch-size "
-                   "(the original's 512 on 2 processes = 1,024 per step).")
-@click.option("--epochs", type=int, default=1, show_default=True, help="Passes over --num-samples training images.")
-@click.option("--max-steps", type=int, default=None, help="Total optimizer steps [epochs x steps per epoch].")
-@click.option("--num-samples", type=int, default=None,
-              help="Training samples per epoch [from sizes.json]; needed for pipe:/remote shards.")
-@click.option("--num-workers", "--workers", "num_workers", type=int, default=2, show_default=True,
-              help="DataLoader workers per rank.")
-@click.option("--shuffle-buffer", type=int, default=1000, show_default=True,
-              help="Samples held per worker for shuffling across shards.")
-@click.option("--image-size", type=int, default=256, show_default=True, help="Shard image size (resized if not).")
-@click.option("--crop-size", type=int, default=224, show_default=True, help="Training crop (the network input).")
-@click.option("--aug", type=click.Choice(["original", "light", "none"]), default="original", show_default=True,
-              help="original: the paper's augmentation; light: crop and flip only; none: centre crop.")
-@click.option("--aug-device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="cuda: workers only decode; the warp runs batched on the GPU.")
-@click.option("--on-missing", type=click.Choice(["skip", "error"]), default="skip", show_default=True,
-              help="A sample whose study_id is not in the cache: count and skip, or stop.")
-@click.option("--max-bad-fraction", type=float, default=0.01, show_default=True,
-              help="Stop when corrupt samples exceed this fraction of those read.")
-@click.option("--init", default="random", show_default=True, help="random, imagenet, or a state_dict file.")
-@click.option("--text-head", type=click.Choice(["mlp", "none"]), default="mlp", show_default=True,
-              help="mlp: project text too (original code); none: project images into the text space.")
-@click.option("--proj-dim", type=int, default=None, help="Projection size [1024; the cache dim with --text-head none].")
-@click.option("--hidden-dim", type=int, default=2048, show_default=True, help="Projector hidden size.")
-@click.option("--orth-weight", type=float, default=1.0, show_default=True,
-              help="Weight of the orthogonality loss (0: alignment only).")
-@click.option("--align-weight", type=float, default=1.0, show_default=True,
-              help="Weight of the alignment loss (0: orthogonality only, an ablation).")
-@click.option("--orth-lambda", type=float, default=0.0051, show_default=True, help="Off-diagonal weight.")
-@click.option("--orth-scope", type=click.Choice(["local", "global"]), default="global", show_default=True,
-              help="global: gather z over ranks so the loss does not depend on the GPU count.")
-@click.option("--orth-on", type=click.Choice(["za", "zv"]), default="zv", show_default=True,
-              help="za: projected image embedding (BN-normalized); zv: ResNet features.")
-@click.option("--orth-standardize", is_flag=True, help="Standardize z over the batch first (correlation matrix).")
-@click.option("--lr", type=float, default=2e-5, show_default=True, help="AdamW peak learning rate.")
-@click.option("--weight-decay", type=float, default=0.05, show_default=True,
-              help="AdamW weight decay (not on biases and norm parameters unless --decay-norm-bias).")
-@click.option("--decay-norm-bias/--no-decay-norm-bias", default=False, show_default=True,
-              help="Weight decay on biases and norm parameters too, as the original code (one AdamW group).")
-@click.option("--schedule", type=click.Choice(["cosine", "restarts", "constant"]), default="cosine",
-              show_default=True)
-@click.option("--warmup-steps", type=int, default=0, show_default=True, help="Linear warmup from 0.")
-@click.option("--restart-every", type=int, default=None,
-              help="restarts: cycle length in steps [from --restart-period].")
-@click.option("--restart-period", type=click.Choice(["fraction", "original"]), default="fraction",
-              show_default=True,
-              help="restarts: cycle length as --restart-fraction of the run's steps, or the original code's "
-                   "T_0 = int((epochs-1) x samples per epoch // 4 // batch per process x 0.4).")
-@click.option("--restart-fraction", type=float, default=0.4, show_default=True,
-              help="restarts with --restart-period fraction: each cycle this fraction of the run's steps.")
-@click.option("--min-lr-ratio", type=float, default=0.0, show_default=True,
-              help="Floor of the cosine schedule, as a fraction of --lr.")
-@click.option("--min-lr", type=float, default=None,
-              help="Floor of the cosine schedule as a learning rate (the original's eta_min 1e-8); "
-                   "instead of --min-lr-ratio.")
-@click.option("--grad-clip", type=float, default=None, help="Clip the global grad norm to this value.")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
-              show_default=True, help="auto: bf16 on CUDA, fp32 on CPU; losses always in fp32.")
-@click.option("--device", default="auto", show_default=True,
-              help="auto, cpu, cuda or cuda:N (one process; under torchrun each rank uses its LOCAL_RANK GPU, "
-                   "or its only visible GPU).")
-@click.option("--channels-last/--no-channels-last", default=True, show_default=True)
-@click.option("--sync-bn/--no-sync-bn", default=True, show_default=True,
-              help="With several CUDA processes, BatchNorm statistics over the global batch (SyncBatchNorm).")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Initialisation, data order and augmentation follow from it.")
-@click.option("--log-every", type=int, default=10, show_default=True, help="Steps between metrics.jsonl lines.")
-@click.option("--ckpt-every", type=int, default=500, show_default=True, help="Steps between checkpoints.")
-@click.option("--probe-every", type=int, default=500, show_default=True,
-              help="Steps between collapse probes on held-out images.")
-@click.option("--probe-size", type=int, default=64, show_default=True,
-              help="Held-out images in the cheap probe every --probe-every steps.")
-@click.option("--final-probe-size", type=int, default=512, show_default=True,
-              help="Held-out images (validate, then test shards) in the collapse diagnostic at the end.")
-@click.option("--keep-checkpoints", type=int, default=2, show_default=True,
-              help="Step checkpoints kept on disk (0: none once the run has finished).")
-@click.option("--resume", default="auto", show_default=True,
-              help="auto (OUT/checkpoints/latest.pt when present), never, or a checkpoint path.")
-@click.option("--threads", type=int, default=None, help="torch CPU threads per process.")
-@click.option("--report-to", type=click.Choice(["none", "tensorboard", "wandb"]), default="none", show_default=True,
-              help="Also send the metrics.jsonl scalars to TensorBoard (OUT/tensorboard) or W&B (OUT/wandb; "
-                   "WANDB_MODE=offline works without network). Needs the 'tracking' extra.")
-@user_errors
-def train_vision(compile_: bool, **options) -> None:
+@cli.command("train-vision", cls=StageCommand, config="stages.train_vision:TrainVisionConfig")
+def train_vision(cfg) -> None:
     """Pre-train the ResNet50 image encoder against cached report embeddings (M-FLAG)."""
-    from stages.train_vision import TrainVisionConfig, run
+    from stages.train_vision import run
 
-    summary = run(TrainVisionConfig(compile=compile_, **options))
+    summary = run(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         probe = summary.get("final_probe") or {}
-        click.echo(f"{options['out']}  [{summary['steps']} steps; centred effective rank of zv "
+        click.echo(f"{cfg.out}  [{summary['steps']} steps; centred effective rank of zv "
                    f"{probe.get('zv_effective_rank_centred', float('nan')):.2f} (N={probe.get('n_images', 0)}, "
                    f"D={probe.get('zv_dim', 0)}), R@1 {probe.get('retrieval_R@1', float('nan')):.2f}]")
 
@@ -453,6 +344,57 @@ def status_cmd(config_path, force, from_stage, workdir) -> None:
     for st in orchestrate.status(cfg):
         click.echo(f"{st.name:<40} {st.state:<8} {st.reason}")
 
+
+# ==== docs/OPTIONS.md (generated from the stage configs) ====
+OPTIONS_DOC = "docs/OPTIONS.md"
+
+
+def stage_commands() -> dict[str, StageCommand]:
+    """Every stage command by its full name (``prepare mimic``, ``eval``, ...), in the order of ``--help``."""
+    found: dict[str, StageCommand] = {}
+
+    def walk(group: click.Group, prefix: str) -> None:
+        for name in group.list_commands(click.Context(group)):
+            cmd = group.get_command(click.Context(group), name)
+            if isinstance(cmd, click.Group):
+                walk(cmd, f"{prefix}{name} ")
+            elif isinstance(cmd, StageCommand):
+                found[prefix + name] = cmd
+
+    walk(cli, "")
+    return found
+
+
+def options_markdown() -> str:
+    """The text of docs/OPTIONS.md: one table per stage command, from its config dataclass."""
+    from pipeline.options import markdown_table
+
+    parts = ["# Options of the stage commands", "",
+             "Generated from the stage config dataclasses (`pipeline/options.py`) by "
+             "`python cli.py options-doc --write`; a test fails when this file and the code disagree, so edit the "
+             "dataclass field, not this file. In a pipeline YAML (`cli.py run`) an option is written as its field "
+             "name: the option without `--`, `-` replaced by `_` (where it differs, the table names it); "
+             "`dataset_options` is a mapping there. Bounds are checked once, by the dataclass, with the same "
+             "message on the command line and in the YAML.", ""]
+    for name, cmd in stage_commands().items():
+        parts.append(markdown_table(cmd.config_class(), f"mflag {name}"))
+    return "\n".join(parts)
+
+
+@cli.command("options-doc", hidden=True)
+@click.option("--write", is_flag=True, help=f"Write {OPTIONS_DOC} (beside cli.py) instead of printing it.")
+def options_doc(write: bool) -> None:
+    """Print (or write) docs/OPTIONS.md, generated from the stage config dataclasses."""
+    text = options_markdown()
+    if not write:
+        click.echo(text, nl=False)
+        return
+    from pipeline.common import atomic_open
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), OPTIONS_DOC)
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    click.echo(path)
 
 
 def main() -> None:

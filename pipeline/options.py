@@ -160,14 +160,9 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
 def _check_bounds(name: str, v: Any, opt: Option) -> None:
     lo_ok = opt.min is None or (v > opt.min if opt.min_open else v >= opt.min)
     hi_ok = opt.max is None or (v < opt.max if opt.max_open else v <= opt.max)
-    if lo_ok and hi_ok:
-        return
-    if opt.min is not None and opt.max is not None:
-        lo, hi = ("(" if opt.min_open else "["), (")" if opt.max_open else "]")
-        raise ConfigError(f"{name}: must be in {lo}{opt.min:g}, {opt.max:g}{hi}, got {v}")
-    if opt.min is not None:
-        raise ConfigError(f"{name}: must be {'>' if opt.min_open else '>='} {opt.min:g}, got {v}")
-    raise ConfigError(f"{name}: must be {'<' if opt.max_open else '<='} {opt.max:g}, got {v}")
+    if not (lo_ok and hi_ok):
+        how = "be in " if opt.min is not None and opt.max is not None else "be "
+        raise ConfigError(f"{name}: must {how}{_bounds_text(opt)}, got {v}")
 
 
 # --------------------------------------------------------------------------- command line
@@ -181,6 +176,14 @@ def option_name(cls, field: str) -> str | None:
         if f.name == field and opt.cli:
             return option_names(f, opt)[0]
     return None
+
+
+def option_choices(cls, field: str) -> tuple[Any, ...] | None:
+    """The allowed values of ``field`` of ``cls`` (None: any value of its type)."""
+    for f, opt, _ in options_of(cls):
+        if f.name == field:
+            return opt.choices
+    raise KeyError(f"{cls.__name__} has no option {field!r}")
 
 
 def _split_csv(cast: Callable[[str], Any]) -> Callable:
@@ -231,9 +234,27 @@ def _shown_range(kind, opt: Option):
     return ShownRange(min=opt.min, max=opt.max, min_open=opt.min_open, max_open=opt.max_open)
 
 
+def _int_or_text():
+    import click
+
+    class IntOrText(click.ParamType):
+        """``int | str`` (``--unfreeze-last 2`` or ``all``): a whole number when the text is one."""
+        name = "integer|text"
+
+        def convert(self, value, param, ctx):
+            if isinstance(value, int):
+                return value
+            text = str(value).strip()
+            return int(text) if text.lstrip("-").isdigit() else text
+
+    return IntOrText()
+
+
 def _scalar_type(base: Any, opt: Option):
     import click
 
+    if typing.get_origin(base) in (typing.Union, types.UnionType) and set(typing.get_args(base)) == {int, str}:
+        return _int_or_text()
     if opt.choices is not None:
         return click.Choice([str(c) for c in opt.choices])
     if opt.exists is not None:
@@ -319,6 +340,8 @@ def markdown_table(cls, command: str) -> str:
         name = ", ".join(f"`{n}`" for n in option_names(f, opt)) if opt.cli else f"`{f.name}` (YAML only)"
         if base is bool and opt.negatable and opt.cli:
             name = f"`{option_names(f, opt)[0]}` / `--no-{option_names(f, opt)[0][2:]}`"
+        if opt.cli and option_names(f, opt)[0][2:].replace("-", "_") != f.name:
+            name += f" (YAML `{f.name}`)"
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             default = "required"
         elif opt.show_default is not None:
@@ -332,5 +355,20 @@ def markdown_table(cls, command: str) -> str:
         meaning = opt.help
         if opt.choices is not None:
             meaning += " One of: " + ", ".join(f"`{c}`" for c in opt.choices) + "."
-        rows.append(f"| {name} | {default} | {meaning.replace('|', '/')} |")
+        if opt.min is not None or opt.max is not None:
+            meaning += f" Bounds: {_bounds_text(opt)}."
+        rows.append(f"| {name} | {_cell(default)} | {_cell(meaning)} |")
     return "\n".join(rows) + "\n"
+
+
+def _bounds_text(opt: Option) -> str:
+    if opt.min is not None and opt.max is not None:
+        return f"{'(' if opt.min_open else '['}{opt.min:g}, {opt.max:g}{')' if opt.max_open else ']'}"
+    if opt.min is not None:
+        return f"{'>' if opt.min_open else '>='} {opt.min:g}"
+    return f"{'<' if opt.max_open else '<='} {opt.max:g}"
+
+
+def _cell(text: str) -> str:
+    """Text safe in a Markdown table cell (``<F>`` would otherwise vanish as an HTML tag)."""
+    return text.replace("|", "/").replace("<", "&lt;").replace(">", "&gt;")

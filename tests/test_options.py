@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.common import ConfigError
-from pipeline.options import check_fields, click_options, markdown_table, option, option_name
+from pipeline.options import check_fields, click_options, markdown_table, option, option_choices, option_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,3 +165,25 @@ def test_option_name_and_markdown_table():
     assert rows["`--steps`"] == "epochs x steps per epoch"
     assert rows["`internal` (YAML only)"] == "x"
     assert len(rows) == len(dataclasses.fields(Toy))
+
+
+@dataclasses.dataclass(frozen=True)
+class Layers:
+    unfreeze: int | str = option(0, help="K layers or 'all'.")
+
+
+def test_int_or_text_option_and_option_choices():
+    seen = {}
+
+    @click.command()
+    @click_options(Layers)
+    def cmd(**kw):
+        seen.update(kw)
+
+    for typed, value in (("3", 3), ("all", "all"), (None, 0)):
+        assert CliRunner().invoke(cmd, ["--unfreeze", typed] if typed else []).exit_code == 0
+        assert seen["unfreeze"] == value and type(seen["unfreeze"]) is type(value)
+    assert option_choices(Toy, "aug") == ("original", "light", "none")
+    assert option_choices(Toy, "lr") is None
+    with pytest.raises(KeyError):
+        option_choices(Toy, "nope")
