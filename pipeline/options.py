@@ -348,8 +348,10 @@ def markdown_table(cls, command: str) -> str:
             default = opt.show_default
         elif f.default_factory is not dataclasses.MISSING:
             default = _default_text(f.default_factory())
-        elif f.default is None:
+        elif f.default is None or f.default == ():
             default = "-"
+        elif opt.repeat:
+            default = ", ".join(map(str, f.default))
         else:
             default = _default_text(f.default)
         meaning = opt.help
@@ -371,4 +373,4 @@ def _bounds_text(opt: Option) -> str:
 
 def _cell(text: str) -> str:
     """Text safe in a Markdown table cell (``<F>`` would otherwise vanish as an HTML tag)."""
-    return text.replace("|", "/").replace("<", "&lt;").replace(">", "&gt;")
+    return text.replace("|", "/").replace("<", "&lt;")
