@@ -38,7 +38,8 @@ def setup_logging(verbose: int, quiet: int) -> None:
 
 def _as_option(message: str) -> str:
     """Config errors start with the field name (``text_cache: required ...``); on the command line the
-    user typed ``--text-cache``, so name the option of the running command instead."""
+    user typed ``--text-cache``, so name the option of the running command instead (a stage command's
+    parameters are generated from its config fields and carry the field names)."""
     ctx = click.get_current_context(silent=True)
     m = re.match(r"([a-z][a-z0-9_]*): ", message)
     if ctx is None or m is None:
