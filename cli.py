@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import importlib
 import logging
 import os
 import re
@@ -37,7 +38,8 @@ def setup_logging(verbose: int, quiet: int) -> None:
 
 def _as_option(message: str) -> str:
     """Config errors start with the field name (``text_cache: required ...``); on the command line the
-    user typed ``--text-cache``, so name the option of the running command instead."""
+    user typed ``--text-cache``, so name the option of the running command instead (a stage command's
+    parameters are generated from its config fields and carry the field names)."""
     ctx = click.get_current_context(silent=True)
     m = re.match(r"([a-z][a-z0-9_]*): ", message)
     if ctx is None or m is None:
@@ -74,10 +76,38 @@ def user_errors(fn):
     return wrapper
 
 
-def csv_list(value: str | None) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    return tuple(v.strip() for v in value.split(",") if v.strip())
+class StageCommand(click.Command):
+    """A stage's command: its options are generated from the stage's config dataclass
+    (``pipeline.options.click_params``), and the callback gets the config built from the parsed values.
+
+    ``config`` is ``"module:Class"`` (or the class); the stage module is imported when the options are
+    first needed (parsing or ``--help``), so that ``mflag cache info`` or ``mflag --help`` do not import
+    torch. A field added to the dataclass is an option of the command with no change here.
+    Errors of the config (and of the stage) are one ``error:`` line naming the option (:func:`user_errors`).
+    """
+
+    def __init__(self, name: str | None, *, config: str | type, callback, **kwargs) -> None:
+        self.config = config
+
+        def build_and_call(**values):
+            return callback(self.config_class()(**values))
+
+        super().__init__(name, callback=user_errors(build_and_call), **kwargs)
+        self._generated = False
+
+    def config_class(self) -> type:
+        if isinstance(self.config, str):
+            module, _, name = self.config.partition(":")
+            self.config = getattr(importlib.import_module(module), name)
+        return self.config
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if not self._generated:
+            from pipeline.options import click_params
+
+            self.params[:0] = click_params(self.config_class())
+            self._generated = True
+        return super().get_params(ctx)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -166,45 +196,11 @@ def prepare() -> None:
     """Turn a raw dataset into webdataset shards and a reports file for embed-text."""
 
 
-@prepare.command("mimic")
-@click.option("--root", required=True, type=click.Path(exists=True, file_okay=False),
-              help="MIMIC-CXR-JPG root (holds files/ and the metadata/split CSVs, .csv or .csv.gz).")
-@click.option("--reports", type=click.Path(exists=True),
-              help="Reports folder (files/pNN/...) or mimic-cxr-reports.zip. Default: --root.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--size", default=256, show_default=True, help="Square output size in pixels.")
-@click.option("--views", default="PA,AP", show_default=True, help="ViewPosition values to keep.")
-@click.option("--splits", default="train,validate,test", show_default=True, help="Splits to write.")
-@click.option("--format", "image_format", type=click.Choice(["png", "jpg", "raw"]), default="png",
-              show_default=True,
-              help="Image encoding inside the shards: png (lossless, ~25 KiB per 256 px image), jpg "
-                   "(lossy, smallest), or raw (uint8 array as a .npy member: 64 KiB per 256 px image, "
-                   "no decode cost when training).")
-@click.option("--jpeg-quality", default=95, show_default=True, help="Quality for --format jpg.")
-@click.option("--shard-size", default=1000, show_default=True, help="Images per shard.")
-@click.option("--workers", type=int, default=lambda: min(8, os.cpu_count() or 1), show_default="min(8, CPUs)",
-              help="Decoding processes (output does not depend on it).")
-@click.option("--text-sections", default="impression,findings", show_default=True,
-              help="Report sections to join, in this order.")
-@click.option("--section-separator", default=" ", help="Text put between sections [default: one space].")
-@click.option("--max-bad-fraction", default=0.01, show_default=True,
-              help="Fail when more than this fraction of images is lost to bad input.")
-@click.option("--crop-border/--no-crop-border", default=True, show_default=True,
-              help="Crop the black border before scaling, as the original preprocessing did.")
-@click.option("--max-pixels", type=click.IntRange(min=1), default=50_000_000, show_default=True,
-              help="Images whose header declares more pixels are bad items, never decoded (memory bombs).")
-@click.option("--force", is_flag=True, help="Rebuild OUT even if it holds another config's outputs.")
-@user_errors
-def prepare_mimic(root, reports, out, size, views, splits, image_format, jpeg_quality, shard_size, workers,
-                  text_sections, section_separator, max_bad_fraction, crop_border, max_pixels, force) -> None:
+@prepare.command("mimic", cls=StageCommand, config="stages.prepare:PrepareConfig")
+def prepare_mimic(cfg) -> None:
     """MIMIC-CXR-JPG images + reports -> OUT/shards/<split>-NNNNNN.tar, OUT/reports.jsonl, manifest."""
     from stages import prepare as stage
 
-    cfg = stage.PrepareConfig(
-        root=root, reports=reports, out=out, size=size, views=csv_list(views), splits=csv_list(splits),
-        image_format=image_format, jpeg_quality=jpeg_quality, shard_size=shard_size, workers=workers,
-        text_sections=csv_list(text_sections), section_separator=section_separator,
-        max_bad_fraction=max_bad_fraction, crop_border=crop_border, max_pixels=max_pixels, force=force)
     res = stage.run(cfg)
     for split, info in res.splits.items():
         click.echo(f"{split}: {info['count']} images in {len(info['shards'])} shards")
@@ -214,35 +210,12 @@ def prepare_mimic(root, reports, out, size, views, splits, image_format, jpeg_qu
 
 # ==== embed-text and cache (stages/embed_text.py, cache/) ====
 
-@cli.command("embed-text")
-@click.option("--reports", required=True, help="reports.jsonl from prepare, or any CSV/JSONL file.")
-@click.option("--out", required=True, help="Cache root; the cache goes to OUT/<fingerprint>/.")
-@click.option("--model", default="microsoft/BiomedVLP-CXR-BERT-general", show_default=True,
-              help="Hub id or local model directory (offline: a local directory).")
-@click.option("--key-column", default="study_id", show_default=True,
-              help="Column (CSV) or field (JSONL) holding the key a training sample is joined on.")
-@click.option("--text-column", default="text", show_default=True, help="Column or field holding the report text.")
-@click.option("--pooling", type=click.Choice(["cls", "mean", "proj"]), default="cls", show_default=True,
-              help="cls = last_hidden_state[:, 0]; proj = CXR-BERT-specialized projection head.")
-@click.option("--max-length", type=int, default=512, show_default=True, help="Tokens per report (truncation counted).")
-@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
-              help="Compute dtype; auto = fp16 on CUDA, fp32 on CPU.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--token-budget", type=int, default=None, help="Padded tokens per batch [8192 CPU, 65536 CUDA].")
-@click.option("--store-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
-              help="Precision of the stored embeddings (float16 halves the cache; lookups return float32).")
-@click.option("--shard-size", type=int, default=50_000, show_default=True, help="Reports per HDF5 shard.")
-@click.option("--on-empty", type=click.Choice(["skip", "error"]), default="skip", show_default=True,
-              help="A row with empty text: leave it out of the cache (counted) or stop.")
-@click.option("--num-parts", type=int, default=1, show_default=True,
-              help="Split the work across machines; the run that finishes the last part writes index.json.")
-@click.option("--part", type=int, default=0, show_default=True, help="Which part this run embeds (0-based).")
-@user_errors
-def embed_text(**options) -> None:
+@cli.command("embed-text", cls=StageCommand, config="stages.embed_text:EmbedTextConfig")
+def embed_text(cfg) -> None:
     """Embed every report once with the frozen text encoder into an HDF5 cache."""
-    from stages.embed_text import EmbedTextConfig, run
+    from stages.embed_text import run
 
-    result = run(EmbedTextConfig(**options))
+    result = run(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         state = "complete" if result.complete else "partial (other parts pending)"
         click.echo(f"{result.cache_dir}  [{state}: {result.count} reports, dim {result.dim}, "
@@ -284,246 +257,42 @@ def cache_verify_cmd(path: str) -> None:
 
 # ==== train-vision (stages/train_vision.py) ====
 
-@cli.command("train-vision")
-@click.option("--shards", required=True,
-              help="prepare output folder, a folder of .tar shards, or webdataset URLs (brace ranges, "
-                   "'::'-separated lists, pipe: commands).")
-@click.option("--text-cache", default=None,
-              help="Text-embedding cache folder (or its parent) from embed-text; required unless --text-mode online.")
-@click.option("--out", required=True, help="Output folder: encoder.pt, projector.pt, metrics.jsonl, checkpoints/.")
-@click.option("--text-mode", type=click.Choice(["cache", "online"]), default="cache", show_default=True,
-              help="online runs the text encoder inside each step (the original design; baseline/ablation).")
-@click.option("--text-model", default=None, help="online mode: hub id or local folder of the text encoder.")
-@click.option("--reports", default=None, help="online mode: reports.jsonl (texts by study_id).")
-@click.option("--unfreeze-last", default="0", show_default=True,
-              help="online mode: train the last K text-encoder layers, or 'all' (every layer and the embeddings).")
-@click.option("--text-pooling", type=click.Choice(["cls", "mean"]), default="cls", show_default=True,
-              help="online mode: how the text encoder's output becomes one vector.")
-@click.option("--text-max-length", type=int, default=512, show_default=True,
-              help="online mode: tokens per report, padded like the original.")
-@click.option("--probe-shards", default=None,
-              help="Held-out shards for the probes [validate-*.tar beside the training shards, else test-*.tar].")
-@click.option("--pairs", type=click.Choice(["train", "all"]), default="train", show_default=True,
-              help="Which splits of a prepare output are trained on: train (validate/test stay held out for "
-                   "the probes) or all (train+validate+test, as the original code read MIMIC).")
-@click.option("--batch-size", type=int, default=128, show_default=True,
-              help="Images per step: over all ranks, or per process with --batch-semantics per-process.")
-@click.option("--batch-semantics", type=click.Choice(["global", "per-process"]), default="global",
-              show_default=True,
-              help="global: --batch-size is split over the ranks; per-process: each rank takes --batch-size "
-                   "(the original's 512 on 2 processes = 1,024 per step).")
-@click.option("--epochs", type=int, default=1, show_default=True, help="Passes over --num-samples training images.")
-@click.option("--max-steps", type=int, default=None, help="Total optimizer steps [epochs x steps per epoch].")
-@click.option("--num-samples", type=int, default=None,
-              help="Training samples per epoch [from sizes.json]; needed for pipe:/remote shards.")
-@click.option("--num-workers", "--workers", "num_workers", type=int, default=2, show_default=True,
-              help="DataLoader workers per rank.")
-@click.option("--shuffle-buffer", type=int, default=1000, show_default=True,
-              help="Samples held per worker for shuffling across shards.")
-@click.option("--image-size", type=int, default=256, show_default=True, help="Shard image size (resized if not).")
-@click.option("--crop-size", type=int, default=224, show_default=True, help="Training crop (the network input).")
-@click.option("--aug", type=click.Choice(["original", "light", "none"]), default="original", show_default=True,
-              help="original: the paper's augmentation; light: crop and flip only; none: centre crop.")
-@click.option("--aug-device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="cuda: workers only decode; the warp runs batched on the GPU.")
-@click.option("--on-missing", type=click.Choice(["skip", "error"]), default="skip", show_default=True,
-              help="A sample whose study_id is not in the cache: count and skip, or stop.")
-@click.option("--max-bad-fraction", type=float, default=0.01, show_default=True,
-              help="Stop when corrupt samples exceed this fraction of those read.")
-@click.option("--init", default="random", show_default=True, help="random, imagenet, or a state_dict file.")
-@click.option("--text-head", type=click.Choice(["mlp", "none"]), default="mlp", show_default=True,
-              help="mlp: project text too (original code); none: project images into the text space.")
-@click.option("--proj-dim", type=int, default=None, help="Projection size [1024; the cache dim with --text-head none].")
-@click.option("--hidden-dim", type=int, default=2048, show_default=True, help="Projector hidden size.")
-@click.option("--orth-weight", type=float, default=1.0, show_default=True,
-              help="Weight of the orthogonality loss (0: alignment only).")
-@click.option("--align-weight", type=float, default=1.0, show_default=True,
-              help="Weight of the alignment loss (0: orthogonality only, an ablation).")
-@click.option("--orth-lambda", type=float, default=0.0051, show_default=True, help="Off-diagonal weight.")
-@click.option("--orth-scope", type=click.Choice(["local", "global"]), default="global", show_default=True,
-              help="global: gather z over ranks so the loss does not depend on the GPU count.")
-@click.option("--orth-on", type=click.Choice(["za", "zv"]), default="zv", show_default=True,
-              help="za: projected image embedding (BN-normalized); zv: ResNet features.")
-@click.option("--orth-standardize", is_flag=True, help="Standardize z over the batch first (correlation matrix).")
-@click.option("--lr", type=float, default=2e-5, show_default=True, help="AdamW peak learning rate.")
-@click.option("--weight-decay", type=float, default=0.05, show_default=True,
-              help="AdamW weight decay (not on biases and norm parameters unless --decay-norm-bias).")
-@click.option("--decay-norm-bias/--no-decay-norm-bias", default=False, show_default=True,
-              help="Weight decay on biases and norm parameters too, as the original code (one AdamW group).")
-@click.option("--schedule", type=click.Choice(["cosine", "restarts", "constant"]), default="cosine",
-              show_default=True)
-@click.option("--warmup-steps", type=int, default=0, show_default=True, help="Linear warmup from 0.")
-@click.option("--restart-every", type=int, default=None,
-              help="restarts: cycle length in steps [from --restart-period].")
-@click.option("--restart-period", type=click.Choice(["fraction", "original"]), default="fraction",
-              show_default=True,
-              help="restarts: cycle length as --restart-fraction of the run's steps, or the original code's "
-                   "T_0 = int((epochs-1) x samples per epoch // 4 // batch per process x 0.4).")
-@click.option("--restart-fraction", type=float, default=0.4, show_default=True,
-              help="restarts with --restart-period fraction: each cycle this fraction of the run's steps.")
-@click.option("--min-lr-ratio", type=float, default=0.0, show_default=True,
-              help="Floor of the cosine schedule, as a fraction of --lr.")
-@click.option("--min-lr", type=float, default=None,
-              help="Floor of the cosine schedule as a learning rate (the original's eta_min 1e-8); "
-                   "instead of --min-lr-ratio.")
-@click.option("--grad-clip", type=float, default=None, help="Clip the global grad norm to this value.")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
-              show_default=True, help="auto: bf16 on CUDA, fp32 on CPU; losses always in fp32.")
-@click.option("--device", default="auto", show_default=True,
-              help="auto, cpu, cuda or cuda:N (one process; under torchrun each rank uses its LOCAL_RANK GPU, "
-                   "or its only visible GPU).")
-@click.option("--channels-last/--no-channels-last", default=True, show_default=True)
-@click.option("--sync-bn/--no-sync-bn", default=True, show_default=True,
-              help="With several CUDA processes, BatchNorm statistics over the global batch (SyncBatchNorm).")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Initialisation, data order and augmentation follow from it.")
-@click.option("--log-every", type=int, default=10, show_default=True, help="Steps between metrics.jsonl lines.")
-@click.option("--ckpt-every", type=int, default=500, show_default=True, help="Steps between checkpoints.")
-@click.option("--probe-every", type=int, default=500, show_default=True,
-              help="Steps between collapse probes on held-out images.")
-@click.option("--probe-size", type=int, default=64, show_default=True,
-              help="Held-out images in the cheap probe every --probe-every steps.")
-@click.option("--final-probe-size", type=int, default=512, show_default=True,
-              help="Held-out images (validate, then test shards) in the collapse diagnostic at the end.")
-@click.option("--keep-checkpoints", type=int, default=2, show_default=True,
-              help="Step checkpoints kept on disk (0: none once the run has finished).")
-@click.option("--resume", default="auto", show_default=True,
-              help="auto (OUT/checkpoints/latest.pt when present), never, or a checkpoint path.")
-@click.option("--threads", type=int, default=None, help="torch CPU threads per process.")
-@click.option("--report-to", type=click.Choice(["none", "tensorboard", "wandb"]), default="none", show_default=True,
-              help="Also send the metrics.jsonl scalars to TensorBoard (OUT/tensorboard) or W&B (OUT/wandb; "
-                   "WANDB_MODE=offline works without network). Needs the 'tracking' extra.")
-@user_errors
-def train_vision(compile_: bool, **options) -> None:
+@cli.command("train-vision", cls=StageCommand, config="stages.train_vision:TrainVisionConfig")
+def train_vision(cfg) -> None:
     """Pre-train the ResNet50 image encoder against cached report embeddings (M-FLAG)."""
-    from stages.train_vision import TrainVisionConfig, run
+    from stages.train_vision import run
 
-    summary = run(TrainVisionConfig(compile=compile_, **options))
+    summary = run(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         probe = summary.get("final_probe") or {}
-        click.echo(f"{options['out']}  [{summary['steps']} steps; centred effective rank of zv "
+        click.echo(f"{cfg.out}  [{summary['steps']} steps; centred effective rank of zv "
                    f"{probe.get('zv_effective_rank_centred', float('nan')):.2f} (N={probe.get('n_images', 0)}, "
                    f"D={probe.get('zv_dim', 0)}), R@1 {probe.get('retrieval_R@1', float('nan')):.2f}]")
 
 
 # ==== eval (stages/evaluate.py) ====
-def _dataset_options(pairs: tuple[str, ...]) -> tuple[tuple[str, object], ...]:
-    out = []
-    for p in pairs:
-        if "=" not in p:
-            raise click.BadParameter(f"expected KEY=VALUE, got {p!r}", param_hint="--dataset-option")
-        k, v = p.split("=", 1)
-        # kept as typed: the reader's option types decide (pipeline.datasets.registry.check_options)
-        out.append((k.strip().replace("-", "_"), v.strip()))
-    return tuple(out)
-
-
-def _seeds(value: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(s) for s in csv_list(value))
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}", param_hint="--seeds")
-
-
-@cli.command("eval")
-@click.option("--task", type=click.Choice(["cls", "seg", "det"]), required=True,
-              help="cls: linear probe (or --finetune); seg: U-Net; det: a detection head (--det-model).")
-@click.option("--dataset", type=click.Choice(["chexpert", "rsna", "covidx", "siim", "object-cxr"]), required=True)
-@click.option("--root", type=click.Path(file_okay=False), required=True,
-              help="Dataset folder in its published layout (docs/DATASETS.md says which folder for each dataset).")
-@click.option("--out", type=click.Path(file_okay=False), required=True,
-              help="Run folder: results.json, results.md (appended), split/, seeds/ (with predictions), config.json.")
-@click.option("--init", required=True,
-              help="Encoder: random | imagenet | PATH (encoder.pt, encoder.safetensors or a published baseline's "
-                   "checkpoint; files are read without running any code from them).")
-@click.option("--fraction", type=float, default=1.0, show_default=True,
-              help="Share of the training split used (e.g. 0.01, 0.1, 1.0): drawn per seed (tool) or once (mgca).")
-@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds, e.g. 0,1,2.")
-@click.option("--finetune", is_flag=True, help="Train the encoder too (default: frozen encoder).")
-@click.option("--epochs", type=int, default=None,
-              help="Max epochs [default: mgca 50; tool 100 for the cls linear probe on cached features, 10 otherwise].")
-@click.option("--batch-size", type=int, default=None,
-              help="[default: mgca cls 48, seg 8 SIIM / 16 RSNA, det 16 (8 at 1%); tool 16].")
-@click.option("--lr", type=float, default=None,
-              help="AdamW learning rate [default: mgca 5e-4 (det at 1%: 2e-4 RSNA, 2.5e-4 Object-CXR); tool linear "
-                   "probe 1e-3, seg 3e-4 (1e-4 finetuned), else 1e-4].")
-@click.option("--weight-decay", type=float, default=None,
-              help="AdamW weight decay [default: mgca 1e-6 (seg 0.05); tool 1e-4].")
-@click.option("--image-size", type=int, default=224, show_default=True,
-              help="Network input size (square). mgca cls loads images at 8/7 of it and crops.")
-@click.option("--patience", type=int, default=None,
-              help="Early-stopping patience in epochs [default: mgca 10; tool 10 for the linear probe, 3 otherwise].")
-@click.option("--split-file", type=click.Path(exists=True), default=None,
-              help="Reuse a split (split.json folder, JSON or CSV) instead of generating one.")
-@click.option("--split-seed", type=int, default=0, show_default=True,
-              help="Seed of the generated split (shared by all seeds).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader workers.")
-@click.option("--det-model", type=click.Choice(["fasterrcnn", "retinanet", "yolov3"]), default=None,
-              help="det: the detection head [default: mgca yolov3 (MGCA's), tool fasterrcnn].")
-@click.option("--normalize", type=click.Choice(["auto", "imagenet", "half"]), default="auto", show_default=True,
-              help="Input normalisation; auto: mean/std 0.5 (mgca, and tool for every init but imagenet, which "
-                   "takes ImageNet statistics).")
-@click.option("--dataset-option", "dataset_option", multiple=True, metavar="KEY=VALUE",
-              help="Reader option, repeatable (e.g. uncertainty=zeros, frontal_only=false, label_set=B).")
-@click.option("--report-to", type=click.Choice(["none", "tensorboard", "wandb"]), default="none", show_default=True,
-              help="Also send the per-epoch scalars to TensorBoard or W&B (OUT/tensorboard, OUT/wandb).")
-@user_errors
-def eval_cmd(task, dataset, root, out, init, protocol, fraction, seeds, finetune, epochs, batch_size, lr,
-             weight_decay, image_size, patience, split_file, split_seed, device, workers, det_model, normalize,
-             dataset_option, report_to) -> None:
+@cli.command("eval", cls=StageCommand, config="stages.evaluate:EvalConfig")
+def eval_cmd(cfg) -> None:
     """Train and test a downstream head on an encoder; writes OUT/results.json and a results.md row."""
-    from stages.evaluate import EvalConfig, run
+    from stages.evaluate import run
 
-    cfg = EvalConfig(task=task, dataset=dataset, root=root, out=out, init=init, protocol=protocol,
-                     fraction=fraction, seeds=_seeds(seeds), finetune=finetune, epochs=epochs,
-                     batch_size=batch_size, lr=lr, weight_decay=weight_decay, image_size=image_size,
-                     patience=patience, split_file=split_file, split_seed=split_seed, device=device,
-                     workers=workers, det_model=det_model, normalize=normalize,
-                     dataset_options=_dataset_options(dataset_option), report_to=report_to)
     res = run(cfg)
     p = res["primary_metric"]
     s = res["summary"].get(p, {})
     mean = "n/a" if s.get("mean") is None else f"{s['mean']:.4f} ± {s['std']:.4f}"
-    click.echo(f"{task} {dataset} ({protocol}) init={init} fraction={fraction}: test {p} {mean} over seeds "
-               f"{','.join(map(str, res['seeds']))} -> {out}/results.json")
+    click.echo(f"{cfg.task} {cfg.dataset} ({cfg.protocol}) init={cfg.init} fraction={cfg.fraction}: test {p} {mean} "
+               f"over seeds {','.join(map(str, res['seeds']))} -> {cfg.out}/results.json")
 
 
 # ==== splits (stages/splits.py) ====
-@cli.command("splits")
-@click.option("--dataset", type=click.Choice(["chexpert", "rsna", "covidx", "siim", "object-cxr"]), required=True,
-              help="Downstream dataset whose label files are split.")
-@click.option("--task", type=click.Choice(["cls", "seg", "det"]), required=True,
-              help="The eval task the split is for (RSNA's MGCA split differs between cls and det/seg).")
-@click.option("--root", type=click.Path(exists=True, file_okay=False), required=True,
-              help="Dataset folder in its published layout, as for eval; only the label files are needed.")
-@click.option("--protocol", type=click.Choice(["tool", "mgca"]), default="tool", show_default=True,
-              help="mgca: MGCA's published lists id for id (docs/PROTOCOLS.md); tool: the patient-disjoint "
-                   "split eval generates.")
-@click.option("--fraction", "fractions", type=float, multiple=True,
-              help="Label fraction to write a training list for, repeatable [default: 0.01, 0.1 and 1].")
-@click.option("--seeds", default="0", show_default=True,
-              help="tool only: comma-separated seeds, one list per fraction and seed (mgca: one list for all).")
-@click.option("--split-seed", type=int, default=0, show_default=True,
-              help="tool only: seed of the split, as eval's --split-seed.")
-@click.option("--dataset-option", "dataset_option", multiple=True, metavar="KEY=VALUE",
-              help="Reader option, repeatable, as for eval (e.g. frontal_only=false, train_file=train_COVIDx9A.txt).")
-@click.option("--out", type=click.Path(file_okay=False), required=True,
-              help="Folder for train.txt, val.txt, test.txt, split.json and train-frac<F>[-seed<S>].txt; "
-                   "pass it to eval --split-file.")
-@click.option("--force", is_flag=True, help="Replace the lists of another configuration in OUT.")
-@user_errors
-def splits_cmd(dataset, task, root, protocol, fractions, seeds, split_seed, dataset_option, out, force) -> None:
+@cli.command("splits", cls=StageCommand, config="stages.splits:SplitsConfig")
+def splits_cmd(cfg) -> None:
     """Write a dataset's train/val/test and label-fraction id lists from its label files alone."""
-    from stages.splits import DEFAULT_FRACTIONS, SplitsConfig, run
+    from stages.splits import run
 
-    cfg = SplitsConfig(dataset=dataset, task=task, root=root, out=out, protocol=protocol,
-                       fractions=tuple(fractions) or DEFAULT_FRACTIONS, seeds=_seeds(seeds), split_seed=split_seed,
-                       dataset_options=_dataset_options(dataset_option), force=force)
     res = run(cfg)
     counts = res.summary["counts"]
-    click.echo(f"{dataset} {task} ({protocol}): train {counts['train']}, val {counts['val']}, "
+    click.echo(f"{cfg.dataset} {cfg.task} ({cfg.protocol}): train {counts['train']}, val {counts['val']}, "
                f"test {counts['test']} images -> {res.out}/split.json")
     for kind, pairs in (res.summary.get("leaks") or {}).items():
         for pair, n in pairs.items():
@@ -576,6 +345,57 @@ def status_cmd(config_path, force, from_stage, workdir) -> None:
     for st in orchestrate.status(cfg):
         click.echo(f"{st.name:<40} {st.state:<8} {st.reason}")
 
+
+# ==== docs/OPTIONS.md (generated from the stage configs) ====
+OPTIONS_DOC = "docs/OPTIONS.md"
+
+
+def stage_commands() -> dict[str, StageCommand]:
+    """Every stage command by its full name (``prepare mimic``, ``eval``, ...), in the order of ``--help``."""
+    found: dict[str, StageCommand] = {}
+
+    def walk(group: click.Group, prefix: str) -> None:
+        for name in group.list_commands(click.Context(group)):
+            cmd = group.get_command(click.Context(group), name)
+            if isinstance(cmd, click.Group):
+                walk(cmd, f"{prefix}{name} ")
+            elif isinstance(cmd, StageCommand):
+                found[prefix + name] = cmd
+
+    walk(cli, "")
+    return found
+
+
+def options_markdown() -> str:
+    """The text of docs/OPTIONS.md: one table per stage command, from its config dataclass."""
+    from pipeline.options import markdown_table
+
+    parts = ["# Options of the stage commands", "",
+             "Generated from the stage config dataclasses (`pipeline/options.py`) by "
+             "`python cli.py options-doc --write`; a test fails when this file and the code disagree, so edit the "
+             "dataclass field, not this file. In a pipeline YAML (`cli.py run`) an option is written as its field "
+             "name: the option without `--`, `-` replaced by `_` (where it differs, the table names it); "
+             "`dataset_options` is a mapping there. Bounds are checked once, by the dataclass, with the same "
+             "message on the command line and in the YAML.", ""]
+    for name, cmd in stage_commands().items():
+        parts.append(markdown_table(cmd.config_class(), f"mflag {name}"))
+    return "\n".join(parts)
+
+
+@cli.command("options-doc", hidden=True)
+@click.option("--write", is_flag=True, help=f"Write {OPTIONS_DOC} (beside cli.py) instead of printing it.")
+def options_doc(write: bool) -> None:
+    """Print (or write) docs/OPTIONS.md, generated from the stage config dataclasses."""
+    text = options_markdown()
+    if not write:
+        click.echo(text, nl=False)
+        return
+    from pipeline.common import atomic_open
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), OPTIONS_DOC)
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    click.echo(path)
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ also generates the click options is less code than adapting a validation library
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from typing import Any, Callable, Sequence
@@ -42,6 +43,8 @@ class Option:
     show_default: str | None = None
     negatable: bool = True
     exists: str | None = None
+    path: str | None = None
+    repeat: bool = False
     metavar: str | None = None
     cli: bool = True
 
@@ -49,7 +52,8 @@ class Option:
 def option(default: Any = dataclasses.MISSING, *, help: str, choices: Sequence[Any] | None = None,
            min: float | None = None, max: float | None = None, min_open: bool = False, max_open: bool = False,
            names: Sequence[str] = (), show_default: str | None = None, negatable: bool = True,
-           exists: str | None = None, metavar: str | None = None, cli: bool = True,
+           exists: str | None = None, path: str | None = None, repeat: bool = False,
+           metavar: str | None = None, cli: bool = True,
            default_factory: Callable[[], Any] | Any = dataclasses.MISSING) -> Any:
     """A dataclass field that is also an option.
 
@@ -58,11 +62,19 @@ def option(default: Any = dataclasses.MISSING, *, help: str, choices: Sequence[A
     the command-line spellings (default ``--field-name``). ``show_default``: text shown instead of
     the default (for defaults computed at run time or ``None`` meaning "derived"). ``negatable``:
     a bool option gets ``--x/--no-x`` (False: a plain ``--x`` flag). ``exists``: ``"dir"``,
-    ``"file"`` or ``"any"``: click checks that the path exists. ``cli=False``: YAML/API only.
+    ``"file"`` or ``"any"``: click checks that the path exists. ``path``: ``"dir"`` or ``"file"``: a
+    path that need not exist yet but, where it does, must be that kind (an output folder). ``repeat``:
+    a list option given once per value (``--fraction 0.1 --fraction 1``) instead of comma-separated.
+    ``cli=False``: YAML/API only.
+
+    Bounds are checked by :func:`check_fields` alone (click only shows them in ``--help``), so a bad
+    value gets the same one-line message on the command line (``error: --batch-size: must be >= 2,
+    got 1``) as in a pipeline YAML; choices are checked by click too, which lists them.
     """
     meta = {_KEY: Option(help=help, choices=tuple(choices) if choices is not None else None, min=min, max=max,
                          min_open=min_open, max_open=max_open, names=tuple(names), show_default=show_default,
-                         negatable=negatable, exists=exists, metavar=metavar, cli=cli)}
+                         negatable=negatable, exists=exists, path=path, repeat=repeat, metavar=metavar,
+                         cli=cli)}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -137,7 +149,7 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
     elif hint is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     elif hint is str:
-        ok = isinstance(value, str)
+        ok = isinstance(value, (str, os.PathLike))  # a pathlib.Path where a path is wanted
     else:
         return
     if not ok:
@@ -148,14 +160,9 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
 def _check_bounds(name: str, v: Any, opt: Option) -> None:
     lo_ok = opt.min is None or (v > opt.min if opt.min_open else v >= opt.min)
     hi_ok = opt.max is None or (v < opt.max if opt.max_open else v <= opt.max)
-    if lo_ok and hi_ok:
-        return
-    if opt.min is not None and opt.max is not None:
-        lo, hi = ("(" if opt.min_open else "["), (")" if opt.max_open else "]")
-        raise ConfigError(f"{name}: must be in {lo}{opt.min:g}, {opt.max:g}{hi}, got {v}")
-    if opt.min is not None:
-        raise ConfigError(f"{name}: must be {'>' if opt.min_open else '>='} {opt.min:g}, got {v}")
-    raise ConfigError(f"{name}: must be {'<' if opt.max_open else '<='} {opt.max:g}, got {v}")
+    if not (lo_ok and hi_ok):
+        how = "be in " if opt.min is not None and opt.max is not None else "be "
+        raise ConfigError(f"{name}: must {how}{_bounds_text(opt)}, got {v}")
 
 
 # --------------------------------------------------------------------------- command line
@@ -171,7 +178,17 @@ def option_name(cls, field: str) -> str | None:
     return None
 
 
+def option_choices(cls, field: str) -> tuple[Any, ...] | None:
+    """The allowed values of ``field`` of ``cls`` (None: any value of its type)."""
+    for f, opt, _ in options_of(cls):
+        if f.name == field:
+            return opt.choices
+    raise KeyError(f"{cls.__name__} has no option {field!r}")
+
+
 def _split_csv(cast: Callable[[str], Any]) -> Callable:
+    what = {int: "integers", float: "numbers"}.get(cast, "values")
+
     def convert(ctx, param, value):
         if value is None:
             return None
@@ -182,7 +199,7 @@ def _split_csv(cast: Callable[[str], Any]) -> Callable:
         except ValueError:
             import click
 
-            raise click.BadParameter(f"expected comma-separated values, got {value!r}") from None
+            raise click.BadParameter(f"expected comma-separated {what}, got {value!r}") from None
     return convert
 
 
@@ -194,6 +211,7 @@ def _key_values(ctx, param, values):
         if "=" not in p:
             raise click.BadParameter(f"expected KEY=VALUE, got {p!r}")
         k, v = p.split("=", 1)
+        # kept as typed: the reader's option types decide (pipeline.datasets.registry.check_options)
         out.append((k.strip().replace("-", "_"), v.strip()))
     return tuple(out)
 
@@ -204,11 +222,59 @@ def _default_text(default: Any) -> str:
     return str(default)
 
 
-def click_options(cls) -> Callable[[Callable], Callable]:
-    """A decorator adding one click option per :func:`option` field of ``cls`` (in field order)."""
+def _shown_range(kind, opt: Option):
+    """A click number type that shows the bounds in ``--help`` but leaves checking them to
+    :func:`check_fields` (one message for the command line and the YAML)."""
+    class ShownRange(kind):
+        def convert(self, value, param, ctx):
+            import click
+
+            return (click.INT if kind is click.IntRange else click.FLOAT).convert(value, param, ctx)
+
+    return ShownRange(min=opt.min, max=opt.max, min_open=opt.min_open, max_open=opt.max_open)
+
+
+def _int_or_text():
     import click
 
-    decorators = []
+    class IntOrText(click.ParamType):
+        """``int | str`` (``--unfreeze-last 2`` or ``all``): a whole number when the text is one."""
+        name = "integer|text"
+
+        def convert(self, value, param, ctx):
+            if isinstance(value, int):
+                return value
+            text = str(value).strip()
+            return int(text) if text.lstrip("-").isdigit() else text
+
+    return IntOrText()
+
+
+def _scalar_type(base: Any, opt: Option):
+    import click
+
+    if typing.get_origin(base) in (typing.Union, types.UnionType) and set(typing.get_args(base)) == {int, str}:
+        return _int_or_text()
+    if opt.choices is not None:
+        return click.Choice([str(c) for c in opt.choices])
+    if opt.exists is not None:
+        return click.Path(exists=True, file_okay=opt.exists != "dir", dir_okay=opt.exists != "file")
+    if opt.path is not None:
+        return click.Path(file_okay=opt.path != "dir", dir_okay=opt.path != "file")
+    bounded = opt.min is not None or opt.max is not None
+    if base is int:
+        return _shown_range(click.IntRange, opt) if bounded else int
+    if base is float:
+        return _shown_range(click.FloatRange, opt) if bounded else float
+    return str
+
+
+def click_params(cls) -> list:
+    """One click option per command-line :func:`option` field of ``cls``, in field order; the
+    parameter name is the field name, so the parsed values are ``cls``'s keyword arguments."""
+    import click
+
+    params = []
     for f, opt, hint in options_of(cls):
         if not opt.cli:
             continue
@@ -222,16 +288,19 @@ def click_options(cls) -> Callable[[Callable], Callable]:
             default = f.default_factory
         else:
             default = None
+        decl = list(names)
         if base is bool:
-            decl = [f"{names[0]}/--no-{names[0][2:]}"] if opt.negatable else list(names)
+            if opt.negatable:
+                decl = [f"{names[0]}/--no-{names[0][2:]}"]
             kw.update(is_flag=True, default=bool(default), show_default=opt.negatable)
-            decorators.append(click.option(*decl, f.name, **kw))
-            continue
-        if _is_pairs(base):
+        elif _is_pairs(base):
             kw.update(multiple=True, callback=_key_values, metavar=opt.metavar or "KEY=VALUE")
-            decorators.append(click.option(*names, f.name, **kw))
-            continue
-        if typing.get_origin(base) is tuple:
+        elif typing.get_origin(base) is tuple and opt.repeat:
+            elem = typing.get_args(base)[0]
+            kw.update(multiple=True, type=_scalar_type(elem, opt), required=required)
+            if not required and default not in (None, ()):
+                kw.update(default=default, show_default=opt.show_default or True)
+        elif typing.get_origin(base) is tuple:
             elem = typing.get_args(base)[0]
             cast = elem if elem in (int, float) else str
             kw.update(type=str, callback=_split_csv(cast), required=required)
@@ -240,35 +309,26 @@ def click_options(cls) -> Callable[[Callable], Callable]:
             if default not in (None, ()):
                 kw["show_default"] = opt.show_default or True
         else:
-            kw["required"] = required
+            kw.update(type=_scalar_type(base, opt), required=required)
             if not required:  # click (8.3+) takes an explicit default=None as a value that satisfies required
                 kw["default"] = default
-            if opt.choices is not None:
-                kw["type"] = click.Choice([str(c) for c in opt.choices])
-            elif opt.exists is not None:
-                kw["type"] = click.Path(exists=True, file_okay=opt.exists != "dir", dir_okay=opt.exists != "file")
-            elif base is int:
-                kw["type"] = _range(click.IntRange, opt) if (opt.min is not None or opt.max is not None) else int
-            elif base is float:
-                kw["type"] = _range(click.FloatRange, opt) if (opt.min is not None or opt.max is not None) else float
-            else:
-                kw["type"] = str
             if opt.show_default is not None:
                 kw["show_default"] = opt.show_default
             elif default is not None and not callable(default):
                 kw["show_default"] = True
-        decorators.append(click.option(*names, f.name, **kw))
+        params.append(click.Option([*decl, f.name], **kw))
+    return params
 
+
+def click_options(cls) -> Callable[[Callable], Callable]:
+    """A decorator adding :func:`click_params` of ``cls`` to a click command function."""
     def apply(fn: Callable) -> Callable:
-        for deco in reversed(decorators):
-            fn = deco(fn)
+        params = click_params(cls)
+        # click's decorators collect parameters in reverse, for the command to restore their order
+        fn.__click_params__ = getattr(fn, "__click_params__", []) + list(reversed(params))  # type: ignore[attr-defined]
         return fn
 
     return apply
-
-
-def _range(kind, opt: Option):
-    return kind(min=opt.min, max=opt.max, min_open=opt.min_open, max_open=opt.max_open)
 
 
 # --------------------------------------------------------------------------- docs
@@ -280,18 +340,37 @@ def markdown_table(cls, command: str) -> str:
         name = ", ".join(f"`{n}`" for n in option_names(f, opt)) if opt.cli else f"`{f.name}` (YAML only)"
         if base is bool and opt.negatable and opt.cli:
             name = f"`{option_names(f, opt)[0]}` / `--no-{option_names(f, opt)[0][2:]}`"
+        if opt.cli and option_names(f, opt)[0][2:].replace("-", "_") != f.name:
+            name += f" (YAML `{f.name}`)"
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             default = "required"
         elif opt.show_default is not None:
             default = opt.show_default
         elif f.default_factory is not dataclasses.MISSING:
             default = _default_text(f.default_factory())
-        elif f.default is None:
+        elif f.default is None or f.default == ():
             default = "-"
+        elif opt.repeat:
+            default = ", ".join(map(str, f.default))
         else:
             default = _default_text(f.default)
         meaning = opt.help
         if opt.choices is not None:
             meaning += " One of: " + ", ".join(f"`{c}`" for c in opt.choices) + "."
-        rows.append(f"| {name} | {default} | {meaning.replace('|', '/')} |")
+        if opt.min is not None or opt.max is not None:
+            meaning += f" Bounds: {_bounds_text(opt)}."
+        rows.append(f"| {name} | {_cell(default)} | {_cell(meaning)} |")
     return "\n".join(rows) + "\n"
+
+
+def _bounds_text(opt: Option) -> str:
+    if opt.min is not None and opt.max is not None:
+        return f"{'(' if opt.min_open else '['}{opt.min:g}, {opt.max:g}{')' if opt.max_open else ']'}"
+    if opt.min is not None:
+        return f"{'>' if opt.min_open else '>='} {opt.min:g}"
+    return f"{'<' if opt.max_open else '<='} {opt.max:g}"
+
+
+def _cell(text: str) -> str:
+    """Text safe in a Markdown table cell (``<F>`` would otherwise vanish as an HTML tag)."""
+    return text.replace("|", "/").replace("<", "&lt;")

@@ -40,6 +40,7 @@ from pipeline.common import (ConfigError, MflagError, canonical_json, file_sha25
                              save_config)
 from pipeline.distributed import resolve_precision
 from pipeline.locks import OutputLock, output_lock
+from pipeline.options import check_fields, option
 from pipeline.textmodels import DEFAULT_TEXT_MODEL, POOLINGS, TextEncoder, load_text_model, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -60,46 +61,40 @@ class ReportInputError(MflagError):
 
 @dataclass(frozen=True)
 class EmbedTextConfig:
-    """Options of ``embed-text``; ``out`` gets a ``<fingerprint>/`` cache folder."""
+    """Options of ``embed-text`` (each field is the option of the same name, pipeline.options);
+    ``out`` gets a ``<fingerprint>/`` cache folder."""
 
-    reports: str
-    out: str
-    model: str = DEFAULT_TEXT_MODEL
-    key_column: str = "study_id"
-    text_column: str = "text"
-    pooling: str = "cls"
-    max_length: int = 512
-    dtype: str = "auto"
-    device: str = "auto"
-    token_budget: int | None = None
-    store_dtype: str = "float16"
-    shard_size: int = 50_000
-    on_empty: str = "skip"
-    num_parts: int = 1
-    part: int = 0
+    reports: str = option(help="reports.jsonl from prepare, or any CSV/JSONL file.")
+    out: str = option(help="Cache root; the cache goes to OUT/<fingerprint>/.")
+    model: str = option(DEFAULT_TEXT_MODEL, help="Hub id or local model directory (offline: a local directory).")
+    key_column: str = option("study_id",
+                             help="Column (CSV) or field (JSONL) holding the key a training sample is joined on.")
+    text_column: str = option("text", help="Column or field holding the report text.")
+    pooling: str = option("cls", choices=POOLINGS,
+                          help="cls = last_hidden_state[:, 0]; proj = CXR-BERT-specialized projection head.")
+    max_length: int = option(512, min=2, max=65536, help="Tokens per report (truncation counted).")
+    dtype: str = option("auto", choices=DTYPES, help="Compute dtype; auto = fp16 on CUDA, fp32 on CPU.")
+    device: str = option("auto", help="auto, cpu, cuda or cuda:N.")
+    token_budget: int | None = option(None, min=1, show_default="8192 CPU, 65536 CUDA",
+                                      help="Padded tokens per batch.")
+    store_dtype: str = option("float16", choices=STORE_DTYPES,
+                              help="Precision of the stored embeddings (float16 halves the cache; lookups return "
+                                   "float32).")
+    shard_size: int = option(50_000, min=1, help="Reports per HDF5 shard.")
+    on_empty: str = option("skip", choices=ON_EMPTY,
+                           help="A row with empty text: leave it out of the cache (counted) or stop.")
+    num_parts: int = option(1, min=1,
+                            help="Split the work across machines; the run that finishes the last part writes "
+                                 "index.json.")
+    part: int = option(0, min=0, help="Which part this run embeds (0-based).")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "reports", str(self.reports))
         object.__setattr__(self, "out", str(self.out))
-        if self.pooling not in POOLINGS:
-            raise ConfigError(f"pooling: must be one of {POOLINGS}, got {self.pooling!r}")
-        if not 2 <= self.max_length <= 65536:
-            raise ConfigError(f"max_length: must be in [2, 65536], got {self.max_length}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype: must be one of {DTYPES}, got {self.dtype!r}")
+        check_fields(self)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.token_budget is not None and self.token_budget < 1:
-            raise ConfigError(f"token_budget: must be >= 1, got {self.token_budget}")
-        if self.store_dtype not in STORE_DTYPES:
-            raise ConfigError(f"store_dtype: must be one of {STORE_DTYPES}, got {self.store_dtype!r}")
-        if self.shard_size < 1:
-            raise ConfigError(f"shard_size: must be >= 1, got {self.shard_size}")
-        if self.on_empty not in ON_EMPTY:
-            raise ConfigError(f"on_empty: must be one of {ON_EMPTY}, got {self.on_empty!r}")
-        if self.num_parts < 1:
-            raise ConfigError(f"num_parts: must be >= 1, got {self.num_parts}")
-        if not 0 <= self.part < self.num_parts:
+        if not self.part < self.num_parts:
             raise ConfigError(f"part: must be in [0, {self.num_parts - 1}], got {self.part}")
         if not self.key_column or not self.text_column:
             raise ConfigError("key_column/text_column: must not be empty")

@@ -32,6 +32,7 @@ from pipeline.common import (ConfigError, MflagError, atomic_open, config_to_dic
                              read_json, save_config, write_json)
 from pipeline.distributed import resolve_device
 from pipeline.locks import hold_output_lock
+from pipeline.options import check_fields, option
 from pipeline.tracking import REPORT_TO, Tracker, open_tracker
 from pipeline.downstream.recipes import DET_HEAD_NAMES, NORMALIZE, PROTOCOLS, Recipe, resolve
 
@@ -52,40 +53,60 @@ _IN_RECIPE = ("epochs", "patience", "lr", "batch_size", "weight_decay", "normali
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Options left None (or ``normalize="auto"``) take the protocol's value (``recipe()``);
-    ``dataset_options`` are (name, value) pairs passed to the dataset reader."""
+    """Options of ``eval`` (each field is the option of the same name, pipeline.options). Options left
+    None (or ``normalize="auto"``) take the protocol's value (``recipe()``); ``dataset_options`` are
+    (name, value) pairs passed to the dataset reader."""
 
-    task: str
-    dataset: str
-    root: str
-    out: str
-    init: str
-    protocol: str = "tool"
-    fraction: float = 1.0
-    seeds: tuple[int, ...] = (0,)
-    finetune: bool = False
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    image_size: int = 224
-    patience: int | None = None
-    split_file: str | None = None
-    split_seed: int = 0
-    device: str = "auto"
-    workers: int = 0
-    det_model: str | None = None
-    weight_decay: float | None = None
-    normalize: str = "auto"
-    dataset_options: tuple[tuple[str, Any], ...] = ()
-    report_to: str = "none"  # none | tensorboard | wandb (pipeline.tracking.open_tracker)
+    task: str = option(choices=TASKS,
+                       help="cls: linear probe (or --finetune); seg: U-Net; det: a detection head (--det-model).")
+    dataset: str = option(choices=DATASETS, help="Downstream dataset (docs/DATASETS.md).")
+    root: str = option(path="dir", help="Dataset folder in its published layout (docs/DATASETS.md says which "
+                                        "folder for each dataset).")
+    out: str = option(path="dir", help="Run folder: results.json, results.md (appended), split/, seeds/ (with "
+                                       "predictions), config.json.")
+    init: str = option(help="Encoder: random | imagenet | PATH (encoder.pt, encoder.safetensors or a published "
+                            "baseline's checkpoint; files are read without running any code from them).")
+    protocol: str = option("tool", choices=PROTOCOLS,
+                           help="mgca: MGCA's published downstream recipe (the paper's tables); tool: this tool's "
+                                "stricter protocol. Defaults of the options below follow it (docs/PROTOCOLS.md).")
+    fraction: float = option(1.0, min=0, min_open=True, max=1,
+                             help="Share of the training split used (e.g. 0.01, 0.1, 1.0): drawn per seed (tool) or "
+                                  "once (mgca).")
+    seeds: tuple[int, ...] = option((0,), min=0, help="Comma-separated seeds, e.g. 0,1,2.")
+    finetune: bool = option(False, negatable=False, help="Train the encoder too (default: frozen encoder).")
+    epochs: int | None = option(None, min=1, show_default="mgca 50; tool 100 for the cls linear probe on cached "
+                                                          "features, 10 otherwise", help="Max epochs.")
+    batch_size: int | None = option(None, min=1, show_default="mgca cls 48, seg 8 SIIM / 16 RSNA, det 16 (8 at 1%); "
+                                                              "tool 16", help="Images per step.")
+    lr: float | None = option(None, min=0, min_open=True,
+                              show_default="mgca 5e-4 (det at 1%: 2e-4 RSNA, 2.5e-4 Object-CXR); tool linear probe "
+                                           "1e-3, seg 3e-4 (1e-4 finetuned), else 1e-4",
+                              help="AdamW learning rate.")
+    image_size: int = option(224, min=32, max=2048,
+                             help="Network input size (square). mgca cls loads images at 8/7 of it and crops.")
+    patience: int | None = option(None, min=1, show_default="mgca 10; tool 10 for the linear probe, 3 otherwise",
+                                  help="Early-stopping patience in epochs.")
+    split_file: str | None = option(None, exists="any",
+                                    help="Reuse a split (split.json folder, JSON or CSV) instead of generating one.")
+    split_seed: int = option(0, help="Seed of the generated split (shared by all seeds).")
+    device: str = option("auto", help="auto, cpu or cuda[:N].")
+    workers: int = option(0, min=0, help="DataLoader workers.")
+    det_model: str | None = option(None, choices=DET_MODELS, show_default="mgca yolov3 (MGCA's), tool fasterrcnn",
+                                   help="det: the detection head.")
+    weight_decay: float | None = option(None, min=0, show_default="mgca 1e-6 (seg 0.05); tool 1e-4",
+                                        help="AdamW weight decay.")
+    normalize: str = option("auto", choices=NORMALIZE,
+                            help="Input normalisation; auto: mean/std 0.5 (mgca, and tool for every init but "
+                                 "imagenet, which takes ImageNet statistics).")
+    dataset_options: tuple[tuple[str, Any], ...] = option(
+        (), names=("--dataset-option",),
+        help="Reader option, repeatable (e.g. uncertainty=zeros, frontal_only=false, label_set=B).")
+    report_to: str = option("none", choices=REPORT_TO,
+                            help="Also send the per-epoch scalars to TensorBoard or W&B (OUT/tensorboard, "
+                                 "OUT/wandb).")
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ConfigError(f"task: {self.task!r} is not one of {', '.join(TASKS)}")
-        if self.dataset not in DATASETS:
-            raise ConfigError(f"dataset: {self.dataset!r} is not one of {', '.join(DATASETS)}")
-        if self.protocol not in PROTOCOLS:
-            raise ConfigError(f"protocol: {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        check_fields(self)
         from pipeline.datasets.registry import TASKS_BY_DATASET, check_options
 
         if self.task not in TASKS_BY_DATASET[self.dataset]:
@@ -103,32 +124,12 @@ class EvalConfig:
             raise ConfigError(f"dataset_options: {e}") from e
         if not self.init:
             raise ConfigError("init: give 'random', 'imagenet' or a checkpoint path")
-        if not (0 < self.fraction <= 1):
-            raise ConfigError(f"fraction: must be in (0, 1], got {self.fraction}")
         if not self.seeds:
             raise ConfigError("seeds: give at least one seed")
-        if len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
+        if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds: must be distinct non-negative integers, got {list(self.seeds)}")
-        for name in ("epochs", "patience", "batch_size"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {v}")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"lr: must be > 0, got {self.lr}")
-        if self.weight_decay is not None and not self.weight_decay >= 0:
-            raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
-        if not 32 <= self.image_size <= 2048:
-            raise ConfigError(f"image_size: must be in 32..2048, got {self.image_size}")
         if self.task == "seg" and self.image_size % 32:
             raise ConfigError(f"image_size: the U-Net needs a multiple of 32 for seg, got {self.image_size}")
-        if self.workers < 0:
-            raise ConfigError(f"workers: must be >= 0, got {self.workers}")
-        if self.normalize not in NORMALIZE:
-            raise ConfigError(f"normalize: {self.normalize!r} is not one of {', '.join(NORMALIZE)}")
-        if self.det_model is not None and self.det_model not in DET_MODELS:
-            raise ConfigError(f"det_model: {self.det_model!r} is not one of {', '.join(DET_MODELS)}")
-        if self.report_to not in REPORT_TO:
-            raise ConfigError(f"report_to: {self.report_to!r} is not one of {', '.join(REPORT_TO)}")
         if self.task == "det" and self.image_size % 32 and self.recipe().head == "yolov3":
             raise ConfigError(f"image_size: the YOLOv3 head needs a multiple of 32, got {self.image_size}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):

@@ -3,7 +3,10 @@
 The YAML names the corpus (synthetic or a real MIMIC-CXR-JPG tree), the text encoder (a hub id,
 a local folder, or a small stand-in built here), the options of each stage, the pre-training
 variants and the downstream evaluations. Every section maps onto a stage's config dataclass, so
-an option means the same in the YAML as on the stage's command line (with ``_`` for ``-``).
+an option means the same in the YAML as on the stage's command line (with ``_`` for ``-``), and is
+checked by the same declaration (``pipeline.options``): unknown keys against the dataclass fields,
+types against their annotations, choices and bounds by building the config at planning time, each
+error prefixed with its section (``train.common.batch_size: must be >= 2, got 1``).
 See ``configs/demo.yaml`` and ``configs/mimic.yaml``.
 
 Seeds and online variants (``configs/ablation.yaml``): ``train.seeds`` (or a variant's own ``seeds``)
@@ -30,13 +33,13 @@ import yaml
 
 from pipeline.common import ConfigError, MflagError, coerce_to_hint, read_json, save_config, write_json
 from pipeline.locks import output_lock
+from pipeline.options import option_choices
 from pipeline.stagegraph import Node, NodeStatus, execute, path_signature, plan
 
 log = logging.getLogger(__name__)
 
 TOP_KEYS = {"workdir", "corpus", "text_model", "prepare", "embed_text", "train", "downstream", "eval",
             "report"}
-SYNTH_DATASETS = ("chexpert", "rsna", "covidx", "siim", "object-cxr")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,9 +251,10 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
         raise MflagError(f"downstream: unknown keys {sorted(set(down) - {'synth', 'roots'})}; give synth "
                          "(datasets to generate) and/or roots (dataset -> folder)")
     roots: dict[str, str] = {}
+    synth_datasets = option_choices(EvalConfig, "dataset")  # the datasets eval takes
     for ds, opts in _mapping("downstream.synth", down.get("synth")).items():
-        if ds not in SYNTH_DATASETS:
-            raise MflagError(f"downstream.synth: unknown dataset {ds!r}; one of {', '.join(SYNTH_DATASETS)}")
+        if ds not in synth_datasets:
+            raise MflagError(f"downstream.synth: unknown dataset {ds!r}; one of {', '.join(synth_datasets)}")
         writer = WRITERS[ds.replace("-", "_") if ds.replace("-", "_") in WRITERS else ds]
         opts = _check_call(f"downstream.synth.{ds}", _mapping(f"downstream.synth.{ds}", opts), writer)
         nodes.append(Node(f"synth:{ds}", work / "data" / ds, {"dataset": ds, **opts}, (), _run_synth_down))

@@ -29,6 +29,7 @@ from pipeline.imaging import (DEFAULT_MAX_PIXELS, ImageError, ImageTooLargeError
                               load_for_shard)
 from pipeline.locks import output_lock
 from pipeline.mimic import BadItem, CsvColumnError, MimicImage, ReportError, ReportSource, load_index
+from pipeline.options import check_fields, option
 from pipeline.reports import extract_sections, join_sections
 
 log = logging.getLogger(__name__)
@@ -46,24 +47,34 @@ _FORMATS = tuple(IMAGE_EXT)
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    """What ``prepare mimic`` does. ``reports`` defaults to ``root`` (reports extracted beside images)."""
+    """Options of ``prepare mimic`` (each field is the option of the same name, pipeline.options).
+    ``reports`` defaults to ``root`` (reports extracted beside images)."""
 
-    root: str
-    out: str
-    reports: str | None = None
-    size: int = 256
-    views: tuple[str, ...] = ("PA", "AP")
-    splits: tuple[str, ...] = ("train", "validate", "test")
-    image_format: str = "png"
-    jpeg_quality: int = 95
-    shard_size: int = 1000
-    workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))  # output does not depend on it
-    text_sections: tuple[str, ...] = ("impression", "findings")
-    section_separator: str = " "
-    max_bad_fraction: float = 0.01
-    crop_border: bool = True
-    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are bad items, never decoded
-    force: bool = False
+    root: str = option(help="MIMIC-CXR-JPG root (holds files/ and the metadata/split CSVs, .csv or .csv.gz).",
+                       exists="dir")
+    out: str = option(help="Output folder.", path="dir")
+    reports: str | None = option(None, exists="any",
+                                 help="Reports folder (files/pNN/...) or mimic-cxr-reports.zip. Default: --root.")
+    size: int = option(256, min=8, max=4096, help="Square output size in pixels.")
+    views: tuple[str, ...] = option(("PA", "AP"), help="ViewPosition values to keep.")
+    splits: tuple[str, ...] = option(("train", "validate", "test"), help="Splits to write.")
+    image_format: str = option(
+        "png", names=("--format",), choices=_FORMATS,
+        help="Image encoding inside the shards: png (lossless, ~25 KiB per 256 px image), jpg (lossy, smallest), "
+             "or raw (uint8 array as a .npy member: 64 KiB per 256 px image, no decode cost when training).")
+    jpeg_quality: int = option(95, min=1, max=100, help="Quality for --format jpg.")
+    shard_size: int = option(1000, min=1, help="Images per shard.")
+    workers: int = option(default_factory=lambda: min(8, os.cpu_count() or 1), min=1, show_default="min(8, CPUs)",
+                          help="Decoding processes (output does not depend on it).")
+    text_sections: tuple[str, ...] = option(("impression", "findings"), help="Report sections to join, in this order.")
+    section_separator: str = option(" ", show_default="one space", help="Text put between sections.")
+    max_bad_fraction: float = option(0.01, min=0, max=1,
+                                     help="Fail when more than this fraction of images is lost to bad input.")
+    crop_border: bool = option(True, help="Crop the black border before scaling, as the original preprocessing did.")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, min=1,
+                             help="Images whose header declares more pixels are bad items, never decoded "
+                                  "(memory bombs).")
+    force: bool = option(False, negatable=False, help="Rebuild OUT even if it holds another config's outputs.")
 
     def __post_init__(self) -> None:
         def setf(name, value):
@@ -76,28 +87,17 @@ class PrepareConfig:
         setf("splits", tuple(str(s).strip().lower() for s in self.splits if str(s).strip()))
         setf("text_sections", tuple(str(s).strip().lower() for s in self.text_sections if str(s).strip()))
         setf("image_format", str(self.image_format).lower().replace("jpeg", "jpg"))
+        check_fields(self)
         if not Path(self.root).is_dir():
             raise ConfigError(f"root: {self.root} is not a directory")
         if not Path(self.reports).exists():
             raise ConfigError(f"reports: {self.reports} does not exist")
-        if not 8 <= self.size <= 4096:
-            raise ConfigError(f"size: {self.size} is outside 8..4096")
         if not self.views:
             raise ConfigError("views: give at least one view position (e.g. PA,AP)")
         if not self.splits:
             raise ConfigError("splits: give at least one split (train, validate, test)")
         if not self.text_sections:
             raise ConfigError("text_sections: give at least one report section (e.g. impression,findings)")
-        if self.image_format not in _FORMATS:
-            raise ConfigError(f"image_format: {self.image_format!r} is not one of {', '.join(_FORMATS)}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ConfigError(f"jpeg_quality: {self.jpeg_quality} is outside 1..100")
-        if self.shard_size < 1:
-            raise ConfigError(f"shard_size: {self.shard_size} must be >= 1")
-        if self.workers < 1:
-            raise ConfigError(f"workers: {self.workers} must be >= 1")
-        if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise ConfigError(f"max_bad_fraction: {self.max_bad_fraction} is outside 0..1")
         if self.max_pixels < self.size * self.size:
             raise ConfigError(f"max_pixels: {self.max_pixels} is below one {self.size}x{self.size} output image")
 

@@ -25,50 +25,58 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.common import ConfigError, MflagError, config_to_dict, read_json, save_config
+from pipeline.datasets.registry import DATASETS, PROTOCOLS
+from pipeline.options import check_fields, option
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FRACTIONS = (0.01, 0.1, 1.0)
+TASKS = ("cls", "seg", "det")
 
 
 @dataclasses.dataclass(frozen=True)
 class SplitsConfig:
-    """``fractions``: the label fractions to write training lists for. ``seeds`` and ``split_seed``
-    apply to ``protocol="tool"`` only (MGCA's split and lists have fixed random states).
-    ``dataset_options``: (name, value) pairs for the dataset reader, as for eval."""
+    """Options of ``splits`` (each field is the option of the same name, pipeline.options).
+    ``seeds`` and ``split_seed`` apply to ``protocol="tool"`` only (MGCA's split and lists have fixed
+    random states). ``dataset_options``: (name, value) pairs for the dataset reader, as for eval."""
 
-    dataset: str
-    task: str
-    root: str
-    out: str
-    protocol: str = "tool"
-    fractions: tuple[float, ...] = DEFAULT_FRACTIONS
-    seeds: tuple[int, ...] = (0,)
-    split_seed: int = 0
-    dataset_options: tuple[tuple[str, Any], ...] = ()
-    force: bool = False
+    dataset: str = option(help="Downstream dataset whose label files are split.", choices=DATASETS)
+    task: str = option(help="The eval task the split is for (RSNA's MGCA split differs between cls and det/seg).",
+                       choices=TASKS)
+    root: str = option(help="Dataset folder in its published layout, as for eval; only the label files are needed.",
+                       exists="dir")
+    out: str = option(help="Folder for train.txt, val.txt, test.txt, split.json and train-frac<F>[-seed<S>].txt; "
+                           "pass it to eval --split-file.", path="dir")
+    protocol: str = option("tool", help="mgca: MGCA's published lists id for id (docs/PROTOCOLS.md); tool: the "
+                                        "patient-disjoint split eval generates.", choices=PROTOCOLS)
+    fractions: tuple[float, ...] = option(DEFAULT_FRACTIONS, names=("--fraction",), repeat=True, min=0, min_open=True,
+                                          max=1, help="Label fraction to write a training list for, repeatable.")
+    seeds: tuple[int, ...] = option((0,), min=0, help="tool only: comma-separated seeds, one list per fraction and "
+                                                      "seed (mgca: one list for all).")
+    split_seed: int = option(0, help="tool only: seed of the split, as eval's --split-seed.")
+    dataset_options: tuple[tuple[str, Any], ...] = option(
+        (), names=("--dataset-option",),
+        help="Reader option, repeatable, as for eval (e.g. frontal_only=false, train_file=train_COVIDx9A.txt).")
+    force: bool = option(False, negatable=False, help="Replace the lists of another configuration in OUT.")
 
     def __post_init__(self) -> None:
-        from pipeline.datasets.registry import DATASETS, PROTOCOLS, TASKS_BY_DATASET, check_options
+        from pipeline.datasets.registry import TASKS_BY_DATASET, check_options
         from pipeline.mgca_splits import PAIRS
 
-        if self.dataset not in DATASETS:
-            raise ConfigError(f"dataset: {self.dataset!r} is not one of {', '.join(DATASETS)}")
+        check_fields(self)
         if self.task not in TASKS_BY_DATASET[self.dataset]:
             raise ConfigError(f"task: {self.dataset} supports {', '.join(TASKS_BY_DATASET[self.dataset])}, "
                               f"not {self.task!r}")
-        if self.protocol not in PROTOCOLS:
-            raise ConfigError(f"protocol: {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
         if self.protocol == "mgca" and (self.dataset, self.task) not in PAIRS:
             raise ConfigError(f"protocol: MGCA has no split for {self.dataset} {self.task} (it has "
                               f"{', '.join(f'{d} {t}' for d, t in PAIRS)}); use --protocol tool")
         if not self.fractions:
             raise ConfigError("fractions: give at least one fraction")
-        if any(not 0 < f <= 1 for f in self.fractions) or len(set(self.fractions)) != len(self.fractions):
+        if len(set(self.fractions)) != len(self.fractions):
             raise ConfigError(f"fractions: must be distinct values in (0, 1], got {list(self.fractions)}")
         if not self.seeds:
             raise ConfigError("seeds: give at least one seed")
-        if len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
+        if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds: must be distinct non-negative integers, got {list(self.seeds)}")
         if self.protocol == "mgca" and self.seeds != (0,):
             raise ConfigError("seeds: under --protocol mgca one list per fraction serves every seed; drop --seeds")

@@ -45,6 +45,7 @@ from pipeline.common import (ConfigError, MflagError, atomic_path, config_to_dic
 from pipeline.distributed import (DistInfo, all_gather_object, any_rank, any_rank_flag, barrier, cleanup,
                                   init_distributed, resolve_precision)
 from pipeline.locks import output_lock
+from pipeline.options import check_fields, option
 from pipeline.pretrain import (BATCH_SEMANTICS, NonFiniteWatch, SampleAugmentFactory, StepSettings, TrainModule,
                                batch_per_rank, param_groups, prepare_images, train_step, trunk_probe_params)
 from pipeline.schedules import WarmupCosine, WarmupCosineRestarts, original_restart_period
@@ -73,83 +74,122 @@ class TrainingError(MflagError):
 
 @dataclasses.dataclass(frozen=True)
 class TrainVisionConfig:
-    """Resolved options of one train-vision run (see ``cli.py train-vision --help`` for each)."""
+    """Resolved options of one train-vision run (each field is the option of the same name,
+    pipeline.options; ``cli.py train-vision --help`` and docs/OPTIONS.md list them)."""
 
-    shards: str
-    out: str
-    text_cache: str | None = None
-    text_mode: str = "cache"  # cache | online
-    text_model: str | None = None
-    reports: str | None = None
-    unfreeze_last: int | str = 0  # online mode: K last text layers trained, or "all" (embeddings too)
-    text_pooling: str = "cls"
-    text_max_length: int = 512
-    probe_shards: str | None = None
-    pairs: str = "train"  # train | all: which splits of a prepare output are trained on
-    batch_size: int = 128  # global over all ranks, or per process with batch_semantics "per-process"
-    batch_semantics: str = "global"
-    epochs: int = 1
-    max_steps: int | None = None
-    num_samples: int | None = None
-    num_workers: int = 2
-    shuffle_buffer: int = 1000
-    image_size: int = 256
-    crop_size: int = 224
-    aug: str = "original"
-    aug_device: str = "cpu"
-    on_missing: str = "skip"
-    max_bad_fraction: float = 0.01
-    init: str = "random"
-    text_head: str = "mlp"
-    proj_dim: int | None = None  # None: 1024 with text_head mlp, the cache dimension with none
-    hidden_dim: int = 2048
-    orth_weight: float = 1.0
-    align_weight: float = 1.0
-    orth_lambda: float = 0.0051
-    orth_scope: str = "global"
-    orth_on: str = "zv"
-    orth_standardize: bool = False
-    lr: float = 2e-5
-    weight_decay: float = 0.05
-    decay_norm_bias: bool = False  # True: weight decay on every parameter, as the original
-    schedule: str = "cosine"
-    warmup_steps: int = 0
-    restart_every: int | None = None  # cycle length in steps; None: from restart_period
-    restart_period: str = "fraction"  # fraction (restart_fraction of the run) | original (its T_0 formula)
-    restart_fraction: float = 0.4
-    min_lr_ratio: float = 0.0
-    min_lr: float | None = None  # absolute floor (the original's eta_min); excludes min_lr_ratio
-    grad_clip: float | None = None
-    precision: str = "auto"
-    device: str = "auto"
-    channels_last: bool = True
-    sync_bn: bool = True
-    compile: bool = False
-    seed: int = 0
-    log_every: int = 10
-    ckpt_every: int = 500
-    probe_every: int = 500
-    probe_size: int = 64  # held-out images of the cheap probe every probe_every steps
-    final_probe_size: int = 512  # held-out images of the collapse diagnostic at the end of the run
-    keep_checkpoints: int = 2  # 0: none once the run has finished (the final one is not written)
-    resume: str = "auto"
-    threads: int | None = None
-    report_to: str = "none"  # none | tensorboard | wandb: the metrics.jsonl scalars, also sent there
+    shards: str = option(help="prepare output folder, a folder of .tar shards, or webdataset URLs (brace ranges, "
+                              "'::'-separated lists, pipe: commands).")
+    out: str = option(help="Output folder: encoder.pt, projector.pt, metrics.jsonl, checkpoints/.")
+    text_cache: str | None = option(None, help="Text-embedding cache folder (or its parent) from embed-text; "
+                                               "required unless --text-mode online.")
+    text_mode: str = option("cache", choices=("cache", "online"),
+                            help="online runs the text encoder inside each step (the original design; "
+                                 "baseline/ablation).")
+    text_model: str | None = option(None, help="online mode: hub id or local folder of the text encoder.")
+    reports: str | None = option(None, help="online mode: reports.jsonl (texts by study_id).")
+    unfreeze_last: int | str = option(0, help="online mode: train the last K text-encoder layers, or 'all' (every "
+                                              "layer and the embeddings).")
+    text_pooling: str = option("cls", choices=("cls", "mean"),
+                               help="online mode: how the text encoder's output becomes one vector.")
+    text_max_length: int = option(512, min=1, help="online mode: tokens per report, padded like the original.")
+    probe_shards: str | None = option(None, show_default="validate-*.tar beside the training shards, else test-*.tar",
+                                      help="Held-out shards for the probes.")
+    pairs: str = option("train", choices=tuple(PAIRS),
+                        help="Which splits of a prepare output are trained on: train (validate/test stay held out for "
+                             "the probes) or all (train+validate+test, as the original code read MIMIC).")
+    batch_size: int = option(128, min=2,
+                             help="Images per step: over all ranks, or per process with --batch-semantics "
+                                  "per-process (at least 2, for the projector's BatchNorm).")
+    batch_semantics: str = option("global", choices=BATCH_SEMANTICS,
+                                  help="global: --batch-size is split over the ranks; per-process: each rank takes "
+                                       "--batch-size (the original's 512 on 2 processes = 1,024 per step).")
+    epochs: int = option(1, min=1, help="Passes over --num-samples training images.")
+    max_steps: int | None = option(None, min=1, show_default="epochs x steps per epoch", help="Total optimizer steps.")
+    num_samples: int | None = option(None, min=1, show_default="from sizes.json",
+                                     help="Training samples per epoch; needed for pipe:/remote shards.")
+    num_workers: int = option(2, min=0, names=("--num-workers", "--workers"), help="DataLoader workers per rank.")
+    shuffle_buffer: int = option(1000, min=1, help="Samples held per worker for shuffling across shards.")
+    image_size: int = option(256, min=1, help="Shard image size (resized if not).")
+    crop_size: int = option(224, min=1, help="Training crop (the network input).")
+    aug: str = option("original", choices=("original", "light", "none"),
+                      help="original: the paper's augmentation (crop, rotation up to 90 degrees, perspective with p "
+                           "0.5, autocontrast with p 0.5); light: crop with translation, rotation within +-10 "
+                           "degrees, zoom 0.9-1.1, autocontrast with p 0.5 (no perspective, no flip); none: centre "
+                           "crop (pipeline/augment.py).")
+    aug_device: str = option("cpu", choices=("cpu", "cuda"),
+                             help="cuda: workers only decode; the warp runs batched on the GPU.")
+    on_missing: str = option("skip", choices=("skip", "error"),
+                             help="A sample whose study_id is not in the cache: count and skip, or stop.")
+    max_bad_fraction: float = option(0.01, min=0, max=1,
+                                     help="Stop when corrupt samples exceed this fraction of those read.")
+    init: str = option("random", help="random, imagenet, or a state_dict file.")
+    text_head: str = option("mlp", choices=("mlp", "none"),
+                            help="mlp: project text too (original code); none: project images into the text space.")
+    proj_dim: int | None = option(None, min=1, show_default="1024; the cache dim with --text-head none",
+                                  help="Projection size.")
+    hidden_dim: int = option(2048, min=1, help="Projector hidden size.")
+    orth_weight: float = option(1.0, min=0, help="Weight of the orthogonality loss (0: alignment only).")
+    align_weight: float = option(1.0, min=0, help="Weight of the alignment loss (0: orthogonality only, an ablation).")
+    orth_lambda: float = option(0.0051, help="Off-diagonal weight.")
+    orth_scope: str = option("global", choices=("local", "global"),
+                             help="global: gather z over ranks so the loss does not depend on the GPU count.")
+    orth_on: str = option("zv", choices=("za", "zv"),
+                          help="za: projected image embedding (BN-normalized); zv: ResNet features.")
+    orth_standardize: bool = option(False, negatable=False,
+                                    help="Standardize z over the batch first (correlation matrix).")
+    lr: float = option(2e-5, min=0, min_open=True, help="AdamW peak learning rate.")
+    weight_decay: float = option(0.05, min=0, help="AdamW weight decay (not on biases and norm parameters unless "
+                                                   "--decay-norm-bias).")
+    decay_norm_bias: bool = option(False, help="Weight decay on biases and norm parameters too, as the original code "
+                                               "(one AdamW group).")
+    schedule: str = option("cosine", choices=("cosine", "restarts", "constant"),
+                           help="Learning rate after --warmup-steps: cosine decay to the floor, cosine with warm "
+                                "restarts (--restart-every/--restart-period), or constant.")
+    warmup_steps: int = option(0, min=0, help="Linear warmup from 0.")
+    restart_every: int | None = option(None, min=1, show_default="from --restart-period",
+                                       help="restarts: cycle length in steps.")
+    restart_period: str = option("fraction", choices=("fraction", "original"),
+                                 help="restarts: cycle length as --restart-fraction of the run's steps, or the "
+                                      "original code's T_0 = int((epochs-1) x samples per epoch // 4 // batch per "
+                                      "process x 0.4).")
+    restart_fraction: float = option(0.4, min=0, min_open=True, max=1,
+                                     help="restarts with --restart-period fraction: each cycle this fraction of the "
+                                          "run's steps.")
+    min_lr_ratio: float = option(0.0, min=0, max=1, help="Floor of the cosine schedule, as a fraction of --lr.")
+    min_lr: float | None = option(None, min=0, help="Floor of the cosine schedule as a learning rate (the original's "
+                                                    "eta_min 1e-8); instead of --min-lr-ratio.")
+    grad_clip: float | None = option(None, min=0, min_open=True, help="Clip the global grad norm to this value.")
+    precision: str = option("auto", choices=("auto", "bf16", "fp16", "fp32"),
+                            help="auto: bf16 on CUDA, fp32 on CPU; losses always in fp32.")
+    device: str = option("auto", help="auto, cpu, cuda or cuda:N (one process; under torchrun each rank uses its "
+                                      "LOCAL_RANK GPU, or its only visible GPU).")
+    channels_last: bool = option(True, help="Run the ResNet trunk in the channels-last memory format (faster "
+                                            "convolutions on CUDA).")
+    sync_bn: bool = option(True, help="With several CUDA processes, BatchNorm statistics over the global batch "
+                                      "(SyncBatchNorm).")
+    compile: bool = option(False, negatable=False, help="torch.compile the model.")
+    seed: int = option(0, min=0, help="Initialisation, data order and augmentation follow from it.")
+    log_every: int = option(10, min=1, help="Steps between metrics.jsonl lines.")
+    ckpt_every: int = option(500, min=1, help="Steps between checkpoints.")
+    probe_every: int = option(500, min=1, help="Steps between collapse probes on held-out images.")
+    probe_size: int = option(64, min=0, help="Held-out images in the cheap probe every --probe-every steps.")
+    final_probe_size: int = option(512, min=0, help="Held-out images (validate, then test shards) in the collapse "
+                                                    "diagnostic at the end.")
+    keep_checkpoints: int = option(2, min=0, help="Step checkpoints kept on disk (0: none once the run has finished).")
+    resume: str = option("auto", help="auto (OUT/checkpoints/latest.pt when present), never, or a checkpoint path.")
+    threads: int | None = option(None, min=1, help="torch CPU threads per process.")
+    report_to: str = option("none", choices=REPORT_TO,
+                            help="Also send the metrics.jsonl scalars to TensorBoard (OUT/tensorboard) or W&B "
+                                 "(OUT/wandb; WANDB_MODE=offline works without network). Needs the 'tracking' extra.")
 
     def __post_init__(self):
         def need(cond: bool, field: str, msg: str) -> None:
             if not cond:
                 raise ConfigError(f"{field}: {msg}")
 
-        choice = {"text_mode": ("cache", "online"), "text_pooling": ("cls", "mean"),
-                  "aug": ("original", "light", "none"), "aug_device": ("cpu", "cuda"),
-                  "on_missing": ("skip", "error"), "text_head": ("mlp", "none"),
-                  "orth_scope": ("local", "global"), "orth_on": ("zv", "za"),
-                  "schedule": ("cosine", "restarts", "constant"), "pairs": PAIRS,
-                  "batch_semantics": BATCH_SEMANTICS, "restart_period": ("fraction", "original"),
-                  "precision": ("auto", "bf16", "fp16", "fp32"), "report_to": REPORT_TO}
-        for field, allowed in choice.items():
-            need(getattr(self, field) in allowed, field, f"expected one of {allowed}, got {getattr(self, field)!r}")
+        if isinstance(self.unfreeze_last, str) and self.unfreeze_last.strip().isdigit():
+            object.__setattr__(self, "unfreeze_last", int(self.unfreeze_last))
+        check_fields(self)
         need(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")
                                                          and self.device[5:].isdigit()),
              "device", f"expected auto, cpu, cuda or cuda:N, got {self.device!r}")
@@ -158,42 +198,20 @@ class TrainVisionConfig:
         else:
             need(bool(self.text_model), "text_model", "required with text_mode 'online'")
             need(bool(self.reports), "reports", "required with text_mode 'online' (report texts by study_id)")
-        for field in ("batch_size", "epochs", "image_size", "crop_size", "hidden_dim", "log_every",
-                      "ckpt_every", "probe_every", "text_max_length"):
-            need(getattr(self, field) >= 1, field, f"must be >= 1, got {getattr(self, field)}")
-        if isinstance(self.unfreeze_last, str) and self.unfreeze_last.strip().isdigit():
-            object.__setattr__(self, "unfreeze_last", int(self.unfreeze_last))
         need(self.unfreeze_last == "all" or (isinstance(self.unfreeze_last, int)
                                              and not isinstance(self.unfreeze_last, bool)),
              "unfreeze_last", f"expected a number of layers or 'all', got {self.unfreeze_last!r}")
-        for field in ("num_workers", "warmup_steps", "probe_size", "final_probe_size", "seed", "keep_checkpoints"):
-            need(getattr(self, field) >= 0, field, f"must be >= 0, got {getattr(self, field)}")
-        need(self.batch_size >= 2, "batch_size", "BatchNorm in the projector needs at least 2")
         need(self.crop_size <= self.image_size, "crop_size",
              f"must be <= image_size ({self.image_size}), got {self.crop_size}")
-        need(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1")
-        need(self.restart_every is None or self.restart_every >= 1, "restart_every", "must be >= 1")
-        need(self.num_samples is None or self.num_samples >= 1, "num_samples", "must be >= 1")
-        need(self.proj_dim is None or self.proj_dim >= 1, "proj_dim", "must be >= 1")
-        need(self.lr > 0, "lr", "must be > 0")
-        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(self.unfreeze_last == "all" or self.unfreeze_last >= 0, "unfreeze_last",
              f"must be >= 0 or 'all', got {self.unfreeze_last}")
-        need(self.orth_weight >= 0, "orth_weight", "must be >= 0")
-        need(self.align_weight >= 0, "align_weight", "must be >= 0")
         need(self.align_weight > 0 or self.orth_weight > 0, "align_weight",
              "align_weight and orth_weight are both 0: nothing to train")
-        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
-        need(self.min_lr is None or 0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr:g}]")
+        need(self.min_lr is None or self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr:g}]")
         need(self.min_lr is None or self.min_lr_ratio == 0, "min_lr",
              "give either min_lr (an absolute floor) or min_lr_ratio (a fraction of lr), not both")
-        need(0 < self.restart_fraction <= 1, "restart_fraction", "must be in (0, 1]")
         need(self.restart_every is None or self.restart_period == "fraction", "restart_every",
              "give either restart_every (steps) or restart_period 'original' (the original's T_0 formula), not both")
-        need(0 <= self.max_bad_fraction <= 1, "max_bad_fraction", "must be in [0, 1]")
-        need(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0")
-        need(self.threads is None or self.threads >= 1, "threads", "must be >= 1")
-        need(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
         need(self.unfreeze_last == 0 or self.text_mode == "online", "unfreeze_last",
              "only with text_mode 'online' (the cached mode has no text model to train)")
 

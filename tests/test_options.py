@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.common import ConfigError
-from pipeline.options import check_fields, click_options, markdown_table, option, option_name
+from pipeline.options import check_fields, click_options, markdown_table, option, option_choices, option_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,16 +81,65 @@ def test_click_defaults_equal_the_dataclass_defaults():
     assert Toy(**seen) == Toy(out="o")
 
 
-def test_click_enforces_choices_bounds_and_required():
+def test_click_enforces_choices_formats_and_required():
     cmd, _ = _command()
     for args, text in ((["--out", "o", "--aug", "heavy"], "'heavy' is not one of"),
-                       (["--out", "o", "--batch-size", "1"], "1 is not in the range x>=2"),
-                       (["--out", "o", "--lr", "0"], "0.0 is not in the range x>0"),
                        ([], "Missing option '--out'"),
                        (["--out", "o", "--pairs", "novalue"], "expected KEY=VALUE"),
-                       (["--out", "o", "--seeds", "0,a"], "expected comma-separated values")):
+                       (["--out", "o", "--seeds", "0,a"], "expected comma-separated integers"),
+                       (["--out", "o", "--batch-size", "2.5"], "'2.5' is not a valid integer")):
         res = CliRunner().invoke(cmd, args)
         assert res.exit_code == 2 and text in res.output, (args, res.output)
+
+
+def test_bounds_are_left_to_check_fields_so_cli_and_yaml_say_the_same():
+    # click parses the number; the dataclass rejects it with the message a YAML value would get
+    cmd, seen = _command()
+    for args, message in ((["--batch-size", "1"], "batch_size: must be >= 2, got 1"),
+                          (["--lr", "0"], "lr: must be > 0, got 0.0"),
+                          (["--seeds", "0,-1"], "seeds: must be >= 0, got -1")):
+        seen.clear()
+        assert CliRunner().invoke(cmd, ["--out", "o", *args]).exit_code == 0
+        with pytest.raises(ConfigError) as e:
+            Toy(**seen)
+        assert str(e.value) == message
+
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+    src: str = option(help="Input.", exists="dir")
+    out: str = option(help="Output folder.", path="dir")
+    fractions: tuple[float, ...] = option((0.01, 1.0), help="Fractions, repeatable.", names=("--fraction",),
+                                          repeat=True, min=0, max=1, min_open=True)
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+def test_paths_and_repeatable_lists(tmp_path):
+    seen = {}
+
+    @click.command()
+    @click_options(Paths)
+    def cmd(**kw):
+        seen.update(kw)
+
+    (tmp_path / "file").write_text("x")
+    ok = CliRunner().invoke(cmd, ["--src", str(tmp_path), "--out", str(tmp_path / "new")])
+    assert ok.exit_code == 0, ok.output
+    assert Paths(**seen) == Paths(src=str(tmp_path), out=str(tmp_path / "new"))
+    assert CliRunner().invoke(cmd, ["--src", str(tmp_path), "--out", "o", "--fraction", "0.1",
+                                    "--fraction", "0.5"]).exit_code == 0
+    assert seen["fractions"] == (0.1, 0.5)
+    for args, text in ((["--src", str(tmp_path / "nope"), "--out", "o"], "does not exist"),
+                       (["--src", str(tmp_path), "--out", str(tmp_path / "file")], "is a file")):
+        res = CliRunner().invoke(cmd, args)
+        assert res.exit_code == 2 and text in res.output, (args, res.output)
+    help_text = CliRunner().invoke(cmd, ["--help"], terminal_width=200).output
+    assert "--out DIRECTORY" in help_text and "[default: 0.01, 1.0; 0<x<=1]" in help_text
+    with pytest.raises(ConfigError, match=r"^fractions: must be in \(0, 1\], got 0$"):
+        Paths(src=".", out="o", fractions=(0.5, 0))
+    assert Paths(src=tmp_path, out=tmp_path).src == tmp_path  # a pathlib.Path passes where text is wanted
 
 
 def test_help_shows_every_option_with_its_default():
@@ -116,3 +165,25 @@ def test_option_name_and_markdown_table():
     assert rows["`--steps`"] == "epochs x steps per epoch"
     assert rows["`internal` (YAML only)"] == "x"
     assert len(rows) == len(dataclasses.fields(Toy))
+
+
+@dataclasses.dataclass(frozen=True)
+class Layers:
+    unfreeze: int | str = option(0, help="K layers or 'all'.")
+
+
+def test_int_or_text_option_and_option_choices():
+    seen = {}
+
+    @click.command()
+    @click_options(Layers)
+    def cmd(**kw):
+        seen.update(kw)
+
+    for typed, value in (("3", 3), ("all", "all"), (None, 0)):
+        assert CliRunner().invoke(cmd, ["--unfreeze", typed] if typed else []).exit_code == 0
+        assert seen["unfreeze"] == value and type(seen["unfreeze"]) is type(value)
+    assert option_choices(Toy, "aug") == ("original", "light", "none")
+    assert option_choices(Toy, "lr") is None
+    with pytest.raises(KeyError):
+        option_choices(Toy, "nope")

@@ -96,7 +96,10 @@ def test_tool_splits_per_seed_lists_and_rerun_rules(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--dataset", "siim", "--task", "cls", "--protocol", "mgca"], "--protocol: MGCA has no split for siim cls"),
     (["--dataset", "covidx", "--task", "cls", "--protocol", "mgca", "--seeds", "0,1"], "--seeds: under --protocol mgca"),
-    (["--dataset", "covidx", "--task", "cls", "--fraction", "1.5"], "--fraction: must be distinct values in (0, 1]"),
+    (["--dataset", "covidx", "--task", "cls", "--fraction", "1.5"], "error: --fraction: must be in (0, 1], got 1.5"),
+    (["--dataset", "covidx", "--task", "cls", "--fraction", "0.1", "--fraction", "0.1"],
+     "error: --fraction: must be distinct values in (0, 1], got [0.1, 0.1]"),
+    (["--dataset", "covidx", "--task", "cls", "--seeds", "0,-1"], "error: --seeds: must be >= 0, got -1"),
     (["--dataset", "covidx", "--task", "seg"], "--task: covidx supports cls"),
 ])
 def test_bad_options_are_named(tmp_path, extra, message):
