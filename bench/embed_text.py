@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._result import emit  # noqa: E402
 from pipeline.textmodels import TextEncoder, random_bert, train_wordpiece_tokenizer  # noqa: E402
 from stages.embed_text import embed_texts  # noqa: E402
-from bench._result import emit  # noqa: E402
 
 VOCAB = ("the heart size is normal mediastinal and hilar contours are unremarkable lungs are clear "
          "without focal consolidation pleural effusion or pneumothorax there is mild bibasilar "
@@ -43,7 +43,7 @@ def synthetic_reports(n: int, seed: int = 0) -> list[str]:
     """Lengths lognormal (median ~60 words overall, ~1% past 300 words); ~20% exact repeats."""
     rng = random.Random(seed)
     out: list[str] = []
-    for i in range(n):
+    for _i in range(n):
         if out and rng.random() < 0.2:
             out.append(NORMAL if rng.random() < 0.5 else rng.choice(out))
             continue

@@ -31,9 +31,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._result import result_cell  # noqa: E402
-from bench.gpu_common import DRY, GPU, CommandError, Runner, Sizes, make_cache, make_shards, make_text_model  # noqa: E402
-from bench.gpu_common import read_metrics, throughput  # noqa: E402
-
+from bench.gpu_common import (  # noqa: E402  # noqa: E402
+    DRY,
+    GPU,
+    CommandError,
+    Runner,
+    Sizes,
+    make_cache,
+    make_shards,
+    make_text_model,
+    read_metrics,
+    throughput,
+)
 
 ROWS = ("train_vision", "train_step", "embed_text", "orth_loss", "loader", "compile")
 
@@ -188,7 +197,8 @@ class Bench:
         self.step("train_step", "train_step", "training step, cached targets vs online BERT-base",
                   lambda: self.script("bench/train_step.py", *ts))
         self.step("embed_text", "embed_text", "embed-text reports/s", lambda: self.script("bench/embed_text.py", *et))
-        self.step("orth_loss", "orth_loss", "orthogonality loss fwd+bwd", lambda: self.script("bench/orth_loss.py", *ol))
+        self.step("orth_loss", "orth_loss", "orthogonality loss fwd+bwd",
+                  lambda: self.script("bench/orth_loss.py", *ol))
         self.step("loader", "loader", "augmentation CPU time per image", lambda: self.script("bench/loader.py", *ld))
         if self.compile or (self.only and "compile" in self.only):
             self.step("compile", "train_vision", "train-vision --compile", self.compile_row)

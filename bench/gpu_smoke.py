@@ -6,8 +6,8 @@ versions in use). The checks, in order (each names the command lines it runs in 
   data          synth mimic -> prepare --format raw
   text-model    a small BERT saved in fp16 with save_pretrained
   embed-text    --dtype fp16 --device cuda:0; embeddings finite and close to a float32 CPU pass
-  train-bf16    bf16 (--precision auto) + channels_last + --aug-device cuda, SIGKILLed right before its second checkpoint,
-                then resumed: steps 1..N logged once each, finite losses, a torchvision encoder.pt
+  train-bf16    bf16 (--precision auto) + channels_last + --aug-device cuda, SIGKILLed right before its second
+                checkpoint, then resumed: steps 1..N logged once each, finite losses, a torchvision encoder.pt
   train-fp16    --precision fp16 (GradScaler; its state is in the checkpoint)
   train-online  --text-mode online with the fp16 checkpoint and --unfreeze-last 1: float32 text weights
   no-sync       steady-state steps (GPU augmentation, bf16 step, NaN watch) under
@@ -39,8 +39,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu_common import DRY, GPU, CommandError, Runner, Sizes, make_cache, make_shards, make_text_model  # noqa: E402
-from bench.gpu_common import read_metrics, tail, throughput  # noqa: E402
+from bench.gpu_common import (  # noqa: E402  # noqa: E402
+    DRY,
+    GPU,
+    CommandError,
+    Runner,
+    Sizes,
+    make_cache,
+    make_shards,
+    make_text_model,
+    read_metrics,
+    tail,
+    throughput,
+)
 
 
 class CheckFailed(Exception):
@@ -124,7 +135,8 @@ class Smoke:
         ref, _ = embed_texts(ref_enc, [texts[k] for k in keys], max_length=self.s.max_length, device="cpu")
         cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
         need(float(cos.min()) > 0.999, f"fp16 embeddings differ from float32 ones (min cosine {cos.min():.5f})")
-        return {"reports": len(cache), "seconds_with_startup": round(secs, 1), "min_cosine_vs_fp32": round(float(cos.min()), 6)}
+        return {"reports": len(cache), "seconds_with_startup": round(secs, 1),
+                "min_cosine_vs_fp32": round(float(cos.min()), 6)}
 
     # ------------------------------------------------------------------ training
     def train_args(self, out: Path, steps: int, ckpt_every: int, precision: str = "auto",
@@ -133,7 +145,8 @@ class Smoke:
         args = ["train-vision", "--shards", self.paths["prepare"], "--out", out, "--batch-size", s.batch,
                 "--max-steps", steps, "--num-samples", s.batch * steps, "--num-workers", s.workers,
                 "--image-size", s.image, "--crop-size", s.crop, "--aug", "original", "--aug-device", self.aug_device,
-                "--device", device or self.device, "--precision", precision, "--channels-last", "--hidden-dim", s.hidden,
+                "--device", device or self.device, "--precision", precision, "--channels-last",
+                "--hidden-dim", s.hidden,
                 "--proj-dim", s.proj, "--lr", "1e-4", "--log-every", 1, "--ckpt-every", ckpt_every,
                 "--probe-every", steps, "--probe-size", s.probe, "--shuffle-buffer", 4 * s.batch, "--seed", 0]
         if text == "cache":
@@ -167,7 +180,8 @@ class Smoke:
         ck = torch.load(out / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)
         need(ck["step"] == every, f"latest.pt after the kill is step {ck['step']}, expected {every}")
         if self.aug_device == "cuda":
-            need(bool(ck.get("augmenter")) and ck["augmenter"][0] is not None, "no GPU augmenter state in the checkpoint")
+            need(bool(ck.get("augmenter")) and ck["augmenter"][0] is not None,
+                 "no GPU augmenter state in the checkpoint")
         need(not (out / "encoder.pt").exists(), "encoder.pt exists after the kill")
         self.run.cli(*args, "--resume", "auto")
         figures = self.finished(out, steps)
@@ -176,7 +190,8 @@ class Smoke:
         sd = torch.load(out / "encoder.pt", map_location="cpu", weights_only=True)
         missing, unexpected = torchvision.models.resnet50().load_state_dict(sd, strict=False)
         need(sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected,
-             f"encoder.pt does not load into torchvision's resnet50 (missing {missing[:3]}, unexpected {unexpected[:3]})")
+             f"encoder.pt does not load into torchvision's resnet50 (missing {missing[:3]}, "
+             f"unexpected {unexpected[:3]})")
         self.paths["encoder"] = out / "encoder.pt"
         return figures
 
@@ -255,7 +270,7 @@ class Smoke:
             for _ in range(3):
                 step()
         except RuntimeError as e:
-            raise CheckFailed(f"a host synchronisation inside the training step: {str(e).splitlines()[0][:300]}")
+            raise CheckFailed(f"a host synchronisation inside the training step: {str(e).splitlines()[0][:300]}") from e
         finally:
             if dev.type == "cuda":
                 torch.cuda.set_sync_debug_mode("default")

@@ -21,10 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._result import emit  # noqa: E402
 from pipeline.models import MFlagVision  # noqa: E402
 from pipeline.pretrain import StepSettings, TrainModule, train_step  # noqa: E402
 from pipeline.textmodels import OnlineTextEncoder  # noqa: E402
-from bench._result import emit  # noqa: E402
 
 
 def make_side(text_dim: int, online: OnlineTextEncoder | None, device: torch.device, seed: int):
@@ -109,7 +109,8 @@ def main() -> None:
     print(f"cached-target step: best {bc:.3f} s ({b / bc:.1f} img/s), median {statistics.median(t_cached):.3f} s")
     print(f"online-text step:   best {bo:.3f} s ({b / bo:.1f} img/s), median {statistics.median(t_online):.3f} s")
     print(f"ratio online/cached: {bo / bc:.2f}x (best of {args.steps}); median of paired steps {paired:.2f}x")
-    emit("train_step", f"{device.type} {precision} step, batch {b}, {args.size} px: cached vs online BERT-base@{args.tokens}",
+    emit("train_step",
+         f"{device.type} {precision} step, batch {b}, {args.size} px: cached vs online BERT-base@{args.tokens}",
          paired, 3 if device.type == "cpu" else 6, cached_img_s=round(b / statistics.median(t_cached), 2),
          online_img_s=round(b / statistics.median(t_online), 2), best_ratio=round(bo / bc, 3))
 

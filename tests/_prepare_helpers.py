@@ -15,15 +15,15 @@ from pipeline.mimic import METADATA_CSV, SPLIT_CSV, image_relpath, report_relpat
 
 REPORT = """                                 FINAL REPORT
  EXAMINATION:  CHEST (PA AND LAT)
- 
+
  INDICATION:  ___F with cough  // eval for pneumonia
- 
- FINDINGS: 
- 
+
+ FINDINGS:
+
  {findings}
- 
- IMPRESSION: 
- 
+
+ IMPRESSION:
+
  {impression}
 """
 

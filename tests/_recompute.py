@@ -33,7 +33,10 @@ def recompute_cls(path, label_kind):
     return out
 
 
-def recompute_det(path_or_doc, iou_thresholds=tuple(np.linspace(0.40, 0.75, 8)), min_score=None, skip=False):
+IOU_40_75 = tuple(np.linspace(0.40, 0.75, 8))
+
+
+def recompute_det(path_or_doc, iou_thresholds=IOU_40_75, min_score=None, skip=False):
     """COCO mAP over ``iou_thresholds`` from a predictions JSON with pycocotools' COCOeval (maxDets 100, all
     areas). ``min_score`` keeps only boxes scoring at least that; ``skip`` leaves out images without ground
     truth or without a kept box (MGCA's filters)."""

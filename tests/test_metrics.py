@@ -165,7 +165,8 @@ def test_mgca_map_differs_from_ours_exactly_as_defined():
     # which images MGCA scores, and with which boxes
     kept_preds, kept_targets = metrics.mgca_eligible(MIXED_PREDS, MIXED_TARGETS)
     assert [t["boxes"].tolist() for t in kept_targets] == [[_A], [_B], [_F]]
-    assert [p["scores"].tolist() for p in kept_preds] == [[pytest.approx(0.9)], [pytest.approx(0.8), pytest.approx(0.7)],
+    assert [p["scores"].tolist() for p in kept_preds] == [[pytest.approx(0.9)],
+                                                          [pytest.approx(0.8), pytest.approx(0.7)],
                                                           [pytest.approx(0.6)]]
 
 

@@ -18,8 +18,15 @@ import pytest
 from sklearn.model_selection import train_test_split
 
 from pipeline.datasets.registry import load_dataset
-from pipeline.splits import (SplitError, count_leaks, load_split_file, make_split, sample_fraction, write_fraction,
-                             write_split)
+from pipeline.splits import (
+    SplitError,
+    count_leaks,
+    load_split_file,
+    make_split,
+    sample_fraction,
+    write_fraction,
+    write_split,
+)
 
 FRACTIONS = (0.01, 0.1, 1.0)
 COMPETITION = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
@@ -66,7 +73,7 @@ def write_chexpert(root: Path, n_rows: int = 6400, n_valid: int = 60, seed: int 
     rng = np.random.default_rng(seed)
     values = np.array(["", "1.0", "0.0", "-1.0"])
     rows, patient, study, view = [], 1, 1, 1
-    for i in range(n_rows):
+    for _ in range(n_rows):
         if rng.random() < 0.35:  # next image belongs to a new study or patient
             patient, study, view = (patient + 1, 1, 1) if rng.random() < 0.6 else (patient, study + 1, 1)
         frontal = rng.random() < 0.75

@@ -145,7 +145,8 @@ def test_paths_and_repeatable_lists(tmp_path):
 def test_help_shows_every_option_with_its_default():
     cmd, _ = _command()
     out = CliRunner().invoke(cmd, ["--help"], terminal_width=200).output
-    for text in ("--out", "--batch-size", "[default: 128; x>=2]", "--num-workers, --workers", "--sync-bn / --no-sync-bn",
+    for text in ("--out", "--batch-size", "[default: 128; x>=2]", "--num-workers, --workers",
+                 "--sync-bn / --no-sync-bn",
                  "[default: (epochs x steps per epoch); x>=1]", "[default: PA,AP]", "--force"):
         assert text in out, text
     assert "--internal" not in out and "--no-force" not in out

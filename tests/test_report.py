@@ -217,7 +217,7 @@ def test_the_sweep_brackets_the_weight_where_the_gradient_ratio_crosses_one(tmp_
     # gradients that depend on the state each weight trains into, as in real runs: weighted ratio 0.01 at
     # 1e-4, 4 at 1e-2 and 50 at 1, so the ratio crosses 1 between 1e-4 and 1e-2
     grads = {"a": (0.0, (1.0, 1.0)), "b": (1e-4, (1.0, 100.0)), "c": (1e-2, (1.0, 400.0)), "mflag": (1.0, (1.0, 50.0))}
-    trains, evals = [], []
+    trains, _evals = [], []
     for v, (w, (ga, go)) in grads.items():
         for s in SEEDS:
             trains.append(_train(tmp_path, v, s, {"orth_weight": w}, 10.0, (1.0, 10.0, ga, go)))

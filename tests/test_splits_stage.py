@@ -95,7 +95,8 @@ def test_tool_splits_per_seed_lists_and_rerun_rules(tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--dataset", "siim", "--task", "cls", "--protocol", "mgca"], "--protocol: MGCA has no split for siim cls"),
-    (["--dataset", "covidx", "--task", "cls", "--protocol", "mgca", "--seeds", "0,1"], "--seeds: under --protocol mgca"),
+    (["--dataset", "covidx", "--task", "cls", "--protocol", "mgca", "--seeds", "0,1"],
+     "--seeds: under --protocol mgca"),
     (["--dataset", "covidx", "--task", "cls", "--fraction", "1.5"], "error: --fraction: must be in (0, 1], got 1.5"),
     (["--dataset", "covidx", "--task", "cls", "--fraction", "0.1", "--fraction", "0.1"],
      "error: --fraction: must be distinct values in (0, 1], got [0.1, 0.1]"),

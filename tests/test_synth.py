@@ -20,8 +20,7 @@ from pipeline.datasets.siim import rle_decode
 from pipeline.reports import extract_sections
 from pipeline.synth import downstream, mimic
 from pipeline.synth.dicom import siim_uids, write_dicom
-from pipeline.synth.phantom import (DEVICES, Findings, Opacity, Sided, polygon_mask, render,
-                                    sample_findings)
+from pipeline.synth.phantom import DEVICES, Findings, Opacity, Sided, polygon_mask, render, sample_findings
 from pipeline.synth.reports import CHEXPERT_LABELS, label_report, label_sentences, make_report
 
 DICOM_ID = r"[0-9a-f]{8}(?:-[0-9a-f]{8}){4}"
@@ -441,7 +440,7 @@ def test_object_cxr_layout_and_annotations(tmp_path, captured):
             all_rows.append(r)
     assert len(sizes) > 3 and kinds == {0, 1, 2} and s["dev"] == 4
     # Annotations are the rendered foreign objects: a rectangle's corners are its mask's box.
-    for (img, geo), r in zip(captured, all_rows):
+    for (_img, geo), r in zip(captured, all_rows):
         objs = [o.split(" ") for o in filter(None, r["annotation"].split(";"))]
         assert len(objs) == len(geo.select("foreign_object"))
         for o, region in zip(objs, geo.select("foreign_object")):

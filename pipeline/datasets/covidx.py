@@ -4,8 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.common import MflagError, unsafe_id_reason
-from pipeline.datasets._common import (DEFAULT_MAX_MISSING, DatasetError, Tally, check_protocol, check_task,
-                                       enforce_missing, missing_image)
+from pipeline.datasets._common import (
+    DEFAULT_MAX_MISSING,
+    DatasetError,
+    Tally,
+    check_protocol,
+    check_task,
+    enforce_missing,
+    missing_image,
+)
 from pipeline.datasets.base import DatasetSpec, LabelRow, Record
 
 LABEL_SETS: dict[str, tuple[str, ...]] = {
@@ -60,7 +67,7 @@ def read_covidx(root: str | Path, task: str = "cls", label_set: str = "auto",
         raise MflagError(f"COVIDx: label_set must be auto, A or B, not {label_set!r}")
     root = Path(root)
     rows: list[tuple[Path, int, str, str, str, str]] = []  # file, line, split, pid, fname, class
-    for split, given, img_dir in (("train", train_file, train_dir), ("test", test_file, test_dir)):
+    for split, given, _img_dir in (("train", train_file, train_dir), ("test", test_file, test_dir)):
         path = _find_label_file(root, split, given)
         if path is None:
             continue

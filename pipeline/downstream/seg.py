@@ -24,7 +24,16 @@ from torch import nn
 from pipeline import metrics
 from pipeline.common import MflagError, progress, write_json
 from pipeline.downstream.data import MASK_ON, SegDataset
-from pipeline.downstream.loop import TrainSettings, fit, freeze, frozen_bn_mode, images_in, make_loader, place, to_device
+from pipeline.downstream.loop import (
+    TrainSettings,
+    fit,
+    freeze,
+    frozen_bn_mode,
+    images_in,
+    make_loader,
+    place,
+    to_device,
+)
 from pipeline.downstream.task import SeedOutcome, SeedRun, Task
 
 PREDICTIONS_FORMAT = "mflag-seg-predictions/1"

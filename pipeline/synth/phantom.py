@@ -357,10 +357,10 @@ def _frontal(fr: _Frame, f: Findings, rng: np.random.Generator, ap: bool):
         ptx_masks[pt.side] = (rim > 0.5, gc, rim)
     d = _over(d, lung, 0.13)
     air_markings = lung.copy()
-    for side, (m, gc, rim) in ptx_masks.items():
+    for rim in (r for _m, _gc, r in ptx_masks.values()):
         air_markings *= 1.0 - rim
     d += mark * air_markings
-    for side, (m, gc, rim) in ptx_masks.items():
+    for side, (_m, gc, rim) in ptx_masks.items():
         d = _over(d, rim, 0.045)
         # The visible pleural edge runs where the collapsed lung has pulled away from the wall, not
         # along the medial border that both outlines share.

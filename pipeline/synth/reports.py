@@ -345,7 +345,7 @@ def _sentences(f: Findings, rng: np.random.Generator, prior: Findings | None):
         s = _pick(rng, ["No displaced rib fractures.", "No acute osseous abnormality.",
                         "Osseous structures are intact."])
         fs.append(_Sentence(s, _labels_in(s), 0.0 if _labels_in(s) else None))
-    for shape in f.foreign_objects:
+    for _shape in f.foreign_objects:
         where = _pick(rng, ["left lower chest", "right upper chest", "left mid chest", "right hemithorax"])
         fs.append(_Sentence(f"A radiopaque {_pick(rng, ['foreign body', 'object', 'button'])} "
                             f"projects over the {where}.", (), None))
