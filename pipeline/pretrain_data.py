@@ -134,6 +134,18 @@ class DataPos:
                    missing=d["missing"], corrupt=d["corrupt"], lost=int(d.get("lost", 0)),
                    lost_shards=dict(d.get("lost_shards", {})), shards_seen=set(d["shards_seen"]))
 
+    def counts(self) -> dict:
+        """This rank's sample counters and the shards it read (for the summary)."""
+        return {"raw": self.raw, "missing": self.missing, "corrupt": self.corrupt, "lost": self.lost,
+                "shards": sorted(self.shards_seen)}
+
+    @staticmethod
+    def sum_counts(counts: list[dict]) -> dict:
+        """summary.json's counters from every rank's :meth:`counts`."""
+        return {"samples_read": sum(c["raw"] for c in counts), "missing": sum(c["missing"] for c in counts),
+                "corrupt": sum(c["corrupt"] for c in counts), "lost": sum(c["lost"] for c in counts),
+                "shards_per_rank": [c["shards"] for c in counts]}
+
     def account(self, batch: dict) -> str | None:
         """Fold a batch's position and counters in; returns a fatal data error or None."""
         if "error" in batch:
@@ -169,6 +181,20 @@ class DataPos:
                          f"shards and keys; rerun prepare or remove them)")
         raise wdsp.DataError(f"{'; '.join(parts)}: {bad} bad of {expected} samples on rank {rank} "
                              f"({100 * bad / expected:.1f}% > {100 * max_bad_fraction:g}%)")
+
+
+def epoch_loader(train: wdsp.ShardSet, targets, pos: DataPos, *, seed: int, dist: DistInfo, num_workers: int,
+                 batch: int, image_size: int, on_missing: str, shuffle_buffer: int, sample_aug,
+                 pin_memory: bool):
+    """The DataLoader of this rank for the epoch ``pos`` stands in, continuing where ``pos`` says: each
+    logical worker skips the raw samples it had consumed, and the worker rotation resumes at
+    ``pos.step_in_epoch`` (``pipeline.wds``)."""
+    nw = max(1, num_workers)
+    state = wdsp.StreamState(seed=seed, epoch=pos.epoch, rank=dist.rank, world_size=dist.world_size,
+                             rotation=pos.step_in_epoch % nw, skip=dict(pos.workers))
+    pipe = wdsp.train_pipeline(list(train.urls), state, targets, batch, image_size, on_missing, shuffle_buffer,
+                               sample_aug, sizes=train.sizes)
+    return wdsp.make_loader(pipe, num_workers, pin_memory=pin_memory)
 
 
 def load_probe_set(train: wdsp.ShardSet, targets, *, probe_shards: str | None, want: int, image_size: int,

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from pipeline import distributed, pretrain, pretrain_data, schedules
+from pipeline import distributed, pretrain, pretrain_data, schedules, train_state
 from pipeline import wds as wdsp
 from pipeline.checkpoints import save_encoder_files
 from pipeline.common import ConfigError, config_to_dict, fingerprint, read_json, save_config, write_json
@@ -46,8 +46,7 @@ from pipeline.locks import output_lock
 from pipeline.pretrain import BATCH_SEMANTICS
 from pipeline.textmodels import OnlineTextEncoder
 from pipeline.tracking import REPORT_TO, Tracker, append_metrics, open_tracker, trim_metrics
-from pipeline.train_state import (TrainingError, check_resumable, load_checkpoint, param_checksum, prune_checkpoints,
-                                  publish_latest, resume_path, rng_state, save_checkpoint, set_rng_state)
+from pipeline.train_state import TrainingError, publish_latest, rng_state, save_checkpoint, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -290,9 +289,10 @@ class _Trainer:
 
     # ------------------------------------------------------------------ resume
     def _restore(self, path: Path) -> dict:
-        ck = load_checkpoint(path, TrainingError)
-        check_resumable(ck, path, fmt=CKPT_FORMAT, fingerprint=self.fingerprint, semantic=semantic_config(self.cfg),
-                        world_size=self.dist.world_size, text_dim=self.text_dim, out=self.out)
+        ck = train_state.load_checkpoint(path, TrainingError)
+        train_state.check_resumable(ck, path, fmt=CKPT_FORMAT, fingerprint=self.fingerprint,
+                                    semantic=semantic_config(self.cfg), world_size=self.dist.world_size,
+                                    text_dim=self.text_dim, out=self.out)
         missing, unexpected = self.module.load_state_dict(ck["model"], strict=False)
         bad = [k for k in missing if not k.startswith("text.")] + list(unexpected)
         if bad:
@@ -326,7 +326,7 @@ class _Trainer:
             }
             save_checkpoint(path, payload)
             publish_latest(path, self.ckpt_dir / "latest.pt")
-            prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
+            train_state.prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
         barrier(self.dist)
         return path
 
@@ -348,7 +348,7 @@ class _Trainer:
             cfg.aug, cfg.aug_device, cfg.crop_size, cfg.seed, dist.device, dist.rank)
         self.pos = pretrain_data.DataPos()
         step = 0
-        resume = resume_path(cfg.resume, self.ckpt_dir, self.out)
+        resume = train_state.resume_path(cfg.resume, self.ckpt_dir, self.out)
         if resume is None and self.ckpt_dir.is_dir() and any(self.ckpt_dir.glob("*.pt")):
             raise ConfigError(f"resume: {self.ckpt_dir} holds checkpoints but --resume is {cfg.resume!r}")
         if resume is not None:
@@ -395,14 +395,10 @@ class _Trainer:
             if self.pos.step_in_epoch >= self.steps_per_epoch:
                 self._check_bad(final=True)
                 self.pos = dataclasses.replace(self.pos, epoch=self.pos.epoch + 1, step_in_epoch=0, workers={})
-            nw = max(1, cfg.num_workers)
-            state = wdsp.StreamState(seed=cfg.seed, epoch=self.pos.epoch, rank=dist.rank,
-                                     world_size=dist.world_size, rotation=self.pos.step_in_epoch % nw,
-                                     skip=dict(self.pos.workers))
-            pipe = wdsp.train_pipeline(list(self.train.urls), state, self.targets, self.local_batch,
-                                       cfg.image_size, cfg.on_missing, cfg.shuffle_buffer, sample_aug,
-                                       sizes=self.train.sizes)
-            loader = wdsp.make_loader(pipe, cfg.num_workers, pin_memory=self.device.type == "cuda")
+            loader = pretrain_data.epoch_loader(
+                self.train, self.targets, self.pos, seed=cfg.seed, dist=dist, num_workers=cfg.num_workers,
+                batch=self.local_batch, image_size=cfg.image_size, on_missing=cfg.on_missing,
+                shuffle_buffer=cfg.shuffle_buffer, sample_aug=sample_aug, pin_memory=self.device.type == "cuda")
             it = iter(loader)
             try:
                 while self.pos.step_in_epoch < self.steps_per_epoch and step < self.total_steps:
@@ -474,10 +470,9 @@ class _Trainer:
 
     def _finish(self, step: int, probe: dict | None, last_probe: dict, params_report: dict) -> dict:
         dist = self.dist
-        checksums = all_gather_object(param_checksum(self.module), dist)
+        checksums = all_gather_object(train_state.param_checksum(self.module), dist)
         pos = self.pos
-        counts = all_gather_object({"raw": pos.raw, "missing": pos.missing, "corrupt": pos.corrupt,
-                                     "lost": pos.lost, "shards": sorted(pos.shards_seen)}, dist)
+        counts = all_gather_object(pos.counts(), dist)
         spectrum = None
         if probe is not None and self.cfg.final_probe_size >= 2:
             last_probe, spectrum = self._probe(pretrain_data.probe_subset(probe, self.cfg.final_probe_size))
@@ -489,9 +484,7 @@ class _Trainer:
             "restart_cycle": self.restart_cycle, "probe_held_out": self.probe_held_out,
             "precision": self.precision,
             "final_probe": last_probe, **params_report,
-            "samples_read": sum(c["raw"] for c in counts), "missing": sum(c["missing"] for c in counts),
-            "corrupt": sum(c["corrupt"] for c in counts), "lost": sum(c["lost"] for c in counts),
-            "shards_per_rank": [c["shards"] for c in counts],
+            **pretrain_data.DataPos.sum_counts(counts),
             "param_checksum_per_rank": checksums,
         }
         if dist.is_main:
