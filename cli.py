@@ -205,7 +205,8 @@ def prepare_mimic(cfg) -> None:
     for split, info in res.splits.items():
         click.echo(f"{split}: {info['count']} images in {len(info['shards'])} shards")
     click.echo(f"{res.n_studies} studies in {res.out / 'reports.jsonl'}; "
-               f"{res.shards_written} shards written, {res.shards_skipped} reused; manifest {res.out / 'manifest.json'}")
+               f"{res.shards_written} shards written, {res.shards_skipped} reused; "
+               f"manifest {res.out / 'manifest.json'}")
 
 
 # ==== embed-text and cache (stages/embed_text.py, cache/) ====

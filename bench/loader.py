@@ -31,10 +31,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.augment import (Augmenter, SampleAugmenter, augment_one, decode_grey,  # noqa: E402
-                              original_recipe_torchvision)
-from pipeline.wds import decode_image  # noqa: E402
 from bench._result import emit  # noqa: E402
+from pipeline.augment import Augmenter, augment_one, original_recipe_torchvision  # noqa: E402
+from pipeline.wds import decode_image  # noqa: E402
 from stages.prepare import encode_image  # noqa: E402
 
 
@@ -96,35 +95,29 @@ def run_original_decode(pngs, tf) -> None:
         tf(Image.fromarray(arr).convert("RGB"))
 
 
-def run_ours_sample(pngs, aug: SampleAugmenter) -> None:
-    for data in pngs:
-        aug(decode_grey(data))
-
-
-def run_ours_seeded(pngs, gen: torch.Generator) -> None:
-    for i, data in enumerate(pngs):
-        augment_one(decode_grey(data), gen.manual_seed(i), "original")
-
-
-def run_ours_aug_only(arrays, aug: SampleAugmenter) -> None:
-    for arr in arrays:
-        aug(arr)
+def run_ours_aug_only(arrays, gen: torch.Generator) -> None:
+    for i, arr in enumerate(arrays):
+        augment_one(arr, gen.manual_seed(i), "original")
 
 
 def run_decode_only(pngs) -> None:
     for data in pngs:
-        decode_grey(data)
+        decode_image(data, "png")
+
+
+def _decoded_batch(members) -> torch.Tensor:
+    """(B, 1, H, W) uint8: the shard members decoded as train-vision's loader does."""
+    return torch.stack([torch.from_numpy(decode_image(d, "png")) for d in members])[:, None]
 
 
 def run_ours_batched(pngs, aug: Augmenter, batch: int) -> None:
     for s in range(0, len(pngs), batch):
-        imgs = torch.stack([decode_grey(d) for d in pngs[s:s + batch]])  # (B, 1, 256, 256) uint8
-        aug(imgs)
+        aug(_decoded_batch(pngs[s:s + batch]))
 
 
 def run_ours_gpu(pngs, aug: Augmenter, batch: int) -> None:
     for s in range(0, len(pngs), batch):
-        aug(_pinned(torch.stack([decode_grey(d) for d in pngs[s:s + batch]]), aug.device))
+        aug(_pinned(_decoded_batch(pngs[s:s + batch]), aug.device))
     _wait(aug.device)
 
 
@@ -151,7 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     pngs, arrays = synthetic_pngs(args.n)
     tf = original_recipe_torchvision()
-    sample_aug = SampleAugmenter("original", seed=0)
     batch_aug = Augmenter("original", device="cpu", seed=0)
     gen = torch.Generator()
     npys = npy_bytes(arrays)
@@ -161,9 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         "ours: PNG shard member -> decode -> 1 warp, per sample": lambda: run_loader(pngs, "png", gen),
         "original + PNG decode": lambda: run_original_decode(pngs, tf),
         "PNG decode alone": lambda: run_decode_only(pngs),
-        "ours augmentation alone (uint8 array -> 1 warp)": lambda: run_ours_aug_only(arrays, sample_aug),
-        "ours per-sample CPU (decode + 1 warp)": lambda: run_ours_sample(pngs, sample_aug),
-        "ours per-sample, seeded per sample (decode + 1 warp)": lambda: run_ours_seeded(pngs, gen),
+        "ours augmentation alone (uint8 array -> 1 warp)": lambda: run_ours_aug_only(arrays, gen),
         f"ours batched CPU (decode + 1 warp, B={args.batch})": lambda: run_ours_batched(pngs, batch_aug, args.batch),
     }
     device = torch.device(args.device) if args.device else None

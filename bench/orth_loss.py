@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.losses import orthogonality_loss, orthogonality_loss_reference  # noqa: E402
 from bench._result import emit  # noqa: E402
+from pipeline.losses import orthogonality_loss, orthogonality_loss_reference  # noqa: E402
 
 
 def step(fn, z: torch.Tensor) -> None:

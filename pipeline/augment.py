@@ -25,12 +25,12 @@ All recipes end with Normalize(mean 0.5, std 0.5).
 
 Each sample's parameters are 16 float64 uniforms from a torch generator, turned into its warp by
 plain Python arithmetic (closed-form homographies, no tensors): a few microseconds, and one code
-path for ``augment_one`` (per sample, seeded per sample for exact resume), ``SampleAugmenter`` and the
-batched ``Augmenter``, which therefore give the same pixels for the same draw (on the CPU, bit for bit).
+path for ``augment_one`` (per sample, seeded per sample for exact resume: what train-vision's loader
+workers run) and the batched ``Augmenter``, which therefore give the same pixels for the same draw (on
+the CPU, bit for bit). Shard bytes are decoded by ``pipeline.wds.decode_image``.
 """
 from __future__ import annotations
 
-import io
 import math
 from typing import Any, NamedTuple
 
@@ -46,10 +46,8 @@ __all__ = [
     "autocontrast_batch",
     "normalize",
     "to_three_channels",
-    "decode_grey",
     "augment_one",
     "Augmenter",
-    "SampleAugmenter",
     "original_recipe_torchvision",
 ]
 
@@ -432,7 +430,7 @@ def _warp_group(images: Tensor, geoms: list[_Geom], out_size: int) -> Tensor:
             images = images[..., top:top + out_size, left:left + out_size]
         else:
             images = torch.stack([img[..., t:t + out_size, l:l + out_size]
-                                  for img, (t, l) in zip(images, (g.window for g in geoms))])
+                                  for img, (t, l) in zip(images, (g.window for g in geoms))])  # noqa: E741
     x = _compute_float(images)
     if g0.coef is None:  # identity ("none"): the crop itself, exact
         return x.clone(memory_format=torch.contiguous_format) if x is images else x
@@ -497,17 +495,6 @@ def to_three_channels(x: Tensor) -> Tensor:
     if x.ndim == 3 and x.shape[0] == 1:
         return x.expand(3, -1, -1)
     raise ValueError(f"to_three_channels expects one channel, (B,1,H,W) or (1,H,W); got {tuple(x.shape)}")
-
-
-def decode_grey(data: bytes) -> Tensor:
-    """PNG or JPEG bytes -> (1, H, W) uint8 tensor of the grey image (Pillow; colour is converted to L)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        if im.mode != "L":
-            im = im.convert("L")
-        arr = np.asarray(im)
-    return torch.from_numpy(arr.copy() if not arr.flags.writeable else arr)[None]
 
 
 def _finish(raw: Tensor, flags: Tensor, value_max: float) -> Tensor:
@@ -627,52 +614,6 @@ class Augmenter:
         if state.get("recipe") != self.recipe:
             raise ValueError(f"augmenter state is for recipe {state.get('recipe')!r}, not {self.recipe!r}")
         self.generator.set_state(state["generator"])
-
-
-class SampleAugmenter:
-    """Per-sample CPU augmentation for DataLoader workers: one grey image -> normalized float (1,out,out).
-
-    Accepts a uint8 (H,W) numpy array or a (1,H,W)/(H,W) tensor (float taken to be in [0, 1]).
-    Collate the results, then call :func:`to_three_channels` on the batch. Same distribution and warp
-    code as :class:`Augmenter`; the crop is a slice, so only rotation/perspective are resampled.
-    The uniforms are drawn ``block`` samples at a time. Inside a worker the generator is seeded from
-    ``seed`` and the worker's seed (which DataLoader derives from the main process RNG), so workers
-    draw different, reproducible streams. Picklable. (train-vision seeds each sample on its own with
-    :func:`augment_one` instead, so that a resumed run repeats it exactly.)
-    """
-
-    def __init__(self, recipe: str = "original", seed: int = 0, out_size: int = 224, block: int = 64):
-        _check_recipe(recipe)
-        self.recipe, self.seed, self.out_size, self.block = recipe, seed, out_size, block
-        self._reset()
-
-    def _reset(self) -> None:
-        self._generator: torch.Generator | None = None
-        self._worker_seed: int | None = None
-        self._uniforms: list[list[float]] = []
-        self._next = 0
-
-    def _draw_uniforms(self) -> list[float]:
-        info = torch.utils.data.get_worker_info()
-        worker_seed = info.seed if info is not None else 0
-        if self._generator is None or worker_seed != self._worker_seed:
-            self._generator = torch.Generator().manual_seed((self.seed * 0x9E3779B1 + worker_seed) % (2 ** 63))
-            self._worker_seed, self._uniforms, self._next = worker_seed, [], 0
-        if self._next >= len(self._uniforms):
-            self._uniforms, self._next = _uniforms(self.block, self._generator), 0
-        self._next += 1
-        return self._uniforms[self._next - 1]
-
-    def __call__(self, image: Tensor | np.ndarray) -> Tensor:
-        image = _as_single(image)
-        _check_sizes(self.recipe, image.shape[-1], self.out_size)
-        return _augment_single(image, self._draw_uniforms(), self.recipe, self.out_size)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        # torch.Generator does not pickle; each worker re-seeds its own from seed + worker seed.
-        state.update(_generator=None, _worker_seed=None, _uniforms=[], _next=0)
-        return state
 
 
 # --------------------------------------------------------------------------- baseline

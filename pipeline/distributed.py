@@ -12,7 +12,6 @@ import torch.distributed as dist
 
 from pipeline.common import ConfigError
 
-
 # A gloo process group beside NCCL for flags that live on the host (see any_rank); None otherwise.
 _HOST_GROUP = None
 

@@ -35,6 +35,11 @@ BORDER_FRACTION = 0.02
 UPSAMPLE_TOLERANCE = 0.08
 
 RESAMPLE = Image.Resampling.LANCZOS
+# resize_u8's resampling methods: "antialias" PIL bilinear (antialiased when shrinking), "area" PIL box
+# filter (the pixel-area average of cv2.INTER_AREA), "linear" bilinear without antialiasing
+# (cv2.INTER_LINEAR, MGCA's seg/det datasets), "lanczos" PIL Lanczos (prepare's shards).
+RESAMPLES = ("antialias", "area", "linear", "lanczos")
+_PIL_FILTERS = {"antialias": Image.BILINEAR, "area": Image.BOX, "lanczos": RESAMPLE}
 
 # Largest image (height x width, read from the header before any pixel is decoded) that is decoded at
 # all. The largest radiographs in MIMIC-CXR, CheXpert and the RSNA/SIIM DICOMs are under 20 Mpx; a
@@ -97,16 +102,16 @@ def border_box(a: np.ndarray, threshold: int = BORDER_THRESHOLD, inset: int = 1)
     cols = np.flatnonzero(mask.sum(axis=0) > max(1, BORDER_FRACTION * a.shape[0]))
     if rows.size == 0 or cols.size == 0:
         return 0, a.shape[0], 0, a.shape[1]
-    t, b, l, r = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    t, b, l, r = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1  # noqa: E741 (top, bottom, left, right)
     if b - t > 2 * inset + 1 and r - l > 2 * inset + 1:
-        t, l = t + inset * (t > 0), l + inset * (l > 0)
+        t, l = t + inset * (t > 0), l + inset * (l > 0)  # noqa: E741 (top, bottom, left, right)
         b, r = b - inset * (b < a.shape[0]), r - inset * (r < a.shape[1])
     return t, b, l, r
 
 
 def crop_zero_border(a: np.ndarray, threshold: int = BORDER_THRESHOLD) -> np.ndarray:
     """Drop the rows and columns at the edges that are (almost) all <= ``threshold``; see ``border_box``."""
-    t, b, l, r = border_box(a, threshold)
+    t, b, l, r = border_box(a, threshold)  # noqa: E741 (top, bottom, left, right)
     return a[t:b, l:r]
 
 
@@ -230,11 +235,33 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
         return _decode(im, path)
 
 
+def resize_u8(img: np.ndarray, size: int | tuple[int, int], resample: str = "antialias",
+              box: tuple[float, float, float, float] | None = None) -> np.ndarray:
+    """The one image resizer: a uint8 H x W array -> a writable uint8 array of ``size`` (an int: square; or
+    (height, width)) with ``resample`` (one of ``RESAMPLES``); ``box`` (PIL's, in source pixels) resizes
+    that region only. An image already of that size (and no box) comes back unresampled."""
+    h, w = (size, size) if isinstance(size, int) else size
+    if box is None and img.shape == (h, w):
+        return np.ascontiguousarray(img)
+    if resample == "linear" and box is None:
+        import torch
+        import torch.nn.functional as F
+
+        # cv2.INTER_LINEAR: half-pixel centres, no antialiasing (align_corners=False is the same mapping)
+        t = torch.from_numpy(np.ascontiguousarray(img)).float()[None, None]
+        t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False, antialias=False)
+        return t[0, 0].round_().clamp_(0, 255).to(torch.uint8).numpy()
+    if resample not in _PIL_FILTERS:
+        raise ValueError(f"resample must be one of {RESAMPLES} (linear without box), got {resample!r}")
+    # np.array, not asarray: a writable array (torch warns on read-only ones)
+    return np.array(Image.fromarray(np.ascontiguousarray(img)).resize((w, h), _PIL_FILTERS[resample], box=box))
+
+
 def _to_square(a: np.ndarray, size: int, crop: bool) -> np.ndarray:
     if crop:
         a = crop_zero_border(a)
     if a.shape != (size, size):
-        a = np.asarray(Image.fromarray(a).resize((size, size), RESAMPLE))
+        a = resize_u8(a, size, "lanczos")
     # Min-max after the resize (the original scaled before it): extremes of the full-size image are
     # single noise pixels that the resize averages away, so scaling first leaves the output short of
     # 0..255 and makes it depend on the decode scale; scaling last gives the same result either way.
@@ -282,7 +309,7 @@ def load_for_shard(path: str | os.PathLike, size: int, crop_border: bool = True,
         if scale <= 1:
             return _to_square(a, size, crop=True), orig
         core, box = _reduced_crop(a, round(scale))
-    out = np.asarray(Image.fromarray(core).resize((size, size), RESAMPLE, box=box))
+    out = resize_u8(core, size, "lanczos", box=box)
     return minmax_uint8(out), orig
 
 
@@ -307,7 +334,7 @@ def _reduced_crop(a: np.ndarray, s: int) -> tuple[np.ndarray, tuple[float, float
     radiographs with a border.
     """
     h, w = a.shape
-    t, b, l, r = border_box(a, inset=0)
+    t, b, l, r = border_box(a, inset=0)  # noqa: E741 (top, bottom, left, right)
     if b - t < 4 or r - l < 4:  # blank or nearly blank: nothing to place precisely
         return np.pad(a, 1, mode="edge"), (1.0, 1.0, w + 1.0, h + 1.0)
     ti, bi, li, ri = t + (t > 0), b - (b < h), l + (l > 0), r - (r < w)

@@ -20,7 +20,6 @@ from typing import Iterator, Sequence
 
 from pipeline.common import MflagError, unsafe_id_reason
 
-
 METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv"
 SPLIT_CSV = "mimic-cxr-2.0.0-split.csv"
 REPORTS_ZIP = "mimic-cxr-reports.zip"
@@ -242,8 +241,8 @@ class ReportSource:
     """Report text per (subject_id, study_id) from an extracted folder or ``mimic-cxr-reports.zip``.
 
     ``path`` may be the zip, a folder holding ``mimic-cxr-reports.zip`` (used in preference to any
-    text files beside it), or a folder holding ``files/pNN/...`` (or being ``files/`` itself). Use ``get`` from one process only (zip handles are not
-    shareable across forks); ``close`` when done.
+    text files beside it), or a folder holding ``files/pNN/...`` (or being ``files/`` itself). Use
+    ``get`` from one process only (zip handles are not shareable across forks); ``close`` when done.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -325,3 +324,43 @@ class ReportSource:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def study_texts(by_study: dict[tuple[str, str], list], reports_path: str, sections: Sequence[str],
+                separator: str, report) -> tuple[dict[tuple[str, str], tuple[str, list[str]]], int]:
+    """The report text of each ``(subject_id, study_id)`` of ``by_study`` (-> its images): the
+    ``sections`` joined by ``separator``, as ``{key: (text, sections used)}``, and the number of images
+    whose study has no readable report. Unreadable or missing reports go to ``report.add_bad``, reports
+    without text in those sections to ``report.add_dropped``. Read in the calling process: the zip
+    handle must not cross a fork."""
+    from pipeline.common import progress
+    from pipeline.reports import extract_sections, join_sections
+
+    texts: dict[tuple[str, str], tuple[str, list[str]]] = {}
+    n_bad_images = 0
+    with ReportSource(reports_path) as reports:
+        for key in progress(sorted(by_study, key=lambda k: (int(k[0]), int(k[1]))), total=len(by_study),
+                            desc="reports", unit="study"):
+            subj, study = key
+            ids = {"subject_id": subj, "study_id": study, "n_images": len(by_study[key])}
+            try:
+                raw = reports.get(subj, study)
+            except ReportError as e:
+                report.add_bad(BadItem(e.reason, e.where, e.detail, ids))
+                n_bad_images += len(by_study[key])
+                continue
+            if raw is None:
+                report.add_bad(BadItem("no_report", reports.location(subj, study), "study has no report", ids))
+                n_bad_images += len(by_study[key])
+                continue
+            found = extract_sections(raw)
+            text, used = join_sections(found, sections, separator)
+            if not text.strip():
+                present = [s for s in sections if s in found]
+                reason = "no_text_empty_sections" if present else "no_text_sections_absent"
+                report.add_dropped(reason, reports.location(subj, study),
+                                   f"no text in sections {','.join(sections)} "
+                                   f"(found: {','.join(sorted(found)) or 'none'})", ids)
+                continue
+            texts[key] = (text, used)
+    return texts, n_bad_images

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 
 import numpy as np
 import torch
@@ -19,6 +20,8 @@ import torch.nn as nn
 
 from pipeline import losses
 from pipeline.textmodels import OnlineTextEncoder
+
+log = logging.getLogger(__name__)
 
 
 class TrainModule(nn.Module):
@@ -183,6 +186,23 @@ class NonFiniteWatch:
         seen, step, align, orth = self.state.tolist()
         return (int(step), align, orth) if seen else None
 
+    def check(self, dist, last_good: str | None) -> None:
+        """Raise TrainingError when any rank has seen a non-finite loss since the start (one host sync),
+        naming the step, the last good checkpoint and the fixes. Called at log and checkpoint steps, so a
+        checkpoint never holds weights trained through a NaN."""
+        from pipeline.distributed import any_rank_flag
+        from pipeline.train_state import TrainingError
+
+        if not any_rank_flag(self.flag(), dist):
+            return
+        bad = self.first_bad()
+        where = (f"at step {bad[0]} (align {bad[1]:.4g}, orth {bad[2]:.4g}) on rank {dist.rank}" if bad
+                 else "on another rank")
+        raise TrainingError(
+            f"non-finite loss {where}; stopping. The last good checkpoint is "
+            f"{last_good or 'none (no checkpoint written yet)'}; lower --lr, set --grad-clip or use "
+            f"--precision fp32")
+
 
 class SampleAugmentFactory:
     """Picklable factory of the worker-side augmentation ``fn(uint8 H x W, seed) -> float (3, c, c)``.
@@ -210,3 +230,120 @@ class _SampleAugment:
 
         # (1, c, c) normalized float; the 3-channel view is made after collation.
         return augment.augment_one(image, self.generator.manual_seed(seed), self.recipe, self.crop)
+
+
+def make_augmenters(aug: str, aug_device: str, crop_size: int, seed: int, device: str, rank: int = 0):
+    """(per-sample augmentation factory for the CPU workers or None, batched augmenter for the main
+    process or None, deterministic centre-crop preprocessor for the probe batch)."""
+    from pipeline import augment
+    from pipeline.wds import stream_seed
+
+    probe_aug = augment.Augmenter("none", device=device, seed=0, out_size=crop_size)
+    if aug_device == "cuda":
+        batch_seed = stream_seed(seed, 0, rank, 0, "batch-augment")
+        return None, augment.Augmenter(aug, device=device, seed=batch_seed, out_size=crop_size), probe_aug
+    return SampleAugmentFactory(aug, crop_size), None, probe_aug
+
+
+@torch.no_grad()
+def probe_model(module: TrainModule, probe: dict, probe_aug, device: torch.device, channels_last: bool,
+                chunk: int = 128) -> tuple[dict, dict]:
+    """(metrics, spectra of zv and za) of ``module`` on a probe set (``pipeline.pretrain_data``), in eval
+    mode, in chunks of ``chunk`` images (a final probe of several hundred images at full size would not
+    fit at once on a small GPU)."""
+    from pipeline import probes
+
+    was = module.training
+    module.eval()
+    try:
+        text = probe["text"]
+        if module.text is not None:
+            zt = module.vision.project_text(module.text(module.text.tokenize(text, device)))
+        else:
+            zt = module.vision.project_text(text.to(device))
+        zvs, zas = [], []
+        for i in range(0, len(probe["targets"]), chunk):
+            images = prepare_images(probe["image"][i:i + chunk], probe_aug, device, channels_last)
+            zv, za = module.vision(images)
+            zvs.append(zv.float())
+            zas.append(za.float())
+        spectra: dict = {}
+        report = probes.probe_report(torch.cat(zvs), torch.cat(zas), zt.float(), probe["targets"], spectra)
+        return report, spectra
+    finally:
+        module.train(was)
+
+
+def step_scalars(out: dict[str, torch.Tensor], dist) -> dict[str, float]:
+    """The logged numbers of :func:`train_step`'s output, averaged over ranks (one all-reduce).
+
+    grad_*_trunk: norms of the unweighted terms' gradients on the trunk's last block (mean over ranks
+    of each rank's own batch); the weighted ratio orth_weight x g_orth / (align_weight x g_align) says
+    which term drives the shared trunk."""
+    zero = torch.zeros((), device=out["loss"].device)
+    vals = torch.stack([out["loss"], out["align"], out["orth"], out["grad_norm"].float(),
+                        out.get("grad_align_trunk", zero), out.get("grad_orth_trunk", zero)]).float()
+    if dist.enabled:
+        import torch.distributed as tdist
+
+        tdist.all_reduce(vals)
+        vals /= dist.world_size
+    loss, align, orth, gnorm, g_align, g_orth = (float(v) for v in vals.cpu())
+    return {"train/loss": loss, "train/align": align, "train/orth": orth, "train/grad_norm": gnorm,
+            "train/grad_align_trunk": g_align, "train/grad_orth_trunk": g_orth}
+
+
+def _format_count(n: int) -> str:
+    return f"{n / 1e6:.1f}M"
+
+
+def parameter_report(trainable: int, text_params: int | None, text_model_id: str, cached_text: bool,
+                     is_main: bool) -> dict:
+    """summary.json's parameter counts; with a cached (frozen, not loaded) text encoder also how many
+    fewer parameters are trained than when image and text encoders train together. Logged on rank 0."""
+    out = {"trainable_params": trainable, "text_encoder_params": text_params,
+           "text_model": text_model_id, "fewer_trainable_vs_finetuned_text": None}
+    if text_params and cached_text:
+        both = trainable + int(text_params)
+        fewer = 1.0 - trainable / both
+        out["fewer_trainable_vs_finetuned_text"] = fewer
+        if is_main:
+            log.info("trainable parameters: %s (ResNet50 + projectors); frozen text encoder %s: %s, "
+                     "not loaded in this process", _format_count(trainable), text_model_id,
+                     _format_count(int(text_params)))
+            log.info("  -> %.0f%% fewer trainable parameters than training image and text encoders "
+                     "together (%s)", 100 * fewer, _format_count(both))
+    elif is_main:
+        log.info("trainable parameters: %s%s", _format_count(trainable),
+                 f"; text encoder {text_model_id}: {_format_count(int(text_params))}"
+                 if text_params else "; the cache does not record text_encoder_params")
+    return out
+
+
+def build_train_module(text_dim: int, text, *, proj_dim: int | None, text_head: str, init: str, hidden_dim: int,
+                       seed: int, sync_bn: bool, channels_last: bool, dist, device: torch.device,
+                       local_batch: int) -> TrainModule:
+    """The vision model (seeded by ``seed``) with the online text encoder ``text`` or None, on ``device``;
+    SyncBatchNorm on several CUDA processes when ``sync_bn``. Raises ConfigError when ``text_head`` "none"
+    meets a ``proj_dim`` other than ``text_dim``."""
+    from pipeline.common import ConfigError
+    from pipeline.models import MFlagVision
+
+    if text_head == "none" and proj_dim is not None and proj_dim != text_dim:
+        raise ConfigError(f"proj_dim: the text embeddings have dimension {text_dim}; with --text-head "
+                          f"none images are projected into that space, so --proj-dim must be "
+                          f"{text_dim} (got {proj_dim})")
+    torch.manual_seed(seed)
+    vision = MFlagVision(text_dim, proj_dim, text_head, init, hidden_dim)
+    if dist.enabled and sync_bn:
+        # BatchNorm over the global batch, as on one GPU: otherwise its statistics (and zv, za, zt)
+        # come from batch_size / world_size samples and the run depends on the number of GPUs.
+        if device.type == "cuda":
+            vision = nn.SyncBatchNorm.convert_sync_batchnorm(vision)
+        elif dist.is_main:
+            log.warning("sync_bn: SyncBatchNorm needs CUDA; on %s each of the %d processes normalises "
+                        "over its own %d samples", device.type, dist.world_size, local_batch)
+    module = TrainModule(vision, text).to(device)
+    if channels_last:
+        module.vision.trunk.to(memory_format=torch.channels_last)
+    return module

@@ -86,3 +86,40 @@ def original_restart_period(max_epochs: int, num_samples: int, batch_per_process
         raise ValueError(f"need max_epochs >= 0, num_samples >= 0, batch_per_process >= 1; got "
                          f"{max_epochs}, {num_samples}, {batch_per_process}")
     return int(max_epochs * num_samples // ORIGINAL_T0_DIVISOR // batch_per_process * 0.4)
+
+
+def restart_cycle(restart_every: int | None, restart_period: str, restart_fraction: float, *, epochs: int,
+                  num_samples: int, batch_per_process: int, total_steps: int) -> int:
+    """Steps per cosine cycle: ``restart_every``, the original's T_0 (``restart_period`` "original"),
+    or ``restart_fraction`` of the run. Raises ConfigError when the original's T_0 is below 1."""
+    from pipeline.common import ConfigError
+
+    if restart_every:
+        return restart_every
+    if restart_period == "original":
+        # The original's max_epochs is epochs - 1: its loop range(start, max_epochs + 1) trains one
+        # epoch more than the formula counts (utils_trainer.py lines 102 and 112).
+        t0 = original_restart_period(epochs - 1, num_samples, batch_per_process)
+        if t0 < 1:
+            raise ConfigError(
+                f"restart_period: the original's T_0 = int({epochs - 1} x {num_samples} // 4 // "
+                f"{batch_per_process} x 0.4) is {t0} steps (max_epochs = epochs - 1, samples per epoch, batch "
+                "per process); torch's CosineAnnealingWarmRestarts needs T_0 >= 1: use more epochs or "
+                "data, restart_every, or restart_period fraction")
+        return t0
+    return max(1, round(restart_fraction * total_steps))
+
+
+def lr_multiplier(schedule: str, *, warmup_steps: int, total_steps: int, lr: float, min_lr: float | None,
+                  min_lr_ratio: float, cycle: int | None) -> WarmupCosine | WarmupCosineRestarts:
+    """The LambdaLR multiplier of ``schedule`` (cosine | restarts, with ``cycle`` steps per cycle |
+    constant), warmup capped at the run's length. An absolute floor ``min_lr`` (the original's eta_min)
+    becomes a multiplier of ``lr``: LambdaLR then gives eta_min + (lr - eta_min) x cosine, the formula of
+    torch's CosineAnnealingWarmRestarts; otherwise the floor is ``min_lr_ratio``."""
+    warm = min(warmup_steps, total_steps)
+    floor = min_lr / lr if min_lr is not None else min_lr_ratio
+    if schedule == "cosine":
+        return WarmupCosine(warm, total_steps, floor)
+    if schedule == "restarts":
+        return WarmupCosineRestarts(warm, cycle, 1, floor)
+    return WarmupCosine(warm, total_steps, 1.0)

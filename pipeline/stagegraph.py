@@ -21,8 +21,6 @@ from pipeline import __version__
 from pipeline.common import MflagError, fingerprint, read_json, write_json
 from pipeline.locks import check_not_locked
 
-
-
 # Above this many entries at the top of a folder, the rest count by name and size only.
 _SAMPLED_ENTRIES = 64
 _SAMPLE_BYTES = 1 << 20

@@ -6,7 +6,6 @@ transformers is imported inside the functions so that importing this module stay
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import json
 import logging
@@ -427,8 +426,9 @@ class OnlineTextEncoder(torch.nn.Module):
     """A text encoder run inside each training step (the original design, kept as the baseline and
     the freezing ablation): tokenizes report texts (padded to ``max_length`` like the original) and
     pools them to (B, D) with :func:`pool_hidden`, as embed-text does. Frozen except the last
-    ``unfreeze_last`` layers (``"all"``: every layer, the embeddings and a projection head too). :meth:`from_pretrained` loads it with :func:`load_text_model`, the
-    loader embed-text uses, in float32 whatever dtype the checkpoint was saved in."""
+    ``unfreeze_last`` layers (``"all"``: every layer, the embeddings and a projection head too).
+    :meth:`from_pretrained` loads it with :func:`load_text_model`, the loader embed-text uses, in
+    float32 whatever dtype the checkpoint was saved in."""
 
     def __init__(self, encoder: torch.nn.Module, tokenizer=None, max_length: int = 512, pooling: str = "cls",
                  unfreeze_last: int | str = 0, name: str = "text encoder",

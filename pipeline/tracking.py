@@ -12,6 +12,7 @@ run continues (``resume="allow"``) instead of a new one starting.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -107,3 +108,28 @@ def open_tracker(kind: str, out: str | os.PathLike, config: Mapping[str, Any], *
         run_id = fingerprint({"out": str(out.resolve()), "key": key or fingerprint(dict(config))}, length=16)
         return WandbTracker(out, config, name or out.name, run_id)
     return Tracker()
+
+
+def append_metrics(path: str | os.PathLike, rec: Mapping[str, Any]) -> None:
+    """Append one record to a ``metrics.jsonl`` (sorted keys, one line)."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(rec, sort_keys=True) + "\n")
+
+
+def trim_metrics(path: str | os.PathLike, step: int) -> None:
+    """On resume, drop the lines of ``metrics.jsonl`` past ``step`` (those steps run again) and a line
+    cut by the kill; the file is replaced atomically."""
+    from pipeline.common import atomic_path
+
+    path = Path(path)
+    if not path.is_file():
+        return
+    keep = []
+    for ln in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if ln.strip() and json.loads(ln).get("step", 0) <= step:
+                keep.append(ln)
+        except json.JSONDecodeError:  # a line cut by the kill
+            continue
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")

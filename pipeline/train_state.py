@@ -23,8 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.common import MflagError, atomic_path
+from pipeline.common import ConfigError, MflagError, atomic_path
 from pipeline.safeload import safe_load
+
+
+class TrainingError(MflagError):
+    """Training cannot continue (non-finite loss, too many bad samples, incompatible checkpoint)."""
 
 
 def rng_state() -> dict:
@@ -87,3 +91,47 @@ def param_checksum(module: nn.Module) -> float:
     """Sum of all parameters in float64: equal on every rank when DDP kept them in sync."""
     with torch.no_grad():
         return float(sum(p.detach().double().sum().item() for p in module.parameters()))
+
+
+def resume_path(resume: str, ckpt_dir: Path, out: Path) -> Path | None:
+    """The checkpoint a run resumes from: ``resume`` is "auto" (``ckpt_dir/latest.pt`` if any), "never"
+    (refuses an ``out`` that holds one) or a checkpoint file; ConfigError names the fix."""
+    latest = ckpt_dir / "latest.pt"
+    if resume == "auto":
+        return latest if latest.is_file() else None
+    if resume == "never":
+        if latest.is_file():
+            raise ConfigError(f"resume: {out} already holds checkpoints; use --resume auto, "
+                              f"another --out, or delete {out} to start over")
+        return None
+    p = Path(resume)
+    if not p.is_file():
+        raise ConfigError(f"resume: checkpoint {p} not found")
+    return p
+
+
+def check_resumable(ck, path: Path, *, fmt: int, fingerprint: str, semantic: dict, world_size: int,
+                    text_dim: int | None, out: Path) -> None:
+    """Refuse a checkpoint ``ck`` (read from ``path``) that this run cannot continue exactly: another
+    format, another configuration (the differing fields of ``semantic`` are named), another world size
+    or text dimension."""
+    if not isinstance(ck, dict) or ck.get("format") != fmt:
+        raise TrainingError(f"{path}: not a train-vision checkpoint")
+    if ck.get("fingerprint") != fingerprint:
+        old = ck.get("semantic_config", {})
+        diff = sorted(k for k in set(old) | set(semantic) if old.get(k) != semantic.get(k))
+        raise ConfigError(f"resume: {path} was written by a different configuration (differs in "
+                          f"{', '.join(diff) or 'fingerprint'}); use the same options, another --out, or delete "
+                          f"{out} to start over")
+    if ck.get("world_size") != world_size:
+        raise ConfigError(f"resume: {path} was written with {ck.get('world_size')} ranks, this run has "
+                          f"{world_size}; exact resume needs the same world size")
+    if ck.get("text_dim") != text_dim:
+        raise ConfigError(f"resume: {path} has text dimension {ck.get('text_dim')}, the text embeddings "
+                          f"now have {text_dim}")
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``max(1, keep)`` ``step-*.pt`` (``latest.pt`` is a link that survives)."""
+    for p in sorted(ckpt_dir.glob("step-*.pt"))[:-max(1, keep)]:
+        p.unlink(missing_ok=True)

@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.common import MflagError, RateLimitedLog, read_json
+from pipeline.imaging import resize_u8
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ class ShardSamples:
             errors: list[Exception] = []
 
             def handler(exn: Exception) -> bool:
-                errors.append(exn)
+                errors.append(exn)  # noqa: B023 (used within this iteration only)
                 return True  # skip what cannot be read and go on; the count below says how much
 
             n = 0
@@ -299,7 +300,8 @@ class Decode:
         try:
             ext = next((e for e in IMAGE_EXTS if e in sample), None)
             if ext is None or "json" not in sample:
-                raise ValueError(f"needs an image and a json member, has {sorted(k for k in sample if not k.startswith('__'))}")
+                members = sorted(k for k in sample if not k.startswith("__"))
+                raise ValueError(f"needs an image and a json member, has {members}")
             meta = json.loads(sample["json"])
             study = meta.get("study_id")
             if study is None:
@@ -308,19 +310,12 @@ class Decode:
             if img.ndim != 2:
                 raise ValueError(f"image has shape {img.shape}")
             if img.shape != (self.image_size, self.image_size):
-                img = _resize(img, self.image_size)
+                img = resize_u8(img, self.image_size)  # PIL bilinear, antialiased when shrinking
         except Exception as e:  # any decoding failure is a data problem of this one sample
             self.state.corrupt += 1
             self._warn(f"{url} sample {key}: {type(e).__name__}: {str(e)[:200]}")
             return None
         return {"key": key, "study_id": str(study), "image": img, "url": url, "raw": sample.get("__raw__", 0)}
-
-
-def _resize(img: np.ndarray, size: int) -> np.ndarray:
-    from PIL import Image
-
-    # np.array, not asarray: a writable array like decode_image's (torch warns on read-only ones)
-    return np.array(Image.fromarray(img).resize((size, size), Image.BILINEAR))
 
 
 # --------------------------------------------------------------------------- text side

@@ -11,30 +11,34 @@ Outputs in OUT: ``config.json``; ``split/`` (id lists and split.json via ``pipel
 and the training subset(s) of the fraction); ``seeds/seed-<n>.json`` (one finished seed each, so an
 interrupted run resumes) and ``seeds/seed-<n>.predictions.{csv,json}`` (its test predictions, formats
 in the task modules and docs/DESIGN.md); ``results.json``; ``results.md`` (one appended table row per
-finished run; rerunning a finished configuration adds nothing).
+finished run; rerunning a finished configuration adds nothing; ``pipeline.downstream.results``).
 A folder holds one configuration: a rerun with another config (other than seeds, device, workers)
 is refused rather than mixing results.
 """
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import logging
-import math
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from pipeline.common import (ConfigError, MflagError, atomic_open, config_to_dict, file_sha256, fingerprint,
-                             read_json, save_config, write_json)
+from pipeline.common import (
+    ConfigError,
+    MflagError,
+    config_to_dict,
+    fingerprint,
+    read_json,
+    save_config,
+    write_json,
+)
 from pipeline.distributed import resolve_device
+from pipeline.downstream.recipes import DET_HEAD_NAMES, NORMALIZE, PROTOCOLS, Recipe, resolve
+from pipeline.downstream.results import Encoders, ImageStore, append_markdown, checkpoint_sha256, clean_json, results
 from pipeline.locks import hold_output_lock
 from pipeline.options import check_fields, option
 from pipeline.tracking import REPORT_TO, Tracker, open_tracker
-from pipeline.downstream.recipes import DET_HEAD_NAMES, NORMALIZE, PROTOCOLS, Recipe, resolve
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +183,8 @@ def run(cfg: EvalConfig) -> dict:
     write_split(split, out / "split", fraction_files=list({f["file"]: f for f in fraction_files.values()}.values()))
 
     todo = [s for s in cfg.seeds if _load_seed(out, s, fp) is None]
-    store = _Store(spec, recipe, task, fractions, split, decode=bool(todo))
-    encoders = _Encoders(cfg.init, shared=task.shares_encoder(recipe, cfg.init))
+    store = ImageStore(spec, recipe, task, fractions, split, decode=bool(todo))
+    encoders = Encoders(cfg.init, shared=task.shares_encoder(recipe, cfg.init))
     per_seed = []
     tracker = open_tracker(cfg.report_to, out, config_to_dict(cfg), key=fp) if todo else Tracker()
     try:
@@ -194,13 +198,13 @@ def run(cfg: EvalConfig) -> dict:
     finally:
         tracker.close()
 
-    results = _results(cfg, recipe, spec, split, fractions, fraction_files, per_seed, fp, ckpt_hash)
-    write_json(out / "results.json", results)
-    _append_markdown(out / "results.md", results)
-    return results
+    res = results(cfg, recipe, spec, split, fractions, fraction_files, per_seed, fp, ckpt_hash)
+    write_json(out / "results.json", res)
+    append_markdown(out / "results.md", res)
+    return res
 
 
-def _run_seed(cfg: EvalConfig, task, recipe: Recipe, store: "_Store", encoders: "_Encoders", seed: int,
+def _run_seed(cfg: EvalConfig, task, recipe: Recipe, store: ImageStore, encoders: Encoders, seed: int,
               out: Path, fp: str, tracker: Tracker) -> dict:
     """Train and test one seed; writes its predictions, then ``seeds/seed-N.json`` (the seed's completion)."""
     import torch
@@ -244,54 +248,13 @@ def _run_seed(cfg: EvalConfig, task, recipe: Recipe, store: "_Store", encoders: 
         "checkpoint_layout": info.get("layout"), "bn_calibration_images": n_bn, "test": outcome.test,
         "predictions": predictions, "history": fitted.history, "seconds": round(time.monotonic() - t0, 2),
     }
-    write_json(out / "seeds" / f"seed-{seed}.json", _clean_json(result))
+    write_json(out / "seeds" / f"seed-{seed}.json", clean_json(result))
     log.info("seed %d: test %s = %s (best epoch %d)", seed, recipe.primary, outcome.test.get(recipe.primary),
              fitted.best_epoch)
-    return _clean_json(result)
+    return clean_json(result)
 
 
 # --------------------------------------------------------------------------- pieces of the stage
-class _Store:
-    """The images every seed needs, decoded once into one ``ImageSource`` (val/test serve all seeds),
-    with the index of each image id and, for cls, the label matrix."""
-
-    def __init__(self, spec, recipe: Recipe, task, fractions: dict, split, decode: bool):
-        from pipeline.downstream.data import ImageSource, labels_matrix
-
-        by_id = {r.image_id: i for i, r in enumerate(spec.records)}
-        need = sorted({by_id[i] for ids in fractions.values() for i in ids} | {by_id[i] for i in split.val}
-                      | {by_id[i] for i in split.test})
-        self.spec, self.split, self.fractions = spec, split, fractions
-        self.records = [spec.records[i] for i in need]
-        self.pos = {r.image_id: k for k, r in enumerate(self.records)}
-        self.labels = labels_matrix(spec, self.records) if task.name == "cls" else None
-        self.source = ImageSource(self.records, recipe.load_size, resize=recipe.resize, resample=recipe.resample,
-                                  mask_fn=spec.mask_fn if task.needs_masks() else None,
-                                  desc=spec.name, preload=None if decode else False)
-
-    def indices(self, ids) -> list[int]:
-        return [self.pos[i] for i in ids]
-
-
-class _Encoders:
-    """Encoders for the seeds: one shared when the task allows it (frozen, not random), else a fresh one
-    per seed (a random init differs per seed; fine-tuning changes it). Each comes with the cache the
-    task keeps for it (e.g. its features), which lives exactly as long as the encoder serves."""
-
-    def __init__(self, init: str, shared: bool):
-        self.init, self.shared, self._one = init, shared, None
-
-    def get(self) -> tuple:
-        """(encoder, info, cache)"""
-        from pipeline.checkpoints import load_encoder
-
-        if not self.shared:
-            return (*load_encoder(self.init), {})
-        if self._one is None:
-            self._one = (*load_encoder(self.init), {})
-        return self._one
-
-
 def _split(cfg: EvalConfig, spec):
     """The run's split (generated, or ``--split-file``), every list non-empty and known to the dataset."""
     from pipeline.splits import load_split_file, make_split
@@ -328,18 +291,6 @@ def _write_fractions(fractions: dict, folder: Path, cfg: EvalConfig) -> dict:
 
 
 
-def checkpoint_sha256(init: str) -> str | None:
-    """sha256 of the weights file behind ``init`` (None for random, or imagenet weights not cached)."""
-    if init == "random":
-        return None
-    if init == "imagenet":
-        from pipeline.checkpoints import imagenet_weights_path
-
-        p = imagenet_weights_path()
-        return file_sha256(p) if p is not None else None
-    return file_sha256(Path(init).expanduser())
-
-
 def _run_fingerprint(cfg: EvalConfig, recipe: Recipe, ckpt_hash: str | None, split_hash: str) -> str:
     d = config_to_dict(cfg)
     for k in _NOT_FINGERPRINTED + _IN_RECIPE:
@@ -359,25 +310,6 @@ def _finished(out: Path, fp: str, seeds) -> dict | None:
             log.info("%s: this configuration is already complete; nothing to do", out / "results.json")
             return prev
     return None
-
-
-def _summary(values: list[float]) -> dict:
-    vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    if not vals:
-        return {"mean": float("nan"), "std": float("nan"), "n": 0}
-    return {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
-            "n": len(vals)}
-
-
-def _clean_json(obj):
-    # JSON has no NaN: write null (the definitions say when a metric is undefined)
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _clean_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean_json(v) for v in obj]
-    return obj
 
 
 def _check_folder(out: Path, fp: str) -> None:
@@ -410,82 +342,3 @@ def _load_seed(out: Path, seed: int, fp: str) -> dict | None:
     return data
 
 
-def _results(cfg: EvalConfig, recipe: Recipe, spec, split, fractions, fraction_files, per_seed, fp, ckpt_hash) -> dict:
-    from pipeline import metrics
-    from pipeline.splits import split_summary
-
-    primary = recipe.primary
-    scalar_keys = sorted({k for r in per_seed for k, v in r["test"].items()
-                          if (v is None or isinstance(v, (int, float))) and not isinstance(v, bool)
-                          and not k.startswith("n_")})
-    summary = {k: _summary([_num(r["test"].get(k)) for r in per_seed]) for k in scalar_keys}
-    per_class: dict[str, list] = {}
-    for r in per_seed:
-        for name, v in (r["test"].get("auroc_per_class") or {}).items():
-            per_class.setdefault(name, []).append(_num(v))
-    random_bn = cfg.init == "random"
-    images = (f"{recipe.resize} to {recipe.load_size}x{recipe.load_size} ({recipe.resample} resampling)"
-              + (f", {recipe.image_size}x{recipe.image_size} crops" if recipe.load_size != recipe.image_size else "")
-              + f", grey replicated to 3 channels, normalised with {recipe.normalize} mean/std")
-    return _clean_json({
-        "task": cfg.task, "dataset": cfg.dataset, "protocol": cfg.protocol, "init": cfg.init,
-        "checkpoint_sha256": ckpt_hash,
-        "checkpoint_layout": next((r.get("checkpoint_layout") for r in per_seed if r.get("checkpoint_layout")), None),
-        "finetune": cfg.finetune, "fraction": cfg.fraction, "seeds": list(cfg.seeds), "fingerprint": fp,
-        "primary_metric": primary,
-        "metric_definitions": {k: metrics.METRIC_DEFINITIONS[k] for k in scalar_keys if k in metrics.METRIC_DEFINITIONS},
-        "summary": summary, "summary_auroc_per_class": {k: _summary(v) for k, v in per_class.items()},
-        "per_seed": [{k: v for k, v in r.items() if k != "history"} for r in per_seed],
-        "predictions": {str(r["seed"]): f"seeds/{r['predictions']}" for r in per_seed},
-        "split": split_summary(split, spec, {f"seed {s}": fractions[s] for s in cfg.seeds}),
-        # patients / image ids two lists share (MGCA's splits can; this tool's never do), also in "split"
-        "leaks": split_summary(split, spec)["leaks"],
-        "fraction_sizes": {str(s): len(fractions[s]) for s in cfg.seeds},
-        "fraction_files": {str(s): fraction_files[s] for s in cfg.seeds},
-        "class_names": list(spec.class_names), "label_kind": spec.label_kind,
-        "dataset_counts": dict(spec.counts), "hyperparameters": recipe.as_dict(),
-        "protocol_details": {
-            "split": "one split shared by all seeds; the training fraction is drawn from the training split "
-                     + ("once, as MGCA draws it, and shared by all seeds" if cfg.protocol == "mgca" else
-                        "per seed"),
-            "selection": f"early stopping on validation {recipe.monitor} ({recipe.mode}, patience "
-                         f"{recipe.patience}); test metrics from the best-validation epoch",
-            "std": "sample standard deviation over seeds (ddof=1; 0 for one seed)",
-            "random_init": "the random encoder's BatchNorm running statistics are estimated on the seed's "
-                           "training images before training (its weights stay random)" if random_bn else None,
-            "images": images,
-            "cls_features": {"cached": "linear probe on frozen features computed once, no augmentation, "
-                                       "standardised with the training statistics",
-                             "per-epoch": "linear probe on raw frozen features of images augmented anew every "
-                                          "epoch"}.get(recipe.features) if cfg.task == "cls" else None},
-        "config": config_to_dict(cfg),
-        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    })
-
-
-def _num(v) -> float:
-    return float("nan") if v is None else float(v)
-
-
-_MD_HEADER = ("| finished | task | dataset | protocol | init | ckpt sha256 | frac | finetune | seeds | metric "
-              "| mean ± std | other metrics | n_train | fingerprint |\n"
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-
-
-def _fmt(s: dict) -> str:
-    return "n/a" if s.get("mean") is None else f"{s['mean']:.4f} ± {s['std']:.4f}"
-
-
-def _append_markdown(path: Path, res: dict) -> None:
-    """Append one row (rewriting the file atomically so a crash never leaves half a row)."""
-    old = path.read_text(encoding="utf-8") if path.is_file() else _MD_HEADER
-    p = res["primary_metric"]
-    others = ", ".join(f"{k} {_fmt(v)}" for k, v in res["summary"].items() if k != p)
-    init = Path(res["init"]).name if res["init"] not in ("random", "imagenet") else res["init"]
-    sha = (res["checkpoint_sha256"] or "-")[:12]
-    n_train = "/".join(str(v) for v in res["fraction_sizes"].values())
-    row = (f"| {res['finished']} | {res['task']} | {res['dataset']} | {res['protocol']} | {init} | {sha} | "
-           f"{res['fraction']} | {'yes' if res['finetune'] else 'no'} | {','.join(map(str, res['seeds']))} | {p} | "
-           f"{_fmt(res['summary'].get(p, {}))} | {others} | {n_train} | {res['fingerprint']} |\n")
-    with atomic_open(path, "w", encoding="utf-8") as fh:
-        fh.write(old + row)

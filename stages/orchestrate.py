@@ -21,26 +21,33 @@ orchestrator gives it the text model and the reports, and the pooling and length
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import logging
-import re
-import typing
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipeline.common import ConfigError, MflagError, coerce_to_hint, read_json, save_config, write_json
+from pipeline.common import ConfigError, MflagError, read_json, save_config, write_json
 from pipeline.locks import output_lock
 from pipeline.options import option_choices
-from pipeline.stagegraph import Node, NodeStatus, execute, path_signature, plan
+from pipeline.pipeline_spec import (
+    check_call,
+    check_inputs_exist,
+    check_keys,
+    external,
+    load_spec,
+    mapping,
+    names,
+    resolve,
+    seed_list,
+    tuples,
+    validate,
+)
+from pipeline.stagegraph import Node, NodeStatus, execute, plan
+
+# load_spec is re-exported: tests and cli.py use it from here.
+__all__ = ["RunConfig", "RunResult", "build_nodes", "load_spec", "run", "status"]
 
 log = logging.getLogger(__name__)
-
-TOP_KEYS = {"workdir", "corpus", "text_model", "prepare", "embed_text", "train", "downstream", "eval",
-            "report"}
-
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
@@ -59,172 +66,88 @@ class RunConfig:
             raise ConfigError(f"config: {self.config} is not a file")
 
 
-# --------------------------------------------------------------------------- YAML -> spec
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads ``2e-5`` as text (its floats need a dot, ``2.0e-5``); here any number written
-    with an exponent is a float, as a reader of the README expects."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
-
-
-def load_spec(path: str | Path, workdir: str | None = None) -> dict[str, Any]:
-    """Read and check a pipeline YAML; relative paths are taken from the current directory."""
-    path = Path(path)
-    try:
-        spec = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
-    except yaml.YAMLError as e:
-        raise MflagError(f"{path}: not valid YAML ({e})") from e
-    if not isinstance(spec, dict):
-        raise MflagError(f"{path}: the top level must be a mapping")
-    unknown = set(spec) - TOP_KEYS
-    if unknown:
-        raise MflagError(f"{path}: unknown top-level keys {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
-    spec.setdefault("workdir", "runs/pipeline")
-    if workdir:
-        spec["workdir"] = workdir
-    corpus = spec.get("corpus") or {}
-    if ("synth" in corpus) == ("mimic" in corpus):
-        raise MflagError(f"{path}: corpus must have exactly one of 'synth' or 'mimic'")
-    tm = spec.get("text_model") or {}
-    if ("build" in tm) == ("model" in tm):
-        raise MflagError(f"{path}: text_model must have exactly one of 'build' (a small stand-in built "
-                         "from the corpus) or 'model' (a hub id or local folder, e.g. "
-                         "microsoft/BiomedVLP-CXR-BERT-general)")
-    variants = (spec.get("train") or {}).get("variants") or {}
-    if not isinstance(variants, dict) or not variants:
-        raise MflagError(f"{path}: train.variants must name at least one pre-training variant")
-    for name in variants:
-        if not isinstance(name, str) or name in ("random", "imagenet") or ":" in name or "/" in name:
-            raise MflagError(f"{path}: train variant name {name!r} is reserved or has ':' or '/'")
-    return spec
-
-
-def _fields(cls) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
-
-
-def _mapping(section: str, value: Any) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise MflagError(f"{section}: expected a mapping of options, got {type(value).__name__} {value!r}")
-    return dict(value)
-
-
-def _check_keys(section: str, options: dict, cls, reserved: set[str]) -> dict:
-    """``options`` checked against the fields of the config dataclass ``cls`` (minus ``reserved``, which
-    the orchestrator sets) and against their types; returns them with numbers and lists normalised."""
-    allowed = _fields(cls) - reserved
-    bad = set(options) - allowed
-    if bad:
-        raise MflagError(f"{section}: unknown or orchestrator-owned options {sorted(bad)}; "
-                         f"allowed: {', '.join(sorted(allowed))}")
-    return _coerce(section, options, typing.get_type_hints(cls))
-
-
-def _check_call(section: str, options: dict, fn, skip: int = 1, extra: dict | None = None) -> dict:
-    """``options`` checked against the keyword parameters of ``fn`` (after its first ``skip``
-    positional ones) plus ``extra`` (name -> type); returns them type-normalised."""
-    params = list(inspect.signature(fn).parameters.values())[skip:]
-    hints = typing.get_type_hints(fn)
-    allowed = {p.name: hints.get(p.name) for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    allowed.update(extra or {})
-    bad = set(options) - set(allowed)
-    if bad:
-        raise MflagError(f"{section}: unknown options {sorted(bad)}; allowed: {', '.join(sorted(allowed))}")
-    return _coerce(section, options, allowed)
-
-
-def _coerce(section: str, options: dict, hints: dict) -> dict:
-    return {k: coerce_to_hint(f"{section}.{k}", v, hints.get(k)) for k, v in options.items()}
-
-
+# --------------------------------------------------------------------------- YAML -> stage graph
 def build_nodes(spec: dict[str, Any]) -> list[Node]:
     """Turn a checked spec into the ordered stage graph."""
     from cache.format import FORMAT_VERSION as CACHE_FORMAT
+    from pipeline.synth.downstream import WRITERS
+    from pipeline.synth.mimic import write_mimic
+    from pipeline.textmodels import build_tiny_bert
     from stages.embed_text import EmbedTextConfig
     from stages.evaluate import FORMAT_VERSION as EVAL_FORMAT
     from stages.evaluate import EvalConfig
     from stages.prepare import FORMAT_VERSION as PREPARE_FORMAT
     from stages.prepare import PrepareConfig
-    from stages.train_vision import TrainVisionConfig
-
-    from pipeline.synth.downstream import WRITERS
-    from pipeline.synth.mimic import write_mimic
-    from pipeline.textmodels import build_tiny_bert
     from stages.report import ReportConfig
+    from stages.train_vision import TrainVisionConfig
 
     work = Path(spec["workdir"])
     nodes: list[Node] = []
-    corpus = _mapping("corpus", spec["corpus"])
+    corpus = mapping("corpus", spec["corpus"])
 
     # -- corpus
     prep_deps: tuple[str, ...] = ()
     if "synth" in corpus:
-        synth = _check_call("corpus.synth", _mapping("corpus.synth", corpus["synth"]), write_mimic)
+        synth = check_call("corpus.synth", mapping("corpus.synth", corpus["synth"]), write_mimic)
         nodes.append(Node("synth-mimic", work / "data" / "mimic", synth, (), _run_synth_mimic))
         prep_deps = ("synth-mimic",)
         mimic_root, mimic_reports = "@synth-mimic", None
     else:
-        real = _mapping("corpus.mimic", corpus["mimic"])
+        real = mapping("corpus.mimic", corpus["mimic"])
         if "root" not in real or set(real) - {"root", "reports"}:
             raise MflagError("corpus.mimic: give root (the MIMIC-CXR-JPG folder) and optionally reports "
                              f"(a folder or mimic-cxr-reports.zip); got {sorted(real)}")
         mimic_root, mimic_reports = str(real["root"]), real.get("reports")
 
-    prepare_opts = _check_keys("prepare", _mapping("prepare", spec.get("prepare")), PrepareConfig,
+    prepare_opts = check_keys("prepare", mapping("prepare", spec.get("prepare")), PrepareConfig,
                                {"root", "reports", "out", "force"})
     # root "." stands in for the corpus: prepare runs first and checks the real folder itself
-    _validate("prepare", PrepareConfig, prepare_opts, root=".", reports=None, out="(planned)")
-    prep_inputs = {"format": PREPARE_FORMAT, **_external(root=mimic_root, reports=mimic_reports)}
+    validate("prepare", PrepareConfig, prepare_opts, root=".", reports=None, out="(planned)")
+    prep_inputs = {"format": PREPARE_FORMAT, **external(root=mimic_root, reports=mimic_reports)}
     nodes.append(Node("prepare", work / "prepare",
                       {"root": mimic_root, "reports": mimic_reports, **prepare_opts},
                       prep_deps, _run_prepare, inputs=prep_inputs))
 
     # -- text encoder
-    tm = _mapping("text_model", spec["text_model"])
+    tm = mapping("text_model", spec["text_model"])
     embed_deps: tuple[str, ...] = ("prepare",)
     if set(tm) - {"build", "model"}:
         raise MflagError(f"text_model: unknown keys {sorted(set(tm) - {'build', 'model'})}; give build or model")
     if "build" in tm:
-        build = _check_call("text_model.build", _mapping("text_model.build", tm["build"]), build_tiny_bert,
+        build = check_call("text_model.build", mapping("text_model.build", tm["build"]), build_tiny_bert,
                             skip=2, extra={"mlm_steps": int, "mlm_batch_size": int})
         nodes.append(Node("text-model", work / "text-model", build, ("prepare",), _run_text_model))
         embed_deps = ("prepare", "text-model")
         model_ref = "@text-model/model"
     else:
         model_ref = str(tm["model"])
-    embed_opts = _check_keys("embed_text", _mapping("embed_text", spec.get("embed_text")), EmbedTextConfig,
+    embed_opts = check_keys("embed_text", mapping("embed_text", spec.get("embed_text")), EmbedTextConfig,
                              {"reports", "out", "model"})
-    _validate("embed_text", EmbedTextConfig, embed_opts, reports="(planned)", out="(planned)", model="(planned)")
+    validate("embed_text", EmbedTextConfig, embed_opts, reports="(planned)", out="(planned)", model="(planned)")
     nodes.append(Node("embed-text", work / "embed-text", {"model": model_ref, **embed_opts}, embed_deps,
-                      _run_embed_text, inputs={"format": CACHE_FORMAT, **_external(model=model_ref)}))
+                      _run_embed_text, inputs={"format": CACHE_FORMAT, **external(model=model_ref)}))
 
     # -- pre-training variants
-    train = _mapping("train", spec["train"])
+    train = mapping("train", spec["train"])
     if set(train) - {"common", "variants", "seeds"}:
         raise MflagError(f"train: unknown keys {sorted(set(train) - {'common', 'variants', 'seeds'})}; "
                          "give common (options of every variant), variants and optionally seeds")
     reserved = {"shards", "text_cache", "out", "text_model", "reports"}
-    common = _check_keys("train.common", _mapping("train.common", train.get("common")), TrainVisionConfig, reserved)
+    common = check_keys("train.common", mapping("train.common", train.get("common")), TrainVisionConfig, reserved)
     if "seed" in common and "seeds" in train:
         raise MflagError("train: give train.seeds (one run per seed) or train.common.seed, not both")
     placeholders = dict(shards="(planned)", text_cache="(planned)", out="(planned)")
     online_placeholders = dict(text_model="(planned)", reports="(planned)")
-    _validate("train.common", TrainVisionConfig, common,
+    validate("train.common", TrainVisionConfig, common,
               **placeholders, **(online_placeholders if common.get("text_mode") == "online" else {}))
-    all_seeds = _seed_list("train.seeds", train.get("seeds"))
+    all_seeds = seed_list("train.seeds", train.get("seeds"))
     # variant -> its pre-training seeds (None: one run, stage train:<variant>)
     variant_seeds: dict[str, list[int] | None] = {}
     for name, overrides in train["variants"].items():
         section = f"train.variants.{name}"
-        overrides = _mapping(section, overrides)
-        seeds = _seed_list(f"{section}.seeds", overrides.pop("seeds")) if "seeds" in overrides else all_seeds
-        opts = {**common, **_check_keys(section, overrides, TrainVisionConfig, reserved)}
+        overrides = mapping(section, overrides)
+        seeds = seed_list(f"{section}.seeds", overrides.pop("seeds")) if "seeds" in overrides else all_seeds
+        opts = {**common, **check_keys(section, overrides, TrainVisionConfig, reserved)}
         if seeds is not None and "seed" in opts:
             raise MflagError(f"{section}: give seeds (one run per seed) or seed, not both")
         deps: tuple[str, ...] = ("prepare", "embed-text")
@@ -235,10 +158,10 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
             opts.setdefault("text_max_length", embed_opts.get("max_length", 512))
             opts.update(text_model=model_ref, reports="@prepare/reports.jsonl")
             deps = (*deps, "text-model") if "text-model" in {n.name for n in nodes} else deps
-        _validate(section, TrainVisionConfig, {k: v for k, v in opts.items() if k not in online_placeholders},
+        validate(section, TrainVisionConfig, {k: v for k, v in opts.items() if k not in online_placeholders},
                   **placeholders, **(online_placeholders if opts.get("text_mode") == "online" else {}))
         variant_seeds[name] = seeds
-        ext = _external(init=opts.get("init"), text_model=opts.get("text_model"))
+        ext = external(init=opts.get("init"), text_model=opts.get("text_model"))
         if seeds is None:
             nodes.append(Node(f"train:{name}", work / "train" / name, opts, deps, _run_train, inputs=ext))
         for seed in seeds or []:
@@ -246,41 +169,41 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
                               {**opts, "seed": seed}, deps, _run_train, inputs=ext))
 
     # -- downstream data
-    down = _mapping("downstream", spec.get("downstream"))
+    down = mapping("downstream", spec.get("downstream"))
     if set(down) - {"synth", "roots"}:
         raise MflagError(f"downstream: unknown keys {sorted(set(down) - {'synth', 'roots'})}; give synth "
                          "(datasets to generate) and/or roots (dataset -> folder)")
     roots: dict[str, str] = {}
     synth_datasets = option_choices(EvalConfig, "dataset")  # the datasets eval takes
-    for ds, opts in _mapping("downstream.synth", down.get("synth")).items():
+    for ds, opts in mapping("downstream.synth", down.get("synth")).items():
         if ds not in synth_datasets:
             raise MflagError(f"downstream.synth: unknown dataset {ds!r}; one of {', '.join(synth_datasets)}")
         writer = WRITERS[ds.replace("-", "_") if ds.replace("-", "_") in WRITERS else ds]
-        opts = _check_call(f"downstream.synth.{ds}", _mapping(f"downstream.synth.{ds}", opts), writer)
+        opts = check_call(f"downstream.synth.{ds}", mapping(f"downstream.synth.{ds}", opts), writer)
         nodes.append(Node(f"synth:{ds}", work / "data" / ds, {"dataset": ds, **opts}, (), _run_synth_down))
         roots[ds] = f"@synth:{ds}"
-    for ds, root in _mapping("downstream.roots", down.get("roots")).items():
+    for ds, root in mapping("downstream.roots", down.get("roots")).items():
         roots[ds] = str(root)
 
     # -- evaluations
-    ev = _mapping("eval", spec.get("eval"))
+    ev = mapping("eval", spec.get("eval"))
     if set(ev) - {"common", "inits", "tasks"}:
         raise MflagError(f"eval: unknown keys {sorted(set(ev) - {'common', 'inits', 'tasks'})}; give common, "
                          "inits and tasks")
     ev_reserved = {"root", "out", "init"}
-    ev_common = _check_keys("eval.common", _mapping("eval.common", ev.get("common")), EvalConfig, ev_reserved)
-    inits = _names(ev.get("inits")) or ["random", *train["variants"]]
+    ev_common = check_keys("eval.common", mapping("eval.common", ev.get("common")), EvalConfig, ev_reserved)
+    inits = names(ev.get("inits")) or ["random", *train["variants"]]
     evals_seen: set[tuple[str, str]] = set()
     for k, task in enumerate(ev.get("tasks") or []):
-        task = _mapping(f"eval.tasks[{k}]", task)
-        task_inits = _names(task.pop("inits", None)) or inits  # a task may name its own inits
-        task = _check_keys(f"eval.tasks[{k}]", task, EvalConfig, ev_reserved)
+        task = mapping(f"eval.tasks[{k}]", task)
+        task_inits = names(task.pop("inits", None)) or inits  # a task may name its own inits
+        task = check_keys(f"eval.tasks[{k}]", task, EvalConfig, ev_reserved)
         for where, opts in (("eval.common", ev_common), (f"eval.tasks[{k}]", task)):
             if "dataset_options" in opts:
-                _mapping(f"{where}.dataset_options", opts["dataset_options"])
+                mapping(f"{where}.dataset_options", opts["dataset_options"])
         section = f"eval.tasks[{k}]"
         try:
-            _validate(section, EvalConfig, {**ev_common, **task}, root="(planned)", out="(planned)", init="random")
+            validate(section, EvalConfig, {**ev_common, **task}, root="(planned)", out="(planned)", init="random")
         except ConfigError as e:
             field = str(e)[len(section) + 1:].split(":", 1)[0]
             if field in ev_common and field not in task:  # the bad value came from eval.common
@@ -304,7 +227,7 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
                 raise MflagError(f"eval.tasks: {label} with init {init} is listed twice")
             evals_seen.add((label, init))
             folder = init if init in train["variants"] or init in ("random", "imagenet") else f"file-{Path(init).stem}"
-            ext = _external(root=roots[ds], init=None if init in train["variants"] else init,
+            ext = external(root=roots[ds], init=None if init in train["variants"] else init,
                             split_file=opts.get("split_file"))
             ext["format"] = EVAL_FORMAT
             params = {"root": roots[ds], "init": init, **opts}
@@ -325,49 +248,10 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
     # -- report
     if spec.get("report", {}) is not False:
         deps = tuple(n.name for n in nodes if n.name.startswith(("train:", "eval:")))
-        report_opts = _check_keys("report", _mapping("report", spec.get("report")), ReportConfig,
+        report_opts = check_keys("report", mapping("report", spec.get("report")), ReportConfig,
                                   {"out", "trains", "evals", "text_cache"})
         nodes.append(Node("report", work / "report", report_opts, deps, _run_report))
     return nodes
-
-
-def _seed_list(where: str, value: Any) -> list[int] | None:
-    """A YAML list of distinct non-negative seeds (or one seed), or None when not given."""
-    if value is None:
-        return None
-    seeds = coerce_to_hint(where, value, tuple[int, ...])
-    if not seeds or len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
-        raise MflagError(f"{where}: expected distinct non-negative seeds, got {value!r}")
-    return list(seeds)
-
-
-def _names(value: Any) -> list[str]:
-    """A YAML list of names, or one name written alone (``inits: random``)."""
-    if value is None:
-        return []
-    return [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
-
-
-def _external(**paths: str | None) -> dict[str, str]:
-    """Content signatures of the parameters that name files or folders outside the pipeline (not
-    ``@stage`` references, not hub ids or ``random``/``imagenet``), so replacing one makes the stage stale."""
-    return {k: path_signature(v) for k, v in paths.items()
-            if isinstance(v, str) and not v.startswith("@") and v not in ("random", "imagenet")
-            and Path(v).expanduser().exists()}
-
-
-def _validate(section: str, cls, options: dict, **placeholders) -> None:
-    """Build the stage's config once at planning time (paths are placeholders), so a bad value fails
-    before any stage runs, not hours later when its stage starts."""
-    kw = {k: v for k, v in options.items() if k not in placeholders}
-    if "dataset_options" in kw and isinstance(kw["dataset_options"], dict):
-        kw["dataset_options"] = tuple(sorted(kw["dataset_options"].items()))
-    try:
-        cls(**placeholders, **_tuples(kw))
-    except ConfigError as e:
-        raise ConfigError(f"{section}.{e}") from e
-    except TypeError as e:  # a required option is missing
-        raise ConfigError(f"{section}: {str(e).replace('__init__()', cls.__name__)}") from e
 
 
 def _plan_nodes(cfg: RunConfig) -> tuple[dict[str, Any], list[Node]]:
@@ -399,9 +283,9 @@ def _run_prepare(node: Node, by_name) -> None:
     from stages import prepare
 
     p = dict(node.params)
-    cfg = prepare.PrepareConfig(root=_resolve(p.pop("root"), by_name), reports=p.pop("reports"),
+    cfg = prepare.PrepareConfig(root=resolve(p.pop("root"), by_name), reports=p.pop("reports"),
                                 out=str(node.out_dir),
-                                force=False, **_tuples(p))
+                                force=False, **tuples(p))
     prepare.run(cfg)
 
 
@@ -432,9 +316,9 @@ def _run_embed_text(node: Node, by_name) -> None:
     from stages import embed_text
 
     p = dict(node.params)
-    model = _resolve(p.pop("model"), by_name)
+    model = resolve(p.pop("model"), by_name)
     cfg = embed_text.EmbedTextConfig(reports=str(_reports_path(by_name)), out=str(node.out_dir / "caches"),
-                                     model=model, **_tuples(p))
+                                     model=model, **tuples(p))
     res = embed_text.run(cfg)
     # The orchestrator points training at the exact cache folder of this configuration.
     write_json(node.out_dir / "cache.json", {"path": str(res.cache_dir)})
@@ -449,12 +333,12 @@ def _run_train(node: Node, by_name) -> None:
 
     p = dict(node.params)
     if p.get("text_mode") == "online":
-        p.update(text_model=_resolve(p["text_model"], by_name), reports=_resolve(p["reports"], by_name))
+        p.update(text_model=resolve(p["text_model"], by_name), reports=resolve(p["reports"], by_name))
         cache = None
     else:
         cache = _cache_dir(by_name)
     cfg = train_vision.TrainVisionConfig(shards=str(by_name["prepare"].out_dir), text_cache=cache,
-                                         out=str(node.out_dir), **_tuples(p))
+                                         out=str(node.out_dir), **tuples(p))
     train_vision.run(cfg)
 
 
@@ -466,8 +350,8 @@ def _run_eval(node: Node, by_name) -> None:
     train_node = by_name.get(f"train:{init}")
     init_ref = str(train_node.out_dir / "encoder.pt") if train_node else init
     opts = p.pop("dataset_options", None) or {}
-    cfg = evaluate.EvalConfig(root=_resolve(p.pop("root"), by_name), out=str(node.out_dir), init=init_ref,
-                              dataset_options=tuple(sorted(opts.items())), **_tuples(p))
+    cfg = evaluate.EvalConfig(root=resolve(p.pop("root"), by_name), out=str(node.out_dir), init=init_ref,
+                              dataset_options=tuple(sorted(opts.items())), **tuples(p))
     evaluate.run(cfg)
 
 
@@ -483,22 +367,6 @@ def _run_report(node: Node, by_name) -> None:
                                    **dict(node.params)))
 
 
-def _resolve(ref: str, by_name) -> str:
-    """``@stage`` (or ``@stage/sub/path``) names the output folder of another stage of this pipeline
-    (or a path inside it). Parameters hold the
-    reference, not the path, so a workdir spelled differently (relative, absolute, moved) does not
-    make stages stale; the upstream stage's fingerprint already stands for its content."""
-    if isinstance(ref, str) and ref.startswith("@"):
-        stage, _, sub = ref[1:].partition("/")
-        return str(by_name[stage].out_dir / sub) if sub else str(by_name[stage].out_dir)
-    return ref
-
-
-def _tuples(options: dict) -> dict:
-    """YAML lists become tuples, as the frozen configs expect."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
-
-
 # --------------------------------------------------------------------------- entry points
 @dataclasses.dataclass
 class RunResult:
@@ -506,36 +374,11 @@ class RunResult:
     steps: list[dict]
 
 
-def _check_inputs_exist(config: str, nodes: list[Node]) -> None:
-    """Before running anything: the outside inputs the stages will need are there. (``status`` skips
-    this, so a plan can be shown on a machine without the data.)"""
-    problems = []
-    imagenet = [n.name for n in nodes if n.params.get("init") == "imagenet"]
-    if imagenet:
-        from pipeline.checkpoints import imagenet_weights_path
-
-        if imagenet_weights_path() is None:
-            import torch
-
-            problems.append(f"{', '.join(imagenet[:3])}{' ...' if len(imagenet) > 3 else ''} use init imagenet, "
-                            f"but the ImageNet ResNet50 weights are not in the torch hub cache "
-                            f"({Path(torch.hub.get_dir()) / 'checkpoints'}); fill it once with network (README, "
-                            "Real data step 0) or name a weights file")
-    for n in nodes:
-        for key in ("root", "reports"):
-            v = n.params.get(key)
-            if isinstance(v, str) and not v.startswith("@") and not Path(v).expanduser().exists():
-                where = f"corpus.mimic.{key}" if n.name == "prepare" else f"downstream.roots.{n.params.get('dataset')}"
-                problems.append(f"{where} (stage {n.name}): {v} does not exist")
-    if problems:
-        raise MflagError(f"{config}: " + "; ".join(dict.fromkeys(problems)))
-
-
 def run(cfg: RunConfig) -> RunResult:
     """Run the pipeline; the workdir is locked for the whole run (each stage also locks its own folder,
     which this process may take again), so two pipeline runs on one workdir never interleave."""
     spec, nodes = _plan_nodes(cfg)
-    _check_inputs_exist(cfg.config, nodes)
+    check_inputs_exist(cfg.config, nodes)
     work = Path(spec["workdir"])
     with output_lock(work, "run"):
         save_config(cfg, work, name="run-config.json", pipeline=spec)

@@ -4,44 +4,56 @@ Output layout and record formats are in docs/DESIGN.md ("prepare -> shards"). Th
 goes into which shard) is fixed before any decoding from the sorted image list, so shard content is
 the same for any worker count and for a resumed run. Each finished shard gets a small done-record in
 ``OUT/.prepare-state/``; a rerun with the same fingerprint skips shards whose record matches, and a
-rerun with another config refuses to touch OUT unless ``force``.
+rerun with another config refuses to touch OUT unless ``force``. Building blocks: ``pipeline.mimic``
+reads the index and the report texts, ``pipeline.shards`` plans, encodes and writes the shards and
+prepare-report.json.
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
-import multiprocessing
 import os
 import shutil
-import tarfile
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
-import numpy as np
-
-from pipeline.common import (ConfigError, MflagError, RateLimitedLog, atomic_open, atomic_path, config_to_dict,
-                             fingerprint, progress, read_json, save_config, write_json)
-from pipeline.imaging import (DEFAULT_MAX_PIXELS, ImageError, ImageTooLargeError, MissingImageError, encode_png,
-                              load_for_shard)
+from pipeline.common import (
+    ConfigError,
+    MflagError,
+    atomic_open,
+    config_to_dict,
+    fingerprint,
+    progress,
+    read_json,
+    save_config,
+    write_json,
+)
+from pipeline.imaging import DEFAULT_MAX_PIXELS
 from pipeline.locks import output_lock
-from pipeline.mimic import BadItem, CsvColumnError, MimicImage, ReportError, ReportSource, load_index
+from pipeline.mimic import BadItem, CsvColumnError, MimicImage, load_index, study_texts
 from pipeline.options import check_fields, option
-from pipeline.reports import extract_sections, join_sections
+from pipeline.shards import (
+    IMAGE_EXT,
+    EncodeResults,
+    PrepareReport,
+    Shard,
+    TooManyBadItems,
+    check_bad,
+    done_record,
+    encode_image,
+    plan_shards,
+    write_shard,
+)
+
+# encode_image and TooManyBadItems are re-exported: bench/ and tests import them from here.
+__all__ = ["FORMAT_VERSION", "PrepareConfig", "PrepareResult", "TooManyBadItems", "encode_image", "run"]
 
 log = logging.getLogger(__name__)
 
 # Bumped when shard content for the same config changes, so old outputs are never mixed with new.
 FORMAT_VERSION = 4
 STATE_DIR = ".prepare-state"
-# Fixed tar member mtime: identical inputs and config give byte-identical shards on every run.
-TAR_MTIME = 0
-# --format -> tar member extension (the webdataset key of the image). "raw" stores the uint8 array
-# as np.save bytes: 4x the size of a PNG on disk, but a loader gets it with no image decoding at all.
-IMAGE_EXT = {"png": "png", "jpg": "jpg", "raw": "npy"}
 _FORMATS = tuple(IMAGE_EXT)
 
 
@@ -124,60 +136,6 @@ class PrepareResult:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class _Shard:
-    name: str
-    split: str
-    items: tuple[MimicImage, ...]
-
-
-class TooManyBadItems(MflagError):
-    """More bad inputs than ``max_bad_fraction`` allows; prepare-report.json lists them."""
-
-
-# --------------------------------------------------------------------------- worker
-def encode_image(arr: np.ndarray, fmt: str, quality: int = 95) -> bytes:
-    """A prepared uint8 image as shard bytes: ``png``, ``jpg`` (at ``quality``) or ``raw`` (``np.save``)."""
-    if fmt == "png":
-        # Our own writer (pipeline.imaging.encode_png): Pillow's PNG encoder costs a tenth of the
-        # reduced-scale decode of a 2048 px JPEG, and its Paeth rows slow every later decode.
-        return encode_png(arr)
-    buf = io.BytesIO()
-    if fmt == "raw":
-        np.save(buf, np.ascontiguousarray(arr, dtype=np.uint8), allow_pickle=False)
-    elif fmt == "jpg":
-        from PIL import Image
-
-        Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
-    else:
-        raise ConfigError(f"unknown image format {fmt!r}; choose one of {', '.join(_FORMATS)}")
-    return buf.getvalue()
-
-
-def _encode(task: tuple[str, int, bool, str, int, int]) -> tuple[str, object]:
-    """Worker: one image file -> ("ok", (bytes, (H, W))) or (reason, message). Never raises.
-
-    The bytes are the image encoded as ``fmt`` (``encode_image``)."""
-    path, size, crop, fmt, quality, max_pixels = task
-    try:
-        arr, orig = load_for_shard(path, size, crop_border=crop, max_pixels=max_pixels)
-        return "ok", (encode_image(arr, fmt, quality), orig)
-    except MissingImageError as e:
-        return "missing_image", str(e)
-    except ImageTooLargeError as e:
-        return "image_too_large", str(e)
-    except ImageError as e:
-        return "corrupt_image", str(e)
-    except Exception as e:  # a decoder bug on one file must not kill a multi-hour run
-        return "corrupt_image", f"{path}: {type(e).__name__}: {e}"
-
-
-def _order_key(img: MimicImage) -> str:
-    # A hash order mixes patients and studies within each shard (the CSV order groups them), while
-    # staying a pure function of the dicom_id, so the plan does not depend on CSV row order.
-    return hashlib.blake2b(img.dicom_id.encode(), digest_size=8).hexdigest() + img.dicom_id
-
-
 # --------------------------------------------------------------------------- stage
 def run(cfg: PrepareConfig) -> PrepareResult:
     """Prepare MIMIC-CXR-JPG into shards under ``cfg.out``; see the module docstring and DESIGN.md.
@@ -192,7 +150,7 @@ def _run(cfg: PrepareConfig, writable: bool, require_writable) -> PrepareResult:
     out = Path(cfg.out)
     shards_dir, state_dir = out / "shards", out / STATE_DIR
     root = Path(cfg.root)
-    report = _Report(out, writable)
+    report = PrepareReport(out, writable)
     _refuse_other_config(cfg, out)
 
     try:
@@ -213,52 +171,23 @@ def _run(cfg: PrepareConfig, writable: bool, require_writable) -> PrepareResult:
     n_considered = len(images) + sum(1 for b in index.bad if b.reason in ("bad_csv_row", "no_split_row"))
     if not images:
         msg = (f"{index.metadata_csv}: no images with views {','.join(cfg.views)} in splits "
-               f"{','.join(cfg.splits)} (filtered by view: {index.filtered['view']}, by split: {index.filtered['split']})")
+               f"{','.join(cfg.splits)} (filtered by view: {index.filtered['view']}, "
+               f"by split: {index.filtered['split']})")
         report.write(status="failed", error=msg)
         raise MflagError(msg)
 
-    # ---- report text per study (main process: the zip handle must not cross a fork)
+    # ---- report text per study
     by_study: dict[tuple[str, str], list[MimicImage]] = defaultdict(list)
     for img in images:
         by_study[(img.subject_id, img.study_id)].append(img)
-    texts: dict[tuple[str, str], tuple[str, list[str]]] = {}
-    n_bad_images = sum(1 for b in index.bad if b.reason in ("bad_csv_row", "no_split_row"))
-    with ReportSource(cfg.reports) as reports:
-        for key in progress(sorted(by_study, key=lambda k: (int(k[0]), int(k[1]))), total=len(by_study),
-                            desc="reports", unit="study"):
-            subj, study = key
-            ids = {"subject_id": subj, "study_id": study, "n_images": len(by_study[key])}
-            try:
-                raw = reports.get(subj, study)
-            except ReportError as e:
-                report.add_bad(BadItem(e.reason, e.where, e.detail, ids))
-                n_bad_images += len(by_study[key])
-                continue
-            if raw is None:
-                report.add_bad(BadItem("no_report", reports.location(subj, study), "study has no report", ids))
-                n_bad_images += len(by_study[key])
-                continue
-            sections = extract_sections(raw)
-            text, used = join_sections(sections, cfg.text_sections, cfg.section_separator)
-            if not text.strip():
-                present = [s for s in cfg.text_sections if s in sections]
-                reason = "no_text_empty_sections" if present else "no_text_sections_absent"
-                report.add_dropped(reason, reports.location(subj, study),
-                                   f"no text in sections {','.join(cfg.text_sections)} "
-                                   f"(found: {','.join(sorted(sections)) or 'none'})", ids)
-                continue
-            texts[key] = (text, used)
+    texts, n_no_report = study_texts(by_study, cfg.reports, cfg.text_sections, cfg.section_separator, report)
+    n_bad_images = sum(1 for b in index.bad if b.reason in ("bad_csv_row", "no_split_row")) + n_no_report
     report.counts["studies_selected"] = len(by_study)
     report.counts["studies_with_text"] = len(texts)
-    _check_bad(cfg, report, n_bad_images, n_considered, stage="reading reports")
+    check_bad(cfg.max_bad_fraction, report, n_bad_images, n_considered, stage="reading reports")
 
     # ---- plan: shard assignment from the sorted image list, before any decoding
-    plan: list[_Shard] = []
-    for split in cfg.splits:
-        items = sorted((i for i in images if i.split == split and (i.subject_id, i.study_id) in texts),
-                       key=_order_key)
-        for k in range(0, len(items), cfg.shard_size):
-            plan.append(_Shard(f"{split}-{k // cfg.shard_size:06d}.tar", split, tuple(items[k:k + cfg.shard_size])))
+    plan = plan_shards(images, lambda i: (i.subject_id, i.study_id) in texts, cfg.splits, cfg.shard_size)
     if not plan:
         msg = f"no study among {len(by_study)} has usable report text in sections {','.join(cfg.text_sections)}"
         report.write(status="failed", error=msg)
@@ -276,7 +205,7 @@ def _run(cfg: PrepareConfig, writable: bool, require_writable) -> PrepareResult:
     # ---- shards
     done, pending = [], []
     for shard in plan:
-        rec = _done_record(state_dir, shards_dir, shard, fp)
+        rec = done_record(state_dir, shards_dir, shard, fp)
         (done if rec is not None else pending).append(shard)
     if done:
         log.info("resuming: %d of %d shards already complete", len(done), len(plan))
@@ -287,10 +216,11 @@ def _run(cfg: PrepareConfig, writable: bool, require_writable) -> PrepareResult:
     if pending:
         tasks = [(str(root / i.relpath), cfg.size, cfg.crop_border, cfg.image_format, cfg.jpeg_quality,
                   cfg.max_pixels) for s in pending for i in s.items]
-        with _results(tasks, cfg.workers) as results, \
+        with EncodeResults(tasks, cfg.workers) as results, \
                 progress(total=n_pending, desc="prepare", unit="img") as bar:
             for shard in pending:
-                running_bad += _write_shard(shard, results, shards_dir, state_dir, fp, cfg, bar)
+                running_bad += write_shard(shard, results, shards_dir, state_dir, fp, cfg.root, cfg.image_format,
+                                           bar)
                 if running_bad > max_bad:
                     break  # the final check below reports it with every item named
 
@@ -313,7 +243,7 @@ def _run(cfg: PrepareConfig, writable: bool, require_writable) -> PrepareResult:
             splits[shard.split]["count"] += rec["count"]
             sizes[shard.name] = rec["count"]
         written_studies.update(study_of[k] for k in rec["keys"])
-    _check_bad(cfg, report, n_bad_images, n_considered, stage="decoding images")
+    check_bad(cfg.max_bad_fraction, report, n_bad_images, n_considered, stage="decoding images")
 
     n_images = sum(sizes.values())
     empty_shards = [s.name for s in plan if s.name not in sizes]
@@ -341,81 +271,7 @@ def _run(cfg: PrepareConfig, writable: bool, require_writable) -> PrepareResult:
     return PrepareResult(out, fp, splits, n_images, len(kept), len(pending), len(done), dict(report.counts))
 
 
-def _write_shard(shard: _Shard, results: Iterator, shards_dir: Path, state_dir: Path, fp: str,
-                 cfg: PrepareConfig, bar) -> int:
-    """Write one shard from the next ``len(shard.items)`` results; returns its number of bad images."""
-    keys, bad = [], []
-    with atomic_path(shards_dir / shard.name) as tmp:
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as sink:
-            for img in shard.items:
-                status, payload = next(results)
-                bar.update(1)
-                if status != "ok":
-                    item = BadItem(status, str(Path(cfg.root) / img.relpath), str(payload),
-                                   {"dicom_id": img.dicom_id, "subject_id": img.subject_id,
-                                    "study_id": img.study_id})
-                    bad.append(item.to_dict())
-                    continue
-                data, orig = payload
-                meta = {"dicom_id": img.dicom_id, "subject_id": img.subject_id, "study_id": img.study_id,
-                        "view": img.view, "split": img.split, "orig_size": [int(orig[0]), int(orig[1])]}
-                _add_sample(sink, img.dicom_id, {IMAGE_EXT[cfg.image_format]: data,
-                                                 "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
-                keys.append(img.dicom_id)
-    # The record follows the tar: a kill between the two only costs rebuilding this one shard.
-    write_json(state_dir / f"{shard.name}.json", {
-        "fingerprint": fp, "name": shard.name, "split": shard.split, "count": len(keys),
-        "bytes": (shards_dir / shard.name).stat().st_size, "keys": keys, "bad": bad,
-    })
-    return len(bad)
-
-
-def _add_sample(sink: tarfile.TarFile, key: str, fields: dict[str, bytes]) -> None:
-    # webdataset's member naming (``<key>.<ext>``, fields sorted). Plain tarfile instead of
-    # wds.TarWriter keeps torch out of the prepare stage; fixed metadata keeps shards byte-identical.
-    for ext in sorted(fields):
-        data = fields[ext]
-        ti = tarfile.TarInfo(f"{key}.{ext}")
-        ti.size, ti.mtime, ti.mode = len(data), TAR_MTIME, 0o444
-        sink.addfile(ti, io.BytesIO(data))
-
-
-class _results:
-    """Ordered encode results: a process pool for ``workers`` > 1, inline otherwise."""
-
-    def __init__(self, tasks: list, workers: int):
-        self.tasks, self.workers, self.pool = tasks, workers, None
-
-    def __enter__(self) -> Iterator:
-        if self.workers <= 1:
-            return map(_encode, self.tasks)
-        self.pool = multiprocessing.get_context().Pool(self.workers)
-        # Small chunks keep the ordered stream flowing; imap preserves task order.
-        return self.pool.imap(_encode, self.tasks, chunksize=4)
-
-    def __exit__(self, *exc) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-
-
-def _done_record(state_dir: Path, shards_dir: Path, shard: _Shard, fp: str) -> dict | None:
-    """The shard's done-record if the shard is complete for this fingerprint, else None."""
-    rec_path, tar = state_dir / f"{shard.name}.json", shards_dir / shard.name
-    if not rec_path.is_file():
-        return None
-    try:
-        rec = read_json(rec_path)
-    except MflagError:
-        return None
-    if rec.get("fingerprint") != fp or rec.get("count", -1) + len(rec.get("bad", [])) != len(shard.items):
-        return None
-    if rec["count"] == 0:
-        return rec  # every image was bad: the empty tar is removed at the end of a run
-    return rec if tar.is_file() and tar.stat().st_size == rec.get("bytes") else None
-
-
-def _finished(out: Path, fp: str, plan: list[_Shard]) -> PrepareResult | None:
+def _finished(out: Path, fp: str, plan: list[Shard]) -> PrepareResult | None:
     """The result of a complete earlier run with fingerprint ``fp`` (every shard's done-record and size
     match, the success files exist), read without writing anything; None otherwise."""
     shards_dir, state_dir = out / "shards", out / STATE_DIR
@@ -429,7 +285,7 @@ def _finished(out: Path, fp: str, plan: list[_Shard]) -> PrepareResult | None:
     if manifest.get("fingerprint") != fp or stamp.get("fingerprint") != fp or \
             manifest.get("format_version") != FORMAT_VERSION:
         return None
-    if any(_done_record(state_dir, shards_dir, shard, fp) is None for shard in plan):
+    if any(done_record(state_dir, shards_dir, shard, fp) is None for shard in plan):
         return None
     try:
         counts = read_json(out / "prepare-report.json").get("counts", {})
@@ -462,7 +318,8 @@ def _refuse_other_config(cfg: PrepareConfig, out: Path) -> None:
                          f"(no {STATE_DIR}/fingerprint.json); use --force to rebuild, or choose another --out")
     if previous is not None:
         old, new = previous.get("config", {}), cfg.content_dict()
-        diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                if old.get(k) != new.get(k)]
         if diff:
             raise MflagError(f"{out}: was prepared with a different config ({'; '.join(diff)}); "
                              f"use --force to rebuild, or choose another --out")
@@ -500,60 +357,3 @@ def _claim_out(cfg: PrepareConfig, out: Path, fp: str) -> None:
     for p in _outputs(out) + [shards_dir / "sizes.json"]:
         p.unlink(missing_ok=True)
     write_json(stamp, {"fingerprint": fp, "config": cfg.content_dict(), "format_version": FORMAT_VERSION})
-
-
-def _check_bad(cfg: PrepareConfig, report: "_Report", n_bad: int, n_total: int, stage: str) -> None:
-    frac = n_bad / max(n_total, 1)
-    report.counts["bad_images"] = n_bad
-    if frac > cfg.max_bad_fraction:
-        msg = (f"too many bad inputs while {stage}: {n_bad} of {n_total} images ({frac:.2%}) > "
-               f"max_bad_fraction {cfg.max_bad_fraction:.2%}; every item is listed in "
-               f"{report.path} (reasons: {dict(report.reason_counts())})")
-        report.write(status="failed", error=msg)
-        raise TooManyBadItems(msg)
-
-
-class _Report:
-    """Accumulates prepare-report.json: counts, filtered counts, every dropped and bad item."""
-
-    def __init__(self, out: Path, writable: bool = True):
-        self.path = out / "prepare-report.json"
-        self.writable = writable
-        self.counts: Counter = Counter()
-        self.filtered: dict = {}
-        self.bad: list[BadItem] = []
-        self.dropped: list[dict] = []
-        self._seen: set = set()
-        self._warn: dict[str, RateLimitedLog] = {}
-
-    def add_bad(self, item: BadItem) -> None:
-        key = (item.reason, item.where)
-        if key in self._seen:
-            return
-        self._seen.add(key)
-        # Every item goes to the report; the log gets the first few of each reason, then a sample.
-        if item.reason not in self._warn:
-            self._warn[item.reason] = RateLimitedLog(f"bad input ({item.reason})", logger=log)
-        self._warn[item.reason](f"{item.where}: {item.detail}")
-        self.bad.append(item)
-
-    def add_dropped(self, reason: str, where: str, detail: str, ids: dict) -> None:
-        log.debug("dropped (%s): %s", reason, where)
-        self.dropped.append({"reason": reason, "where": where, "detail": detail, **ids})
-
-    def reason_counts(self) -> Counter:
-        return Counter(b.reason for b in self.bad)
-
-    def write(self, status: str, error: str | None = None) -> None:
-        if not self.writable:  # read-only OUT: the error itself still reaches the user
-            return
-        dropped_counts = Counter(d["reason"] for d in self.dropped)
-        write_json(self.path, {
-            "status": status, "error": error,
-            "counts": dict(self.counts),
-            "bad_counts": dict(self.reason_counts()),
-            "dropped_counts": dict(dropped_counts),
-            "filtered": self.filtered,
-            "bad": [b.to_dict() for b in self.bad],
-            "dropped": self.dropped,
-        })

@@ -29,7 +29,6 @@ on every parameter, its T_0 formula, eta_min); docs/RECIPES.md and configs/mimic
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 import time
@@ -38,21 +37,17 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from pipeline import probes
+from pipeline import distributed, pretrain, pretrain_data, schedules, train_state
 from pipeline import wds as wdsp
-from pipeline.common import (ConfigError, MflagError, atomic_path, config_to_dict, fingerprint, read_json,
-                             save_config, write_json)
-from pipeline.distributed import (DistInfo, all_gather_object, any_rank, any_rank_flag, barrier, cleanup,
-                                  init_distributed, resolve_precision)
+from pipeline.checkpoints import save_encoder_files
+from pipeline.common import ConfigError, config_to_dict, fingerprint, read_json, save_config, write_json
+from pipeline.distributed import DistInfo, all_gather_object, any_rank, barrier, cleanup, init_distributed
 from pipeline.locks import output_lock
 from pipeline.options import check_fields, option
-from pipeline.pretrain import (BATCH_SEMANTICS, NonFiniteWatch, SampleAugmentFactory, StepSettings, TrainModule,
-                               batch_per_rank, param_groups, prepare_images, train_step, trunk_probe_params)
-from pipeline.schedules import WarmupCosine, WarmupCosineRestarts, original_restart_period
+from pipeline.pretrain import BATCH_SEMANTICS
 from pipeline.textmodels import OnlineTextEncoder
-from pipeline.tracking import REPORT_TO, Tracker, open_tracker
-from pipeline.train_state import (load_checkpoint, param_checksum, publish_latest, rng_state, save_checkpoint,
-                                  set_rng_state)
+from pipeline.tracking import REPORT_TO, Tracker, append_metrics, open_tracker, trim_metrics
+from pipeline.train_state import TrainingError, publish_latest, rng_state, save_checkpoint, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +61,6 @@ _NON_SEMANTIC = ("out", "resume", "log_every", "ckpt_every", "probe_every", "pro
 # Options added after runs were made: at their default they stay out of the fingerprint, so runs made
 # before they existed still resume and still count as finished.
 _ADDED_WITH_DEFAULT = {"align_weight": 1.0}
-
-
-class TrainingError(MflagError):
-    """Training cannot continue (non-finite loss, too many bad samples, incompatible checkpoint)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,39 +221,7 @@ def semantic_config(cfg: TrainVisionConfig) -> dict:
     return d
 
 
-def _format_count(n: int) -> str:
-    return f"{n / 1e6:.1f}M"
-
-
-def _make_augmenters(cfg: TrainVisionConfig, device: str, rank: int = 0):
-    """(per-sample augmentation factory for the CPU workers or None, batched augmenter for the main
-    process or None, deterministic centre-crop preprocessor for the probe batch)."""
-    from pipeline import augment
-
-    probe_aug = augment.Augmenter("none", device=device, seed=0, out_size=cfg.crop_size)
-    if cfg.aug_device == "cuda":
-        seed = wdsp.stream_seed(cfg.seed, 0, rank, 0, "batch-augment")
-        return None, augment.Augmenter(cfg.aug, device=device, seed=seed, out_size=cfg.crop_size), probe_aug
-    return SampleAugmentFactory(cfg.aug, cfg.crop_size), None, probe_aug
-
-
 # --------------------------------------------------------------------------- the run
-@dataclasses.dataclass
-class _DataPos:
-    """Where the data stream of this rank stands: ``workers`` maps logical worker -> raw samples
-    consumed in the current epoch."""
-
-    epoch: int = 0
-    step_in_epoch: int = 0
-    workers: dict = dataclasses.field(default_factory=dict)
-    raw: int = 0
-    missing: int = 0
-    corrupt: int = 0
-    lost: int = 0  # samples damaged shards did not yield (against sizes.json)
-    lost_shards: dict = dataclasses.field(default_factory=dict)
-    shards_seen: set = dataclasses.field(default_factory=set)
-
-
 def run(cfg: TrainVisionConfig) -> dict:
     """Train; returns the summary dict (also written to ``OUT/summary.json``).
 
@@ -286,7 +245,7 @@ class _Trainer:
         self.device = torch.device(dist.device)
         if cfg.aug_device == "cuda" and self.device.type != "cuda":
             raise ConfigError("aug_device: 'cuda' needs a CUDA device")
-        self.precision = resolve_precision(cfg.precision, dist.device)
+        self.precision = distributed.resolve_precision(cfg.precision, dist.device)
         self.tracker: Tracker = Tracker()
         if self.device.type == "cuda":
             # Every step has the same input shape, so cuDNN's timed algorithm choice pays off after the
@@ -296,62 +255,22 @@ class _Trainer:
     # ------------------------------------------------------------------ set-up
     def _setup_data(self) -> None:
         cfg, dist = self.cfg, self.dist
-        self.train = (wdsp.resolve_shards(cfg.shards, "train") if cfg.pairs == "train"
-                      else wdsp.resolve_splits(cfg.shards, PAIRS[cfg.pairs]))
-        n = cfg.num_samples or self.train.num_samples
-        if n is None:
-            raise ConfigError("num_samples: the shards have no sizes.json; pass --num-samples "
-                              "(training samples per epoch)")
-        self.num_samples = n
-        try:
-            self.local_batch, self.global_batch = batch_per_rank(cfg.batch_size, cfg.batch_semantics,
-                                                                 dist.world_size)
-        except ValueError as e:
-            raise ConfigError(f"batch_size: {e} (or use --batch-semantics per-process)") from e
-        if self.local_batch < 2:
-            raise ConfigError(f"batch_size: {self.local_batch} per rank; BatchNorm in the projector needs at least 2")
-        self.steps_per_epoch = max(1, n // self.global_batch)
-        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
-        slots = dist.world_size * max(1, cfg.num_workers)
-        if len(self.train.urls) < slots:
-            fix = ("lower --num-workers or re-shard" if cfg.num_workers > 1 else
-                   "use fewer ranks or re-shard") + " with a smaller --shard-size in prepare"
-            raise wdsp.DataError(
-                f"{len(self.train.urls)} training shard(s) for {dist.world_size} rank(s) x "
-                f"{max(1, cfg.num_workers)} loader process(es) each: need at least {slots} so every one reads "
-                f"its own shards ({fix})")
-        if cfg.text_mode == "cache":
-            from cache import TextEmbeddingCache
-
-            self.cache = TextEmbeddingCache(cfg.text_cache)
-            self.targets = wdsp.CacheTargets(str(self.cache.path))
-            self.text_dim = self.cache.dim
-            self.text_params = self.cache.attrs.get("text_encoder_params")
-            self.text_model_id = self.cache.attrs.get("model_id", "?")
-            if dist.is_main:
-                log.info("text cache %s: %d reports, dim %d", self.cache.path, len(self.cache), self.cache.dim)
-                for k in sorted(self.cache.attrs):
-                    log.debug("  cache attr %s = %s", k, self.cache.attrs[k])
-        else:
-            self.cache = None
-            self.targets = wdsp.ReportTexts(wdsp.read_reports(cfg.reports))
-            self.text_dim = None  # known once the text model is loaded
-            self.text_params = None
-            self.text_model_id = cfg.text_model
-        found, read, missing = wdsp.check_targets_cover(list(self.train.urls), self.targets)
+        d = pretrain_data.open_train_data(cfg.shards, PAIRS[cfg.pairs], num_samples=cfg.num_samples,
+                                          batch_size=cfg.batch_size, batch_semantics=cfg.batch_semantics,
+                                          max_steps=cfg.max_steps, epochs=cfg.epochs, num_workers=cfg.num_workers,
+                                          dist=dist)
+        self.train, self.num_samples, self.steps_per_epoch, self.total_steps = (d.train, d.num_samples,
+                                                                                d.steps_per_epoch, d.total_steps)
+        self.local_batch, self.global_batch = d.local_batch, d.global_batch
+        t = pretrain_data.open_targets(cfg.text_mode, cfg.text_cache, cfg.reports, cfg.text_model, dist.is_main)
+        self.targets, self.cache, self.text_model_id = t.targets, t.cache, t.text_model_id
+        self.text_dim, self.text_params = t.text_dim, t.text_params  # online: known once the model is loaded
         source = f"text cache {cfg.text_cache}" if cfg.text_mode == "cache" else f"reports {cfg.reports}"
-        if read and not found:
-            raise wdsp.DataError(
-                f"none of the first {read} samples of {self.train.urls[0]} has a report in the {source} "
-                f"(study_ids such as {', '.join(missing)}): the targets were built from another prepare "
-                "output, or spell study ids differently (prepare writes digits without the 's' prefix)")
-        if read and found < read and dist.is_main:
-            log.warning("%d of the first %d samples of %s have no report in the %s and will be skipped "
-                        "(e.g. study_id %s)", read - found, read, self.train.urls[0], source, missing[0])
+        pretrain_data.check_targets_cover(list(self.train.urls), self.targets, source, dist.is_main)
 
     def _setup_model(self) -> None:
         cfg = self.cfg
-        from pipeline.models import MFlagVision, count_parameters
+        from pipeline.models import count_parameters
 
         text = None
         if cfg.text_mode == "online":
@@ -359,120 +278,39 @@ class _Trainer:
                                                      cfg.unfreeze_last)
             self.text_dim = text.dim
             self.text_params = sum(p.numel() for p in text.encoder.parameters())
-        if cfg.text_head == "none" and cfg.proj_dim is not None and cfg.proj_dim != self.text_dim:
-            raise ConfigError(f"proj_dim: the text embeddings have dimension {self.text_dim}; with --text-head "
-                              f"none images are projected into that space, so --proj-dim must be "
-                              f"{self.text_dim} (got {cfg.proj_dim})")
-        torch.manual_seed(cfg.seed)
-        vision = MFlagVision(self.text_dim, cfg.proj_dim, cfg.text_head, cfg.init, cfg.hidden_dim)
-        if self.dist.enabled and cfg.sync_bn:
-            # BatchNorm over the global batch, as on one GPU: otherwise its statistics (and zv, za, zt)
-            # come from batch_size / world_size samples and the run depends on the number of GPUs.
-            if self.device.type == "cuda":
-                vision = nn.SyncBatchNorm.convert_sync_batchnorm(vision)
-            elif self.dist.is_main:
-                log.warning("sync_bn: SyncBatchNorm needs CUDA; on %s each of the %d processes normalises "
-                            "over its own %d samples", self.device.type, self.dist.world_size,
-                            self.local_batch)
-        self.module = TrainModule(vision, text).to(self.device)
-        if cfg.channels_last:
-            self.module.vision.trunk.to(memory_format=torch.channels_last)
+        self.module = pretrain.build_train_module(
+            self.text_dim, text, proj_dim=cfg.proj_dim, text_head=cfg.text_head, init=cfg.init,
+            hidden_dim=cfg.hidden_dim, seed=cfg.seed, sync_bn=cfg.sync_bn, channels_last=cfg.channels_last,
+            dist=self.dist, device=self.device, local_batch=self.local_batch)
         self.trainable = count_parameters(self.module)
         params = [p for p in self.module.parameters() if p.requires_grad]
         # The original's AdamW: betas (0.9, 0.999), eps 1e-8 (torch's defaults), main.py lines 73-77.
-        self.optimizer = torch.optim.AdamW(param_groups(params, cfg.weight_decay, cfg.decay_norm_bias), lr=cfg.lr)
-        warm = min(cfg.warmup_steps, self.total_steps)
-        # An absolute floor (the original's eta_min) as a multiplier of lr: LambdaLR then gives
-        # eta_min + (lr - eta_min) x cosine, the formula of torch's CosineAnnealingWarmRestarts.
-        floor = cfg.min_lr / cfg.lr if cfg.min_lr is not None else cfg.min_lr_ratio
+        self.optimizer = torch.optim.AdamW(pretrain.param_groups(params, cfg.weight_decay, cfg.decay_norm_bias),
+                                           lr=cfg.lr)
         self.restart_cycle = None
-        if cfg.schedule == "cosine":
-            fn = WarmupCosine(warm, self.total_steps, floor)
-        elif cfg.schedule == "restarts":
-            self.restart_cycle = self._restart_cycle()
-            fn = WarmupCosineRestarts(warm, self.restart_cycle, 1, floor)
-        else:
-            fn = WarmupCosine(warm, self.total_steps, 1.0)
+        if cfg.schedule == "restarts":
+            self.restart_cycle = schedules.restart_cycle(
+                cfg.restart_every, cfg.restart_period, cfg.restart_fraction, epochs=cfg.epochs,
+                num_samples=self.num_samples, batch_per_process=self.local_batch, total_steps=self.total_steps)
+        fn = schedules.lr_multiplier(cfg.schedule, warmup_steps=cfg.warmup_steps, total_steps=self.total_steps,
+                                     lr=cfg.lr, min_lr=cfg.min_lr, min_lr_ratio=cfg.min_lr_ratio,
+                                     cycle=self.restart_cycle)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, fn)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        self.settings = StepSettings(orth_weight=cfg.orth_weight, align_weight=cfg.align_weight,
-                                     orth_lambda=cfg.orth_lambda, orth_standardize=cfg.orth_standardize,
-                                     orth_on=cfg.orth_on, orth_global=cfg.orth_scope == "global",
-                                     world_size=self.dist.world_size, grad_clip=cfg.grad_clip,
-                                     autocast_dtype=autocast, channels_last=cfg.channels_last)
-        self.grad_params = trunk_probe_params(self.module.vision)
-
-    def _restart_cycle(self) -> int:
-        """Steps per cosine cycle: ``restart_every``, the original's T_0, or a fraction of the run."""
-        cfg = self.cfg
-        if cfg.restart_every:
-            return cfg.restart_every
-        if cfg.restart_period == "original":
-            # The original's max_epochs is epochs - 1: its loop range(start, max_epochs + 1) trains one
-            # epoch more than the formula counts (utils_trainer.py lines 102 and 112).
-            t0 = original_restart_period(cfg.epochs - 1, self.num_samples, self.local_batch)
-            if t0 < 1:
-                raise ConfigError(
-                    f"restart_period: the original's T_0 = int({cfg.epochs - 1} x {self.num_samples} // 4 // "
-                    f"{self.local_batch} x 0.4) is {t0} steps (max_epochs = epochs - 1, samples per epoch, batch "
-                    "per process); torch's CosineAnnealingWarmRestarts needs T_0 >= 1: use more epochs or "
-                    "data, restart_every, or restart_period fraction")
-            return t0
-        return max(1, round(cfg.restart_fraction * self.total_steps))
-
-    def _report_parameters(self) -> dict:
-        out = {"trainable_params": self.trainable, "text_encoder_params": self.text_params,
-               "text_model": self.text_model_id, "fewer_trainable_vs_finetuned_text": None}
-        if self.text_params and self.cfg.text_mode == "cache":
-            both = self.trainable + int(self.text_params)
-            fewer = 1.0 - self.trainable / both
-            out["fewer_trainable_vs_finetuned_text"] = fewer
-            if self.dist.is_main:
-                log.info("trainable parameters: %s (ResNet50 + projectors); frozen text encoder %s: %s, "
-                         "not loaded in this process", _format_count(self.trainable), self.text_model_id,
-                         _format_count(int(self.text_params)))
-                log.info("  -> %.0f%% fewer trainable parameters than training image and text encoders "
-                         "together (%s)", 100 * fewer, _format_count(both))
-        elif self.dist.is_main:
-            log.info("trainable parameters: %s%s", _format_count(self.trainable),
-                     f"; text encoder {self.text_model_id}: {_format_count(int(self.text_params))}"
-                     if self.text_params else "; the cache does not record text_encoder_params")
-        return out
+        self.settings = pretrain.StepSettings(orth_weight=cfg.orth_weight, align_weight=cfg.align_weight,
+                                              orth_lambda=cfg.orth_lambda, orth_standardize=cfg.orth_standardize,
+                                              orth_on=cfg.orth_on, orth_global=cfg.orth_scope == "global",
+                                              world_size=self.dist.world_size, grad_clip=cfg.grad_clip,
+                                              autocast_dtype=autocast, channels_last=cfg.channels_last)
+        self.grad_params = pretrain.trunk_probe_params(self.module.vision)
 
     # ------------------------------------------------------------------ resume
-    def _resume_path(self) -> Path | None:
-        cfg = self.cfg
-        latest = self.ckpt_dir / "latest.pt"
-        if cfg.resume == "auto":
-            return latest if latest.is_file() else None
-        if cfg.resume == "never":
-            if latest.is_file():
-                raise ConfigError(f"resume: {self.out} already holds checkpoints; use --resume auto, "
-                                  f"another --out, or delete {self.out} to start over")
-            return None
-        p = Path(cfg.resume)
-        if not p.is_file():
-            raise ConfigError(f"resume: checkpoint {p} not found")
-        return p
-
     def _restore(self, path: Path) -> dict:
-        ck = load_checkpoint(path, TrainingError)
-        if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
-            raise TrainingError(f"{path}: not a train-vision checkpoint")
-        if ck.get("fingerprint") != self.fingerprint:
-            old = ck.get("semantic_config", {})
-            new = semantic_config(self.cfg)
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise ConfigError(f"resume: {path} was written by a different configuration (differs in "
-                              f"{', '.join(diff) or 'fingerprint'}); use the same options, another --out, or delete "
-                              f"{self.out} to start over")
-        if ck.get("world_size") != self.dist.world_size:
-            raise ConfigError(f"resume: {path} was written with {ck.get('world_size')} ranks, this run has "
-                              f"{self.dist.world_size}; exact resume needs the same world size")
-        if ck.get("text_dim") != self.text_dim:
-            raise ConfigError(f"resume: {path} has text dimension {ck.get('text_dim')}, the text embeddings "
-                              f"now have {self.text_dim}")
+        ck = train_state.load_checkpoint(path, TrainingError)
+        train_state.check_resumable(ck, path, fmt=CKPT_FORMAT, fingerprint=self.fingerprint,
+                                    semantic=semantic_config(self.cfg), world_size=self.dist.world_size,
+                                    text_dim=self.text_dim, out=self.out)
         missing, unexpected = self.module.load_state_dict(ck["model"], strict=False)
         bad = [k for k in missing if not k.startswith("text.")] + list(unexpected)
         if bad:
@@ -483,21 +321,14 @@ class _Trainer:
         set_rng_state(ck["rng"][self.dist.rank])
         if self.batch_aug is not None and ck.get("augmenter"):
             self.batch_aug.load_state_dict(ck["augmenter"][self.dist.rank])
-        d = ck["data"][self.dist.rank]
-        self.pos = _DataPos(epoch=d["epoch"], step_in_epoch=d["step_in_epoch"],
-                            workers={int(k): int(v) for k, v in d["workers"].items()}, raw=d["raw"],
-                            missing=d["missing"], corrupt=d["corrupt"], lost=int(d.get("lost", 0)),
-                            lost_shards=dict(d.get("lost_shards", {})), shards_seen=set(d["shards_seen"]))
+        self.pos = pretrain_data.DataPos.from_state(ck["data"][self.dist.rank])
         log.info("resumed from %s at step %d (epoch %d, step %d of %d)", path, ck["step"], self.pos.epoch,
                  self.pos.step_in_epoch, self.steps_per_epoch)
         return ck
 
     def _checkpoint(self, step: int, final: bool = False) -> Path | None:
         pos = self.pos
-        data = {"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch, "workers": dict(pos.workers),
-                "raw": pos.raw, "missing": pos.missing, "corrupt": pos.corrupt, "lost": pos.lost,
-                "lost_shards": dict(pos.lost_shards), "shards_seen": sorted(pos.shards_seen)}
-        all_data = all_gather_object(data, self.dist)
+        all_data = all_gather_object(pos.state(), self.dist)
         all_rng = all_gather_object(rng_state(), self.dist)
         all_aug = all_gather_object(self.batch_aug.state_dict() if self.batch_aug is not None else None,
                                      self.dist)
@@ -513,91 +344,9 @@ class _Trainer:
             }
             save_checkpoint(path, payload)
             publish_latest(path, self.ckpt_dir / "latest.pt")
-            for p in sorted(self.ckpt_dir.glob("step-*.pt"))[:-max(1, self.cfg.keep_checkpoints)]:
-                p.unlink(missing_ok=True)
+            train_state.prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
         barrier(self.dist)
         return path
-
-    # ------------------------------------------------------------------ probes
-    def _load_probe(self) -> dict | None:
-        """The held-out probe set: the first ``max(probe_size, final_probe_size)`` usable images of the
-        validate shards, then the test shards (pre-training never reads either). The cheap probe during
-        training uses its first ``probe_size`` images, the collapse diagnostic at the end the first
-        ``final_probe_size``; a size below 2 turns that probe off."""
-        cfg = self.cfg
-        want = max(cfg.probe_size, cfg.final_probe_size)
-        self.probe_held_out = None
-        if not self.dist.is_main or want < 2:
-            return None
-        if cfg.probe_shards:
-            urls = list(wdsp.resolve_shards(cfg.probe_shards, "validate").urls)
-        else:
-            urls = wdsp.heldout_shards(self.train, "validate") + wdsp.heldout_shards(self.train, "test")
-        if not urls:
-            log.warning("no held-out (validate-*/test-*) shards beside the training shards and no "
-                        "--probe-shards: probes disabled")
-            return None
-        self.probe_held_out = not set(urls) & set(self.train.urls)
-        if not self.probe_held_out:
-            # --pairs all trains on validate/test too: the probes then measure training images, which
-            # still shows collapse (effective rank, spectrum) but flatters retrieval.
-            log.warning("the probe images (%s ...) are also training images (--pairs %s); pass --probe-shards "
-                        "with other images to probe held-out data", Path(urls[0]).name, cfg.pairs)
-        batch = wdsp.read_fixed_batch(urls, self.targets, want, cfg.image_size)
-        if batch is None or len(batch["key"]) < 2:
-            log.warning("the held-out shards %s have fewer than 2 usable samples: probes disabled", urls[:2])
-            return None
-        n = len(batch["key"])
-        if n < want:
-            log.warning("the held-out shards hold only %d usable images; the probes use %d instead of %d "
-                        "(ranks are bounded by N - 1)", n, n, want)
-        studies = sorted(set(batch["study_id"]))
-        index = {s: i for i, s in enumerate(studies)}
-        log.info("probe set: %d held-out images of %d studies from %d shard(s); %d in the probe every %d "
-                 "steps", n, len(studies), len(urls), min(n, cfg.probe_size), cfg.probe_every)
-        # one report per held-out study; each image is matched to its own study's report
-        return {"image": batch["image"], "text": self.targets.fetch(studies),
-                "targets": [index[s] for s in batch["study_id"]], "study_id": list(batch["study_id"]),
-                "studies": studies}
-
-    @staticmethod
-    def _probe_subset(probe: dict, n: int) -> dict:
-        """The first ``n`` images of the probe set with the reports of their studies."""
-        if n >= len(probe["targets"]):
-            return probe
-        studies = sorted(set(probe["study_id"][:n]))
-        index = {s: i for i, s in enumerate(studies)}
-        rows = [probe["studies"].index(s) for s in studies]
-        text = probe["text"]
-        text = [text[r] for r in rows] if isinstance(text, list) else text[rows]
-        return {"image": probe["image"][:n], "text": text, "targets": [index[s] for s in probe["study_id"][:n]],
-                "study_id": probe["study_id"][:n], "studies": studies}
-
-    @torch.no_grad()
-    def _probe(self, probe: dict, chunk: int = 128) -> tuple[dict, dict]:
-        """(metrics, spectra of zv and za) on ``probe``, in eval mode, in chunks of ``chunk`` images
-        (a final probe of several hundred images at full size would not fit at once on a small GPU)."""
-        module = self.module
-        was = module.training
-        module.eval()
-        try:
-            text = probe["text"]
-            if module.text is not None:
-                zt = module.vision.project_text(module.text(module.text.tokenize(text, self.device)))
-            else:
-                zt = module.vision.project_text(text.to(self.device))
-            zvs, zas = [], []
-            for i in range(0, len(probe["targets"]), chunk):
-                images = prepare_images(probe["image"][i:i + chunk], self.probe_aug, self.device,
-                                        self.cfg.channels_last)
-                zv, za = module.vision(images)
-                zvs.append(zv.float())
-                zas.append(za.float())
-            spectra: dict = {}
-            report = probes.probe_report(torch.cat(zvs), torch.cat(zas), zt.float(), probe["targets"], spectra)
-            return report, spectra
-        finally:
-            module.train(was)
 
     # ------------------------------------------------------------------ main loop
     def fit(self) -> dict:
@@ -611,11 +360,13 @@ class _Trainer:
             if done.get("fingerprint") == self.fingerprint and done.get("steps") == self.total_steps:
                 log.info("%s already holds a finished run of this configuration; nothing to do", self.out)
                 return done
-        params_report = self._report_parameters()
-        sample_aug, self.batch_aug, self.probe_aug = _make_augmenters(cfg, dist.device, dist.rank)
-        self.pos = _DataPos()
+        params_report = pretrain.parameter_report(self.trainable, self.text_params, self.text_model_id,
+                                                  cfg.text_mode == "cache", dist.is_main)
+        sample_aug, self.batch_aug, self.probe_aug = pretrain.make_augmenters(
+            cfg.aug, cfg.aug_device, cfg.crop_size, cfg.seed, dist.device, dist.rank)
+        self.pos = pretrain_data.DataPos()
         step = 0
-        resume = self._resume_path()
+        resume = train_state.resume_path(cfg.resume, self.ckpt_dir, self.out)
         if resume is None and self.ckpt_dir.is_dir() and any(self.ckpt_dir.glob("*.pt")):
             raise ConfigError(f"resume: {self.ckpt_dir} holds checkpoints but --resume is {cfg.resume!r}")
         if resume is not None:
@@ -626,7 +377,7 @@ class _Trainer:
                         total_steps=self.total_steps, world_size=dist.world_size, precision=self.precision,
                         batch_per_process=self.local_batch, global_batch=self.global_batch,
                         restart_cycle=self.restart_cycle)
-            self._trim_metrics(step)
+            trim_metrics(self.out / "metrics.jsonl", step)
             self.tracker = open_tracker(cfg.report_to, self.out, config_to_dict(cfg), key=self.fingerprint,
                                         resume_step=step + 1 if resume is not None else None)
         try:
@@ -642,13 +393,19 @@ class _Trainer:
                 self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.compile:
             train_module = torch.compile(train_module)
-        probe = self._load_probe()
+        want = max(cfg.probe_size, cfg.final_probe_size)
+        probe, self.probe_held_out = None, None
+        # the first probe_size images every probe_every steps, the first final_probe_size at the end
+        if dist.is_main and want >= 2:
+            probe, self.probe_held_out = pretrain_data.load_probe_set(
+                self.train, self.targets, probe_shards=cfg.probe_shards, want=want, image_size=cfg.image_size,
+                pairs=cfg.pairs, probe_size=cfg.probe_size, probe_every=cfg.probe_every)
         log.info("training %d steps (%d per epoch of %d samples), global batch %d (%d per rank x %d), "
                  "precision %s, device %s%s", self.total_steps, self.steps_per_epoch, self.num_samples,
                  self.global_batch, self.local_batch, dist.world_size, self.precision, dist.device,
                  f", lr cycle {self.restart_cycle} steps" if self.restart_cycle else "")
         last_good = str(resume) if resume else None
-        watch = NonFiniteWatch(self.device, step)
+        watch = pretrain.NonFiniteWatch(self.device, step)
         window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
         last_probe: dict = {}
         self.module.train()
@@ -656,32 +413,29 @@ class _Trainer:
             if self.pos.step_in_epoch >= self.steps_per_epoch:
                 self._check_bad(final=True)
                 self.pos = dataclasses.replace(self.pos, epoch=self.pos.epoch + 1, step_in_epoch=0, workers={})
-            nw = max(1, cfg.num_workers)
-            state = wdsp.StreamState(seed=cfg.seed, epoch=self.pos.epoch, rank=dist.rank,
-                                     world_size=dist.world_size, rotation=self.pos.step_in_epoch % nw,
-                                     skip=dict(self.pos.workers))
-            pipe = wdsp.train_pipeline(list(self.train.urls), state, self.targets, self.local_batch,
-                                       cfg.image_size, cfg.on_missing, cfg.shuffle_buffer, sample_aug,
-                                       sizes=self.train.sizes)
-            loader = wdsp.make_loader(pipe, cfg.num_workers, pin_memory=self.device.type == "cuda")
+            loader = pretrain_data.epoch_loader(
+                self.train, self.targets, self.pos, seed=cfg.seed, dist=dist, num_workers=cfg.num_workers,
+                batch=self.local_batch, image_size=cfg.image_size, on_missing=cfg.on_missing,
+                shuffle_buffer=cfg.shuffle_buffer, sample_aug=sample_aug, pin_memory=self.device.type == "cuda")
             it = iter(loader)
             try:
                 while self.pos.step_in_epoch < self.steps_per_epoch and step < self.total_steps:
                     t0 = time.perf_counter()
                     batch = next(it)
                     window["wait"] += time.perf_counter() - t0
-                    error = self._account(batch)
+                    error = self.pos.account(batch)
                     if any_rank(error is not None, dist):
                         raise wdsp.DataError(error or "another rank stopped on a data error")
-                    images = prepare_images(batch["image"], self.batch_aug, self.device, cfg.channels_last)
+                    images = pretrain.prepare_images(batch["image"], self.batch_aug, self.device,
+                                                     cfg.channels_last)
                     target = batch["target"]
                     if self.module.text is not None:
                         target = self.module.text.tokenize(target, self.device)
                     else:
                         target = target.to(self.device, non_blocking=True)
                     log_now = (step + 1) % cfg.log_every == 0 or step + 1 == self.total_steps
-                    out = train_step(train_module, self.optimizer, self.scaler, images, target, self.settings,
-                                     self.grad_params if log_now else None)
+                    out = pretrain.train_step(train_module, self.optimizer, self.scaler, images, target,
+                                              self.settings, self.grad_params if log_now else None)
                     self.scheduler.step()
                     watch.update(out)  # no host sync here: read at log and checkpoint steps below
                     step += 1
@@ -689,13 +443,13 @@ class _Trainer:
                     window["steps"] += 1
                     if (log_now or step % cfg.ckpt_every == 0
                             or (probe is not None and step % cfg.probe_every == 0)):
-                        self._check_finite(watch, last_good)
+                        watch.check(dist, last_good)
                     if log_now:
                         self._log(step, out, window)
                         window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
                     if (probe is not None and cfg.probe_size >= 2 and step % cfg.probe_every == 0
                             and step != self.total_steps):
-                        last_probe, _ = self._probe(self._probe_subset(probe, cfg.probe_size))
+                        last_probe, _ = self._probe(pretrain_data.probe_subset(probe, cfg.probe_size))
                         self._write_metrics({"step": step, "epoch": self.pos.epoch,
                                              **{f"val/{k}": v for k, v in last_probe.items()}})
                     final = step == self.total_steps
@@ -708,113 +462,38 @@ class _Trainer:
         self._check_bad(final=True)
         return self._finish(step, probe, last_probe, params_report)
 
-    def _check_finite(self, watch: NonFiniteWatch, last_good: str | None) -> None:
-        """Stop when any rank has seen a non-finite loss since the start (one host sync). Called at
-        log and checkpoint steps, so a checkpoint never holds weights trained through a NaN."""
-        if not any_rank_flag(watch.flag(), self.dist):
-            return
-        bad = watch.first_bad()
-        where = (f"at step {bad[0]} (align {bad[1]:.4g}, orth {bad[2]:.4g}) on rank {self.dist.rank}" if bad
-                 else "on another rank")
-        raise TrainingError(
-            f"non-finite loss {where}; stopping. The last good checkpoint is "
-            f"{last_good or 'none (no checkpoint written yet)'}; lower --lr, set --grad-clip or use "
-            f"--precision fp32")
-
-    def _account(self, batch: dict) -> str | None:
-        """Fold a batch's position and counters into ``self.pos``; returns a fatal data error or None."""
-        if "error" in batch:
-            return batch["error"]
-        meta, pos = batch["meta"], self.pos
-        pos.raw += meta["raw"] - pos.workers.get(meta["worker"], 0)
-        pos.workers[meta["worker"]] = meta["raw"]
-        pos.missing += meta["missing"]
-        pos.corrupt += meta["corrupt"]
-        pos.lost += meta.get("lost", 0)
-        for name, n in meta.get("lost_shards", {}).items():
-            pos.lost_shards[name] = pos.lost_shards.get(name, 0) + n
-        pos.shards_seen.update(Path(u).name for u in batch["urls"])
-        return None
-
     def _check_bad(self, final: bool) -> None:
-        """Fail once bad samples exceed ``max_bad_fraction`` of those the shards should have yielded
-        (judged over at least 1000 samples, or at the end of an epoch or run). Bad: corrupt samples, and
-        every sample a damaged shard lost (sizes.json lists more than it yielded)."""
-        pos = self.pos
-        expected = pos.raw + pos.lost + (0 if self.train.sizes else pos.corrupt)
-        bad = pos.corrupt + pos.lost
-        if not (expected and (final or expected >= 1000) and bad / expected > self.cfg.max_bad_fraction):
-            return
-        parts = []
-        if pos.lost:
-            worst = sorted(pos.lost_shards.items(), key=lambda kv: (-kv[1], kv[0]))
-            parts.append(f"{pos.lost} samples lost in damaged shard(s) "
-                         f"{', '.join(f'{name} ({n} missing)' for name, n in worst[:3])}"
-                         f"{' and others' if len(worst) > 3 else ''}: they yield fewer samples than sizes.json lists "
-                         f"(truncated or damaged); rerun prepare on their output folder, it rebuilds them")
-        if pos.corrupt:
-            parts.append(f"{pos.corrupt} corrupt samples or unreadable shard parts (the warnings above name the "
-                         f"shards and keys; rerun prepare or remove them)")
-        raise wdsp.DataError(f"{'; '.join(parts)}: {bad} bad of {expected} samples on rank {self.dist.rank} "
-                             f"({100 * bad / expected:.1f}% > {100 * self.cfg.max_bad_fraction:g}%)")
+        self.pos.check_bad(final, bool(self.train.sizes), self.cfg.max_bad_fraction, self.dist.rank)
+
+    def _probe(self, probe: dict) -> tuple[dict, dict]:
+        return pretrain.probe_model(self.module, probe, self.probe_aug, self.device, self.cfg.channels_last)
 
     def _log(self, step: int, out: dict, window: dict) -> None:
         dt = max(time.perf_counter() - window["t0"], 1e-9)
-        zero = torch.zeros((), device=out["loss"].device)
-        vals = torch.stack([out["loss"], out["align"], out["orth"], out["grad_norm"].float(),
-                            out.get("grad_align_trunk", zero), out.get("grad_orth_trunk", zero)]).float()
-        if self.dist.enabled:
-            import torch.distributed as tdist
-
-            tdist.all_reduce(vals)
-            vals /= self.dist.world_size
-        loss, align, orth, gnorm, g_align, g_orth = (float(v) for v in vals.cpu())
-        # grad_*_trunk: norms of the unweighted terms' gradients on the trunk's last block (mean over
-        # ranks of each rank's own batch); the weighted ratio orth_weight x g_orth / (align_weight x
-        # g_align) says which term drives the shared trunk.
-        rec = {"step": step, "epoch": self.pos.epoch, "train/loss": loss, "train/align": align,
-               "train/orth": orth, "train/lr": self.optimizer.param_groups[0]["lr"],
-               "train/grad_norm": gnorm, "train/grad_align_trunk": g_align, "train/grad_orth_trunk": g_orth,
+        rec = {"step": step, "epoch": self.pos.epoch, **pretrain.step_scalars(out, self.dist),
+               "train/lr": self.optimizer.param_groups[0]["lr"],
                "train/images_per_s": window["steps"] * self.global_batch / dt,
                "train/data_wait": window["wait"] / dt, "train/missing": self.pos.missing,
                "train/corrupt": self.pos.corrupt, "train/lost": self.pos.lost}
         if self.dist.is_main:
             log.info("step %d/%d loss %.4f (align %.4f orth %.4f) lr %.3g %.1f img/s data-wait %.0f%%",
-                     step, self.total_steps, loss, align, orth, rec["train/lr"], rec["train/images_per_s"],
-                     100 * rec["train/data_wait"])
+                     step, self.total_steps, rec["train/loss"], rec["train/align"], rec["train/orth"],
+                     rec["train/lr"], rec["train/images_per_s"], 100 * rec["train/data_wait"])
         self._write_metrics(rec)
 
     def _write_metrics(self, rec: dict) -> None:
-        if not self.dist.is_main:
-            return
-        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(rec, sort_keys=True) + "\n")
-        self.tracker.log(rec, rec["step"])
-
-    def _trim_metrics(self, step: int) -> None:
-        """On resume, drop metric lines past the checkpoint (those steps run again)."""
-        path = self.out / "metrics.jsonl"
-        if not path.is_file():
-            return
-        keep = []
-        for ln in path.read_text(encoding="utf-8").splitlines():
-            try:
-                if ln.strip() and json.loads(ln).get("step", 0) <= step:
-                    keep.append(ln)
-            except json.JSONDecodeError:  # a line cut by the kill
-                continue
-        with atomic_path(path) as tmp:
-            tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+        if self.dist.is_main:
+            append_metrics(self.out / "metrics.jsonl", rec)
+            self.tracker.log(rec, rec["step"])
 
     def _finish(self, step: int, probe: dict | None, last_probe: dict, params_report: dict) -> dict:
         dist = self.dist
-        checksums = all_gather_object(param_checksum(self.module), dist)
+        checksums = all_gather_object(train_state.param_checksum(self.module), dist)
         pos = self.pos
-        counts = all_gather_object({"raw": pos.raw, "missing": pos.missing, "corrupt": pos.corrupt,
-                                     "lost": pos.lost, "shards": sorted(pos.shards_seen)}, dist)
+        counts = all_gather_object(pos.counts(), dist)
         spectrum = None
         if probe is not None and self.cfg.final_probe_size >= 2:
-            last_probe, spectrum = self._probe(self._probe_subset(probe, self.cfg.final_probe_size))
+            last_probe, spectrum = self._probe(pretrain_data.probe_subset(probe, self.cfg.final_probe_size))
             self._write_metrics({"step": step, "epoch": pos.epoch, **{f"val/{k}": v for k, v in last_probe.items()}})
         summary = {
             "fingerprint": self.fingerprint, "steps": step, "epochs": pos.epoch + 1,
@@ -823,32 +502,13 @@ class _Trainer:
             "restart_cycle": self.restart_cycle, "probe_held_out": self.probe_held_out,
             "precision": self.precision,
             "final_probe": last_probe, **params_report,
-            "samples_read": sum(c["raw"] for c in counts), "missing": sum(c["missing"] for c in counts),
-            "corrupt": sum(c["corrupt"] for c in counts), "lost": sum(c["lost"] for c in counts),
-            "shards_per_rank": [c["shards"] for c in counts],
+            **pretrain_data.DataPos.sum_counts(counts),
             "param_checksum_per_rank": checksums,
         }
         if dist.is_main:
-            from pipeline.models import encoder_state_dict
-
             if len(set(checksums)) > 1:
                 log.error("ranks ended with different weights: %s", checksums)
-            vision = self.module.vision
-            encoder = encoder_state_dict(vision)
-            with atomic_path(self.out / "encoder.pt") as tmp:
-                torch.save(encoder, tmp)
-            # The same weights as safetensors: loadable anywhere without unpickling anything.
-            from safetensors.torch import save_file
-
-            with atomic_path(self.out / "encoder.safetensors") as tmp:
-                save_file({k: v.contiguous() for k, v in encoder.items()}, str(tmp),
-                          metadata={"format": "pt", "layout": "torchvision resnet50 state_dict without fc.*"})
-            proj = {"projector": {k: v.cpu() for k, v in vision.projector.state_dict().items()},
-                    "text_head": {k: v.cpu() for k, v in vision.text_head.state_dict().items()},
-                    "text_head_kind": self.cfg.text_head, "text_dim": self.text_dim,
-                    "proj_dim": vision.proj_dim, "hidden_dim": self.cfg.hidden_dim}
-            with atomic_path(self.out / "projector.pt") as tmp:
-                torch.save(proj, tmp)
+            save_encoder_files(self.out, self.module.vision, self.cfg.text_head, self.text_dim, self.cfg.hidden_dim)
             if spectrum is not None:
                 # centred (the primary diagnostic) and uncentred singular values of zv and za, each with
                 # N and D and their effective ranks (pipeline.probes.spectrum)

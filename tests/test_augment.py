@@ -202,46 +202,10 @@ def test_augmenters_shapes_and_per_sample_equals_batched():
     # A pure function of the seed: whatever was drawn before, whatever the input type.
     assert torch.equal(one[1], A.augment_one(imgs[1, 0].numpy(), g.manual_seed(101), "original", 48))
     assert not torch.equal(one[1], A.augment_one(imgs[1, 0], g.manual_seed(102), "original", 48))
-    s = A.SampleAugmenter("original", seed=3, out_size=48, block=4)
-    outs = [s(imgs[i, 0].numpy()) for i in range(6)]  # crosses a block boundary
-    assert all(o.shape == (1, 48, 48) for o in outs)
-    s2 = pickle.loads(pickle.dumps(s))
-    assert torch.equal(s2(imgs[0, 0].numpy()), A.SampleAugmenter("original", seed=3, out_size=48, block=4)(
-        imgs[0, 0].numpy()))
     with pytest.raises(ValueError, match="grey"):
         A.Augmenter("original")(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
     with pytest.raises(ValueError, match="recipe"):
         A.Augmenter("heavy")
-
-
-def test_sample_augmenter_in_dataloader_workers():
-    class Images(torch.utils.data.Dataset):
-        def __len__(self):
-            return 8
-
-        def __getitem__(self, i):
-            return self.aug(np.full((40, 40), 100 + i, np.uint8) + np.eye(40, dtype=np.uint8) * 50)
-
-    def run(seed):
-        ds = Images()
-        ds.aug = A.SampleAugmenter("original", seed=0, out_size=32)
-        torch.manual_seed(seed)
-        dl = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)
-        return torch.cat([b for b in dl])
-
-    first, again = run(0), run(0)
-    assert first.shape == (8, 1, 32, 32) and torch.equal(first, again)
-    assert not torch.equal(first, run(1))
-
-
-def test_decode_grey_png():
-    arr = np.arange(64 * 48, dtype=np.uint32).reshape(64, 48).astype(np.uint8)
-    import io
-
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    out = A.decode_grey(buf.getvalue())
-    assert out.shape == (1, 64, 48) and out.dtype == torch.uint8 and np.array_equal(out[0].numpy(), arr)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

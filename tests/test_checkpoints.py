@@ -7,8 +7,14 @@ import pytest
 import torch
 from torchvision.models import resnet50
 
-from pipeline.checkpoints import (CheckpointError, IMAGENET_FILES, build_encoder, extract_encoder_state,
-                                  load_encoder, load_encoder_state)
+from pipeline.checkpoints import (
+    IMAGENET_FILES,
+    CheckpointError,
+    build_encoder,
+    extract_encoder_state,
+    load_encoder,
+    load_encoder_state,
+)
 from pipeline.common import MflagError
 
 

@@ -665,7 +665,8 @@ def _snapshot(folder: Path) -> dict:
 @needs_readonly
 @pytest.mark.slow
 def test_read_only_out_in_every_stage(tmp_path, train_world, chexpert_root):
-    from stages.prepare import PrepareConfig, run as prepare
+    from stages.prepare import PrepareConfig
+    from stages.prepare import run as prepare
     from tests._prepare_helpers import default_studies, make_tree
 
     # prepare: a finished output is only re-checked; an unfinished one is a one-line error

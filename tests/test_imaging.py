@@ -11,8 +11,18 @@ import pydicom
 import pytest
 from PIL import Image
 
-from pipeline.imaging import (UPSAMPLE_TOLERANCE, ImageError, MissingImageError, _reduced_crop, border_box,
-                              encode_png, load_for_shard, minmax_uint8, png_filter_rows, read_image)
+from pipeline.imaging import (
+    UPSAMPLE_TOLERANCE,
+    ImageError,
+    MissingImageError,
+    _reduced_crop,
+    border_box,
+    encode_png,
+    load_for_shard,
+    minmax_uint8,
+    png_filter_rows,
+    read_image,
+)
 
 SIIM = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 

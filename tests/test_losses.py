@@ -4,8 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.losses import (alignment_loss, gather_with_grad, orthogonality_loss,
-                             orthogonality_loss_reference)
+from pipeline.losses import alignment_loss, gather_with_grad, orthogonality_loss, orthogonality_loss_reference
 
 LAM = 0.0051
 

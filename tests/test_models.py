@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from pipeline.common import ConfigError, MflagError
 from pipeline.checkpoints import imagenet_weights_path
+from pipeline.common import ConfigError, MflagError
 from pipeline.models import MFlagVision, Projector, build_resnet50_trunk, count_parameters, encoder_state_dict
 
 

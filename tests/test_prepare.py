@@ -16,8 +16,17 @@ from PIL import Image
 from pipeline.common import ConfigError, MflagError, read_json
 from pipeline.mimic import METADATA_CSV, SPLIT_CSV, BadItem, CsvColumnError, image_relpath, report_relpath
 from stages.prepare import PrepareConfig, TooManyBadItems, run
-from tests._prepare_helpers import (META_HEADER, Img, Study, corrupt_zip_member, default_studies, make_tree,
-                                    read_shards, report_text, write_csv)
+from tests._prepare_helpers import (
+    META_HEADER,
+    Img,
+    Study,
+    corrupt_zip_member,
+    default_studies,
+    make_tree,
+    read_shards,
+    report_text,
+    write_csv,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -242,9 +251,9 @@ def test_reports_missing_from_the_root_fail_fast_with_advice(tmp_path, caplog):
 
 
 def test_bad_input_warnings_are_rate_limited(caplog):
-    from stages.prepare import _Report
+    from pipeline.shards import PrepareReport
 
-    rep = _Report(Path("unused"))
+    rep = PrepareReport(Path("unused"))
     for i in range(100):
         rep.add_bad(BadItem("no_report", f"files/p10/p1/s{i}.txt", "no report file", {}))
     assert len(rep.bad) == 100  # every item is kept for prepare-report.json

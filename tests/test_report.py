@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from pipeline import stats
+from pipeline import reporting, stats
 from stages import report
 
 SEEDS = (0, 1, 2)
@@ -134,7 +134,7 @@ def _claim(data, a, b, measure_start):
 def test_report_claims_numbers_and_verdicts(tmp_path):
     res = report.run(_world(tmp_path))
     data = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert data == report._jsonable(res.data)
+    assert data == reporting.jsonable(res.data)
 
     # pre-training vs random: every variant, paired by seed, expected greater
     for v in CONFIGS:
@@ -217,7 +217,7 @@ def test_the_sweep_brackets_the_weight_where_the_gradient_ratio_crosses_one(tmp_
     # gradients that depend on the state each weight trains into, as in real runs: weighted ratio 0.01 at
     # 1e-4, 4 at 1e-2 and 50 at 1, so the ratio crosses 1 between 1e-4 and 1e-2
     grads = {"a": (0.0, (1.0, 1.0)), "b": (1e-4, (1.0, 100.0)), "c": (1e-2, (1.0, 400.0)), "mflag": (1.0, (1.0, 50.0))}
-    trains, _evals = [], []
+    trains = []
     for v, (w, (ga, go)) in grads.items():
         for s in SEEDS:
             trains.append(_train(tmp_path, v, s, {"orth_weight": w}, 10.0, (1.0, 10.0, ga, go)))

@@ -7,8 +7,18 @@ from pathlib import Path
 import pytest
 
 from pipeline.datasets.base import DatasetSpec, Record
-from pipeline.splits import (SplitError, Split, ids_sha256, load_split_file, make_split, read_split,
-                             sample_fraction, split_summary, write_fraction, write_split)
+from pipeline.splits import (
+    Split,
+    SplitError,
+    ids_sha256,
+    load_split_file,
+    make_split,
+    read_split,
+    sample_fraction,
+    split_summary,
+    write_fraction,
+    write_split,
+)
 
 
 def make_spec(n_patients: int = 60, per_patient: int = 3, official: bool = False, n_classes: int = 3,

@@ -6,10 +6,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
-import numpy as np
 
 from cache import write_cache
 from pipeline import losses

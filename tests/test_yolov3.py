@@ -12,8 +12,7 @@ from torchvision.ops import batched_nms
 
 from pipeline import metrics
 from pipeline.common import MflagError
-from pipeline.yolov3 import (MGCA_ANCHORS_416, SCORE_THRESH, anchors_for, build_yolov3,
-                             shape_iou_mgca)
+from pipeline.yolov3 import MGCA_ANCHORS_416, SCORE_THRESH, anchors_for, build_yolov3, shape_iou_mgca
 
 S = 64
 

@@ -5,8 +5,16 @@ import re
 from pathlib import Path, PurePosixPath
 
 from pipeline.common import MflagError, unsafe_id_reason
-from pipeline.datasets._common import (DEFAULT_MAX_MISSING, DatasetError, Tally, check_protocol, check_task,
-                                       enforce_missing, missing_image, read_csv_rows)
+from pipeline.datasets._common import (
+    DEFAULT_MAX_MISSING,
+    DatasetError,
+    Tally,
+    check_protocol,
+    check_task,
+    enforce_missing,
+    missing_image,
+    read_csv_rows,
+)
 from pipeline.datasets.base import DatasetSpec, LabelRow, Record
 
 TASKS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")

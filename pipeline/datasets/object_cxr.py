@@ -6,9 +6,19 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.common import MflagError, unsafe_id_reason
-from pipeline.datasets._common import (DEFAULT_MAX_MISSING, DatasetError, Tally, check_protocol, check_task,
-                                       clip_box, enforce_missing, fill_shapes, image_size, missing_image,
-                                       read_csv_rows)
+from pipeline.datasets._common import (
+    DEFAULT_MAX_MISSING,
+    DatasetError,
+    Tally,
+    check_protocol,
+    check_task,
+    clip_box,
+    enforce_missing,
+    fill_shapes,
+    image_size,
+    missing_image,
+    read_csv_rows,
+)
 from pipeline.datasets.base import DatasetSpec, LabelRow, Record
 
 CLASS_NAMES = ("foreign object",)

@@ -7,9 +7,21 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.common import MflagError, progress, unsafe_id_reason
-from pipeline.datasets._common import (DEFAULT_MAX_MISSING, DatasetError, Tally, box_corners, check_protocol,
-                                       check_task, clip_box, dicom_header, enforce_missing, fill_shapes, find_file,
-                                       missing_image, read_csv_rows)
+from pipeline.datasets._common import (
+    DEFAULT_MAX_MISSING,
+    DatasetError,
+    Tally,
+    box_corners,
+    check_protocol,
+    check_task,
+    clip_box,
+    dicom_header,
+    enforce_missing,
+    fill_shapes,
+    find_file,
+    missing_image,
+    read_csv_rows,
+)
 from pipeline.datasets.base import DatasetSpec, LabelRow, Record
 
 CLASS_NAMES = ("Lung Opacity",)

@@ -6,8 +6,18 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.common import MflagError, progress
-from pipeline.datasets._common import (DEFAULT_MAX_MISSING, DatasetError, Tally, check_protocol, check_task,
-                                       dicom_header, enforce_missing, find_file, missing_image, read_csv_rows)
+from pipeline.datasets._common import (
+    DEFAULT_MAX_MISSING,
+    DatasetError,
+    Tally,
+    check_protocol,
+    check_task,
+    dicom_header,
+    enforce_missing,
+    find_file,
+    missing_image,
+    read_csv_rows,
+)
 from pipeline.datasets.base import DatasetSpec, LabelRow, Record
 
 

@@ -29,8 +29,16 @@ from pipeline import metrics
 from pipeline.common import MflagError, atomic_open, progress
 from pipeline.datasets.base import DatasetSpec
 from pipeline.downstream.data import ClsDataset, ImageSource
-from pipeline.downstream.loop import (TrainSettings, fit, freeze, frozen_bn_mode, images_in, make_loader, place,
-                                      to_device)
+from pipeline.downstream.loop import (
+    TrainSettings,
+    fit,
+    freeze,
+    frozen_bn_mode,
+    images_in,
+    make_loader,
+    place,
+    to_device,
+)
 from pipeline.downstream.task import SeedOutcome, SeedRun, Task
 
 FEATURE_DIM = 2048

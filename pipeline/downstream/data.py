@@ -24,9 +24,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from pipeline import imaging
 from pipeline.common import MflagError, progress
 from pipeline.datasets.base import DatasetSpec, Record
 
@@ -44,21 +44,11 @@ MASK_ON = 127  # a stored mask pixel (coverage 0..255) is foreground above this:
 
 # --------------------------------------------------------------------------- resizing
 def resize_u8(img: np.ndarray, size: int | tuple[int, int], resample: str = "antialias") -> np.ndarray:
-    """Resize a uint8 H x W array to ``size`` (an int: square; or (height, width)) with ``resample``."""
-    from PIL import Image
-
-    h, w = (size, size) if isinstance(size, int) else size
-    if img.shape == (h, w):
-        return np.ascontiguousarray(img)
-    if resample == "linear":
-        # cv2.INTER_LINEAR: half-pixel centres, no antialiasing (align_corners=False is the same mapping)
-        t = torch.from_numpy(np.ascontiguousarray(img)).float()[None, None]
-        t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False, antialias=False)
-        return t[0, 0].round_().clamp_(0, 255).to(torch.uint8).numpy()
+    """Resize a uint8 H x W array to ``size`` (an int: square; or (height, width)) with one of the
+    protocols' ``RESAMPLES`` (``pipeline.imaging.resize_u8``, the one resizer, does the work)."""
     if resample not in RESAMPLES:
         raise ValueError(f"resample must be one of {RESAMPLES}, got {resample!r}")
-    filt = Image.BOX if resample == "area" else Image.BILINEAR
-    return np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((w, h), filt))
+    return imaging.resize_u8(img, size, resample)
 
 
 def pad_geometry(height: int, width: int, size: int) -> tuple[int, int, int, int]:

@@ -1,0 +1,246 @@
+"""The data side of pre-training: what train-vision reads, how much, and what it has consumed.
+
+``open_train_data`` resolves the training shards, the batch per process and the steps per epoch, and
+checks that there are enough shards for every loader process. ``open_targets`` opens what images are
+joined to by study_id (the text cache, or the report texts in online mode) and ``check_targets_cover``
+fails early when the two come from different prepare outputs. ``DataPos`` is where a rank's stream
+stands (per logical worker: raw samples consumed) with its bad-sample counters; it goes into every
+checkpoint, so a resumed run skips exactly what it had read. ``load_probe_set`` reads the held-out
+images the probes embed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from pipeline import wds as wdsp
+from pipeline.common import ConfigError
+from pipeline.distributed import DistInfo
+from pipeline.pretrain import batch_per_rank
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainData:
+    """The training shards and the sizes derived from them (per rank and global)."""
+
+    train: wdsp.ShardSet
+    num_samples: int  # training samples per epoch
+    local_batch: int
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+def open_train_data(shards: str, splits: tuple[str, ...], *, num_samples: int | None, batch_size: int,
+                    batch_semantics: str, max_steps: int | None, epochs: int, num_workers: int,
+                    dist: DistInfo) -> TrainData:
+    """Resolve ``shards`` (the ``splits`` of a prepare output) and size the run; raises ConfigError /
+    DataError naming the option to change."""
+    train = (wdsp.resolve_shards(shards, "train") if splits == ("train",)
+             else wdsp.resolve_splits(shards, splits))
+    n = num_samples or train.num_samples
+    if n is None:
+        raise ConfigError("num_samples: the shards have no sizes.json; pass --num-samples "
+                          "(training samples per epoch)")
+    try:
+        local_batch, global_batch = batch_per_rank(batch_size, batch_semantics, dist.world_size)
+    except ValueError as e:
+        raise ConfigError(f"batch_size: {e} (or use --batch-semantics per-process)") from e
+    if local_batch < 2:
+        raise ConfigError(f"batch_size: {local_batch} per rank; BatchNorm in the projector needs at least 2")
+    steps_per_epoch = max(1, n // global_batch)
+    total_steps = max_steps or epochs * steps_per_epoch
+    slots = dist.world_size * max(1, num_workers)
+    if len(train.urls) < slots:
+        fix = ("lower --num-workers or re-shard" if num_workers > 1 else
+               "use fewer ranks or re-shard") + " with a smaller --shard-size in prepare"
+        raise wdsp.DataError(
+            f"{len(train.urls)} training shard(s) for {dist.world_size} rank(s) x "
+            f"{max(1, num_workers)} loader process(es) each: need at least {slots} so every one reads "
+            f"its own shards ({fix})")
+    return TrainData(train, n, local_batch, global_batch, steps_per_epoch, total_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Targets:
+    """What images are joined to: ``targets`` (``wds.CacheTargets`` or ``wds.ReportTexts``), the open
+    cache (None online), the text dimension (None until an online model is loaded), the text encoder's
+    parameter count if known, and its model id."""
+
+    targets: object
+    cache: object | None
+    text_dim: int | None
+    text_params: int | None
+    text_model_id: str
+
+
+def open_targets(text_mode: str, text_cache: str | None, reports: str | None, text_model: str | None,
+                 is_main: bool) -> Targets:
+    if text_mode == "cache":
+        from cache import TextEmbeddingCache
+
+        cache = TextEmbeddingCache(text_cache)
+        if is_main:
+            log.info("text cache %s: %d reports, dim %d", cache.path, len(cache), cache.dim)
+            for k in sorted(cache.attrs):
+                log.debug("  cache attr %s = %s", k, cache.attrs[k])
+        return Targets(wdsp.CacheTargets(str(cache.path)), cache, cache.dim, cache.attrs.get("text_encoder_params"),
+                       cache.attrs.get("model_id", "?"))
+    return Targets(wdsp.ReportTexts(wdsp.read_reports(reports)), None, None, None, text_model)
+
+
+def check_targets_cover(urls: list[str], targets, source: str, is_main: bool) -> None:
+    """Fail when none of the first samples of ``urls`` has a target in ``source``; warn when some lack one."""
+    found, read, missing = wdsp.check_targets_cover(urls, targets)
+    if read and not found:
+        raise wdsp.DataError(
+            f"none of the first {read} samples of {urls[0]} has a report in the {source} "
+            f"(study_ids such as {', '.join(missing)}): the targets were built from another prepare "
+            "output, or spell study ids differently (prepare writes digits without the 's' prefix)")
+    if read and found < read and is_main:
+        log.warning("%d of the first %d samples of %s have no report in the %s and will be skipped "
+                    "(e.g. study_id %s)", read - found, read, urls[0], source, missing[0])
+
+
+@dataclasses.dataclass
+class DataPos:
+    """Where the data stream of this rank stands: ``workers`` maps logical worker -> raw samples
+    consumed in the current epoch."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    workers: dict = dataclasses.field(default_factory=dict)
+    raw: int = 0
+    missing: int = 0
+    corrupt: int = 0
+    lost: int = 0  # samples damaged shards did not yield (against sizes.json)
+    lost_shards: dict = dataclasses.field(default_factory=dict)
+    shards_seen: set = dataclasses.field(default_factory=set)
+
+    def state(self) -> dict:
+        """The checkpoint entry of this rank (plain values)."""
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "workers": dict(self.workers),
+                "raw": self.raw, "missing": self.missing, "corrupt": self.corrupt, "lost": self.lost,
+                "lost_shards": dict(self.lost_shards), "shards_seen": sorted(self.shards_seen)}
+
+    @classmethod
+    def from_state(cls, d: dict) -> DataPos:
+        """The inverse of :meth:`state` (checkpoints written before ``lost`` existed have none)."""
+        return cls(epoch=d["epoch"], step_in_epoch=d["step_in_epoch"],
+                   workers={int(k): int(v) for k, v in d["workers"].items()}, raw=d["raw"],
+                   missing=d["missing"], corrupt=d["corrupt"], lost=int(d.get("lost", 0)),
+                   lost_shards=dict(d.get("lost_shards", {})), shards_seen=set(d["shards_seen"]))
+
+    def counts(self) -> dict:
+        """This rank's sample counters and the shards it read (for the summary)."""
+        return {"raw": self.raw, "missing": self.missing, "corrupt": self.corrupt, "lost": self.lost,
+                "shards": sorted(self.shards_seen)}
+
+    @staticmethod
+    def sum_counts(counts: list[dict]) -> dict:
+        """summary.json's counters from every rank's :meth:`counts`."""
+        return {"samples_read": sum(c["raw"] for c in counts), "missing": sum(c["missing"] for c in counts),
+                "corrupt": sum(c["corrupt"] for c in counts), "lost": sum(c["lost"] for c in counts),
+                "shards_per_rank": [c["shards"] for c in counts]}
+
+    def account(self, batch: dict) -> str | None:
+        """Fold a batch's position and counters in; returns a fatal data error or None."""
+        if "error" in batch:
+            return batch["error"]
+        meta = batch["meta"]
+        self.raw += meta["raw"] - self.workers.get(meta["worker"], 0)
+        self.workers[meta["worker"]] = meta["raw"]
+        self.missing += meta["missing"]
+        self.corrupt += meta["corrupt"]
+        self.lost += meta.get("lost", 0)
+        for name, n in meta.get("lost_shards", {}).items():
+            self.lost_shards[name] = self.lost_shards.get(name, 0) + n
+        self.shards_seen.update(Path(u).name for u in batch["urls"])
+        return None
+
+    def check_bad(self, final: bool, sized: bool, max_bad_fraction: float, rank: int) -> None:
+        """Raise DataError once bad samples exceed ``max_bad_fraction`` of those the shards should have
+        yielded (judged over at least 1000 samples, or at the end of an epoch or run). Bad: corrupt
+        samples, and every sample a damaged shard lost (``sized``: sizes.json lists more than it yielded)."""
+        expected = self.raw + self.lost + (0 if sized else self.corrupt)
+        bad = self.corrupt + self.lost
+        if not (expected and (final or expected >= 1000) and bad / expected > max_bad_fraction):
+            return
+        parts = []
+        if self.lost:
+            worst = sorted(self.lost_shards.items(), key=lambda kv: (-kv[1], kv[0]))
+            parts.append(f"{self.lost} samples lost in damaged shard(s) "
+                         f"{', '.join(f'{name} ({n} missing)' for name, n in worst[:3])}"
+                         f"{' and others' if len(worst) > 3 else ''}: they yield fewer samples than sizes.json lists "
+                         f"(truncated or damaged); rerun prepare on their output folder, it rebuilds them")
+        if self.corrupt:
+            parts.append(f"{self.corrupt} corrupt samples or unreadable shard parts (the warnings above name the "
+                         f"shards and keys; rerun prepare or remove them)")
+        raise wdsp.DataError(f"{'; '.join(parts)}: {bad} bad of {expected} samples on rank {rank} "
+                             f"({100 * bad / expected:.1f}% > {100 * max_bad_fraction:g}%)")
+
+
+def epoch_loader(train: wdsp.ShardSet, targets, pos: DataPos, *, seed: int, dist: DistInfo, num_workers: int,
+                 batch: int, image_size: int, on_missing: str, shuffle_buffer: int, sample_aug,
+                 pin_memory: bool):
+    """The DataLoader of this rank for the epoch ``pos`` stands in, continuing where ``pos`` says: each
+    logical worker skips the raw samples it had consumed, and the worker rotation resumes at
+    ``pos.step_in_epoch`` (``pipeline.wds``)."""
+    nw = max(1, num_workers)
+    state = wdsp.StreamState(seed=seed, epoch=pos.epoch, rank=dist.rank, world_size=dist.world_size,
+                             rotation=pos.step_in_epoch % nw, skip=dict(pos.workers))
+    pipe = wdsp.train_pipeline(list(train.urls), state, targets, batch, image_size, on_missing, shuffle_buffer,
+                               sample_aug, sizes=train.sizes)
+    return wdsp.make_loader(pipe, num_workers, pin_memory=pin_memory)
+
+
+def load_probe_set(train: wdsp.ShardSet, targets, *, probe_shards: str | None, want: int, image_size: int,
+                   pairs: str, probe_size: int, probe_every: int) -> tuple[dict | None, bool | None]:
+    """``(probe set or None, whether it is held out)``: the first ``want`` usable images of
+    ``probe_shards``, else of the validate then test shards beside ``train`` (pre-training never reads
+    either), with one report per study; each image is matched to its own study's report."""
+    if probe_shards:
+        urls = list(wdsp.resolve_shards(probe_shards, "validate").urls)
+    else:
+        urls = wdsp.heldout_shards(train, "validate") + wdsp.heldout_shards(train, "test")
+    if not urls:
+        log.warning("no held-out (validate-*/test-*) shards beside the training shards and no "
+                    "--probe-shards: probes disabled")
+        return None, None
+    held_out = not set(urls) & set(train.urls)
+    if not held_out:
+        # --pairs all trains on validate/test too: the probes then measure training images, which
+        # still shows collapse (effective rank, spectrum) but flatters retrieval.
+        log.warning("the probe images (%s ...) are also training images (--pairs %s); pass --probe-shards "
+                    "with other images to probe held-out data", Path(urls[0]).name, pairs)
+    batch = wdsp.read_fixed_batch(urls, targets, want, image_size)
+    if batch is None or len(batch["key"]) < 2:
+        log.warning("the held-out shards %s have fewer than 2 usable samples: probes disabled", urls[:2])
+        return None, held_out
+    n = len(batch["key"])
+    if n < want:
+        log.warning("the held-out shards hold only %d usable images; the probes use %d instead of %d "
+                    "(ranks are bounded by N - 1)", n, n, want)
+    studies = sorted(set(batch["study_id"]))
+    index = {s: i for i, s in enumerate(studies)}
+    log.info("probe set: %d held-out images of %d studies from %d shard(s); %d in the probe every %d "
+             "steps", n, len(studies), len(urls), min(n, probe_size), probe_every)
+    return ({"image": batch["image"], "text": targets.fetch(studies),
+             "targets": [index[s] for s in batch["study_id"]], "study_id": list(batch["study_id"]),
+             "studies": studies}, held_out)
+
+
+def probe_subset(probe: dict, n: int) -> dict:
+    """The first ``n`` images of the probe set with the reports of their studies."""
+    if n >= len(probe["targets"]):
+        return probe
+    studies = sorted(set(probe["study_id"][:n]))
+    index = {s: i for i, s in enumerate(studies)}
+    rows = [probe["studies"].index(s) for s in studies]
+    text = probe["text"]
+    text = [text[r] for r in rows] if isinstance(text, list) else text[rows]
+    return {"image": probe["image"][:n], "text": text, "targets": [index[s] for s in probe["study_id"][:n]],
+            "study_id": probe["study_id"][:n], "studies": studies}
