@@ -481,8 +481,10 @@ def test_two_train_vision_runs_on_one_out(tmp_path, train_world):
     out = tmp_path / "run"
     second, _ = _two_runs(tmp_path, "train-vision", ["train-vision", *cli_args(train_world, out, probe_size=0)])
     _refused(second, "train-vision")
-    steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]  # one line per step: the second run wrote nothing
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    # one training line per step and one final probe line: the second run wrote nothing
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if "train/loss" not in r] == [4]
 
 
 @pytest.mark.slow
@@ -782,8 +784,8 @@ def test_tensorboard_events_hold_the_metrics_jsonl_scalars(tmp_path, train_world
     events = acc.Scalars("train/loss")
     assert [e.step for e in events] == [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [e.value for e in events] == pytest.approx([r["train/loss"] for r in rows], rel=1e-6)
-    probes = [r for r in _metrics(out) if "val/zv_effective_rank" in r]
-    assert [e.step for e in acc.Scalars("val/zv_effective_rank")] == [r["step"] for r in probes]
+    probes = [r for r in _metrics(out) if "val/zv_effective_rank_centred" in r]
+    assert [e.step for e in acc.Scalars("val/zv_effective_rank_centred")] == [r["step"] for r in probes]
 
 
 @pytest.mark.slow
