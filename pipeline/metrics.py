@@ -189,8 +189,11 @@ class DetectionAccumulator:
 def _map(preds, targets, thresholds, with_50: bool = False):
     from torchmetrics.detection import MeanAveragePrecision
 
+    # pycocotools' own recall grid (float64): torchmetrics' default is a float32 linspace, whose points
+    # differ from 0.01 k in the last bits, so a recall that falls exactly on a grid point (e.g. 2 of 40
+    # boxes) is interpolated differently than COCOeval run on the predictions file would
     metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", iou_thresholds=list(thresholds),
-                                  backend="pycocotools")
+                                  rec_thresholds=np.linspace(0.0, 1.0, 101).tolist(), backend="pycocotools")
     preds = [{"boxes": p["boxes"].float().reshape(-1, 4), "scores": p["scores"].float(),
               "labels": p["labels"].long()} for p in preds]
     targets = [{"boxes": t["boxes"].float().reshape(-1, 4), "labels": t["labels"].long()} for t in targets]

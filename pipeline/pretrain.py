@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from pipeline import losses
+from pipeline import losses, schedules
 from pipeline.textmodels import OnlineTextEncoder
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,36 @@ def param_groups(params: list[nn.Parameter], weight_decay: float, decay_norm_bia
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
 
 
+class Optimization(NamedTuple):
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    restart_cycle: int | None  # steps per warm-restart cycle (schedule "restarts"), else None
+    autocast_dtype: torch.dtype | None
+
+
+def build_optimization(module: nn.Module, *, lr: float, weight_decay: float, decay_norm_bias: bool, schedule: str,
+                       warmup_steps: int, min_lr: float | None, min_lr_ratio: float, restart_every: int | None,
+                       restart_period: str, restart_fraction: float, epochs: int, num_samples: int,
+                       batch_per_process: int, total_steps: int, precision: str,
+                       device: torch.device) -> Optimization:
+    """AdamW over the trainable parameters (the original's: betas (0.9, 0.999), eps 1e-8, its main.py
+    lines 73-77), the per-step LR schedule (``pipeline.schedules``), the fp16 gradient scaler (disabled
+    otherwise) and the autocast dtype of ``precision``."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(param_groups(params, weight_decay, decay_norm_bias), lr=lr)
+    cycle = None
+    if schedule == "restarts":
+        cycle = schedules.restart_cycle(restart_every, restart_period, restart_fraction, epochs=epochs,
+                                        num_samples=num_samples, batch_per_process=batch_per_process,
+                                        total_steps=total_steps)
+    fn = schedules.lr_multiplier(schedule, warmup_steps=warmup_steps, total_steps=total_steps, lr=lr,
+                                 min_lr=min_lr, min_lr_ratio=min_lr_ratio, cycle=cycle)
+    return Optimization(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, fn),
+                        torch.amp.GradScaler(device.type, enabled=precision == "fp16"), cycle,
+                        {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision))
+
+
 def prepare_images(images: torch.Tensor, augmenter, device, channels_last: bool) -> torch.Tensor:
     """A batch from the loader -> float (B, 3, c, c) on ``device``. uint8 batches (GPU path) are
     augmented here; the 3 channels are a stride-0 view of the one grey channel."""
@@ -103,6 +135,25 @@ def prepare_images(images: torch.Tensor, augmenter, device, channels_last: bool)
     if channels_last and images.device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
     return images
+
+
+def batch_inputs(batch: dict, augmenter, text: OnlineTextEncoder | None, device: torch.device,
+                 channels_last: bool) -> tuple[torch.Tensor, object]:
+    """A loader batch on ``device``: the images through :func:`prepare_images`, and the targets as cached
+    embeddings or, in online mode, the reports tokenized for ``text``."""
+    images = prepare_images(batch["image"], augmenter, device, channels_last)
+    if text is not None:
+        return images, text.tokenize(batch["target"], device)
+    return images, batch["target"].to(device, non_blocking=True)
+
+
+def wrap_for_training(module: nn.Module, dist, device: torch.device, compile: bool) -> nn.Module:
+    """``module`` as the step runs it: under DDP with several processes, then ``torch.compile``d if asked;
+    the unwrapped module keeps the weights (checkpoints and probes use it)."""
+    out = module
+    if dist.enabled:
+        out = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(out) if compile else out
 
 
 def trunk_probe_params(vision: nn.Module) -> list[nn.Parameter]:
@@ -291,6 +342,17 @@ def step_scalars(out: dict[str, torch.Tensor], dist) -> dict[str, float]:
     loss, align, orth, gnorm, g_align, g_orth = (float(v) for v in vals.cpu())
     return {"train/loss": loss, "train/align": align, "train/orth": orth, "train/grad_norm": gnorm,
             "train/grad_align_trunk": g_align, "train/grad_orth_trunk": g_orth}
+
+
+def log_scalars(out: dict[str, torch.Tensor], dist, optimizer: torch.optim.Optimizer, window: dict,
+                global_batch: int, pos) -> dict[str, float]:
+    """One metrics.jsonl record's training numbers: :func:`step_scalars`, the learning rate, throughput
+    and the share of time spent waiting for data over the ``window`` since the last log (``t0``, ``wait``
+    seconds, ``steps``), and the stream's bad-sample counts so far (``pos``: a ``DataPos``)."""
+    dt = max(time.perf_counter() - window["t0"], 1e-9)
+    return {**step_scalars(out, dist), "train/lr": optimizer.param_groups[0]["lr"],
+            "train/images_per_s": window["steps"] * global_batch / dt, "train/data_wait": window["wait"] / dt,
+            "train/missing": pos.missing, "train/corrupt": pos.corrupt, "train/lost": pos.lost}
 
 
 def _format_count(n: int) -> str:

@@ -14,16 +14,19 @@ state made a resume on fewer visible GPUs fail, and asking for them initialised 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from pipeline.common import ConfigError, MflagError, atomic_path
+from pipeline.distributed import DistInfo, all_gather_object, barrier
 from pipeline.safeload import safe_load
 
 
@@ -135,3 +138,48 @@ def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
     """Delete all but the newest ``max(1, keep)`` ``step-*.pt`` (``latest.pt`` is a link that survives)."""
     for p in sorted(ckpt_dir.glob("step-*.pt"))[:-max(1, keep)]:
         p.unlink(missing_ok=True)
+
+
+@dataclasses.dataclass
+class Resumable:
+    """Everything a checkpoint saves and restores besides the data positions: the weights (the module's
+    ``checkpoint_state``: a frozen text model is left out), the optimizer, LR scheduler and gradient
+    scaler, the batch augmenter's state (the GPU augmentation keeps its own generator) and, per rank,
+    the CPU RNG states. The data positions come from the caller, one state per rank."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    batch_aug: Any | None
+
+    def save(self, path: Path, dist: DistInfo, *, data_state: dict, meta: dict, keep: int) -> Path:
+        """Gather every rank's states, write ``path`` (rank 0), publish it as ``latest.pt`` next to it
+        and keep the newest ``keep`` step files; every rank returns after the file is complete."""
+        all_data = all_gather_object(data_state, dist)
+        all_rng = all_gather_object(rng_state(), dist)
+        all_aug = all_gather_object(self.batch_aug.state_dict() if self.batch_aug is not None else None, dist)
+        if dist.is_main:
+            save_checkpoint(path, {
+                **meta, "model": self.module.checkpoint_state(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": all_rng, "data": all_data, "augmenter": all_aug, "world_size": dist.world_size})
+            publish_latest(path, path.parent / "latest.pt")
+            prune_checkpoints(path.parent, keep)
+        barrier(dist)
+        return path
+
+    def restore(self, ck: dict, path: Path, rank: int) -> dict:
+        """Load ``ck`` (read from ``path`` and checked by :func:`check_resumable`) into the objects;
+        returns this rank's data state."""
+        missing, unexpected = self.module.load_state_dict(ck["model"], strict=False)
+        bad = [k for k in missing if not k.startswith("text.")] + list(unexpected)
+        if bad:
+            raise TrainingError(f"{path}: model weights do not match ({bad[:5]})")
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        self.scaler.load_state_dict(ck["scaler"])
+        set_rng_state(ck["rng"][rank])
+        if self.batch_aug is not None and ck.get("augmenter"):
+            self.batch_aug.load_state_dict(ck["augmenter"][rank])
+        return ck["data"][rank]

@@ -3,28 +3,10 @@
 The image stream (``pipeline.wds``) is joined by study_id to embeddings read from the text cache, so
 no text model lives in this process (``text_mode="online"`` runs one per step instead: the original
 design, kept as the baseline and the freezing ablation). Loss = align_weight x alignment(za, zt) +
-orth_weight x orthogonality(zv): as in the original code (``orthogonal_loss(img_emb, img_emb)``) the orthogonality
-loss sees the raw 2048-d ResNet features zv, the latent space whose collapse it is meant to prevent
-and where the collapse diagnostic is measured. ``orth_on="za"`` applies it to the projected
-embedding instead, whose final BatchNorm(affine=False) makes zᵀz/B a correlation-like matrix as in
-Barlow Twins (where lam = 0.0051 comes from).
-torchrun DDP, AMP, atomic checkpoints and exact resume:
-
-Exact resume. Everything random is either restored from the checkpoint (weights, optimizer, scheduler,
-scaler, RNG states) or a pure function of (seed, epoch, rank, logical worker, sample number): the data
-order and the CPU augmentation. The checkpoint stores, per rank and logical DataLoader worker, how
-many raw samples that worker had consumed; a resumed worker skips those before decoding, and the
-worker rotation (see ``pipeline.wds``) makes the batch order continue where it stopped. On CPU a run
-killed after step k and resumed ends bit-identical to an uninterrupted run.
-
-Orthogonality scope. The default is ``global``: z is all-gathered with gradients, so the loss does
-not depend on how many GPUs share the global batch; ``local`` is the original code's per-GPU loss.
-With one process both are the same. Likewise ``sync_bn`` (default on) makes every BatchNorm use
-the statistics of the global batch on several CUDA processes (SyncBatchNorm).
-
-Recipes. ``batch_semantics``, ``pairs``, ``decay_norm_bias``, ``restart_period`` and ``min_lr``
-express the original run's reading of its settings (512 per process, every MIMIC split, weight decay
-on every parameter, its T_0 formula, eta_min); docs/RECIPES.md and configs/mimic-original.yaml.
+orth_weight x orthogonality(zv), on the raw 2048-d ResNet features as in the original code
+(``orth_on="za"``: on the projected embedding). torchrun DDP, AMP, atomic checkpoints and exact resume
+(a run killed after step k and resumed ends bit-identical on CPU); docs/DESIGN.md says how, and
+docs/RECIPES.md how the options express the original run.
 """
 from __future__ import annotations
 
@@ -35,9 +17,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
-from pipeline import distributed, pretrain, pretrain_data, schedules, train_state
+from pipeline import distributed, pretrain, pretrain_data, train_state
 from pipeline import wds as wdsp
 from pipeline.checkpoints import save_encoder_files
 from pipeline.common import ConfigError, config_to_dict, fingerprint, read_json, save_config, write_json
@@ -47,7 +28,7 @@ from pipeline.options import check_fields, option
 from pipeline.pretrain import BATCH_SEMANTICS
 from pipeline.textmodels import OnlineTextEncoder
 from pipeline.tracking import REPORT_TO, Tracker, append_metrics, open_tracker, trim_metrics
-from pipeline.train_state import TrainingError, publish_latest, rng_state, save_checkpoint, set_rng_state
+from pipeline.train_state import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -283,21 +264,14 @@ class _Trainer:
             hidden_dim=cfg.hidden_dim, seed=cfg.seed, sync_bn=cfg.sync_bn, channels_last=cfg.channels_last,
             dist=self.dist, device=self.device, local_batch=self.local_batch)
         self.trainable = count_parameters(self.module)
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        # The original's AdamW: betas (0.9, 0.999), eps 1e-8 (torch's defaults), main.py lines 73-77.
-        self.optimizer = torch.optim.AdamW(pretrain.param_groups(params, cfg.weight_decay, cfg.decay_norm_bias),
-                                           lr=cfg.lr)
-        self.restart_cycle = None
-        if cfg.schedule == "restarts":
-            self.restart_cycle = schedules.restart_cycle(
-                cfg.restart_every, cfg.restart_period, cfg.restart_fraction, epochs=cfg.epochs,
-                num_samples=self.num_samples, batch_per_process=self.local_batch, total_steps=self.total_steps)
-        fn = schedules.lr_multiplier(cfg.schedule, warmup_steps=cfg.warmup_steps, total_steps=self.total_steps,
-                                     lr=cfg.lr, min_lr=cfg.min_lr, min_lr_ratio=cfg.min_lr_ratio,
-                                     cycle=self.restart_cycle)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, fn)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        opt = pretrain.build_optimization(
+            self.module, lr=cfg.lr, weight_decay=cfg.weight_decay, decay_norm_bias=cfg.decay_norm_bias,
+            schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, min_lr=cfg.min_lr, min_lr_ratio=cfg.min_lr_ratio,
+            restart_every=cfg.restart_every, restart_period=cfg.restart_period,
+            restart_fraction=cfg.restart_fraction, epochs=cfg.epochs, num_samples=self.num_samples,
+            batch_per_process=self.local_batch, total_steps=self.total_steps, precision=self.precision,
+            device=self.device)
+        self.optimizer, self.scheduler, self.scaler, self.restart_cycle, autocast = opt
         self.settings = pretrain.StepSettings(orth_weight=cfg.orth_weight, align_weight=cfg.align_weight,
                                               orth_lambda=cfg.orth_lambda, orth_standardize=cfg.orth_standardize,
                                               orth_on=cfg.orth_on, orth_global=cfg.orth_scope == "global",
@@ -306,47 +280,22 @@ class _Trainer:
         self.grad_params = pretrain.trunk_probe_params(self.module.vision)
 
     # ------------------------------------------------------------------ resume
-    def _restore(self, path: Path) -> dict:
+    def _restore(self, path: Path) -> int:
         ck = train_state.load_checkpoint(path, TrainingError)
         train_state.check_resumable(ck, path, fmt=CKPT_FORMAT, fingerprint=self.fingerprint,
                                     semantic=semantic_config(self.cfg), world_size=self.dist.world_size,
                                     text_dim=self.text_dim, out=self.out)
-        missing, unexpected = self.module.load_state_dict(ck["model"], strict=False)
-        bad = [k for k in missing if not k.startswith("text.")] + list(unexpected)
-        if bad:
-            raise TrainingError(f"{path}: model weights do not match ({bad[:5]})")
-        self.optimizer.load_state_dict(ck["optimizer"])
-        self.scheduler.load_state_dict(ck["scheduler"])
-        self.scaler.load_state_dict(ck["scaler"])
-        set_rng_state(ck["rng"][self.dist.rank])
-        if self.batch_aug is not None and ck.get("augmenter"):
-            self.batch_aug.load_state_dict(ck["augmenter"][self.dist.rank])
-        self.pos = pretrain_data.DataPos.from_state(ck["data"][self.dist.rank])
+        self.pos = pretrain_data.DataPos.from_state(self.state.restore(ck, path, self.dist.rank))
         log.info("resumed from %s at step %d (epoch %d, step %d of %d)", path, ck["step"], self.pos.epoch,
                  self.pos.step_in_epoch, self.steps_per_epoch)
-        return ck
+        return int(ck["step"])
 
-    def _checkpoint(self, step: int, final: bool = False) -> Path | None:
-        pos = self.pos
-        all_data = all_gather_object(pos.state(), self.dist)
-        all_rng = all_gather_object(rng_state(), self.dist)
-        all_aug = all_gather_object(self.batch_aug.state_dict() if self.batch_aug is not None else None,
-                                     self.dist)
-        path = self.ckpt_dir / f"step-{step:08d}.pt"
-        if self.dist.is_main:
-            payload = {
-                "format": CKPT_FORMAT, "step": step, "epoch": pos.epoch, "final": final,
-                "model": self.module.checkpoint_state(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": all_rng, "data": all_data, "augmenter": all_aug, "world_size": self.dist.world_size,
+    def _checkpoint(self, step: int, final: bool = False) -> Path:
+        meta = {"format": CKPT_FORMAT, "step": step, "epoch": self.pos.epoch, "final": final,
                 "config": config_to_dict(self.cfg), "semantic_config": semantic_config(self.cfg),
-                "fingerprint": self.fingerprint, "text_dim": self.text_dim,
-            }
-            save_checkpoint(path, payload)
-            publish_latest(path, self.ckpt_dir / "latest.pt")
-            train_state.prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
-        barrier(self.dist)
-        return path
+                "fingerprint": self.fingerprint, "text_dim": self.text_dim}
+        return self.state.save(self.ckpt_dir / f"step-{step:08d}.pt", self.dist, data_state=self.pos.state(),
+                               meta=meta, keep=self.cfg.keep_checkpoints)
 
     # ------------------------------------------------------------------ main loop
     def fit(self) -> dict:
@@ -364,13 +313,14 @@ class _Trainer:
                                                   cfg.text_mode == "cache", dist.is_main)
         sample_aug, self.batch_aug, self.probe_aug = pretrain.make_augmenters(
             cfg.aug, cfg.aug_device, cfg.crop_size, cfg.seed, dist.device, dist.rank)
+        self.state = train_state.Resumable(self.module, self.optimizer, self.scheduler, self.scaler, self.batch_aug)
         self.pos = pretrain_data.DataPos()
         step = 0
         resume = train_state.resume_path(cfg.resume, self.ckpt_dir, self.out)
         if resume is None and self.ckpt_dir.is_dir() and any(self.ckpt_dir.glob("*.pt")):
             raise ConfigError(f"resume: {self.ckpt_dir} holds checkpoints but --resume is {cfg.resume!r}")
         if resume is not None:
-            step = int(self._restore(resume)["step"])
+            step = self._restore(resume)
         if dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out, fingerprint=self.fingerprint, steps_per_epoch=self.steps_per_epoch,
@@ -387,12 +337,7 @@ class _Trainer:
 
     def _fit(self, step: int, resume: Path | None, params_report: dict, sample_aug) -> dict:
         cfg, dist = self.cfg, self.dist
-        train_module: nn.Module = self.module
-        if dist.enabled:
-            train_module = nn.parallel.DistributedDataParallel(
-                self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if cfg.compile:
-            train_module = torch.compile(train_module)
+        train_module = pretrain.wrap_for_training(self.module, dist, self.device, cfg.compile)
         want = max(cfg.probe_size, cfg.final_probe_size)
         probe, self.probe_held_out = None, None
         # the first probe_size images every probe_every steps, the first final_probe_size at the end
@@ -426,13 +371,8 @@ class _Trainer:
                     error = self.pos.account(batch)
                     if any_rank(error is not None, dist):
                         raise wdsp.DataError(error or "another rank stopped on a data error")
-                    images = pretrain.prepare_images(batch["image"], self.batch_aug, self.device,
-                                                     cfg.channels_last)
-                    target = batch["target"]
-                    if self.module.text is not None:
-                        target = self.module.text.tokenize(target, self.device)
-                    else:
-                        target = target.to(self.device, non_blocking=True)
+                    images, target = pretrain.batch_inputs(batch, self.batch_aug, self.module.text, self.device,
+                                                           cfg.channels_last)
                     log_now = (step + 1) % cfg.log_every == 0 or step + 1 == self.total_steps
                     out = pretrain.train_step(train_module, self.optimizer, self.scaler, images, target,
                                               self.settings, self.grad_params if log_now else None)
@@ -469,12 +409,8 @@ class _Trainer:
         return pretrain.probe_model(self.module, probe, self.probe_aug, self.device, self.cfg.channels_last)
 
     def _log(self, step: int, out: dict, window: dict) -> None:
-        dt = max(time.perf_counter() - window["t0"], 1e-9)
-        rec = {"step": step, "epoch": self.pos.epoch, **pretrain.step_scalars(out, self.dist),
-               "train/lr": self.optimizer.param_groups[0]["lr"],
-               "train/images_per_s": window["steps"] * self.global_batch / dt,
-               "train/data_wait": window["wait"] / dt, "train/missing": self.pos.missing,
-               "train/corrupt": self.pos.corrupt, "train/lost": self.pos.lost}
+        rec = {"step": step, "epoch": self.pos.epoch,
+               **pretrain.log_scalars(out, self.dist, self.optimizer, window, self.global_batch, self.pos)}
         if self.dist.is_main:
             log.info("step %d/%d loss %.4f (align %.4f orth %.4f) lr %.3g %.1f img/s data-wait %.0f%%",
                      step, self.total_steps, rec["train/loss"], rec["train/align"], rec["train/orth"],

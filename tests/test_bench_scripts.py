@@ -106,6 +106,7 @@ def test_gpu_all_runs_both_scripts_with_the_same_folders(tmp_path):
     assert bad.returncode == 2 and "unknown argument --compile" in bad.stderr
 
 
+@pytest.mark.slow
 def test_a_failed_check_is_named_on_the_last_line(tmp_path, capsys):
     smoke = Smoke(tmp_path / "out", tmp_path / "work", dry=True, compile_=False)
     (tmp_path / "out").mkdir()

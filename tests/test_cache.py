@@ -72,6 +72,7 @@ def test_resolve_errors(tmp_path, small_cache):
         TextEmbeddingCache(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ctx", ["fork", "spawn"])
 def test_reader_in_dataloader_workers(small_cache, ctx):
     path, keys, emb = small_cache

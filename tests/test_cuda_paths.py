@@ -168,6 +168,7 @@ def test_non_finite_watch_keeps_the_first_bad_step_without_reading_the_device(mo
     assert watch.flag().item() == 1.0
 
 
+@pytest.mark.slow
 def test_non_finite_loss_between_log_steps_stops_before_the_next_checkpoint(tmp_path, monkeypatch):
     """The check runs at log and checkpoint steps only: a NaN at step 3 (logs every 5 steps,
     checkpoints every 2) is caught at step 4, before step 4's checkpoint, and named as step 3."""

@@ -33,6 +33,7 @@ def test_registry_names_every_task_and_head():
         get_task("caption")
 
 
+@pytest.mark.slow
 def test_unet_and_detector_carry_the_encoder_weights_and_freeze_them():
     state = _encoder_state()
     unet = seg.build_unet(state, finetune=False)
@@ -59,6 +60,7 @@ def test_unet_and_detector_carry_the_encoder_weights_and_freeze_them():
         seg.build_unet(broken, finetune=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainable,returned,extra", [(0, [1, 2, 3, 4], None), (3, [2, 3, 4], "p6p7"),
                                                       (5, [1, 2, 3, 4], None)])
 def test_public_fpn_backbone_equals_torchvision_private_extractor(trainable, returned, extra):

@@ -101,6 +101,7 @@ run(EmbedTextConfig(**json.loads(sys.argv[1])))
 """
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_identical(world, tmp_path):
     kw = dict(shard_size=5, store_dtype="float16")
     config = cfg(world, tmp_path / "killed", **kw)

@@ -53,6 +53,7 @@ def _results(out):
 
 
 # --------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_cls_chexpert_linear_probe_two_seeds_and_resume(data, tmp_path, caplog):
     cfg = _cfg(data, tmp_path, task="cls", dataset="chexpert", seeds=(0, 1), fraction=0.5, epochs=3)
     res = run(cfg)
@@ -111,6 +112,7 @@ def test_cls_chexpert_linear_probe_two_seeds_and_resume(data, tmp_path, caplog):
     assert run(dataclasses.replace(cfg, lr=1e-3, seeds=(0, 1, 2, 3)))["fingerprint"] == again["fingerprint"]
 
 
+@pytest.mark.slow
 def test_cls_linear_probe_is_deterministic_and_split_file_reuses_the_split(data, tmp_path):
     a = run(_cfg(data, tmp_path / "a", task="cls", dataset="covidx", epochs=2, seeds=(3,)))
     # the second run reads the first run's split folder: same split, same numbers, same fingerprint
@@ -124,6 +126,7 @@ def test_cls_linear_probe_is_deterministic_and_split_file_reuses_the_split(data,
     assert pa == (tmp_path / "b" / "out" / "seeds" / "seed-3.predictions.csv").read_bytes()
 
 
+@pytest.mark.slow
 def test_cli_cls_covidx_finetune_with_encoder_pt(data, tmp_path, encoder_pt):
     from cli import cli
 
@@ -154,6 +157,7 @@ def test_cli_cls_covidx_finetune_with_encoder_pt(data, tmp_path, encoder_pt):
     assert missing.exit_code == 2 and "error:" in missing.output
 
 
+@pytest.mark.slow
 def test_mgca_draws_one_fraction_for_every_seed_and_records_it_in_the_split(data, tmp_path):
     res = run(_cfg(data, tmp_path, task="cls", dataset="covidx", protocol="mgca", seeds=(0, 1), fraction=0.5))
     out = tmp_path / "out"
@@ -176,6 +180,7 @@ def test_mgca_draws_one_fraction_for_every_seed_and_records_it_in_the_split(data
     assert again["fraction_files"]["0"]["sha256"] == res["fraction_files"]["0"]["sha256"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["tool", "mgca"])
 def test_seg_siim_dice_recomputes_from_the_masks(data, tmp_path, encoder_pt, protocol):
     res = run(_cfg(data, tmp_path, task="seg", dataset="siim", init=str(encoder_pt), protocol=protocol))
@@ -193,6 +198,7 @@ def test_seg_siim_dice_recomputes_from_the_masks(data, tmp_path, encoder_pt, pro
         ("train", True, "loss") if protocol == "mgca" else ("fixed", False, "dice"))
 
 
+@pytest.mark.slow
 def test_det_rsna_fasterrcnn_map_recomputes_with_pycocotools(data, tmp_path):
     res = run(_cfg(data, tmp_path, task="det", dataset="rsna", epochs=2))
     assert res["primary_metric"] == "map_40_75"
@@ -216,6 +222,7 @@ def _same_or_both_undefined(ours, recomputed):
         assert ours == pytest.approx(recomputed, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_det_object_cxr_retinanet_finetuned(data, tmp_path):
     res = run(_cfg(data, tmp_path, task="det", dataset="object-cxr", det_model="retinanet", finetune=True))
     t = res["per_seed"][0]["test"]

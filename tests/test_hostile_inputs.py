@@ -96,6 +96,7 @@ def _eval_args(root: Path, out: Path, init: Path | str) -> list:
             "--image-size", 64, "--epochs", 1, "--batch-size", 4, "--device", "cpu"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["zip", "pickle"])
 @pytest.mark.parametrize("where", ["eval-init", "train-init", "resume", "latest"])
 def test_crafted_checkpoint_never_runs_code(tmp_path, train_world, chexpert_root, where, fmt):
@@ -279,14 +280,15 @@ def test_checkpoint_written_with_more_cuda_devices_resumes_on_cpu(tmp_path, trai
                 return fn(*a, **k)
         return wrapped
 
-    monkeypatch.setattr(tv, "set_rng_state", with_one_gpu(train_state.set_rng_state))
-    monkeypatch.setattr(tv, "rng_state", with_one_gpu(train_state.rng_state))
+    monkeypatch.setattr(train_state, "set_rng_state", with_one_gpu(train_state.set_rng_state))
+    monkeypatch.setattr(train_state, "rng_state", with_one_gpu(train_state.rng_state))
     summary = tv.run(tiny_config(train_world, out, **opts))
     assert summary["steps"] == 4 and calls == ["set_rng_state", "rng_state"]  # restored once, saved at step 4
     a, b = torch.load(ref / "encoder.pt", weights_only=True), torch.load(out / "encoder.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_own_checkpoints_load_weights_only_and_encoder_safetensors(tmp_path, train_world, chexpert_root):
     from safetensors.torch import load_file
 
@@ -412,6 +414,7 @@ def test_without_flock_the_recorded_pid_decides(tmp_path, monkeypatch):
         assert lock.writable
 
 
+@pytest.mark.slow
 def test_stale_checkpoint_temps_are_removed_on_start(tmp_path, train_world):
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)

@@ -141,6 +141,7 @@ def chexpert_reference(root: Path):
     return lists, fractions
 
 
+@pytest.mark.slow
 def test_chexpert_matches_mgca(tmp_path):
     write_chexpert(tmp_path)
     _spec, split, fractions = ours("chexpert", "cls", tmp_path)

@@ -370,6 +370,7 @@ run(PrepareConfig(root={root!r}, out={out!r}, size=32, shard_size=1, workers=1))
 """
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     rng = np.random.default_rng(3)
     studies = [Study(f"1{k:07d}", f"5{k:07d}", "train", [Img(f"{k:08x}-0-0-0-0", "PA")],

@@ -31,6 +31,7 @@ def subprocess_env() -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_orthogonality_on_projected_embedding_lets_alignment_fall_fast(tmp_path):
     # With the orthogonality loss on za (BN-normalised, Barlow-Twins scale) the alignment term
     # dominates the gradient and falls within a few steps on a fixed batch.
@@ -42,6 +43,7 @@ def test_orthogonality_on_projected_embedding_lets_alignment_fall_fast(tmp_path)
     assert align[-1] < 0.8 * align[0], align
 
 
+@pytest.mark.slow
 def test_short_run_lowers_the_loss_and_exports_a_torchvision_encoder(tmp_path, caplog):
     # 8 studies in 2 shards, a global batch of 8 and no shuffle buffer: every step sees the same 8
     # images, so the loss curve reflects optimisation rather than batch-to-batch noise. Default
@@ -99,6 +101,7 @@ def test_short_run_lowers_the_loss_and_exports_a_torchvision_encoder(tmp_path, c
         tv.run(tiny_config(world, out, batch_size=8, shuffle_buffer=1, lr=1e-3, max_steps=6))
 
 
+@pytest.mark.slow
 def test_bad_samples_are_counted_and_too_many_stop_the_run(tmp_path):
     world = make_world(tmp_path, n_train=8, n_val=2, per_shard=4, corrupt=2, missing=2)
     summary = tv.run(tiny_config(world, tmp_path / "ok", max_steps=2, max_bad_fraction=0.5, probe_size=0,
@@ -108,6 +111,7 @@ def test_bad_samples_are_counted_and_too_many_stop_the_run(tmp_path):
         tv.run(tiny_config(world, tmp_path / "strict", max_steps=2, probe_size=0))
 
 
+@pytest.mark.slow
 def test_restart_schedule_defaults_to_cycles_of_40_percent_of_the_run(tmp_path):
     # Without --restart-every a cycle is --restart-fraction (0.4) of the run: 2 of 5 steps here, so the
     # learning rate is back at its peak after steps 2 and 4 (tests/test_recipes.py: the original's T_0).
@@ -174,13 +178,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 KILLER = textwrap.dedent("""
     import os, signal, sys
     import cli
-    from stages import train_vision as tv
-    real = tv.save_checkpoint
+    from pipeline import train_state
+    real = train_state.save_checkpoint
     def save_then_die(path, payload):
         if path.name == "step-00000006.pt":  # steps 4-6 are done but never saved: they must be redone
             os.kill(os.getpid(), signal.SIGKILL)
         real(path, payload)
-    tv.save_checkpoint = save_then_die
+    train_state.save_checkpoint = save_then_die
     sys.argv = ["mflag", "train-vision", *sys.argv[1:]]
     cli.main()
 """)
@@ -255,6 +259,7 @@ def test_two_process_gloo_ddp(tmp_path):
     assert len([r for r in metrics(out) if "train/loss" in r]) == 3  # rank 0 alone writes
 
 
+@pytest.mark.slow
 def test_online_text_mode_runs_the_text_encoder_in_the_step(tmp_path):
     from pipeline.textmodels import build_tiny_bert
 
@@ -295,6 +300,7 @@ def test_config_and_resume_guards(tmp_path):
         tv.run(tiny_config(world, out, max_steps=2, probe_size=0, resume="never"))
 
 
+@pytest.mark.slow
 def test_probe_sizes_and_a_held_out_set_smaller_than_asked(tmp_path, caplog):
     # the cheap probe during training uses the first probe_size held-out images, the diagnostic at the
     # end final_probe_size of them, or all there are (with a warning naming the shortfall)
