@@ -17,7 +17,7 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# The inner loop: everything but the tests marked slow (each over ~10 s here); CI runs `make test`.
+# The inner loop: everything but the tests marked slow (each over ~5 s here); CI runs `make test`.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 

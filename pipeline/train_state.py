@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.common import ConfigError, MflagError, atomic_path
+from pipeline.common import ConfigError, MflagError, atomic_path, read_json
 from pipeline.distributed import DistInfo, all_gather_object, barrier
 from pipeline.safeload import safe_load
 
@@ -98,19 +98,33 @@ def param_checksum(module: nn.Module) -> float:
 
 def resume_path(resume: str, ckpt_dir: Path, out: Path) -> Path | None:
     """The checkpoint a run resumes from: ``resume`` is "auto" (``ckpt_dir/latest.pt`` if any), "never"
-    (refuses an ``out`` that holds one) or a checkpoint file; ConfigError names the fix."""
+    (refuses an ``out`` that holds one) or a checkpoint file; ConfigError names the fix, also when
+    ``ckpt_dir`` holds step checkpoints but no run to resume was found (a fresh start would mix them)."""
     latest = ckpt_dir / "latest.pt"
     if resume == "auto":
-        return latest if latest.is_file() else None
-    if resume == "never":
+        found = latest if latest.is_file() else None
+    elif resume == "never":
         if latest.is_file():
             raise ConfigError(f"resume: {out} already holds checkpoints; use --resume auto, "
                               f"another --out, or delete {out} to start over")
+        found = None
+    else:
+        found = Path(resume)
+        if not found.is_file():
+            raise ConfigError(f"resume: checkpoint {found} not found")
+    if found is None and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.pt")):
+        raise ConfigError(f"resume: {ckpt_dir} holds checkpoints but --resume is {resume!r}")
+    return found
+
+
+def finished_summary(out: Path, fingerprint: str, total_steps: int) -> dict | None:
+    """``out/summary.json`` when it records a finished run of this configuration (same fingerprint and
+    step count), else None."""
+    path = out / "summary.json"
+    if not path.is_file():
         return None
-    p = Path(resume)
-    if not p.is_file():
-        raise ConfigError(f"resume: checkpoint {p} not found")
-    return p
+    done = read_json(path)
+    return done if done.get("fingerprint") == fingerprint and done.get("steps") == total_steps else None
 
 
 def check_resumable(ck, path: Path, *, fmt: int, fingerprint: str, semantic: dict, world_size: int,

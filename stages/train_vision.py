@@ -21,7 +21,7 @@ import torch
 from pipeline import distributed, pretrain, pretrain_data, train_state
 from pipeline import wds as wdsp
 from pipeline.checkpoints import save_encoder_files
-from pipeline.common import ConfigError, config_to_dict, fingerprint, read_json, save_config, write_json
+from pipeline.common import ConfigError, config_to_dict, fingerprint, save_config, write_json
 from pipeline.distributed import DistInfo, all_gather_object, any_rank, barrier, cleanup, init_distributed
 from pipeline.locks import output_lock
 from pipeline.options import check_fields, option
@@ -303,12 +303,11 @@ class _Trainer:
         self._setup_data()
         self._setup_model()
         self.fingerprint = fingerprint(semantic_config(cfg))
-        summary_path = self.out / "summary.json"
-        if summary_path.is_file() and cfg.resume == "auto":
-            done = read_json(summary_path)
-            if done.get("fingerprint") == self.fingerprint and done.get("steps") == self.total_steps:
-                log.info("%s already holds a finished run of this configuration; nothing to do", self.out)
-                return done
+        done = None if cfg.resume != "auto" else train_state.finished_summary(self.out, self.fingerprint,
+                                                                                self.total_steps)
+        if done is not None:
+            log.info("%s already holds a finished run of this configuration; nothing to do", self.out)
+            return done
         params_report = pretrain.parameter_report(self.trainable, self.text_params, self.text_model_id,
                                                   cfg.text_mode == "cache", dist.is_main)
         sample_aug, self.batch_aug, self.probe_aug = pretrain.make_augmenters(
@@ -317,8 +316,6 @@ class _Trainer:
         self.pos = pretrain_data.DataPos()
         step = 0
         resume = train_state.resume_path(cfg.resume, self.ckpt_dir, self.out)
-        if resume is None and self.ckpt_dir.is_dir() and any(self.ckpt_dir.glob("*.pt")):
-            raise ConfigError(f"resume: {self.ckpt_dir} holds checkpoints but --resume is {cfg.resume!r}")
         if resume is not None:
             step = self._restore(resume)
         if dist.is_main:
