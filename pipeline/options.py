@@ -24,7 +24,7 @@ import types
 import typing
 from typing import Any, Callable, Sequence
 
-from pipeline.common import ConfigError
+from pipeline.common import ConfigError, config_to_dict
 
 _KEY = "mflag_option"
 
@@ -47,14 +47,16 @@ class Option:
     repeat: bool = False
     metavar: str | None = None
     cli: bool = True
+    affects_result: bool = True
+    added_later: bool = False
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str, choices: Sequence[Any] | None = None,
            min: float | None = None, max: float | None = None, min_open: bool = False, max_open: bool = False,
            names: Sequence[str] = (), show_default: str | None = None, negatable: bool = True,
            exists: str | None = None, path: str | None = None, repeat: bool = False,
-           metavar: str | None = None, cli: bool = True,
-           default_factory: Callable[[], Any] | Any = dataclasses.MISSING) -> Any:
+           metavar: str | None = None, cli: bool = True, affects_result: bool = True,
+           added_later: bool = False, default_factory: Callable[[], Any] | Any = dataclasses.MISSING) -> Any:
     """A dataclass field that is also an option.
 
     ``help``: the one-line help (the default is appended by click). ``choices``: allowed values.
@@ -65,7 +67,11 @@ def option(default: Any = dataclasses.MISSING, *, help: str, choices: Sequence[A
     ``"file"`` or ``"any"``: click checks that the path exists. ``path``: ``"dir"`` or ``"file"``: a
     path that need not exist yet but, where it does, must be that kind (an output folder). ``repeat``:
     a list option given once per value (``--fraction 0.1 --fraction 1``) instead of comma-separated.
-    ``cli=False``: YAML/API only.
+    ``cli=False``: YAML/API only. ``affects_result=False``: the option changes how a run goes (where it
+    writes, how often it logs, which device) but not what it computes, so it stays out of the run's
+    fingerprint and a resumed run may change it. ``added_later``: an option added after runs were
+    made; at its default it stays out of the fingerprint, so those runs still resume and still count
+    as finished (:func:`result_config`).
 
     Bounds are checked by :func:`check_fields` alone (click only shows them in ``--help``), so a bad
     value gets the same one-line message on the command line (``error: --batch-size: must be >= 2,
@@ -74,7 +80,7 @@ def option(default: Any = dataclasses.MISSING, *, help: str, choices: Sequence[A
     meta = {_KEY: Option(help=help, choices=tuple(choices) if choices is not None else None, min=min, max=max,
                          min_open=min_open, max_open=max_open, names=tuple(names), show_default=show_default,
                          negatable=negatable, exists=exists, path=path, repeat=repeat, metavar=metavar,
-                         cli=cli)}
+                         cli=cli, affects_result=affects_result, added_later=added_later)}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -84,6 +90,17 @@ def options_of(cls) -> list[tuple[dataclasses.Field, Option, Any]]:
     """(field, Option, type hint) of every field of ``cls`` declared with :func:`option`, in order."""
     hints = typing.get_type_hints(cls)
     return [(f, f.metadata[_KEY], hints[f.name]) for f in dataclasses.fields(cls) if _KEY in f.metadata]
+
+
+def result_config(cfg: Any) -> dict:
+    """The fields of the config dataclass instance ``cfg`` that define what a run computes, as a dict
+    for its fingerprint: without the ``affects_result=False`` options and without ``added_later``
+    options left at their default (see :func:`option`)."""
+    d = config_to_dict(cfg)
+    for f, opt, _ in options_of(type(cfg)):
+        if not opt.affects_result or (opt.added_later and d.get(f.name) == f.default):
+            d.pop(f.name, None)
+    return d
 
 
 def _unwrap_optional(hint: Any) -> tuple[Any, bool]:

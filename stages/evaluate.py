@@ -37,7 +37,7 @@ from pipeline.distributed import resolve_device
 from pipeline.downstream.recipes import DET_HEAD_NAMES, NORMALIZE, PROTOCOLS, Recipe, resolve
 from pipeline.downstream.results import Encoders, ImageStore, append_markdown, checkpoint_sha256, clean_json, results
 from pipeline.locks import hold_output_lock
-from pipeline.options import check_fields, option
+from pipeline.options import check_fields, option, result_config
 from pipeline.tracking import REPORT_TO, Tracker, open_tracker
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,6 @@ DET_MODELS = DET_HEAD_NAMES
 # Output version of this stage: 3 added the protocols and the per-seed predictions files. Part of the
 # fingerprint of every run (and of `cli.py run`'s eval stages), so results of older code are redone.
 FORMAT_VERSION = 3
-# Settings that change neither the numbers a seed produces nor which seeds are valid to reuse.
-_NOT_FINGERPRINTED = ("seeds", "out", "device", "workers", "report_to")
 # Options that the resolved recipe stands for in the fingerprint: an explicit value equal to the
 # protocol's default is the same run.
 _IN_RECIPE = ("epochs", "patience", "lr", "batch_size", "weight_decay", "normalize", "det_model", "image_size")
@@ -66,8 +64,9 @@ class EvalConfig:
     dataset: str = option(choices=DATASETS, help="Downstream dataset (docs/DATASETS.md).")
     root: str = option(path="dir", help="Dataset folder in its published layout (docs/DATASETS.md says which "
                                         "folder for each dataset).")
-    out: str = option(path="dir", help="Run folder: results.json, results.md (appended), split/, seeds/ (with "
-                                       "predictions), config.json.")
+    out: str = option(path="dir", affects_result=False,
+                      help="Run folder: results.json, results.md (appended), split/, seeds/ (with predictions), "
+                           "config.json.")
     init: str = option(help="Encoder: random | imagenet | PATH (encoder.pt, encoder.safetensors or a published "
                             "baseline's checkpoint; files are read without running any code from them).")
     protocol: str = option("tool", choices=PROTOCOLS,
@@ -76,7 +75,7 @@ class EvalConfig:
     fraction: float = option(1.0, min=0, min_open=True, max=1,
                              help="Share of the training split used (e.g. 0.01, 0.1, 1.0): drawn per seed (tool) or "
                                   "once (mgca).")
-    seeds: tuple[int, ...] = option((0,), min=0, help="Comma-separated seeds, e.g. 0,1,2.")
+    seeds: tuple[int, ...] = option((0,), min=0, affects_result=False, help="Comma-separated seeds, e.g. 0,1,2.")
     finetune: bool = option(False, negatable=False, help="Train the encoder too (default: frozen encoder).")
     epochs: int | None = option(None, min=1, show_default="mgca 50; tool 100 for the cls linear probe on cached "
                                                           "features, 10 otherwise", help="Max epochs.")
@@ -93,8 +92,8 @@ class EvalConfig:
     split_file: str | None = option(None, exists="any",
                                     help="Reuse a split (split.json folder, JSON or CSV) instead of generating one.")
     split_seed: int = option(0, help="Seed of the generated split (shared by all seeds).")
-    device: str = option("auto", help="auto, cpu or cuda[:N].")
-    workers: int = option(0, min=0, help="DataLoader workers.")
+    device: str = option("auto", affects_result=False, help="auto, cpu or cuda[:N].")
+    workers: int = option(0, min=0, affects_result=False, help="DataLoader workers.")
     det_model: str | None = option(None, choices=DET_MODELS, show_default="mgca yolov3 (MGCA's), tool fasterrcnn",
                                    help="det: the detection head.")
     weight_decay: float | None = option(None, min=0, show_default="mgca 1e-6 (seg 0.05); tool 1e-4",
@@ -105,9 +104,8 @@ class EvalConfig:
     dataset_options: tuple[tuple[str, Any], ...] = option(
         (), names=("--dataset-option",),
         help="Reader option, repeatable (e.g. uncertainty=zeros, frontal_only=false, label_set=B).")
-    report_to: str = option("none", choices=REPORT_TO,
-                            help="Also send the per-epoch scalars to TensorBoard or W&B (OUT/tensorboard, "
-                                 "OUT/wandb).")
+    report_to: str = option("none", choices=REPORT_TO, affects_result=False,
+                            help="Also send the per-epoch scalars to TensorBoard or W&B (OUT/tensorboard, OUT/wandb).")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -292,8 +290,8 @@ def _write_fractions(fractions: dict, folder: Path, cfg: EvalConfig) -> dict:
 
 
 def _run_fingerprint(cfg: EvalConfig, recipe: Recipe, ckpt_hash: str | None, split_hash: str) -> str:
-    d = config_to_dict(cfg)
-    for k in _NOT_FINGERPRINTED + _IN_RECIPE:
+    d = result_config(cfg)  # without seeds, out, device, workers, report_to (affects_result=False)
+    for k in _IN_RECIPE:
         d.pop(k, None)
     if cfg.init not in ("random", "imagenet"):
         d["init"] = "file"  # the same weights under another path are the same run

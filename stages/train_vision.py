@@ -24,7 +24,7 @@ from pipeline.checkpoints import save_encoder_files
 from pipeline.common import ConfigError, config_to_dict, fingerprint, save_config, write_json
 from pipeline.distributed import DistInfo, all_gather_object, any_rank, barrier, cleanup, init_distributed
 from pipeline.locks import output_lock
-from pipeline.options import check_fields, option
+from pipeline.options import check_fields, option, result_config
 from pipeline.pretrain import BATCH_SEMANTICS
 from pipeline.textmodels import OnlineTextEncoder
 from pipeline.tracking import REPORT_TO, Tracker, append_metrics, open_tracker, trim_metrics
@@ -36,14 +36,6 @@ CKPT_FORMAT = 1
 # --pairs: the prepare splits trained on. "all" is what the original read: MGCA's master.csv holds every
 # split (its mimic_cxr.py keeps the split column and writes all rows), and M-FLAG's dataset reads every row.
 PAIRS = {"train": ("train",), "all": ("train", "validate", "test")}
-# Fields that do not change what is trained: a resumed run may change them.
-_NON_SEMANTIC = ("out", "resume", "log_every", "ckpt_every", "probe_every", "probe_size", "final_probe_size",
-                 "probe_shards", "keep_checkpoints", "compile", "threads", "report_to")
-# Options added after runs were made: at their default they stay out of the fingerprint, so runs made
-# before they existed still resume and still count as finished.
-_ADDED_WITH_DEFAULT = {"align_weight": 1.0}
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainVisionConfig:
     """Resolved options of one train-vision run (each field is the option of the same name,
@@ -51,7 +43,8 @@ class TrainVisionConfig:
 
     shards: str = option(help="prepare output folder, a folder of .tar shards, or webdataset URLs (brace ranges, "
                               "'::'-separated lists, pipe: commands).")
-    out: str = option(help="Output folder: encoder.pt, projector.pt, metrics.jsonl, checkpoints/.")
+    out: str = option(affects_result=False,
+                      help="Output folder: encoder.pt, projector.pt, metrics.jsonl, checkpoints/.")
     text_cache: str | None = option(None, help="Text-embedding cache folder (or its parent) from embed-text; "
                                                "required unless --text-mode online.")
     text_mode: str = option("cache", choices=("cache", "online"),
@@ -65,7 +58,7 @@ class TrainVisionConfig:
                                help="online mode: how the text encoder's output becomes one vector.")
     text_max_length: int = option(512, min=1, help="online mode: tokens per report, padded like the original.")
     probe_shards: str | None = option(None, show_default="validate-*.tar beside the training shards, else test-*.tar",
-                                      help="Held-out shards for the probes.")
+                                      affects_result=False, help="Held-out shards for the probes.")
     pairs: str = option("train", choices=tuple(PAIRS),
                         help="Which splits of a prepare output are trained on: train (validate/test stay held out for "
                              "the probes) or all (train+validate+test, as the original code read MIMIC).")
@@ -101,7 +94,8 @@ class TrainVisionConfig:
                                   help="Projection size.")
     hidden_dim: int = option(2048, min=1, help="Projector hidden size.")
     orth_weight: float = option(1.0, min=0, help="Weight of the orthogonality loss (0: alignment only).")
-    align_weight: float = option(1.0, min=0, help="Weight of the alignment loss (0: orthogonality only, an ablation).")
+    align_weight: float = option(1.0, min=0, added_later=True,
+                                 help="Weight of the alignment loss (0: orthogonality only, an ablation).")
     orth_lambda: float = option(0.0051, help="Off-diagonal weight.")
     orth_scope: str = option("global", choices=("local", "global"),
                              help="global: gather z over ranks so the loss does not depend on the GPU count.")
@@ -139,18 +133,23 @@ class TrainVisionConfig:
                                             "convolutions on CUDA).")
     sync_bn: bool = option(True, help="With several CUDA processes, BatchNorm statistics over the global batch "
                                       "(SyncBatchNorm).")
-    compile: bool = option(False, negatable=False, help="torch.compile the model.")
+    compile: bool = option(False, negatable=False, affects_result=False, help="torch.compile the model.")
     seed: int = option(0, min=0, help="Initialisation, data order and augmentation follow from it.")
-    log_every: int = option(10, min=1, help="Steps between metrics.jsonl lines.")
-    ckpt_every: int = option(500, min=1, help="Steps between checkpoints.")
-    probe_every: int = option(500, min=1, help="Steps between collapse probes on held-out images.")
-    probe_size: int = option(64, min=0, help="Held-out images in the cheap probe every --probe-every steps.")
-    final_probe_size: int = option(512, min=0, help="Held-out images (validate, then test shards) in the collapse "
-                                                    "diagnostic at the end.")
-    keep_checkpoints: int = option(2, min=0, help="Step checkpoints kept on disk (0: none once the run has finished).")
-    resume: str = option("auto", help="auto (OUT/checkpoints/latest.pt when present), never, or a checkpoint path.")
-    threads: int | None = option(None, min=1, help="torch CPU threads per process.")
-    report_to: str = option("none", choices=REPORT_TO,
+    log_every: int = option(10, min=1, affects_result=False, help="Steps between metrics.jsonl lines.")
+    ckpt_every: int = option(500, min=1, affects_result=False, help="Steps between checkpoints.")
+    probe_every: int = option(500, min=1, affects_result=False,
+                              help="Steps between collapse probes on held-out images.")
+    probe_size: int = option(64, min=0, affects_result=False,
+                             help="Held-out images in the cheap probe every --probe-every steps.")
+    final_probe_size: int = option(512, min=0, affects_result=False,
+                                   help="Held-out images (validate, then test shards) in the collapse diagnostic at "
+                                        "the end.")
+    keep_checkpoints: int = option(2, min=0, affects_result=False,
+                                   help="Step checkpoints kept on disk (0: none once the run has finished).")
+    resume: str = option("auto", affects_result=False,
+                         help="auto (OUT/checkpoints/latest.pt when present), never, or a checkpoint path.")
+    threads: int | None = option(None, min=1, affects_result=False, help="torch CPU threads per process.")
+    report_to: str = option("none", choices=REPORT_TO, affects_result=False,
                             help="Also send the metrics.jsonl scalars to TensorBoard (OUT/tensorboard) or W&B "
                                  "(OUT/wandb; WANDB_MODE=offline works without network). Needs the 'tracking' extra.")
 
@@ -190,13 +189,9 @@ class TrainVisionConfig:
 
 # --------------------------------------------------------------------------- helpers
 def semantic_config(cfg: TrainVisionConfig) -> dict:
-    """The config fields that define what is trained (a resumed run must match them)."""
-    d = config_to_dict(cfg)
-    for k in _NON_SEMANTIC:
-        d.pop(k, None)
-    for k, default in _ADDED_WITH_DEFAULT.items():
-        if d.get(k) == default:
-            d.pop(k)
+    """The config fields that define what is trained (a resumed run must match them): the options
+    declared ``affects_result=False`` and ``added_later`` ones at their default are left out."""
+    d = result_config(cfg)
     if str(d.get("device", "")).startswith("cuda:"):
         d["device"] = "cuda"  # which GPU does not change what is trained: resume on another one
     return d
