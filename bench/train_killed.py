@@ -13,19 +13,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cli  # noqa: E402
-from stages import train_vision  # noqa: E402
+from pipeline import train_state  # noqa: E402
 
 
 def main() -> None:
     kill_at = f"step-{int(sys.argv[1]):08d}.pt"
-    save = train_vision.save_checkpoint
+    save = train_state.save_checkpoint
 
     def save_or_die(path, payload):
         if Path(path).name == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         save(path, payload)
 
-    train_vision.save_checkpoint = save_or_die
+    train_state.save_checkpoint = save_or_die
     sys.argv = ["mflag", *sys.argv[2:]]  # ARGS start with the command, train-vision
     cli.main()
 
