@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.common import ConfigError
+from pipeline.options import check_device
 
 # A gloo process group beside NCCL for flags that live on the host (see any_rank); None otherwise.
 _HOST_GROUP = None
@@ -47,8 +48,7 @@ def resolve_device(device: str = "auto", local_rank: int = 0, world_size: int = 
         if not torch.cuda.is_available():
             return "cpu"
         device = "cuda"
-    if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
-        raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+    check_device("device", device)
     if not torch.cuda.is_available():
         raise ConfigError(f"device: {device} requested but CUDA is not available (torch {torch.__version__}, "
                           f"built for CUDA {torch.version.cuda or 'none'}); use --device cpu")

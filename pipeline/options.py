@@ -49,6 +49,7 @@ class Option:
     cli: bool = True
     affects_result: bool = True
     added_later: bool = False
+    device: bool = False
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str, choices: Sequence[Any] | None = None,
@@ -56,7 +57,8 @@ def option(default: Any = dataclasses.MISSING, *, help: str, choices: Sequence[A
            names: Sequence[str] = (), show_default: str | None = None, negatable: bool = True,
            exists: str | None = None, path: str | None = None, repeat: bool = False,
            metavar: str | None = None, cli: bool = True, affects_result: bool = True,
-           added_later: bool = False, default_factory: Callable[[], Any] | Any = dataclasses.MISSING) -> Any:
+           added_later: bool = False, device: bool = False,
+           default_factory: Callable[[], Any] | Any = dataclasses.MISSING) -> Any:
     """A dataclass field that is also an option.
 
     ``help``: the one-line help (the default is appended by click). ``choices``: allowed values.
@@ -71,7 +73,9 @@ def option(default: Any = dataclasses.MISSING, *, help: str, choices: Sequence[A
     writes, how often it logs, which device) but not what it computes, so it stays out of the run's
     fingerprint and a resumed run may change it. ``added_later``: an option added after runs were
     made; at its default it stays out of the fingerprint, so those runs still resume and still count
-    as finished (:func:`result_config`).
+    as finished (:func:`result_config`). ``device``: the value names a compute device (auto, cpu, cuda
+    or cuda:N, :func:`check_device`); which GPU does not enter the fingerprint (``cuda:1`` counts as
+    ``cuda``), so a run may resume on another one.
 
     Bounds are checked by :func:`check_fields` alone (click only shows them in ``--help``), so a bad
     value gets the same one-line message on the command line (``error: --batch-size: must be >= 2,
@@ -80,7 +84,7 @@ def option(default: Any = dataclasses.MISSING, *, help: str, choices: Sequence[A
     meta = {_KEY: Option(help=help, choices=tuple(choices) if choices is not None else None, min=min, max=max,
                          min_open=min_open, max_open=max_open, names=tuple(names), show_default=show_default,
                          negatable=negatable, exists=exists, path=path, repeat=repeat, metavar=metavar,
-                         cli=cli, affects_result=affects_result, added_later=added_later)}
+                         cli=cli, affects_result=affects_result, added_later=added_later, device=device)}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -100,7 +104,16 @@ def result_config(cfg: Any) -> dict:
     for f, opt, _ in options_of(type(cfg)):
         if not opt.affects_result or (opt.added_later and d.get(f.name) == f.default):
             d.pop(f.name, None)
+        elif opt.device and str(d.get(f.name)).startswith("cuda:"):
+            d[f.name] = "cuda"  # which GPU does not change what is computed
     return d
+
+
+def check_device(name: str, value: str) -> None:
+    """The one spelling check of a device option: auto, cpu, cuda or cuda:N (``name``: the field, for the
+    error). Whether that device exists is ``pipeline.distributed.resolve_device``'s to say."""
+    if not (value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit())):
+        raise ConfigError(f"{name}: expected auto, cpu, cuda or cuda:N, got {value!r}")
 
 
 def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
@@ -145,6 +158,8 @@ def check_fields(cfg: Any) -> None:
         if opt.min is not None or opt.max is not None:
             for v in (value if typing.get_origin(base) is tuple else (value,)):
                 _check_bounds(f.name, v, opt)
+        if opt.device:
+            check_device(f.name, value)
 
 
 def _check_type(name: str, value: Any, hint: Any) -> None:

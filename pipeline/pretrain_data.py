@@ -2,21 +2,23 @@
 
 ``open_train_data`` resolves the training shards, the batch per process and the steps per epoch, and
 checks that there are enough shards for every loader process. ``open_targets`` opens what images are
-joined to by study_id (the text cache, or the report texts in online mode) and ``check_targets_cover``
-fails early when the two come from different prepare outputs. ``DataPos`` is where a rank's stream
-stands (per logical worker: raw samples consumed) with its bad-sample counters; it goes into every
-checkpoint, so a resumed run skips exactly what it had read. ``load_probe_set`` reads the held-out
-images the probes embed.
+joined to by study_id (the text cache, or the report texts and the text encoder in online mode) and
+fails early when they come from another prepare output than the shards. ``DataPos`` is where a rank's
+stream stands (per logical worker: raw samples consumed) with its bad-sample counters; it goes into
+every checkpoint, so a resumed run skips exactly what it had read; ``stream`` yields the batches from
+there on, across epochs. ``load_probe_set`` reads the held-out images the probes embed.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from pathlib import Path
+from typing import Iterator
 
 from pipeline import wds as wdsp
 from pipeline.common import ConfigError
-from pipeline.distributed import DistInfo
+from pipeline.distributed import DistInfo, any_rank
 from pipeline.pretrain import batch_per_rank
 
 log = logging.getLogger(__name__)
@@ -66,19 +68,24 @@ def open_train_data(shards: str, splits: tuple[str, ...], *, num_samples: int | 
 
 @dataclasses.dataclass(frozen=True)
 class Targets:
-    """What images are joined to: ``targets`` (``wds.CacheTargets`` or ``wds.ReportTexts``), the open
-    cache (None online), the text dimension (None until an online model is loaded), the text encoder's
-    parameter count if known, and its model id."""
+    """What images are joined to: ``targets`` (``wds.CacheTargets`` or ``wds.ReportTexts``), the online
+    text encoder (``textmodels.OnlineTextEncoder``; None with a cache), the text dimension, the text
+    encoder's parameter count if known, and its model id."""
 
     targets: object
-    cache: object | None
-    text_dim: int | None
+    encoder: object | None
+    text_dim: int
     text_params: int | None
     text_model_id: str
 
 
-def open_targets(text_mode: str, text_cache: str | None, reports: str | None, text_model: str | None,
+def open_targets(text_mode: str, urls: list[str], *, text_cache: str | None, reports: str | None,
+                 text_model: str | None, max_length: int, pooling: str, unfreeze_last: int | str,
                  is_main: bool) -> Targets:
+    """The text cache (``text_mode`` "cache"), or the report texts and the text encoder loaded as
+    embed-text loads it (``pipeline.textmodels``; "online": ``max_length`` tokens, ``pooling``, the
+    last ``unfreeze_last`` layers trainable). Fails before loading a model when the first samples of
+    the training shards ``urls`` have no target (:func:`check_targets_cover`)."""
     if text_mode == "cache":
         from cache import TextEmbeddingCache
 
@@ -87,9 +94,16 @@ def open_targets(text_mode: str, text_cache: str | None, reports: str | None, te
             log.info("text cache %s: %d reports, dim %d", cache.path, len(cache), cache.dim)
             for k in sorted(cache.attrs):
                 log.debug("  cache attr %s = %s", k, cache.attrs[k])
-        return Targets(wdsp.CacheTargets(str(cache.path)), cache, cache.dim, cache.attrs.get("text_encoder_params"),
+        targets = wdsp.CacheTargets(str(cache.path))
+        check_targets_cover(urls, targets, f"text cache {text_cache}", is_main)
+        return Targets(targets, None, cache.dim, cache.attrs.get("text_encoder_params"),
                        cache.attrs.get("model_id", "?"))
-    return Targets(wdsp.ReportTexts(wdsp.read_reports(reports)), None, None, None, text_model)
+    from pipeline.textmodels import OnlineTextEncoder
+
+    targets = wdsp.ReportTexts(wdsp.read_reports(reports))
+    check_targets_cover(urls, targets, f"reports {reports}", is_main)
+    text = OnlineTextEncoder.from_pretrained(text_model, max_length, pooling, unfreeze_last)
+    return Targets(targets, text, text.dim, sum(p.numel() for p in text.encoder.parameters()), text_model)
 
 
 def check_targets_cover(urls: list[str], targets, source: str, is_main: bool) -> None:
@@ -197,11 +211,41 @@ def epoch_loader(train: wdsp.ShardSet, targets, pos: DataPos, *, seed: int, dist
     return wdsp.make_loader(pipe, num_workers, pin_memory=pin_memory)
 
 
+def stream(train: wdsp.ShardSet, targets, pos: DataPos, *, steps: int, steps_per_epoch: int, window: dict,
+           max_bad_fraction: float, dist: DistInfo, **loader) -> Iterator[dict]:
+    """The next ``steps`` batches of this rank from where ``pos`` stands, each folded into ``pos`` (its
+    counters, and one more ``step_in_epoch``) before it is yielded. At an epoch's end the bad samples
+    are judged (:meth:`DataPos.check_bad`) and the next epoch's loader starts (:func:`epoch_loader`, with
+    ``loader`` its options); seconds spent waiting for a batch add to ``window["wait"]``, and a data error
+    on any rank stops every rank. Close the generator (``contextlib.closing``) to stop the loader's workers early."""
+    while steps > 0:
+        if pos.step_in_epoch >= steps_per_epoch:
+            pos.check_bad(True, bool(train.sizes), max_bad_fraction, dist.rank)
+            pos.epoch, pos.step_in_epoch, pos.workers = pos.epoch + 1, 0, {}
+        it = iter(epoch_loader(train, targets, pos, dist=dist, **loader))
+        try:
+            while pos.step_in_epoch < steps_per_epoch and steps > 0:
+                t0 = time.perf_counter()
+                batch = next(it)
+                window["wait"] += time.perf_counter() - t0
+                error = pos.account(batch)
+                if any_rank(error is not None, dist):
+                    raise wdsp.DataError(error or "another rank stopped on a data error")
+                pos.step_in_epoch += 1
+                steps -= 1
+                yield batch
+        finally:
+            del it  # the loader's worker processes stop with it
+
+
 def load_probe_set(train: wdsp.ShardSet, targets, *, probe_shards: str | None, want: int, image_size: int,
-                   pairs: str, probe_size: int, probe_every: int) -> tuple[dict | None, bool | None]:
+                   pairs: str, probe_size: int, probe_every: int, is_main: bool) -> tuple[dict | None, bool | None]:
     """``(probe set or None, whether it is held out)``: the first ``want`` usable images of
     ``probe_shards``, else of the validate then test shards beside ``train`` (pre-training never reads
-    either), with one report per study; each image is matched to its own study's report."""
+    either), with one report per study; each image is matched to its own study's report. Rank 0 alone
+    probes: elsewhere, and when ``want`` < 2, ``(None, None)``."""
+    if not is_main or want < 2:
+        return None, None
     if probe_shards:
         urls = list(wdsp.resolve_shards(probe_shards, "validate").urls)
     else:

@@ -171,6 +171,27 @@ def plan(nodes: list[Node], force: tuple[str, ...] = (), from_stage: str | None 
     return by_name, out
 
 
+def explain(nodes: list[Node], force: tuple[str, ...] = (), from_stage: str | None = None) -> list[NodeStatus]:
+    """Each node's status as :func:`execute` with the same ``force``/``from_stage`` would act on it: a
+    node whose own record matches but that runs because something upstream runs is "stale", naming the
+    first such upstream node; one that runs only because ``force``/``from_stage`` names it is "forced"."""
+    _, steps = plan(nodes, force, from_stage)
+    out, rerun = [], {}
+    for node, st, will in steps:
+        if will and st.state == "fresh":
+            up = next((d for d in node.deps if d in rerun), None)
+            if up is not None:
+                st = NodeStatus(node.name, "stale", f"upstream {up} is {rerun[up]}", st.fingerprint)
+            else:
+                how = [f"--force {' '.join(force)}"] if force else []
+                how += [f"--from {from_stage}"] if from_stage else []
+                st = NodeStatus(node.name, "forced", " ".join(how), st.fingerprint)
+        if will:
+            rerun[node.name] = st.state
+        out.append(st)
+    return out
+
+
 def execute(nodes: list[Node], force: tuple[str, ...] = (), from_stage: str | None = None,
             log=None) -> list[dict[str, Any]]:
     """Run what ``plan`` says must run, in order; record each completion in its stage.json."""

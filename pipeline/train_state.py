@@ -15,6 +15,7 @@ state made a resume on fewer visible GPUs fail, and asking for them initialised 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import random
 import shutil
@@ -25,9 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.common import ConfigError, MflagError, atomic_path, read_json
+from pipeline.common import ConfigError, MflagError, atomic_path, read_json, write_json
 from pipeline.distributed import DistInfo, all_gather_object, barrier
 from pipeline.safeload import safe_load
+
+log = logging.getLogger(__name__)
 
 
 class TrainingError(MflagError):
@@ -148,6 +151,25 @@ def check_resumable(ck, path: Path, *, fmt: int, fingerprint: str, semantic: dic
                           f"now have {text_dim}")
 
 
+def write_finished_run(out: Path, vision: nn.Module, summary: dict, spectrum: dict | None, *, text_head: str,
+                       text_dim: int, hidden_dim: int, drop_checkpoints: bool) -> None:
+    """What a finished run leaves in ``out``, each file written atomically: the encoder and projector
+    files (``checkpoints.save_encoder_files``), ``spectrum.json`` (the final probe's centred and
+    uncentred singular values of zv and za with N, D and effective ranks; ``pipeline.probes.spectrum``)
+    and ``summary.json`` last, which marks the run finished (:func:`finished_summary`). With
+    ``drop_checkpoints`` the multi-100 MB resume points go."""
+    from pipeline.checkpoints import save_encoder_files
+
+    if len(set(summary["param_checksum_per_rank"])) > 1:
+        log.error("ranks ended with different weights: %s", summary["param_checksum_per_rank"])
+    save_encoder_files(out, vision, text_head, text_dim, hidden_dim)
+    if spectrum is not None:
+        write_json(out / "spectrum.json", {"step": summary["steps"], "n_images": spectrum["zv"]["n"], **spectrum})
+    write_json(out / "summary.json", summary)
+    if drop_checkpoints and (out / "checkpoints").is_dir():
+        shutil.rmtree(out / "checkpoints")
+
+
 def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
     """Delete all but the newest ``max(1, keep)`` ``step-*.pt`` (``latest.pt`` is a link that survives)."""
     for p in sorted(ckpt_dir.glob("step-*.pt"))[:-max(1, keep)]:
@@ -182,6 +204,14 @@ class Resumable:
             prune_checkpoints(path.parent, keep)
         barrier(dist)
         return path
+
+    def resume(self, path: Path, rank: int, **expect) -> tuple[int, dict]:
+        """Read the checkpoint ``path`` (restricted loader), refuse it unless this run can continue it
+        exactly (:func:`check_resumable` with ``expect``) and load it; returns its step and this rank's
+        data state."""
+        ck = load_checkpoint(path, TrainingError)
+        check_resumable(ck, path, **expect)
+        return int(ck["step"]), self.restore(ck, path, rank)
 
     def restore(self, ck: dict, path: Path, rank: int) -> dict:
         """Load ``ck`` (read from ``path`` and checked by :func:`check_resumable`) into the objects;

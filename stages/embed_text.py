@@ -52,7 +52,7 @@ class EmbedTextConfig:
                           help="cls = last_hidden_state[:, 0]; proj = CXR-BERT-specialized projection head.")
     max_length: int = option(512, min=2, max=65536, help="Tokens per report (truncation counted).")
     dtype: str = option("auto", choices=DTYPES, help="Compute dtype; auto = fp16 on CUDA, fp32 on CPU.")
-    device: str = option("auto", help="auto, cpu, cuda or cuda:N.")
+    device: str = option("auto", device=True, help="auto, cpu, cuda or cuda:N.")
     token_budget: int | None = option(None, min=1, show_default="8192 CPU, 65536 CUDA",
                                       help="Padded tokens per batch.")
     store_dtype: str = option("float16", choices=STORE_DTYPES,
@@ -70,8 +70,6 @@ class EmbedTextConfig:
         object.__setattr__(self, "reports", str(self.reports))
         object.__setattr__(self, "out", str(self.out))
         check_fields(self)
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"device: must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if not self.part < self.num_parts:
             raise ConfigError(f"part: must be in [0, {self.num_parts - 1}], got {self.part}")
         if not self.key_column or not self.text_column:

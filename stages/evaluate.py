@@ -92,7 +92,7 @@ class EvalConfig:
     split_file: str | None = option(None, exists="any",
                                     help="Reuse a split (split.json folder, JSON or CSV) instead of generating one.")
     split_seed: int = option(0, help="Seed of the generated split (shared by all seeds).")
-    device: str = option("auto", affects_result=False, help="auto, cpu or cuda[:N].")
+    device: str = option("auto", affects_result=False, device=True, help="auto, cpu, cuda or cuda:N.")
     workers: int = option(0, min=0, affects_result=False, help="DataLoader workers.")
     det_model: str | None = option(None, choices=DET_MODELS, show_default="mgca yolov3 (MGCA's), tool fasterrcnn",
                                    help="det: the detection head.")
@@ -134,8 +134,6 @@ class EvalConfig:
             raise ConfigError(f"image_size: the U-Net needs a multiple of 32 for seg, got {self.image_size}")
         if self.task == "det" and self.image_size % 32 and self.recipe().head == "yolov3":
             raise ConfigError(f"image_size: the YOLOv3 head needs a multiple of 32, got {self.image_size}")
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ConfigError(f"device: expected auto, cpu or cuda[:N], got {self.device!r}")
         if self.split_file is not None and not Path(self.split_file).exists():
             raise ConfigError(f"split_file: {self.split_file} does not exist")
         if self.init not in ("random", "imagenet") and not Path(self.init).expanduser().is_file():

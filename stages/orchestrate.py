@@ -42,7 +42,7 @@ from pipeline.pipeline_spec import (
     tuples,
     validate,
 )
-from pipeline.stagegraph import Node, NodeStatus, execute, plan
+from pipeline.stagegraph import Node, NodeStatus, execute, explain
 
 # load_spec is re-exported: tests and cli.py use it from here.
 __all__ = ["RunConfig", "RunResult", "build_nodes", "load_spec", "run", "status"]
@@ -178,8 +178,7 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
     for ds, opts in mapping("downstream.synth", down.get("synth")).items():
         if ds not in synth_datasets:
             raise MflagError(f"downstream.synth: unknown dataset {ds!r}; one of {', '.join(synth_datasets)}")
-        writer = WRITERS[ds.replace("-", "_") if ds.replace("-", "_") in WRITERS else ds]
-        opts = check_call(f"downstream.synth.{ds}", mapping(f"downstream.synth.{ds}", opts), writer)
+        opts = check_call(f"downstream.synth.{ds}", mapping(f"downstream.synth.{ds}", opts), WRITERS[ds])
         nodes.append(Node(f"synth:{ds}", work / "data" / ds, {"dataset": ds, **opts}, (), _run_synth_down))
         roots[ds] = f"@synth:{ds}"
     for ds, root in mapping("downstream.roots", down.get("roots")).items():
@@ -275,8 +274,7 @@ def _run_synth_down(node: Node, by_name) -> None:
 
     p = dict(node.params)
     ds = p.pop("dataset")
-    WRITERS[ds.replace("-", "_") if ds.replace("-", "_") in WRITERS else ds](
-        node.out_dir, n=int(p.pop("n", 200)), seed=int(p.pop("seed", 0)), **p)
+    WRITERS[ds](node.out_dir, n=int(p.pop("n", 200)), seed=int(p.pop("seed", 0)), **p)
 
 
 def _run_prepare(node: Node, by_name) -> None:
@@ -284,8 +282,7 @@ def _run_prepare(node: Node, by_name) -> None:
 
     p = dict(node.params)
     cfg = prepare.PrepareConfig(root=resolve(p.pop("root"), by_name), reports=p.pop("reports"),
-                                out=str(node.out_dir),
-                                force=False, **tuples(p))
+                                out=str(node.out_dir), force=False, **tuples(p))
     prepare.run(cfg)
 
 
@@ -387,25 +384,7 @@ def run(cfg: RunConfig) -> RunResult:
 
 
 def status(cfg: RunConfig) -> list[NodeStatus]:
-    """Each stage as fresh, stale, missing or forced, with the reason; changes nothing on disk.
-
-    It answers what ``run`` with the same ``force``/``from_stage`` would do: a stage whose own record
-    matches but that would run because something upstream runs is reported stale, naming the first
-    such upstream stage; one that runs only because ``force``/``from_stage`` names it is "forced".
-    """
+    """Each stage as fresh, stale, missing or forced, with the reason (``pipeline.stagegraph.explain``:
+    what ``run`` with the same ``force``/``from_stage`` would do); changes nothing on disk."""
     _, nodes = _plan_nodes(cfg)
-    _, steps = plan(nodes, cfg.force, cfg.from_stage)
-    out, rerun = [], {}
-    for node, st, will in steps:
-        if will and st.state == "fresh":
-            up = next((d for d in node.deps if d in rerun), None)
-            if up is not None:
-                st = NodeStatus(node.name, "stale", f"upstream {up} is {rerun[up]}", st.fingerprint)
-            else:
-                how = ([f"--force {' '.join(cfg.force)}"] if cfg.force else []) + \
-                    ([f"--from {cfg.from_stage}"] if cfg.from_stage else [])
-                st = NodeStatus(node.name, "forced", " ".join(how), st.fingerprint)
-        if will:
-            rerun[node.name] = st.state
-        out.append(st)
-    return out
+    return explain(nodes, cfg.force, cfg.from_stage)

@@ -10,25 +10,21 @@ docs/RECIPES.md how the options express the original run.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from pipeline import distributed, pretrain, pretrain_data, train_state
-from pipeline import wds as wdsp
-from pipeline.checkpoints import save_encoder_files
-from pipeline.common import ConfigError, config_to_dict, fingerprint, save_config, write_json
-from pipeline.distributed import DistInfo, all_gather_object, any_rank, barrier, cleanup, init_distributed
+from pipeline.common import ConfigError, config_to_dict, fingerprint, save_config
+from pipeline.distributed import DistInfo, all_gather_object, barrier, cleanup, init_distributed
 from pipeline.locks import output_lock
 from pipeline.options import check_fields, option, result_config
 from pipeline.pretrain import BATCH_SEMANTICS
-from pipeline.textmodels import OnlineTextEncoder
 from pipeline.tracking import REPORT_TO, Tracker, append_metrics, open_tracker, trim_metrics
-from pipeline.train_state import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +123,8 @@ class TrainVisionConfig:
     grad_clip: float | None = option(None, min=0, min_open=True, help="Clip the global grad norm to this value.")
     precision: str = option("auto", choices=("auto", "bf16", "fp16", "fp32"),
                             help="auto: bf16 on CUDA, fp32 on CPU; losses always in fp32.")
-    device: str = option("auto", help="auto, cpu, cuda or cuda:N (one process; under torchrun each rank uses its "
-                                      "LOCAL_RANK GPU, or its only visible GPU).")
+    device: str = option("auto", device=True, help="auto, cpu, cuda or cuda:N (one process; under torchrun each "
+                                                   "rank uses its LOCAL_RANK GPU, or its only visible GPU).")
     channels_last: bool = option(True, help="Run the ResNet trunk in the channels-last memory format (faster "
                                             "convolutions on CUDA).")
     sync_bn: bool = option(True, help="With several CUDA processes, BatchNorm statistics over the global batch "
@@ -161,17 +157,13 @@ class TrainVisionConfig:
         if isinstance(self.unfreeze_last, str) and self.unfreeze_last.strip().isdigit():
             object.__setattr__(self, "unfreeze_last", int(self.unfreeze_last))
         check_fields(self)
-        need(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")
-                                                         and self.device[5:].isdigit()),
-             "device", f"expected auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.text_mode == "cache":
             need(bool(self.text_cache), "text_cache", "required with text_mode 'cache'")
         else:
             need(bool(self.text_model), "text_model", "required with text_mode 'online'")
             need(bool(self.reports), "reports", "required with text_mode 'online' (report texts by study_id)")
-        need(self.unfreeze_last == "all" or (isinstance(self.unfreeze_last, int)
-                                             and not isinstance(self.unfreeze_last, bool)),
-             "unfreeze_last", f"expected a number of layers or 'all', got {self.unfreeze_last!r}")
+        need(self.unfreeze_last == "all" or type(self.unfreeze_last) is int, "unfreeze_last",
+             f"expected a number of layers or 'all', got {self.unfreeze_last!r}")
         need(self.crop_size <= self.image_size, "crop_size",
              f"must be <= image_size ({self.image_size}), got {self.crop_size}")
         need(self.unfreeze_last == "all" or self.unfreeze_last >= 0, "unfreeze_last",
@@ -185,16 +177,6 @@ class TrainVisionConfig:
              "give either restart_every (steps) or restart_period 'original' (the original's T_0 formula), not both")
         need(self.unfreeze_last == 0 or self.text_mode == "online", "unfreeze_last",
              "only with text_mode 'online' (the cached mode has no text model to train)")
-
-
-# --------------------------------------------------------------------------- helpers
-def semantic_config(cfg: TrainVisionConfig) -> dict:
-    """The config fields that define what is trained (a resumed run must match them): the options
-    declared ``affects_result=False`` and ``added_later`` ones at their default are left out."""
-    d = result_config(cfg)
-    if str(d.get("device", "")).startswith("cuda:"):
-        d["device"] = "cuda"  # which GPU does not change what is trained: resume on another one
-    return d
 
 
 # --------------------------------------------------------------------------- the run
@@ -238,24 +220,17 @@ class _Trainer:
         self.train, self.num_samples, self.steps_per_epoch, self.total_steps = (d.train, d.num_samples,
                                                                                 d.steps_per_epoch, d.total_steps)
         self.local_batch, self.global_batch = d.local_batch, d.global_batch
-        t = pretrain_data.open_targets(cfg.text_mode, cfg.text_cache, cfg.reports, cfg.text_model, dist.is_main)
-        self.targets, self.cache, self.text_model_id = t.targets, t.cache, t.text_model_id
-        self.text_dim, self.text_params = t.text_dim, t.text_params  # online: known once the model is loaded
-        source = f"text cache {cfg.text_cache}" if cfg.text_mode == "cache" else f"reports {cfg.reports}"
-        pretrain_data.check_targets_cover(list(self.train.urls), self.targets, source, dist.is_main)
+        self.text = pretrain_data.open_targets(
+            cfg.text_mode, list(self.train.urls), text_cache=cfg.text_cache, reports=cfg.reports,
+            text_model=cfg.text_model, max_length=cfg.text_max_length, pooling=cfg.text_pooling,
+            unfreeze_last=cfg.unfreeze_last, is_main=dist.is_main)
 
     def _setup_model(self) -> None:
         cfg = self.cfg
         from pipeline.models import count_parameters
 
-        text = None
-        if cfg.text_mode == "online":
-            text = OnlineTextEncoder.from_pretrained(cfg.text_model, cfg.text_max_length, cfg.text_pooling,
-                                                     cfg.unfreeze_last)
-            self.text_dim = text.dim
-            self.text_params = sum(p.numel() for p in text.encoder.parameters())
         self.module = pretrain.build_train_module(
-            self.text_dim, text, proj_dim=cfg.proj_dim, text_head=cfg.text_head, init=cfg.init,
+            self.text.text_dim, self.text.encoder, proj_dim=cfg.proj_dim, text_head=cfg.text_head, init=cfg.init,
             hidden_dim=cfg.hidden_dim, seed=cfg.seed, sync_bn=cfg.sync_bn, channels_last=cfg.channels_last,
             dist=self.dist, device=self.device, local_batch=self.local_batch)
         self.trainable = count_parameters(self.module)
@@ -276,19 +251,18 @@ class _Trainer:
 
     # ------------------------------------------------------------------ resume
     def _restore(self, path: Path) -> int:
-        ck = train_state.load_checkpoint(path, TrainingError)
-        train_state.check_resumable(ck, path, fmt=CKPT_FORMAT, fingerprint=self.fingerprint,
-                                    semantic=semantic_config(self.cfg), world_size=self.dist.world_size,
-                                    text_dim=self.text_dim, out=self.out)
-        self.pos = pretrain_data.DataPos.from_state(self.state.restore(ck, path, self.dist.rank))
-        log.info("resumed from %s at step %d (epoch %d, step %d of %d)", path, ck["step"], self.pos.epoch,
+        step, data = self.state.resume(path, self.dist.rank, fmt=CKPT_FORMAT, fingerprint=self.fingerprint,
+                                       semantic=result_config(self.cfg), world_size=self.dist.world_size,
+                                       text_dim=self.text.text_dim, out=self.out)
+        self.pos = pretrain_data.DataPos.from_state(data)
+        log.info("resumed from %s at step %d (epoch %d, step %d of %d)", path, step, self.pos.epoch,
                  self.pos.step_in_epoch, self.steps_per_epoch)
-        return int(ck["step"])
+        return step
 
     def _checkpoint(self, step: int, final: bool = False) -> Path:
         meta = {"format": CKPT_FORMAT, "step": step, "epoch": self.pos.epoch, "final": final,
-                "config": config_to_dict(self.cfg), "semantic_config": semantic_config(self.cfg),
-                "fingerprint": self.fingerprint, "text_dim": self.text_dim}
+                "config": config_to_dict(self.cfg), "semantic_config": result_config(self.cfg),
+                "fingerprint": self.fingerprint, "text_dim": self.text.text_dim}
         return self.state.save(self.ckpt_dir / f"step-{step:08d}.pt", self.dist, data_state=self.pos.state(),
                                meta=meta, keep=self.cfg.keep_checkpoints)
 
@@ -297,22 +271,20 @@ class _Trainer:
         cfg, dist = self.cfg, self.dist
         self._setup_data()
         self._setup_model()
-        self.fingerprint = fingerprint(semantic_config(cfg))
+        self.fingerprint = fingerprint(result_config(cfg))
         done = None if cfg.resume != "auto" else train_state.finished_summary(self.out, self.fingerprint,
                                                                                 self.total_steps)
         if done is not None:
             log.info("%s already holds a finished run of this configuration; nothing to do", self.out)
             return done
-        params_report = pretrain.parameter_report(self.trainable, self.text_params, self.text_model_id,
+        params_report = pretrain.parameter_report(self.trainable, self.text.text_params, self.text.text_model_id,
                                                   cfg.text_mode == "cache", dist.is_main)
         sample_aug, self.batch_aug, self.probe_aug = pretrain.make_augmenters(
             cfg.aug, cfg.aug_device, cfg.crop_size, cfg.seed, dist.device, dist.rank)
         self.state = train_state.Resumable(self.module, self.optimizer, self.scheduler, self.scaler, self.batch_aug)
         self.pos = pretrain_data.DataPos()
-        step = 0
         resume = train_state.resume_path(cfg.resume, self.ckpt_dir, self.out)
-        if resume is not None:
-            step = self._restore(resume)
+        step = self._restore(resume) if resume is not None else 0
         if dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out, fingerprint=self.fingerprint, steps_per_epoch=self.steps_per_epoch,
@@ -330,13 +302,11 @@ class _Trainer:
     def _fit(self, step: int, resume: Path | None, params_report: dict, sample_aug) -> dict:
         cfg, dist = self.cfg, self.dist
         train_module = pretrain.wrap_for_training(self.module, dist, self.device, cfg.compile)
-        want = max(cfg.probe_size, cfg.final_probe_size)
-        probe, self.probe_held_out = None, None
         # the first probe_size images every probe_every steps, the first final_probe_size at the end
-        if dist.is_main and want >= 2:
-            probe, self.probe_held_out = pretrain_data.load_probe_set(
-                self.train, self.targets, probe_shards=cfg.probe_shards, want=want, image_size=cfg.image_size,
-                pairs=cfg.pairs, probe_size=cfg.probe_size, probe_every=cfg.probe_every)
+        probe, self.probe_held_out = pretrain_data.load_probe_set(
+            self.train, self.text.targets, probe_shards=cfg.probe_shards, image_size=cfg.image_size, pairs=cfg.pairs,
+            want=max(cfg.probe_size, cfg.final_probe_size), probe_size=cfg.probe_size, probe_every=cfg.probe_every,
+            is_main=dist.is_main)
         log.info("training %d steps (%d per epoch of %d samples), global batch %d (%d per rank x %d), "
                  "precision %s, device %s%s", self.total_steps, self.steps_per_epoch, self.num_samples,
                  self.global_batch, self.local_batch, dist.world_size, self.precision, dist.device,
@@ -346,59 +316,47 @@ class _Trainer:
         window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
         last_probe: dict = {}
         self.module.train()
-        while step < self.total_steps:
-            if self.pos.step_in_epoch >= self.steps_per_epoch:
-                self._check_bad(final=True)
-                self.pos = dataclasses.replace(self.pos, epoch=self.pos.epoch + 1, step_in_epoch=0, workers={})
-            loader = pretrain_data.epoch_loader(
-                self.train, self.targets, self.pos, seed=cfg.seed, dist=dist, num_workers=cfg.num_workers,
-                batch=self.local_batch, image_size=cfg.image_size, on_missing=cfg.on_missing,
-                shuffle_buffer=cfg.shuffle_buffer, sample_aug=sample_aug, pin_memory=self.device.type == "cuda")
-            it = iter(loader)
-            try:
-                while self.pos.step_in_epoch < self.steps_per_epoch and step < self.total_steps:
-                    t0 = time.perf_counter()
-                    batch = next(it)
-                    window["wait"] += time.perf_counter() - t0
-                    error = self.pos.account(batch)
-                    if any_rank(error is not None, dist):
-                        raise wdsp.DataError(error or "another rank stopped on a data error")
-                    images, target = pretrain.batch_inputs(batch, self.batch_aug, self.module.text, self.device,
-                                                           cfg.channels_last)
-                    log_now = (step + 1) % cfg.log_every == 0 or step + 1 == self.total_steps
-                    out = pretrain.train_step(train_module, self.optimizer, self.scaler, images, target,
-                                              self.settings, self.grad_params if log_now else None)
-                    self.scheduler.step()
-                    watch.update(out)  # no host sync here: read at log and checkpoint steps below
-                    step += 1
-                    self.pos.step_in_epoch += 1
-                    window["steps"] += 1
-                    if (log_now or step % cfg.ckpt_every == 0
-                            or (probe is not None and step % cfg.probe_every == 0)):
-                        watch.check(dist, last_good)
-                    if log_now:
-                        self._log(step, out, window)
-                        window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
-                    if (probe is not None and cfg.probe_size >= 2 and step % cfg.probe_every == 0
-                            and step != self.total_steps):
-                        last_probe, _ = self._probe(pretrain_data.probe_subset(probe, cfg.probe_size))
-                        self._write_metrics({"step": step, "epoch": self.pos.epoch,
-                                             **{f"val/{k}": v for k, v in last_probe.items()}})
-                    final = step == self.total_steps
-                    if step % cfg.ckpt_every == 0 or final:
-                        self._check_bad(final=self.pos.step_in_epoch >= self.steps_per_epoch or final)
-                        if not (final and cfg.keep_checkpoints == 0):  # nothing left to resume
-                            last_good = str(self._checkpoint(step, final=final))
-            finally:
-                del it
+        batches = pretrain_data.stream(
+            self.train, self.text.targets, self.pos, steps=self.total_steps - step, window=window, dist=dist,
+            steps_per_epoch=self.steps_per_epoch, max_bad_fraction=cfg.max_bad_fraction, seed=cfg.seed,
+            num_workers=cfg.num_workers, batch=self.local_batch, image_size=cfg.image_size, on_missing=cfg.on_missing,
+            shuffle_buffer=cfg.shuffle_buffer, sample_aug=sample_aug, pin_memory=self.device.type == "cuda")
+        with contextlib.closing(batches):
+            for batch in batches:
+                images, target = pretrain.batch_inputs(batch, self.batch_aug, self.module.text, self.device,
+                                                       cfg.channels_last)
+                log_now = (step + 1) % cfg.log_every == 0 or step + 1 == self.total_steps
+                out = pretrain.train_step(train_module, self.optimizer, self.scaler, images, target,
+                                          self.settings, self.grad_params if log_now else None)
+                self.scheduler.step()
+                watch.update(out)  # no host sync here: read at log and checkpoint steps below
+                step += 1
+                window["steps"] += 1
+                probe_now = probe is not None and cfg.probe_size >= 2 and step % cfg.probe_every == 0
+                final = step == self.total_steps
+                if log_now or probe_now or step % cfg.ckpt_every == 0:
+                    watch.check(dist, last_good)
+                if log_now:
+                    self._log(step, out, window)
+                    window.update(t0=time.perf_counter(), wait=0.0, steps=0)
+                if probe_now and not final:
+                    last_probe, _ = self._probe(probe, cfg.probe_size, step)
+                if step % cfg.ckpt_every == 0 or final:
+                    self._check_bad(final=self.pos.step_in_epoch >= self.steps_per_epoch or final)
+                    if not (final and cfg.keep_checkpoints == 0):  # nothing left to resume
+                        last_good = str(self._checkpoint(step, final=final))
         self._check_bad(final=True)
         return self._finish(step, probe, last_probe, params_report)
 
     def _check_bad(self, final: bool) -> None:
         self.pos.check_bad(final, bool(self.train.sizes), self.cfg.max_bad_fraction, self.dist.rank)
 
-    def _probe(self, probe: dict) -> tuple[dict, dict]:
-        return pretrain.probe_model(self.module, probe, self.probe_aug, self.device, self.cfg.channels_last)
+    def _probe(self, probe: dict, size: int, step: int) -> tuple[dict, dict]:
+        """Embed the first ``size`` probe images (rank 0) and log the probe's scalars as ``val/...``."""
+        scalars, spectrum = pretrain.probe_model(self.module, pretrain_data.probe_subset(probe, size),
+                                                 self.probe_aug, self.device, self.cfg.channels_last)
+        self._write_metrics({"step": step, "epoch": self.pos.epoch, **{f"val/{k}": v for k, v in scalars.items()}})
+        return scalars, spectrum
 
     def _log(self, step: int, out: dict, window: dict) -> None:
         rec = {"step": step, "epoch": self.pos.epoch,
@@ -415,37 +373,24 @@ class _Trainer:
             self.tracker.log(rec, rec["step"])
 
     def _finish(self, step: int, probe: dict | None, last_probe: dict, params_report: dict) -> dict:
-        dist = self.dist
+        cfg, dist, pos = self.cfg, self.dist, self.pos
         checksums = all_gather_object(train_state.param_checksum(self.module), dist)
-        pos = self.pos
         counts = all_gather_object(pos.counts(), dist)
         spectrum = None
-        if probe is not None and self.cfg.final_probe_size >= 2:
-            last_probe, spectrum = self._probe(pretrain_data.probe_subset(probe, self.cfg.final_probe_size))
-            self._write_metrics({"step": step, "epoch": pos.epoch, **{f"val/{k}": v for k, v in last_probe.items()}})
+        if probe is not None and cfg.final_probe_size >= 2:
+            last_probe, spectrum = self._probe(probe, cfg.final_probe_size, step)
         summary = {
             "fingerprint": self.fingerprint, "steps": step, "epochs": pos.epoch + 1,
             "steps_per_epoch": self.steps_per_epoch, "world_size": dist.world_size,
             "global_batch": self.global_batch, "batch_per_process": self.local_batch,
             "restart_cycle": self.restart_cycle, "probe_held_out": self.probe_held_out,
-            "precision": self.precision,
-            "final_probe": last_probe, **params_report,
-            **pretrain_data.DataPos.sum_counts(counts),
-            "param_checksum_per_rank": checksums,
+            "precision": self.precision, "final_probe": last_probe, **params_report,
+            **pretrain_data.DataPos.sum_counts(counts), "param_checksum_per_rank": checksums,
         }
         if dist.is_main:
-            if len(set(checksums)) > 1:
-                log.error("ranks ended with different weights: %s", checksums)
-            save_encoder_files(self.out, self.module.vision, self.cfg.text_head, self.text_dim, self.cfg.hidden_dim)
-            if spectrum is not None:
-                # centred (the primary diagnostic) and uncentred singular values of zv and za, each with
-                # N and D and their effective ranks (pipeline.probes.spectrum)
-                write_json(self.out / "spectrum.json", {"step": step, "n_images": spectrum["zv"]["n"],
-                                                         **spectrum})
-            write_json(self.out / "summary.json", summary)
-            if self.cfg.keep_checkpoints == 0 and self.ckpt_dir.is_dir():
-                # the finished run is summary.json + encoder.pt: the multi-100 MB resume points go
-                shutil.rmtree(self.ckpt_dir)
+            train_state.write_finished_run(
+                self.out, self.module.vision, summary, spectrum, text_head=cfg.text_head, text_dim=self.text.text_dim,
+                hidden_dim=cfg.hidden_dim, drop_checkpoints=cfg.keep_checkpoints == 0)
             log.info("done: %d steps; encoder %s", step, self.out / "encoder.pt")
         barrier(dist)
         return summary

@@ -11,6 +11,7 @@ from pipeline import augment as A
 from pipeline import distributed
 from pipeline.common import ConfigError
 from pipeline.pretrain import NonFiniteWatch
+from pipeline.train_state import TrainingError
 from stages import train_vision as tv
 from tests._train_helpers import make_world, tiny_config
 
@@ -184,7 +185,7 @@ def test_non_finite_loss_between_log_steps_stops_before_the_next_checkpoint(tmp_
 
     monkeypatch.setattr(losses, "alignment_loss", poisoned)
     out = tmp_path / "run"
-    with pytest.raises(tv.TrainingError, match=r"non-finite loss at step 3 \(align nan.*step-00000002\.pt"):
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 3 \(align nan.*step-00000002\.pt"):
         tv.run(tiny_config(world, out, max_steps=6, log_every=5, ckpt_every=2, probe_size=0))
     assert len(calls) == 4  # stopped at step 4, not at the end of the run
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest.pt", "step-00000002.pt"]

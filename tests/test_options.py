@@ -7,7 +7,15 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.common import ConfigError
-from pipeline.options import check_fields, click_options, markdown_table, option, option_choices, option_name
+from pipeline.options import (
+    check_fields,
+    click_options,
+    markdown_table,
+    option,
+    option_choices,
+    option_name,
+    result_config,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +33,9 @@ class Toy:
     seeds: tuple[int, ...] = option((0,), help="Seeds.", min=0)
     pairs: tuple[tuple[str, Any], ...] = option((), help="Reader options.")
     internal: str = option("x", help="Not on the command line.", cli=False)
+    device: str = option("auto", device=True, help="Device.")
+    log_every: int = option(10, min=1, affects_result=False, help="Logging.")
+    new_weight: float = option(1.0, added_later=True, help="An option added later.")
 
     def __post_init__(self):
         check_fields(self)
@@ -41,11 +52,25 @@ class Toy:
     ({"seeds": (0, -1)}, "seeds: must be >= 0, got -1"),
     ({"views": ["PA"]}, "views: expected a list, got ['PA']"),
     ({"batch_size": True}, "batch_size: expected a whole number, got True"),
+    ({"device": "gpu"}, "device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ({"device": "cuda:x"}, "device: expected auto, cpu, cuda or cuda:N, got 'cuda:x'"),
 ])
 def test_check_fields_names_the_field_and_the_rule(kw, message):
     with pytest.raises(ConfigError) as e:
         Toy(out="o", **kw)
     assert str(e.value) == message
+
+
+def test_result_config_is_what_the_fingerprint_sees():
+    base = result_config(Toy(out="o"))
+    assert "log_every" not in base and "new_weight" not in base and base["device"] == "auto"
+    # logging, the GPU's index and an added option at its default change nothing computed ...
+    assert result_config(Toy(out="o", log_every=1, new_weight=1.0)) == base
+    assert result_config(Toy(out="o", device="cuda:1")) == result_config(Toy(out="o", device="cuda"))
+    # ... while CPU vs GPU, an added option off its default and every other option do
+    assert result_config(Toy(out="o", device="cuda"))["device"] == "cuda"
+    assert result_config(Toy(out="o", new_weight=0.5))["new_weight"] == 0.5
+    assert result_config(Toy(out="o", lr=1.0)) != base
 
 
 def test_valid_values_pass_and_none_is_allowed_only_where_optional():

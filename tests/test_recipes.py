@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from cli import cli
 from pipeline import wds as wdsp
 from pipeline.common import ConfigError, MflagError
+from pipeline.options import result_config
 from pipeline.pretrain import batch_per_rank, param_groups
 from pipeline.schedules import original_restart_period
 from stages import orchestrate
@@ -283,7 +284,7 @@ def _doc_command(path: Path, start: str) -> list[str]:
 
 
 def _semantics(cfg: tv.TrainVisionConfig) -> dict:
-    d = tv.semantic_config(cfg)
+    d = result_config(cfg)
     for k in ("shards", "text_cache"):
         d.pop(k)
     if d["proj_dim"] is None and d["text_head"] == "mlp":

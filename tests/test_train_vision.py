@@ -14,6 +14,7 @@ import torchvision
 from cache import write_cache
 from pipeline import losses
 from pipeline.common import ConfigError, MflagError
+from pipeline.train_state import TrainingError
 from stages import train_vision as tv
 from tests._train_helpers import TEXT_PARAMS, cli_args, make_world, tiny_config
 
@@ -168,7 +169,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
     monkeypatch.setattr(losses, "alignment_loss", poisoned)
     out = tmp_path / "run"
-    with pytest.raises(tv.TrainingError, match=r"non-finite loss at step 3.*step-00000002\.pt"):
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 3.*step-00000002\.pt"):
         tv.run(tiny_config(world, out, max_steps=4, probe_size=0))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest.pt", "step-00000002.pt"]
     assert torch.load(out / "checkpoints" / "latest.pt", weights_only=False)["step"] == 2
