@@ -87,12 +87,6 @@ def publish_latest(path: Path, latest: Path) -> None:
     os.replace(tmp, latest)
 
 
-def load_checkpoint(path: Path, error: type[MflagError] = MflagError) -> dict:
-    """A checkpoint written by :func:`save_checkpoint`, read without running anything from the file;
-    ``error`` names the file when it cannot be read or asks to run code."""
-    return safe_load(path, error)
-
-
 def param_checksum(module: nn.Module) -> float:
     """Sum of all parameters in float64: equal on every rank when DDP kept them in sync."""
     with torch.no_grad():
@@ -206,16 +200,11 @@ class Resumable:
         return path
 
     def resume(self, path: Path, rank: int, **expect) -> tuple[int, dict]:
-        """Read the checkpoint ``path`` (restricted loader), refuse it unless this run can continue it
-        exactly (:func:`check_resumable` with ``expect``) and load it; returns its step and this rank's
-        data state."""
-        ck = load_checkpoint(path, TrainingError)
+        """Read the checkpoint ``path`` without running anything from it (``pipeline.safeload``), refuse
+        it unless this run can continue it exactly (:func:`check_resumable` with ``expect``) and load it
+        into the objects; returns its step and this rank's data state."""
+        ck = safe_load(path, TrainingError)
         check_resumable(ck, path, **expect)
-        return int(ck["step"]), self.restore(ck, path, rank)
-
-    def restore(self, ck: dict, path: Path, rank: int) -> dict:
-        """Load ``ck`` (read from ``path`` and checked by :func:`check_resumable`) into the objects;
-        returns this rank's data state."""
         missing, unexpected = self.module.load_state_dict(ck["model"], strict=False)
         bad = [k for k in missing if not k.startswith("text.")] + list(unexpected)
         if bad:
@@ -226,4 +215,4 @@ class Resumable:
         set_rng_state(ck["rng"][rank])
         if self.batch_aug is not None and ck.get("augmenter"):
             self.batch_aug.load_state_dict(ck["augmenter"][rank])
-        return ck["data"][rank]
+        return int(ck["step"]), ck["data"][rank]
