@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -45,10 +47,31 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
+        full = _out_of_space(exc, tmp_path.parent)
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        if full is not None:
+            raise OSError(errno.ENOSPC, f"No space left on device ({full} free there; the file was not "
+                                        "written)", str(path)) from exc
         raise
+
+
+_NEARLY_FULL = 64 << 20  # bytes: torch.save and h5py report a full disk in words of their own
+
+
+def _out_of_space(exc: BaseException, folder: Path) -> str | None:
+    """The space left, as words, when a write failed for lack of it; None for other errors. An OSError
+    says so by its errno; a library's own error (torch.save's "unexpected pos", h5py's "file write
+    failed") is taken for it when the disk is nearly full at the time of the error."""
+    if not isinstance(exc, (OSError, RuntimeError)):
+        return None
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    said = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return f"{free / 2**20:.1f} MiB" if said or free < _NEARLY_FULL else None
 
 
 def _umask() -> int:

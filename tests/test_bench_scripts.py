@@ -17,6 +17,7 @@ from bench import gpu_setup
 from bench.gpu_bench import format_table
 from bench.gpu_common import Runner
 from bench.gpu_smoke import Smoke
+from tests._scratch import scratch
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_CHECKS = ["data", "text-model", "embed-text", "train-bf16", "train-fp16", "train-online", "no-sync",
@@ -35,8 +36,8 @@ def script_env(out: Path, work: Path, **extra) -> dict:
 @pytest.fixture(scope="module")
 def bench_dirs(tmp_path_factory):
     """One work folder for both dry runs, as bench/gpu_all.sh shares it (gpu.sh reuses the data)."""
-    root = tmp_path_factory.mktemp("gpu-bench")
-    return root / "out", root / "work"
+    with scratch(tmp_path_factory, "gpu-bench") as root:  # ~3 GB
+        yield root / "out", root / "work"
 
 
 def test_bench_programs_compile_and_shell_scripts_parse():

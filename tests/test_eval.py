@@ -13,6 +13,7 @@ from pipeline.common import ConfigError, MflagError, file_sha256
 from pipeline.synth import downstream as synth
 from stages.evaluate import EvalConfig, run
 from tests._recompute import recompute_cls, recompute_det, recompute_seg
+from tests._scratch import scratch
 
 SIZE = 64  # pixels: the real code paths, CPU-sized
 
@@ -34,9 +35,9 @@ def encoder_pt(tmp_path_factory):
     torch.manual_seed(123)
     model = torchvision.models.resnet50(weights=None)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
-    path = tmp_path_factory.mktemp("enc") / "encoder.pt"
-    torch.save(state, path)
-    return path
+    with scratch(tmp_path_factory, "enc") as folder:
+        torch.save(state, folder / "encoder.pt")
+        yield folder / "encoder.pt"
 
 
 def _cfg(data, tmp_path, **kw):

@@ -728,6 +728,36 @@ def test_out_naming_a_file_is_one_line(tmp_path, train_world):
     assert "a-file: exists and is not a folder" in line
 
 
+def _small_disk_available() -> bool:
+    """unshare can mount a tmpfs of a given size in a private mount namespace."""
+    import tempfile
+
+    if shutil.which("unshare") is None:
+        return False
+    with tempfile.TemporaryDirectory() as d:
+        probe = subprocess.run(["unshare", "-rm", "sh", "-c", 'mount -t tmpfs -o size=1m tmpfs "$0" && '
+                                '! head -c 2000000 /dev/zero > "$0/x" 2>/dev/null', d], capture_output=True)
+        return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _small_disk_available(), reason="unshare cannot mount a tmpfs here")
+@pytest.mark.slow
+def test_full_disk_is_one_line_and_leaves_no_temp_file(tmp_path, train_world):
+    """--out on a 40 MB disk: the first checkpoint (~270 MB) does not fit. torch.save says so as
+    "unexpected pos"; the user reads which file, that the disk is full, and that nothing was half written."""
+    out = tmp_path / "small"
+    out.mkdir()
+    script = ('mount -t tmpfs -o size=40m tmpfs "$0" && { "$@"; rc=$?; find "$0" -type f > "$0.left"; exit $rc; }')
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script, str(out), sys.executable, "cli.py", "-q",
+                           "train-vision", *cli_args(train_world, out)], cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=300)
+    line = _single_error(proc)
+    assert line.startswith(f"error: {out}/checkpoints/step-00000002.pt: No space left on device"), line
+    assert "the file was not written" in line
+    left = (tmp_path / "small.left").read_text().split()  # listed before the tmpfs goes
+    assert not [f for f in left if f.endswith(".tmp")] and f"{out}/metrics.jsonl" in left, left
+
+
 # --------------------------------------------------------------------------- 6. memory bombs
 def _png_bomb(path: Path, side: int) -> Path:
     """A valid greyscale PNG of side x side black pixels: a few hundred KB on disk, side² bytes decoded."""

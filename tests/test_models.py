@@ -11,6 +11,7 @@ import torchvision
 from pipeline.checkpoints import imagenet_weights_path
 from pipeline.common import ConfigError, MflagError
 from pipeline.models import MFlagVision, Projector, build_resnet50_trunk, count_parameters, encoder_state_dict
+from tests._scratch import scratch
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +99,9 @@ def saved_encoder(tmp_path_factory, model):
     nested = {"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}
     nested["state_dict"]["module.fc.weight"] = torch.zeros(1000, 2048)  # ignored on load
     nested["state_dict"]["module.fc.bias"] = torch.zeros(1000)
-    path = tmp_path_factory.mktemp("ckpt") / "enc.pt"
-    torch.save(nested, path)
-    return path
+    with scratch(tmp_path_factory, "ckpt") as folder:
+        torch.save(nested, folder / "enc.pt")
+        yield folder / "enc.pt"
 
 
 def test_init_from_path_nested_and_prefixed(saved_encoder, model):
