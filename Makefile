@@ -14,12 +14,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# One pytest worker per core (at most 4; each holds a few ResNet50s): the suite's work is single-threaded
+# runs, and worksteal hands the long learning tests out first.
+PYTEST := $(PY) -m pytest -q -n auto --maxprocesses=4 --dist worksteal
+
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 # The inner loop: everything but the tests marked slow (each over ~5 s here); CI runs `make test`.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 # ruff: pycodestyle, pyflakes, import order, bugbear (rules in pyproject.toml); CI runs it first.
 lint: $(STAMP)
