@@ -19,7 +19,7 @@ install: $(STAMP)
 PYTEST := $(PY) -m pytest -q -n auto --maxprocesses=4 --dist worksteal
 
 test: $(STAMP)
-	$(PYTEST) tests
+	$(PYTEST) --durations=10 tests
 
 # The inner loop: everything but the tests marked slow (each over ~5 s here); CI runs `make test`.
 test-fast: $(STAMP)

@@ -47,7 +47,8 @@ def test_classifier_learns(easy, tmp_path, protocol, finetune, epochs):
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["tool", "mgca"])
 def test_unet_learns(easy, tmp_path, protocol):
-    res, test, pred = _run(easy, tmp_path, task="seg", protocol=protocol, epochs=12, patience=12)
+    # measured 2026-12-01 (2-core AVX2 CPU), 6 epochs: test dice 0.86 (tool), 0.995 (mgca); 0.99 both after 12
+    res, test, pred = _run(easy, tmp_path, task="seg", protocol=protocol, epochs=6, patience=6)
     assert test["dice"] >= 0.7, res["per_seed"][0]
     doc = json.loads(pred.read_text())
     assert recompute_seg(doc) == pytest.approx(test["dice"], abs=1e-9)
