@@ -14,9 +14,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# One pytest worker per core (at most 4; each holds a few ResNet50s): the suite's work is single-threaded
-# runs, and worksteal hands the long learning tests out first.
-PYTEST := $(PY) -m pytest -q -n auto --maxprocesses=4 --dist worksteal
+# One pytest worker per logical CPU (at most 4; each holds a few ResNet50s), one thread each
+# (tests/conftest.py); worksteal lets an idle worker take tests queued on a busy one.
+# PYTEST_XDIST_AUTO_NUM_WORKERS=1 make test runs them in one worker.
+PYTEST := $(PY) -m pytest -q -n logical --maxprocesses=4 --dist worksteal
 
 test: $(STAMP)
 	$(PYTEST) --durations=10 tests
