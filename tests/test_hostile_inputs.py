@@ -630,28 +630,40 @@ def test_downstream_ids_never_become_paths_outside_the_root(tmp_path, dataset):
 
 
 # --------------------------------------------------------------------------- 5. one-line errors
-def _readonly_available() -> bool:
-    """unshare can give this user a private mount namespace in which a folder is mounted read-only."""
+READ_ONLY = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0"'
+
+
+def small_disk(size: str) -> str:
+    return f'mount -t tmpfs -o size={size} tmpfs "$0"'
+
+
+def _unshare_can(mount: str, check: str) -> bool:
+    """unshare gives this user a private mount namespace in which ``mount`` (a shell command on the
+    folder "$0") works and ``check`` then holds."""
     import tempfile
 
     if shutil.which("unshare") is None:
         return False
     with tempfile.TemporaryDirectory() as d:
-        probe = subprocess.run(["unshare", "-rm", "sh", "-c", 'mount --bind "$0" "$0" && mount -o remount,bind,ro '
-                                '"$0" && ! touch "$0/x" 2>/dev/null', d], capture_output=True)
-        return probe.returncode == 0
+        return subprocess.run(["unshare", "-rm", "sh", "-c", f"{mount} && {check}", d],
+                              capture_output=True).returncode == 0
 
 
-def run_readonly(folder: Path, args: list) -> subprocess.CompletedProcess:
-    """``cli.py args`` with ``folder`` mounted read-only (a private mount namespace, no root needed).
-    Read-only storage, not permissions: the test machines run as root, which ignores permissions."""
-    script = ('mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"')
+def run_mounted(mount: str, folder: Path, args: list, then: str = "") -> subprocess.CompletedProcess:
+    """``cli.py args`` with ``folder`` under ``mount`` in a private mount namespace (no root needed);
+    ``then`` runs there afterwards, before the mount goes, and the exit status stays cli.py's."""
+    script = f'{mount} && {{ "$@"; rc=$?; {then} exit $rc; }}'
     return subprocess.run(["unshare", "-rm", "sh", "-c", script, str(folder), sys.executable, "cli.py", "-q",
                            *[str(a) for a in args]], cwd=REPO, env=env(), capture_output=True, text=True,
                           timeout=300)
 
 
-needs_readonly = pytest.mark.skipif(not _readonly_available(),
+def run_readonly(folder: Path, args: list) -> subprocess.CompletedProcess:
+    """Read-only storage, not permissions: the test machines run as root, which ignores permissions."""
+    return run_mounted(READ_ONLY, folder, args)
+
+
+needs_readonly = pytest.mark.skipif(not _unshare_can(READ_ONLY, '! touch "$0/x" 2>/dev/null'),
                                     reason="unshare with a private mount namespace is not available here")
 
 
@@ -728,29 +740,16 @@ def test_out_naming_a_file_is_one_line(tmp_path, train_world):
     assert "a-file: exists and is not a folder" in line
 
 
-def _small_disk_available() -> bool:
-    """unshare can mount a tmpfs of a given size in a private mount namespace."""
-    import tempfile
-
-    if shutil.which("unshare") is None:
-        return False
-    with tempfile.TemporaryDirectory() as d:
-        probe = subprocess.run(["unshare", "-rm", "sh", "-c", 'mount -t tmpfs -o size=1m tmpfs "$0" && '
-                                '! head -c 2000000 /dev/zero > "$0/x" 2>/dev/null', d], capture_output=True)
-        return probe.returncode == 0
-
-
-@pytest.mark.skipif(not _small_disk_available(), reason="unshare cannot mount a tmpfs here")
+@pytest.mark.skipif(not _unshare_can(small_disk("1m"), '! head -c 2000000 /dev/zero > "$0/x" 2>/dev/null'),
+                    reason="unshare cannot mount a tmpfs here")
 @pytest.mark.slow
 def test_full_disk_is_one_line_and_leaves_no_temp_file(tmp_path, train_world):
     """--out on a 40 MB disk: the first checkpoint (~270 MB) does not fit. torch.save says so as
     "unexpected pos"; the user reads which file, that the disk is full, and that nothing was half written."""
     out = tmp_path / "small"
     out.mkdir()
-    script = ('mount -t tmpfs -o size=40m tmpfs "$0" && { "$@"; rc=$?; find "$0" -type f > "$0.left"; exit $rc; }')
-    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script, str(out), sys.executable, "cli.py", "-q",
-                           "train-vision", *cli_args(train_world, out)], cwd=REPO, env=env(), capture_output=True,
-                          text=True, timeout=300)
+    proc = run_mounted(small_disk("40m"), out, ["train-vision", *cli_args(train_world, out)],
+                       then='find "$0" -type f > "$0.left";')
     line = _single_error(proc)
     assert line.startswith(f"error: {out}/checkpoints/step-00000002.pt: No space left on device"), line
     assert "the file was not written" in line
