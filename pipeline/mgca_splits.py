@@ -184,19 +184,40 @@ def _ids(rows: Sequence[LabelRow], positions) -> list[str]:
     return _unique(rows[i].image_id for i in positions)
 
 
-def chexpert(label_rows: dict[str, Sequence[LabelRow]], task: str = "cls") -> MgcaLists:
-    train_rows = _rows(label_rows, "chexpert", "train", "train.csv")
-    valid_rows = _rows(label_rows, "chexpert", "valid", "valid.csv (MGCA's test set)")
-    held: set[str] = set()
+def _five_by_200(train_rows: Sequence[LabelRow], per_task: int | None = None
+                 ) -> tuple[list[tuple[str, int]], int, bool]:
+    """MGCA's CheXpert 5x200 draw (preprocess/chexpert.py): per competition task in order, the frontal
+    train.csv rows that have it as their only positive (``LabelRow.group``), ``sample(n=per_task,
+    random_state=0)`` of them in draw order. ``per_task`` None: MGCA's 200, or its share of a train.csv
+    smaller than the published one (then ``scaled``). Returns ([(image_id, task index)], per_task, scaled)."""
     groups = [[i for i, r in enumerate(train_rows) if r.group == k] for k in range(5)]
     # MGCA's counts need a train.csv of the published size; a smaller one gets the same shares of its rows
     scaled = (min(len(c) for c in groups) < CHEXPERT_5X200_PER_TASK
               or len(train_rows) - 5 * CHEXPERT_5X200_PER_TASK < CHEXPERT_VALID_NUM)
-    share = len(train_rows) / CHEXPERT_TRAIN_ROWS
-    per_task = round(CHEXPERT_5X200_PER_TASK * share) if scaled else CHEXPERT_5X200_PER_TASK
-    for cand in groups:
+    if per_task is None:
+        share = len(train_rows) / CHEXPERT_TRAIN_ROWS
+        per_task = round(CHEXPERT_5X200_PER_TASK * share) if scaled else CHEXPERT_5X200_PER_TASK
+    picked: list[tuple[str, int]] = []
+    for k, cand in enumerate(groups):
         pick = np.random.RandomState(0).choice(len(cand), size=min(per_task, len(cand)), replace=False)
-        held.update(train_rows[cand[j]].image_id for j in pick)
+        picked += [(train_rows[cand[j]].image_id, k) for j in pick]
+    return picked, per_task, scaled
+
+
+def chexpert_5x200(label_rows: dict[str, Sequence[LabelRow]], per_task: int | None = None
+                   ) -> tuple[list[tuple[str, int]], int]:
+    """The CheXpert 5x200 zero-shot set as MGCA sets it aside: [(image_id, competition task index)] and
+    the number drawn per task (see ``_five_by_200``; a task with fewer candidates gives all it has)."""
+    picked, n, _ = _five_by_200(_rows(label_rows, "chexpert", "train", "train.csv"), per_task)
+    return picked, n
+
+
+def chexpert(label_rows: dict[str, Sequence[LabelRow]], task: str = "cls") -> MgcaLists:
+    train_rows = _rows(label_rows, "chexpert", "train", "train.csv")
+    valid_rows = _rows(label_rows, "chexpert", "valid", "valid.csv (MGCA's test set)")
+    picked, per_task, scaled = _five_by_200(train_rows)
+    held = {image_id for image_id, _ in picked}
+    share = len(train_rows) / CHEXPERT_TRAIN_ROWS
     # df keeps its RangeIndex labels (the 0-based row numbers of train.csv) after the 5x200 rows go.
     rest = [i for i, r in enumerate(train_rows) if r.image_id not in held]
     n_valid = min(len(rest) - 1, max(1, round(CHEXPERT_VALID_NUM * share))) if scaled else CHEXPERT_VALID_NUM

@@ -1,4 +1,6 @@
-"""eval stage: train a cls/seg/det head on a downstream dataset over an encoder, report test metrics.
+"""eval stage: train a cls/seg/det head on a downstream dataset over an encoder, report test metrics;
+or, for the tasks that train nothing (zero-shot classification, retrieval: ``pipeline.downstream``'s
+registry marks them), score images against texts through a pre-training run's projector and text head.
 
 Protocol (``--protocol``, docs/PROTOCOLS.md): ``mgca`` reproduces MGCA's published downstream recipe
 (the one the M-FLAG paper's tables follow), ``tool`` is this tool's own. Either way:
@@ -28,21 +30,25 @@ from pipeline.common import (
     ConfigError,
     MflagError,
     config_to_dict,
+    file_sha256,
     fingerprint,
     read_json,
     save_config,
     write_json,
 )
 from pipeline.distributed import resolve_device
+from pipeline.downstream import TASK_NAMES, TASKS, task_entry
 from pipeline.downstream.recipes import DET_HEAD_NAMES, NORMALIZE, PROTOCOLS, Recipe, resolve
 from pipeline.downstream.results import Encoders, ImageStore, append_markdown, checkpoint_sha256, clean_json, results
+from pipeline.downstream.retrieval import SPLITS as RETRIEVAL_SPLITS
+from pipeline.downstream.zeroshot import AGGREGATES as PROMPT_AGGREGATES
+from pipeline.downstream.zeroshot import PROTOCOLS as ZEROSHOT_PROTOCOLS
 from pipeline.locks import hold_output_lock
 from pipeline.options import check_fields, option, result_config
 from pipeline.tracking import REPORT_TO, Tracker, open_tracker
 
 log = logging.getLogger(__name__)
 
-TASKS = ("cls", "seg", "det")
 DATASETS = ("chexpert", "rsna", "covidx", "siim", "object-cxr")
 DET_MODELS = DET_HEAD_NAMES
 # Output version of this stage: 3 added the protocols and the per-seed predictions files. Part of the
@@ -53,22 +59,26 @@ FORMAT_VERSION = 3
 _IN_RECIPE = ("epochs", "patience", "lr", "batch_size", "weight_decay", "normalize", "det_model", "image_size")
 
 
-@dataclasses.dataclass(frozen=True)
+_TASK_HELP = "; ".join(f"{name}: {entry.help}" for name, entry in TASKS.items())
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalConfig:
     """Options of ``eval`` (each field is the option of the same name, pipeline.options). Options left
     None (or ``normalize="auto"``) take the protocol's value (``recipe()``); ``dataset_options`` are
     (name, value) pairs passed to the dataset reader."""
 
-    task: str = option(choices=TASKS,
-                       help="cls: linear probe (or --finetune); seg: U-Net; det: a detection head (--det-model).")
-    dataset: str = option(choices=DATASETS, help="Downstream dataset (docs/DATASETS.md).")
-    root: str = option(path="dir", help="Dataset folder in its published layout (docs/DATASETS.md says which "
-                                        "folder for each dataset).")
+    task: str = option(choices=TASK_NAMES, help=_TASK_HELP + ".")
+    dataset: str | None = option(None, choices=DATASETS,
+                                 help="Downstream dataset (docs/DATASETS.md); every task but retrieval needs one.")
+    root: str | None = option(None, path="dir", help="Dataset folder in its published layout (docs/DATASETS.md "
+                                                     "says which folder for each dataset).")
     out: str = option(path="dir", affects_result=False,
                       help="Run folder: results.json, results.md (appended), split/, seeds/ (with predictions), "
                            "config.json.")
     init: str = option(help="Encoder: random | imagenet | PATH (encoder.pt, encoder.safetensors or a published "
-                            "baseline's checkpoint; files are read without running any code from them).")
+                            "baseline's checkpoint; files are read without running any code from them); zeroshot "
+                            "and retrieval: a train-vision run folder (or its encoder.pt) or random.")
     protocol: str = option("tool", choices=PROTOCOLS,
                            help="mgca: MGCA's published downstream recipe (the paper's tables); tool: this tool's "
                                 "stricter protocol. Defaults of the options below follow it (docs/PROTOCOLS.md).")
@@ -106,11 +116,57 @@ class EvalConfig:
         help="Reader option, repeatable (e.g. uncertainty=zeros, frontal_only=false, label_set=B).")
     report_to: str = option("none", choices=REPORT_TO, affects_result=False,
                             help="Also send the per-epoch scalars to TensorBoard or W&B (OUT/tensorboard, OUT/wandb).")
+    # -- the tasks that train nothing (zeroshot, retrieval; docs/PROTOCOLS.md)
+    zeroshot_protocol: str | None = option(None, choices=ZEROSHOT_PROTOCOLS, added_later=True,
+                                           show_default="chexpert5x200 on chexpert, binary elsewhere",
+                                           help="zeroshot: GLoRIA's CheXpert 5x200 classes, or CheXzero's positive/"
+                                                "negative prompt pair per label.")
+    prompts: str | None = option(None, exists="file", added_later=True,
+                                 help="zeroshot: a YAML/JSON prompts file instead of the built-in prompts (class -> "
+                                      "[texts], or label -> {positive: [...], negative: [...]} for binary).")
+    prompts_per_class: int = option(5, min=1, added_later=True,
+                                    help="zeroshot chexpert5x200: prompts drawn per class from GLoRIA's templates "
+                                         "(seeded: seed 0 is GLoRIA's own draw).")
+    prompt_aggregate: str = option("max", choices=PROMPT_AGGREGATES, added_later=True,
+                                   help="zeroshot chexpert5x200: a class's score over its prompts, max (GLoRIA) or "
+                                        "mean (MedCLIP's ensemble).")
+    zeroshot_per_class: int | None = option(None, min=1, added_later=True,
+                                            show_default="MGCA's 200 (its share of a smaller train.csv)",
+                                            help="zeroshot chexpert5x200: images per class.")
+    text_model: str | None = option(None, added_later=True, show_default="the model named by the run's text cache",
+                                    help="zeroshot: the frozen text encoder the prompts go through (hub id or "
+                                         "folder); it must be the one that made the run's training cache.")
+    text_cache: str | None = option(None, exists="any", added_later=True,
+                                    show_default="the cache the run trained on",
+                                    help="zeroshot/retrieval: the text cache (its attributes check the prompts; "
+                                         "retrieval reads the reports from it).")
+    shards: str | None = option(None, exists="dir", added_later=True,
+                                help="retrieval: a prepare output folder (or shards folder) holding held-out pairs.")
+    split: str = option("test", choices=RETRIEVAL_SPLITS, added_later=True,
+                        help="retrieval: which held-out shards (heldout = validate + test).")
+    max_images: int = option(5000, min=2, added_later=True, help="retrieval: at most this many pairs, in file order.")
+    bootstrap: int = option(1000, min=10, added_later=True,
+                            help="zeroshot/retrieval: bootstrap resamples of the 95% intervals (seed 0).")
 
     def __post_init__(self) -> None:
         check_fields(self)
         from pipeline.datasets.registry import TASKS_BY_DATASET, check_options
 
+        entry = task_entry(self.task)
+        if not self.init:
+            raise ConfigError("init: give 'random', 'imagenet' or a checkpoint path")
+        if not self.seeds:
+            raise ConfigError("seeds: give at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds: must be distinct non-negative integers, got {list(self.seeds)}")
+        if entry.needs_dataset and (self.dataset is None or self.root is None):
+            raise ConfigError(f"{'dataset' if self.dataset is None else 'root'}: task {self.task} reads a "
+                              "downstream dataset; give --dataset and --root")
+        if not entry.trains:
+            self._check_language()
+            if self.dataset is not None:
+                check_options(self.dataset, dict(self.dataset_options))
+            return
         if self.task not in TASKS_BY_DATASET[self.dataset]:
             raise ConfigError(f"task: {self.dataset} supports {', '.join(TASKS_BY_DATASET[self.dataset])}, "
                               f"not {self.task!r}")
@@ -124,12 +180,6 @@ class EvalConfig:
             check_options(self.dataset, dict(self.dataset_options))
         except MflagError as e:
             raise ConfigError(f"dataset_options: {e}") from e
-        if not self.init:
-            raise ConfigError("init: give 'random', 'imagenet' or a checkpoint path")
-        if not self.seeds:
-            raise ConfigError("seeds: give at least one seed")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"seeds: must be distinct non-negative integers, got {list(self.seeds)}")
         if self.task == "seg" and self.image_size % 32:
             raise ConfigError(f"image_size: the U-Net needs a multiple of 32 for seg, got {self.image_size}")
         if self.task == "det" and self.image_size % 32 and self.recipe().head == "yolov3":
@@ -138,6 +188,27 @@ class EvalConfig:
             raise ConfigError(f"split_file: {self.split_file} does not exist")
         if self.init not in ("random", "imagenet") and not Path(self.init).expanduser().is_file():
             raise ConfigError(f"init: expected 'random', 'imagenet' or a checkpoint file; {self.init!r} is neither")
+
+    def _check_language(self) -> None:
+        """The checks of the tasks that train nothing (zeroshot, retrieval)."""
+        if self.task == "zeroshot":
+            from pipeline.datasets.registry import TASKS_BY_DATASET
+
+            if "cls" not in TASKS_BY_DATASET[self.dataset]:
+                raise ConfigError(f"dataset: zeroshot classifies images; {self.dataset} has no labels for it")
+            if self.zeroshot_protocol == "chexpert5x200" and self.dataset != "chexpert":
+                raise ConfigError(f"zeroshot_protocol: chexpert5x200 is CheXpert's set, not {self.dataset}'s; "
+                                  "use binary")
+        if self.task == "retrieval" and not self.shards:
+            raise ConfigError("shards: retrieval needs a prepare output folder with held-out (validate/test) shards")
+        if self.init == "imagenet":
+            raise ConfigError(f"init: {self.task} needs a projector and text head trained into the text space; give a "
+                              "train-vision run folder (or its encoder.pt), or random for the null")
+        if self.init != "random" and not Path(self.init).expanduser().exists():
+            raise ConfigError(f"init: {self.init!r} is neither 'random' nor a train-vision run folder or file")
+        if self.init == "random" and not self.text_cache:
+            raise ConfigError("text_cache: with init random give the text cache whose space the random model is "
+                              "shaped for")
 
     def recipe(self, label_kind: str = "multilabel") -> Recipe:
         """The protocol's recipe for this run, with the options given explicitly taking precedence."""
@@ -156,6 +227,8 @@ def run(cfg: EvalConfig) -> dict:
     """Evaluate ``cfg.init`` on ``cfg.task``/``cfg.dataset`` for every seed; returns the results dict
     also written to ``OUT/results.json``."""
     hold_output_lock(cfg.out, "eval", clean_temps=("", "seeds", "split"))
+    if not task_entry(cfg.task).trains:
+        return _run_untrained(cfg)
     from pipeline import downstream
     from pipeline.datasets.registry import load_dataset
     from pipeline.splits import sample_fraction, write_split
@@ -198,6 +271,65 @@ def run(cfg: EvalConfig) -> dict:
     write_json(out / "results.json", res)
     append_markdown(out / "results.md", res)
     return res
+
+
+def _run_untrained(cfg: EvalConfig) -> dict:
+    """A task that trains nothing (zeroshot, retrieval): its module's ``evaluate`` computes every seed; this
+    stage fingerprints the run (options, the weights' and prompts file's hashes), refuses a folder of
+    another configuration and writes results.json and the results.md row."""
+    import datetime as _dt
+
+    from pipeline import downstream
+    from pipeline.downstream.results import seed_summary
+
+    out = Path(cfg.out)
+    d = result_config(cfg)
+    d.update(init_sha256=_init_sha256(cfg.init), format=FORMAT_VERSION,
+             prompts_sha256=file_sha256(cfg.prompts) if cfg.prompts else None)
+    for k in ("init", "prompts", "text_cache", "shards", "root"):
+        d.pop(k, None)  # the same weights and inputs under other paths are the same run
+    d["inputs"] = {k: str(getattr(cfg, k)) for k in ("root", "shards", "text_cache") if getattr(cfg, k)}
+    fp = fingerprint(d)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_folder(out, fp)
+    finished = _finished(out, fp, cfg.seeds)
+    if finished is not None:
+        return finished
+    save_config(cfg, out, fingerprint=fp)
+    res = downstream.get_task(cfg.task).evaluate(cfg, out)
+    per_seed = [{**r, "fingerprint": fp} for r in res.pop("per_seed")]
+    scalar_keys = sorted({k for r in per_seed for k, v in r["test"].items()
+                          if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("n_")})
+    summary = {k: seed_summary([float(r["test"][k]) if r["test"].get(k) is not None else float("nan")
+                                for r in per_seed]) for k in scalar_keys}
+    per_class: dict[str, list] = {}
+    for r in per_seed:
+        for name, v in (r["test"].get("auroc_per_class") or {}).items():
+            per_class.setdefault(name, []).append(float("nan") if v is None else float(v))
+    results = clean_json({
+        "task": cfg.task, "dataset": cfg.dataset or f"shards:{cfg.split}", "protocol": cfg.protocol, "init": cfg.init,
+        "checkpoint_sha256": (d["init_sha256"] or {}).get("encoder.pt") or next(iter((d["init_sha256"] or {}).values()),
+                                                                                  None),
+        "init_sha256": d["init_sha256"], "fraction": None, "finetune": False, "seeds": list(cfg.seeds),
+        "fingerprint": fp, **res, "summary": summary,
+        "summary_auroc_per_class": {k: seed_summary(v) for k, v in per_class.items()},
+        "per_seed": per_seed, "predictions": {str(r["seed"]): f"seeds/{r['predictions']}" for r in per_seed},
+        "fraction_sizes": {}, "config": config_to_dict(cfg),
+        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+    write_json(out / "results.json", results)
+    append_markdown(out / "results.md", results)
+    return results
+
+
+def _init_sha256(init: str) -> dict | None:
+    """The weights behind a zeroshot/retrieval init: encoder and projector hashes of the run folder."""
+    if init == "random":
+        return None
+    from pipeline.downstream.language import run_folder
+
+    run = run_folder(init)
+    enc = Path(init).expanduser() if Path(init).expanduser().is_file() else run / "encoder.pt"
+    return {p.name: file_sha256(p) for p in (enc, run / "projector.pt") if p.is_file()}
 
 
 def _run_seed(cfg: EvalConfig, task, recipe: Recipe, store: ImageStore, encoders: Encoders, seed: int,

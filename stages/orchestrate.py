@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.common import ConfigError, MflagError, read_json, save_config, write_json
+from pipeline.downstream import task_entry
+from pipeline.downstream.zeroshot import default_protocol
 from pipeline.locks import output_lock
 from pipeline.options import option_choices
 from pipeline.pipeline_spec import (
@@ -201,35 +203,46 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
             if "dataset_options" in opts:
                 mapping(f"{where}.dataset_options", opts["dataset_options"])
         section = f"eval.tasks[{k}]"
+        entry = task_entry(str(task.get("task", ev_common.get("task"))))
+        # the tasks that train nothing read the pipeline's own text cache, text model and (retrieval) shards
+        language = {} if entry.trains else {"text_cache": "@cache", "text_model": model_ref,
+                                            **({"shards": "@prepare"} if not entry.needs_dataset else {})}
         try:
-            validate(section, EvalConfig, {**ev_common, **task}, root="(planned)", out="(planned)", init="random")
+            validate(section, EvalConfig, {**ev_common, **task, **language}, root="(planned)", out="(planned)",
+                     init="random", **({"text_cache": "(planned)", "text_model": "(planned)", "shards": "(planned)"}
+                                      if language else {}))
         except ConfigError as e:
             field = str(e)[len(section) + 1:].split(":", 1)[0]
             if field in ev_common and field not in task:  # the bad value came from eval.common
                 raise ConfigError("eval.common." + str(e)[len(section) + 1:]) from e
             raise
-        ds = task.get("dataset")
-        if ds not in roots:
+        ds = task.get("dataset", ev_common.get("dataset"))
+        if entry.needs_dataset and ds not in roots:
             raise MflagError(f"eval.tasks: dataset {ds!r} has no data; add it under downstream.synth or "
                              "downstream.roots")
         for init in task_inits:
-            opts = {**ev_common, **task}
-            deps: list[str] = []
+            opts = {**ev_common, **task, **language}
+            deps: list[str] = [] if entry.trains else [
+                "embed-text", *(["prepare"] if "shards" in language else []),
+                *(["text-model"] if "text-model" in {n.name for n in nodes} else [])]
             if init not in train["variants"] and init not in ("random", "imagenet") and not Path(init).is_file():
                 raise MflagError(f"eval.inits: {init!r} is not a train variant, random, imagenet or a file")
             if f"synth:{ds}" in {n.name for n in nodes}:
                 deps.append(f"synth:{ds}")
-            label = f"{opts['task']}-{ds}"
+            label = f"{opts['task']}-{ds}" if entry.needs_dataset else f"{opts['task']}-{opts.get('split', 'test')}"
+            if opts["task"] == "zeroshot":
+                label = f"zeroshot-{opts.get('zeroshot_protocol') or default_protocol(ds)}-{ds}"
             if "fraction" in task:
                 label += f"@{opts['fraction']:g}"
             if (label, init) in evals_seen:
                 raise MflagError(f"eval.tasks: {label} with init {init} is listed twice")
             evals_seen.add((label, init))
             folder = init if init in train["variants"] or init in ("random", "imagenet") else f"file-{Path(init).stem}"
-            ext = external(root=roots[ds], init=None if init in train["variants"] else init,
-                            split_file=opts.get("split_file"))
+            root = roots[ds] if entry.needs_dataset else None
+            ext = external(root=root, init=None if init in train["variants"] else init,
+                           split_file=opts.get("split_file"), prompts=opts.get("prompts"))
             ext["format"] = EVAL_FORMAT
-            params = {"root": roots[ds], "init": init, **opts}
+            params = {"root": root, "init": init, **opts}
             if init in train["variants"] and variant_seeds[init] is not None:
                 # pre-training replicate s is evaluated with downstream seed s: the pairing unit
                 for seed in variant_seeds[init]:
@@ -345,9 +358,17 @@ def _run_eval(node: Node, by_name) -> None:
     p = dict(node.params)
     init = p.pop("init")  # a variant, <variant>:s<seed> for a seeded one, random, imagenet or a file
     train_node = by_name.get(f"train:{init}")
-    init_ref = str(train_node.out_dir / "encoder.pt") if train_node else init
+    trains = task_entry(p["task"]).trains
+    # a trained head needs the encoder; zero-shot and retrieval read the whole run folder (projector, text head)
+    init_ref = (str(train_node.out_dir / "encoder.pt") if trains else str(train_node.out_dir)) if train_node else init
     opts = p.pop("dataset_options", None) or {}
-    cfg = evaluate.EvalConfig(root=resolve(p.pop("root"), by_name), out=str(node.out_dir), init=init_ref,
+    if p.get("text_cache") == "@cache":
+        p["text_cache"] = _cache_dir(by_name)
+    for key in ("shards", "text_model"):
+        if p.get(key):
+            p[key] = resolve(p[key], by_name)
+    root = p.pop("root", None)
+    cfg = evaluate.EvalConfig(root=resolve(root, by_name) if root else None, out=str(node.out_dir), init=init_ref,
                               dataset_options=tuple(sorted(opts.items())), **tuples(p))
     evaluate.run(cfg)
 

@@ -1,28 +1,58 @@
-"""Downstream evaluation building blocks: one module per task behind a small registry.
+"""Downstream evaluation building blocks: one module per task behind one registry.
 
 - ``data``: decoding into one square store (``ImageSource``), crops and augmentations, torch datasets;
 - ``loop``: ``TrainSettings`` and ``fit``, the one epoch loop every head trains with;
 - ``recipes``: the ``mgca`` and ``tool`` protocols as one resolved ``Recipe`` per run;
-- ``task``: what a task gets for one seed (``SeedRun``) and returns (``SeedOutcome``);
-- ``cls``, ``seg``, ``det``: heads, losses, evaluation and prediction files of each task.
+- ``task``: what a trained task gets for one seed (``SeedRun``) and returns (``SeedOutcome``);
+- ``cls``, ``seg``, ``det``: heads, losses, evaluation and prediction files of each trained task;
+- ``zeroshot``, ``retrieval``: the evaluations without training that score images against texts through
+  a pre-training run's projector and text head (``language``, ``prompts``, ``language_metrics``).
 
-``get_task(name)`` is what the eval stage looks up.
+``TASKS`` is the registry: a task's name, the module that implements it and whether it trains. The eval
+stage, its ``--task`` choices, the pipeline YAML's checks and docs/OPTIONS.md all read it, so adding a
+task is its module plus one entry here. ``get_task(name)`` returns the module's ``TASK`` object.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib
+
 from pipeline.downstream.task import SeedOutcome, SeedRun, Task
 
-TASK_NAMES = ("cls", "seg", "det")
+
+@dataclasses.dataclass(frozen=True)
+class TaskEntry:
+    """``module``: where the task's ``TASK`` lives. ``trains``: the task trains a head per seed on a split of
+    the dataset (the eval stage's loop); otherwise the task's ``evaluate(cfg, out)`` does all of its work.
+    ``needs_dataset``: it reads a downstream dataset (``--dataset``/``--root``). ``help``: one line."""
+
+    module: str
+    trains: bool
+    needs_dataset: bool
+    help: str
 
 
-def get_task(name: str) -> Task:
-    """The task registered as ``name`` (cls | seg | det)."""
-    from pipeline.downstream import cls, det, seg
+TASKS: dict[str, TaskEntry] = {
+    "cls": TaskEntry("pipeline.downstream.cls", True, True, "a linear probe (or --finetune)"),
+    "seg": TaskEntry("pipeline.downstream.seg", True, True, "a U-Net"),
+    "det": TaskEntry("pipeline.downstream.det", True, True, "a detection head (--det-model)"),
+    "zeroshot": TaskEntry("pipeline.downstream.zeroshot", False, True,
+                          "zero-shot classification through the text space (--zeroshot-protocol), no training"),
+    "retrieval": TaskEntry("pipeline.downstream.retrieval", False, False,
+                           "image<->report retrieval over held-out pairs of --shards, no training"),
+}
+TASK_NAMES = tuple(TASKS)
 
-    registry = {"cls": cls.TASK, "seg": seg.TASK, "det": det.TASK}
-    if name not in registry:
-        raise KeyError(f"unknown task {name!r}; one of {', '.join(registry)}")
-    return registry[name]
+
+def task_entry(name: str) -> TaskEntry:
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; one of {', '.join(TASKS)}")
+    return TASKS[name]
 
 
-__all__ = ["TASK_NAMES", "SeedOutcome", "SeedRun", "Task", "get_task"]
+def get_task(name: str):
+    """The ``TASK`` object of the task registered as ``name``."""
+    return importlib.import_module(task_entry(name).module).TASK
+
+
+__all__ = ["TASKS", "TASK_NAMES", "SeedOutcome", "SeedRun", "Task", "TaskEntry", "get_task", "task_entry"]

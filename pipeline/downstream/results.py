@@ -163,12 +163,16 @@ def append_markdown(path: Path, res: dict) -> None:
     """Append one row (rewriting the file atomically so a crash never leaves half a row)."""
     old = path.read_text(encoding="utf-8") if path.is_file() else _MD_HEADER
     p = res["primary_metric"]
-    others = ", ".join(f"{k} {_fmt(v)}" for k, v in res["summary"].items() if k != p)
+    # the tasks without training report dozens of numbers (results.json has them): the row shows a few
+    keep = None if res["fraction_sizes"] else ("auroc", "f1_macro", "align_true_pair", "align_constant",
+                                               "align_shuffled", "image_to_text_R@1")
+    others = ", ".join(f"{k} {_fmt(v)}" for k, v in res["summary"].items() if k != p and (keep is None or k in keep))
     init = Path(res["init"]).name if res["init"] not in ("random", "imagenet") else res["init"]
     sha = (res["checkpoint_sha256"] or "-")[:12]
-    n_train = "/".join(str(v) for v in res["fraction_sizes"].values())
+    n_train = "/".join(str(v) for v in res["fraction_sizes"].values()) or f"{res.get('n_images', '-')} (no training)"
+    frac = "-" if res["fraction"] is None else res["fraction"]
     row = (f"| {res['finished']} | {res['task']} | {res['dataset']} | {res['protocol']} | {init} | {sha} | "
-           f"{res['fraction']} | {'yes' if res['finetune'] else 'no'} | {','.join(map(str, res['seeds']))} | {p} | "
+           f"{frac} | {'yes' if res['finetune'] else 'no'} | {','.join(map(str, res['seeds']))} | {p} | "
            f"{_fmt(res['summary'].get(p, {}))} | {others} | {n_train} | {res['fingerprint']} |\n")
     with atomic_open(path, "w", encoding="utf-8") as fh:
         fh.write(old + row)
