@@ -22,6 +22,7 @@ from typing import Iterator
 import numpy as np
 
 from pipeline.common import ConfigError, MflagError, RateLimitedLog, atomic_path, read_json, write_json
+from pipeline.corpora.base import IMAGE_FORMATS, CorpusImage
 from pipeline.imaging import (
     ImageError,
     ImageTooLargeError,
@@ -30,7 +31,6 @@ from pipeline.imaging import (
     load_for_shard,
     load_rgb_for_shard,
 )
-from pipeline.corpora.base import IMAGE_FORMATS, CorpusImage
 from pipeline.mimic import BadItem
 
 log = logging.getLogger(__name__)

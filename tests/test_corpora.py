@@ -9,7 +9,6 @@ import PIL
 import pytest
 
 from pipeline.corpora import CORPORA, corpus_of
-from pipeline.corpora.base import draw_split, image_key, natural_key
 from stages.prepare import PrepareConfig, run
 
 # Hashes of prepare's outputs on the synthetic MIMIC world, recorded from the code before corpora
