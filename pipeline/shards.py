@@ -201,6 +201,7 @@ class PrepareReport:
         self.filtered: dict = {}
         self.bad: list[BadItem] = []
         self.dropped: list[dict] = []
+        self.notes: list[str] = []  # what a reader of the report should know (e.g. views not filtered)
         self._seen: set = set()
         self._warn: dict[str, RateLimitedLog] = {}
 
@@ -234,6 +235,7 @@ class PrepareReport:
             "filtered": self.filtered,
             "bad": [b.to_dict() for b in self.bad],
             "dropped": self.dropped,
+            **({"notes": self.notes} if self.notes else {}),
         })
 
 
