@@ -65,7 +65,7 @@ class PairsConfig(ShardOptions):
     split_seed: int = option(0, help="Seed of the drawn split (without --split-column).")
     split_fractions: tuple[float, ...] = option((0.9, 0.05, 0.05), min=0, max=1,
                                                 help="Shares of train, validate and test in the drawn split.")
-    channels: int = option(1, choices=(1, 3), help="1: grey (colour images are converted); 3: keep RGB in the "
+    channels: int = option(1, min=1, max=3, help="1: grey (colour images are converted); 3: keep RGB in the "
                                                    "shards, the loader and the ResNet input (histopathology, "
                                                    "fundus).")
 
@@ -74,6 +74,8 @@ class PairsConfig(ShardOptions):
 
     def check(self) -> None:
         check_fractions("split_fractions", self.split_fractions)
+        if self.channels not in (1, 3):
+            raise ConfigError(f"channels: expected 1 (grey) or 3 (RGB), got {self.channels}")
         if not self.text_column:
             raise ConfigError("text_column: give at least one column")
         if table_kind(self.table) is None:
