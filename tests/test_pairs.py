@@ -113,7 +113,8 @@ def test_pairs_table_bad_rows_named_and_counted_good_images_kept(corpus, tmp_pat
 
     reports = {r["study_id"]: r for r in map(json.loads, (out / "reports.jsonl").read_text().splitlines())}
     assert set(reports) == {"s1", "s4", "s5"}
-    assert reports["s4"]["text"] == "Stained section. | Benign." and reports["s4"]["sections"] == ["report", "impression"]
+    assert reports["s4"]["text"] == "Stained section. | Benign."
+    assert reports["s4"]["sections"] == ["report", "impression"]
     assert reports["s1"]["subject_id"] == "p1"
 
     a16 = _pixels(samples[image_key("ok/b16.png")]["png"])  # 16-bit: scaled to the full 8-bit range, order kept
