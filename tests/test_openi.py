@@ -191,3 +191,69 @@ def test_cli_prepare_openi_errors_name_the_file(synth, tmp_path):
                                  synth["images"], "--out", str(tmp_path / "ok"), "--size", "32", "--workers", "1"])
     assert r.exit_code == 0, r.output
     assert "train:" in r.output and read_json(tmp_path / "ok" / "manifest.json")["corpus"] == "openi"
+
+
+# --------------------------------------------------------------------------- pipeline YAML
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny-test.yaml"
+
+
+def _tiny_openi(tmp_path: Path, **sections) -> Path:
+    import yaml
+
+    spec = yaml.safe_load(TINY.read_text())
+    spec.update(workdir=str(tmp_path / "work"), corpus={"synth-openi": {"n_reports": 40, "seed": 0, "image_size": 64}})
+    spec["prepare"] = {"corpus": "openi", **spec["prepare"]}
+    spec["train"]["variants"] = {"mflag": {"orth_weight": 1.0}}
+    spec.update(sections)
+    path = tmp_path / "openi.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.slow
+def test_whole_chain_on_openi_from_a_pipeline_yaml(tmp_path):
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    cfg = _tiny_openi(tmp_path)
+    res = CliRunner().invoke(cli, ["-q", "run", "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    ran = {line.split()[0] for line in res.output.splitlines() if " ran " in line}
+    assert {"synth-openi", "prepare", "text-model", "embed-text", "train:mflag", "eval:cls-chexpert:mflag",
+            "report"} <= ran
+    work = tmp_path / "work"
+    manifest = read_json(work / "prepare" / "manifest.json")
+    assert manifest["corpus"] == "openi" and manifest["n_images"] > 30
+    studies = {json.loads(x)["study_id"] for x in (work / "prepare" / "reports.jsonl").read_text().splitlines()}
+    assert studies and all(s.isdigit() for s in studies)  # OpenI's report numbers
+    assert (work / "train" / "mflag" / "encoder.pt").is_file()
+    assert "| cls-chexpert | auroc |" in (work / "report" / "results.md").read_text()
+    res = CliRunner().invoke(cli, ["-q", "run", "--config", str(cfg)])
+    assert res.exit_code == 0 and "0 stage(s) ran" in res.output, res.output
+
+
+def test_pipeline_yaml_names_the_corpus_in_either_section(synth, tmp_path):
+    from pipeline.common import MflagError
+    from stages import orchestrate
+
+    def plan(path):
+        return {n.name: n for n in orchestrate.build_nodes(orchestrate.load_spec(path))}
+
+    nodes = plan(_tiny_openi(tmp_path))
+    assert nodes["prepare"].deps == ("synth-openi",) and nodes["prepare"].params["corpus"] == "openi"
+    # Real inputs, in the corpus section or in the prepare section: the same stage
+    real = {"reports": synth["reports"], "images": synth["images"]}
+    a = plan(_tiny_openi(tmp_path, corpus={"openi": real}))["prepare"]
+    b = plan(_tiny_openi(tmp_path, corpus=None, prepare={"corpus": "openi", **real, "size": 48, "shard_size": 20,
+                                                          "workers": 1}))["prepare"]
+    assert a.params == b.params and a.params["reports"] == synth["reports"] and "reports" in a.inputs
+    for sections, message in [
+        ({"corpus": {"openi": {**real, "imgs": "x"}}}, r"corpus.openi: unknown keys \['imgs'\]"),
+        ({"prepare": {"corpus": "pairs", "size": 48}}, "prepare.corpus: 'pairs', but the corpus section gives"),
+        ({"prepare": {"corpus": "openi", "split_fractions": [1, 1, 1]}}, "prepare.split_fractions: expected three"),
+        ({"prepare": {"corpus": "openi", "views": ["PA"]}}, r"prepare: unknown or orchestrator-owned options"),
+        ({"corpus": {"nope": {}}}, "corpus must have exactly one of"),
+    ]:
+        with pytest.raises(MflagError, match=message):
+            plan(_tiny_openi(tmp_path, **sections))

@@ -53,13 +53,13 @@ class ChexpertPlusConfig(ShardOptions):
                     break
         self._set("views", tuple(str(v).strip().lower() for v in self.views if str(v).strip()))
 
-    def check(self) -> None:
+    def check(self) -> None:  # the inputs last: a pipeline checks the other options before they exist
+        if not self.views:
+            raise ConfigError("views: give at least one of frontal, lateral")
         if not Path(self.root).is_dir():
             raise ConfigError(f"root: {self.root} is not a directory")
         if self.csv is None or not Path(self.csv).is_file():
             raise ConfigError(f"csv: {self.csv or Path(self.root) / CSV_NAME} not found; name the table with --csv")
-        if not self.views:
-            raise ConfigError("views: give at least one of frontal, lateral")
 
     def content_dict(self) -> dict:
         return {"corpus": "chexpert-plus", **super().content_dict()}
