@@ -88,6 +88,7 @@ def read(cfg: ChexpertPlusConfig, report) -> Selection:
     texts: dict[tuple[str, str], tuple[str, list[str]]] = {}
     filtered: dict[str, Counter] = {"view": Counter(), "split": Counter()}
     seen: dict[str, str] = {}
+    first_row: dict[tuple[str, str], str] = {}
     n_considered = n_bad = 0
 
     def bad(reason: str, where: str, detail: str, ids: dict) -> None:
@@ -134,10 +135,11 @@ def read(cfg: ChexpertPlusConfig, report) -> Selection:
             used = [s for s, col in zip(cfg.text_sections, sections) if row[col].strip()]
             text = cfg.section_separator.join(" ".join(row[f"section_{s}"].split()) for s in used)
             texts[(patient, study)] = (text, used)
+            first_row[(patient, study)] = where
         images.append(CorpusImage(image_key(rel), patient, study, row["ap_pa"].strip().upper(), split, found))
     no_text = {k for k, (t, _) in texts.items() if not t.strip()}
     for patient, study in sorted(no_text):
-        report.add_dropped("no_text_empty_sections", f"{table}", f"study {study}: no text in sections "
+        report.add_dropped("no_text_empty_sections", first_row[(patient, study)], f"study {study}: no text in sections "
                            f"{','.join(cfg.text_sections)}", {"study_id": study, "subject_id": patient})
         del texts[(patient, study)]
     report.filtered = {k: dict(v) for k, v in filtered.items()}
