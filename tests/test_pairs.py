@@ -209,3 +209,56 @@ def test_missing_column_and_bad_options_are_one_line_errors(corpus, tmp_path):
                                  "--size", "32", "--workers", "1", "--max-bad-fraction", "0.5", "--channels", "3"])
     assert r.exit_code == 0, r.output
     assert read_json(tmp_path / "o3" / "manifest.json")["channels"] == 3
+
+
+# --------------------------------------------------------------------------- colour through training
+def _colour_corpus(base: Path, n: int = 24) -> Path:
+    """Colour images whose hue, not brightness, carries the class: grey conversion would lose it."""
+    rng = np.random.default_rng(0)
+    (base / "img").mkdir(parents=True)
+    lines = ["image,text,patient,split"]
+    for i in range(n):
+        rgb = rng.integers(90, 110, size=(40, 40, 3)).astype(np.uint8)
+        rgb[8:32, 8:32, i % 2] += 100  # red or green square of equal luma weight... roughly
+        Image.fromarray(rgb).save(base / "img" / f"{i}.png")
+        lines.append(f"img/{i}.png,class {i % 2} tissue.,p{i},{'train' if i < n - 8 else 'validate'}")
+    (base / "table.csv").write_text("\n".join(lines) + "\n")
+    return base / "table.csv"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("channels", [1, 3])
+def test_channels_reach_the_resnet_input(tmp_path, monkeypatch, channels):
+    from cache import write_cache
+    from pipeline import pretrain, wds
+    from stages import train_vision
+    from tests._train_helpers import tiny_config
+
+    table = _colour_corpus(tmp_path / "corpus")
+    out = tmp_path / "prepared"
+    run(PairsConfig(table=str(table), image_root=str(tmp_path / "corpus"), out=str(out), size=40, shard_size=4,
+                    workers=1, channels=channels, image_format="raw"))
+    studies = [json.loads(x)["study_id"] for x in (out / "reports.jsonl").read_text().splitlines()]
+    rng = np.random.default_rng(0)
+    cache = write_cache(tmp_path / "cache", studies, rng.normal(size=(len(studies), 16)).astype(np.float32),
+                        {"model_id": "synthetic", "pooling": "cls", "text_encoder_params": 1})
+    assert wds.resolve_shards(str(out), "train").channels == channels
+
+    seen = []
+    original = pretrain.prepare_images
+
+    def spy(images, augmenter, device, channels_last):
+        x = original(images, augmenter, device, channels_last)
+        seen.append(x.detach().clone())
+        return x
+
+    monkeypatch.setattr(pretrain, "prepare_images", spy)
+    cfg = tiny_config({"shards": out, "cache": cache}, tmp_path / "train", aug="light", max_steps=2, probe_size=4,
+                      probe_every=2, ckpt_every=2)
+    train_vision.run(cfg)
+    assert seen and all(x.shape[1] == 3 for x in seen)
+    differ = max(float((x[:, 0] - x[:, 1]).abs().max()) for x in seen)
+    if channels == 3:
+        assert differ > 0.5  # red and green squares arrive as themselves
+    else:
+        assert differ == 0.0  # grey: the three channels are one
