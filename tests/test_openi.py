@@ -257,3 +257,13 @@ def test_pipeline_yaml_names_the_corpus_in_either_section(synth, tmp_path):
     ]:
         with pytest.raises(MflagError, match=message):
             plan(_tiny_openi(tmp_path, **sections))
+
+
+def test_kaggle_image_names_are_found_too(synth, tmp_path):
+    kaggle = tmp_path / "images_normalized"
+    kaggle.mkdir()
+    for p in Path(synth["images"]).iterdir():
+        os.link(p, kaggle / f"{p.stem.removeprefix('CXR')}.dcm.png")
+    run(_cfg(synth, tmp_path / "nlm"))
+    run(_cfg(synth, tmp_path / "kaggle", images=str(kaggle)))
+    assert read_shards(tmp_path / "kaggle" / "shards") == read_shards(tmp_path / "nlm" / "shards")

@@ -141,6 +141,15 @@ def read_projections(path: str | Path) -> dict[str, str]:
     return out
 
 
+def image_file(image_id: str, present: set[str]) -> str | None:
+    """The file of a parentImage id in the images folder: ``<id>.png`` as NLMCXR_png.tgz unpacks, else the
+    Kaggle copy's ``<id without CXR>.dcm.png`` (images_normalized/); None when neither is there."""
+    for name in (f"{image_id}.png", f"{image_id.removeprefix('CXR')}.dcm.png"):
+        if name in present:
+            return name
+    return None
+
+
 def read(cfg: OpenIConfig, report) -> Selection:
     """The reports with text and at least one image present become studies; the rest is counted."""
     images_dir = Path(cfg.images)
@@ -165,8 +174,8 @@ def read(cfg: OpenIConfig, report) -> Selection:
             continue
         listed = []
         for image_id in rep.images:
-            why = unsafe_id_reason(image_id)
-            if why is not None:
+            why = unsafe_id_reason(image_id) or ("contains '.'" if "." in image_id else None)
+            if why is not None:  # it names a file, and a shard member (whose key ends at the first dot)
                 report.add_bad(BadItem("bad_image_id", where, f"parentImage id {image_id!r} {why}", ids))
                 continue
             view = projections.get(image_id, "") if projections is not None else ""
@@ -191,8 +200,9 @@ def read(cfg: OpenIConfig, report) -> Selection:
         n_considered += len(listed)
         kept = []
         for image_id, view in listed:
-            if f"{image_id}.png" in present:
-                kept.append(CorpusImage(image_id, study, study, view.upper(), split, f"{image_id}.png"))
+            name = image_file(image_id, present)
+            if name is not None:
+                kept.append(CorpusImage(image_id, study, study, view.upper(), split, name))
             else:
                 n_bad += 1
                 report.add_bad(BadItem("missing_image", str(images_dir / f"{image_id}.png"),
