@@ -219,8 +219,10 @@ def read(cfg: OpenIConfig, report) -> Selection:
     if projections is None:
         report.notes.append("no --projections given: every image of a report is kept, frontal and lateral")
     if not images:
+        dropped = dict(Counter(d["reason"] for d in report.dropped))
         raise CorpusError(f"{cfg.reports}: no report has both text in sections {','.join(cfg.text_sections)} and "
-                          f"an image in {images_dir} (see {report.path})")
+                          f"an image in {images_dir} (skipped: {dropped or 'none'}; bad: "
+                          f"{dict(report.reason_counts()) or 'none'}; every one is named in {report.path})")
     split_counts = Counter(i.split for i in images)
     manifest = {"corpus": "openi", "split": {
         "drawn": True, "unit": "report", "seed": cfg.split_seed,

@@ -283,7 +283,8 @@ def read(cfg: PairsConfig, report) -> Selection:
                          filtered_split=sum(filtered.values()))
     if not images:
         raise CorpusError(f"{table}: no row has an image in {root} and report text in "
-                          f"{','.join(cfg.text_column)} (see {report.path})")
+                          f"{','.join(cfg.text_column)} (bad rows: {dict(report.reason_counts()) or 'none'}; "
+                          f"dropped: {len(report.dropped)}; every row is named in {report.path})")
     manifest: dict[str, Any] = {"corpus": "pairs"}
     if cfg.channels != 1:
         manifest["channels"] = cfg.channels
