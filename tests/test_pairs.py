@@ -176,13 +176,14 @@ def test_three_channels_keep_colour(corpus, tmp_path):
 
 def test_defaults_each_image_its_own_study_and_a_split_drawn_per_patient(corpus, tmp_path):
     base, root = corpus
-    rows = [("ok/a.png", "A.", "p1"), ("ok/b16.png", "B.", "p1"), ("ok/rgb.jpg", "C.", "p2")]
+    # an absolute path under the image root and a ./ prefix are the same images as relative paths
+    rows = [(str(root / "ok" / "a.png"), "A.", "p1"), ("./ok/b16.png", "B.", "p1"), ("ok/rgb.jpg", "C.", "p2")]
     (base / "plain.csv").write_text("image,text,patient\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows))
     out = tmp_path / "plain"
     run(PairsConfig(table=str(base / "plain.csv"), image_root=str(root), out=str(out), patient_column="patient",
                     size=32, workers=1, split_fractions=(0.5, 0.0, 0.5)))
     metas = [json.loads(s["json"]) for s in _samples(out).values()]
-    assert sorted(m["study_id"] for m in metas) == sorted(image_key(a) for a, _, _ in rows)
+    assert sorted(m["study_id"] for m in metas) == sorted(map(image_key, ("ok/a.png", "ok/b16.png", "ok/rgb.jpg")))
     by_patient = {}
     for m in metas:
         by_patient.setdefault(m["subject_id"], set()).add(m["split"])

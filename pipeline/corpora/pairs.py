@@ -19,6 +19,7 @@ import gzip
 import io
 import json
 import math
+import os
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -179,6 +180,20 @@ def _read_jsonl(path: Path, text: str) -> tuple[list[str], Iterator[tuple[str, d
     return list(columns), iter(parsed)
 
 
+def _under(path: str, root: Path) -> str:
+    """A table's image path relative to ``root``: ``./`` prefixes dropped, and an absolute path that lies
+    under ``root`` (as written, ``..`` folded) made relative. Anything else is returned unchanged, for
+    ``unsafe_relpath_reason`` to refuse."""
+    while path.startswith("./"):
+        path = path[2:]
+    if path.startswith("/"):
+        folded = os.path.normpath(path)
+        base = os.path.normpath(os.path.abspath(root))
+        if folded.startswith(base + os.sep):
+            return folded[len(base) + 1:]
+    return path
+
+
 @dataclass
 class _Study:
     patient: str
@@ -218,6 +233,7 @@ def read(cfg: PairsConfig, report) -> Selection:
         if not rel:
             bad("bad_row", where, f"empty {cfg.image_column!r}")
             continue
+        rel = _under(rel, root)
         why = unsafe_relpath_reason(rel)
         if why is not None:
             bad("unsafe_path", where, f"image path {rel!r} {why}: it must stay inside {root}")
