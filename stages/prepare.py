@@ -26,8 +26,8 @@ from pipeline.common import (
     save_config,
     write_json,
 )
-from pipeline.corpora import CorpusError, ShardOptions, corpus_of
-from pipeline.corpora.base import natural_key
+from pipeline.corpora import corpus_of
+from pipeline.corpora.base import CorpusError, ShardOptions, natural_key
 from pipeline.corpora.mimic import MimicConfig
 from pipeline.locks import output_lock
 from pipeline.mimic import BadItem, CsvColumnError

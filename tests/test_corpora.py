@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from pathlib import Path
 
 import numpy as np
 import PIL
 import pytest
 
 from pipeline.corpora import CORPORA, corpus_of
+from pipeline.corpora.base import draw_split, image_key, natural_key
 from stages.prepare import PrepareConfig, run
 
 # Hashes of prepare's outputs on the synthetic MIMIC world, recorded from the code before corpora
@@ -75,3 +77,47 @@ def test_mimic_outputs_are_byte_identical_to_before_the_corpus_registry(tmp_path
             assert got[path] == digest, f"{name}: {path} changed"
     if not same_libs:
         pytest.skip(f"shard bytes not compared: libraries differ from {RECORDED_WITH} (the rest matched)")
+
+
+def test_every_registered_corpus_is_a_command_a_yaml_corpus_and_documented():
+    import dataclasses
+
+    from cli import stage_commands
+    from pipeline.corpora.base import ShardOptions
+    from pipeline.pipeline_spec import CORPUS_KEYS
+
+    commands = stage_commands()
+    options_md = (Path(__file__).resolve().parents[1] / "docs" / "OPTIONS.md").read_text()
+    for name, entry in CORPORA.items():
+        cls = entry.config_class()
+        assert issubclass(cls, ShardOptions) and callable(entry.load().read)
+        assert set(cls.INPUTS) <= {f.name for f in dataclasses.fields(cls)}
+        assert commands[f"prepare {name}"].config_class() is cls
+        assert name in CORPUS_KEYS and f"### `mflag prepare {name}`" in options_md
+
+
+@pytest.mark.parametrize("ids, order", [
+    (["10", "9", "100"], ["9", "10", "100"]),  # digit-only ids in int() order (MIMIC's reports.jsonl)
+    (["CXR10_1_IM-0002", "CXR2_1_IM-0001", "CXR2_1_IM-0010"], ["CXR2_1_IM-0001", "CXR2_1_IM-0010", "CXR10_1_IM-0002"]),
+    (["patient00002_1", "patient00001_10", "patient00001_2"], ["patient00001_2", "patient00001_10", "patient00002_1"]),
+    (["b", "a10", "a9", "9"], ["9", "a9", "a10", "b"]),
+])
+def test_natural_key_orders_any_id_and_digits_as_numbers(ids, order):
+    assert sorted(ids, key=natural_key) == order
+
+
+def test_drawn_split_is_a_pure_function_of_seed_and_key_with_the_asked_fractions():
+    keys = [str(i) for i in range(4000)]
+    a = [draw_split(k, 0, (0.9, 0.05, 0.05)) for k in keys]
+    assert a == [draw_split(k, 0, (0.9, 0.05, 0.05)) for k in reversed(keys)][::-1]
+    n = {s: a.count(s) for s in ("train", "validate", "test")}
+    assert 3500 < n["train"] < 3700 and 150 < n["validate"] < 260 and 150 < n["test"] < 260
+    assert a != [draw_split(k, 1, (0.9, 0.05, 0.05)) for k in keys]
+    assert {draw_split(k, 0, (0.0, 0.0, 1.0)) for k in keys} == {"test"}
+
+
+def test_image_keys_are_member_safe_and_distinct():
+    paths = ["a/b.png", "a_b.png", "a/b.c.png", "x/../y.png", "ünïcode/ü.jpg", "a/b.jpg"]
+    keys = [image_key(p) for p in paths]
+    assert len(set(keys)) == len(keys) and all("." not in k and "/" not in k for k in keys)
+    assert image_key("a/b.png") == image_key("a/b.png")

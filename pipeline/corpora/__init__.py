@@ -13,9 +13,11 @@ import importlib
 from dataclasses import dataclass
 from types import ModuleType
 
-from pipeline.corpora.base import CorpusError, CorpusImage, Selection, ShardOptions
+from pipeline.common import MflagError
 
-__all__ = ["CORPORA", "Corpus", "CorpusError", "CorpusImage", "Selection", "ShardOptions", "corpus", "corpus_of"]
+# Nothing heavier than the names is imported here: `mflag --help` lists the corpora without numpy or
+# PIL; the record types are in pipeline.corpora.base.
+__all__ = ["CORPORA", "Corpus", "corpus", "corpus_of"]
 
 
 @dataclass(frozen=True)
@@ -55,12 +57,12 @@ def corpus(name: str) -> Corpus:
     try:
         return CORPORA[name]
     except KeyError:
-        raise CorpusError(f"unknown corpus {name!r}; one of {', '.join(CORPORA)}") from None
+        raise MflagError(f"unknown corpus {name!r}; one of {', '.join(CORPORA)}") from None
 
 
-def corpus_of(cfg: ShardOptions) -> Corpus:
+def corpus_of(cfg) -> Corpus:
     """The registry entry whose config class ``cfg`` is an instance of."""
     for c in CORPORA.values():
         if type(cfg).__module__ == c.module and type(cfg).__name__ == c.config:
             return c
-    raise CorpusError(f"{type(cfg).__name__} is not the config of a registered corpus")
+    raise MflagError(f"{type(cfg).__name__} is not the config of a registered corpus")
