@@ -181,6 +181,21 @@ def _downstream_command(name: str, default_size: int, extra=()):
 
 _monochrome1 = click.option("--monochrome1-fraction", type=click.FloatRange(0, 1), default=0.1,
                             show_default=True, help="Share of DICOMs stored inverted as MONOCHROME1.")
+@synth.command("openi")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--n-reports", "--n", "n_reports", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Number of reports (1-3 images each).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Everything drawn follows from it.")
+@click.option("--image-size", type=click.IntRange(min=32), default=256, show_default=True,
+              help="Shorter image side in pixels.")
+@user_errors
+def synth_openi(out_dir, n_reports, seed, image_size):
+    """An IU X-ray / OpenI corpus: NLMCXR_reports.tgz, images/<id>.png, indiana_projections.csv."""
+    from pipeline.synth.openi import write_openi
+
+    _echo_summary(write_openi(out_dir, n_reports, seed, image_size=image_size))
+
+
 _downstream_command("chexpert", 320)
 _downstream_command("rsna", 1024, [_monochrome1])
 _downstream_command("covidx", 384, [click.option("--label-set", type=click.Choice(["A", "B"]), default="A",
@@ -199,6 +214,10 @@ def prepare() -> None:
 @prepare.command("mimic", cls=StageCommand, config="stages.prepare:PrepareConfig")
 def prepare_mimic(cfg) -> None:
     """MIMIC-CXR-JPG images + reports -> OUT/shards/<split>-NNNNNN.tar, OUT/reports.jsonl, manifest."""
+    _prepare_corpus(cfg)
+
+
+def _prepare_corpus(cfg) -> None:
     from stages import prepare as stage
 
     res = stage.run(cfg)
@@ -207,6 +226,18 @@ def prepare_mimic(cfg) -> None:
     click.echo(f"{res.n_studies} studies in {res.out / 'reports.jsonl'}; "
                f"{res.shards_written} shards written, {res.shards_skipped} reused; "
                f"manifest {res.out / 'manifest.json'}")
+
+
+def _add_corpus_commands() -> None:
+    """``prepare <corpus>`` for every other corpus of the registry (pipeline/corpora/__init__.py)."""
+    from pipeline.corpora import CORPORA
+
+    for c in CORPORA.values():
+        if c.name != "mimic":  # declared above, under the config name pipelines and tests know
+            prepare.command(c.name, cls=StageCommand, config=c.config_path, help=c.summary)(_prepare_corpus)
+
+
+_add_corpus_commands()
 
 
 # ==== embed-text and cache (stages/embed_text.py, cache/) ====

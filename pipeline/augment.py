@@ -536,8 +536,9 @@ def _as_batch(images: Tensor | np.ndarray) -> Tensor:
         images = torch.from_numpy(np.ascontiguousarray(images))
     if images.ndim == 3:
         images = images.unsqueeze(1)  # (B, H, W) -> (B, 1, H, W)
-    if images.ndim != 4 or images.shape[1] != 1:
-        raise ValueError(f"expected grey images (B,1,H,W) or (B,H,W), got shape {tuple(images.shape)}")
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected grey images (B,1,H,W) or (B,H,W), or colour (B,3,H,W), got shape "
+                         f"{tuple(images.shape)}")
     if images.shape[-1] != images.shape[-2]:
         raise ValueError(f"expected square images, got {tuple(images.shape[-2:])}")
     return images
@@ -549,13 +550,18 @@ def _value_max(images: Tensor) -> float:
 
 # --------------------------------------------------------------------------- augmenters
 def _as_single(image: Tensor | np.ndarray) -> Tensor:
-    """A grey (H,W) array or (1,H,W)/(H,W) tensor -> a (1,1,S,S) tensor view."""
+    """A grey (H,W) array or (1,H,W)/(H,W) tensor -> a (1,1,S,S) tensor view; a colour (H,W,3) array
+    or (3,H,W) tensor -> (1,3,S,S)."""
     if isinstance(image, np.ndarray):
+        colour = image.ndim == 3 and image.shape[2] == 3
         image = torch.from_numpy(np.ascontiguousarray(image))
+        if colour:
+            image = image.permute(2, 0, 1)
     if image.ndim == 2:
         image = image[None]
-    if image.ndim != 3 or image.shape[0] != 1:
-        raise ValueError(f"expected one grey image (H,W) or (1,H,W), got shape {tuple(image.shape)}")
+    if image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"expected one grey image (H,W) or (1,H,W), or colour (H,W,3), got shape "
+                         f"{tuple(image.shape)}")
     if image.shape[-1] != image.shape[-2]:
         raise ValueError(f"expected a square image, got {tuple(image.shape[-2:])}")
     return image[None]
@@ -605,7 +611,8 @@ class Augmenter:
         images = images.to(self.device, non_blocking=True)
         raw = _warp_geoms(images, geoms, self.out_size)
         flags = torch.tensor([g.autocontrast for g in geoms], dtype=torch.bool)
-        return to_three_channels(_finish(raw, flags, _value_max(images)))
+        out = _finish(raw, flags, _value_max(images))
+        return to_three_channels(out) if out.shape[1] == 1 else out  # colour: already 3 channels
 
     def state_dict(self) -> dict[str, Any]:
         return {"recipe": self.recipe, "generator": self.generator.get_state()}

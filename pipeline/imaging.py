@@ -313,6 +313,40 @@ def load_for_shard(path: str | os.PathLike, size: int, crop_border: bool = True,
     return minmax_uint8(out), orig
 
 
+def read_rgb(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image as uint8 H x W x 3: colour images keep their colour, grey ones (8/16-bit, DICOM,
+    scaled as :func:`read_image`) repeat their one channel. For ``prepare pairs --channels 3``
+    (histopathology, fundus photographs). Raises as :func:`read_image`."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingImageError(f"{path}: image file not found")
+    if not _is_dicom(path):
+        with _open_pil(path, max_pixels) as im:
+            if im.mode in ("RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "P", "PA"):
+                try:
+                    im.load()
+                    return np.array(im.convert("RGB"), dtype=np.uint8)
+                except Exception as e:  # truncated / corrupt data surfaces on load, with varied types
+                    raise ImageError(f"{path}: corrupt image data ({type(e).__name__}: {e})") from e
+    grey = read_image(path, max_pixels)
+    return np.repeat(grey[:, :, None], 3, axis=2)
+
+
+def load_rgb_for_shard(path: str | os.PathLike, size: int, crop_border: bool = True,
+                       max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`load_for_shard` in colour: ``(uint8 size x size x 3 array, original (H, W))``. The border is
+    found on the mean of the channels and cropped from all three; min-max scaling spans all channels
+    together, so the colour balance is kept."""
+    a = read_rgb(path, max_pixels)
+    orig = (a.shape[0], a.shape[1])
+    if crop_border:
+        t, b, l, r = border_box(a.mean(axis=2))  # noqa: E741 (top, bottom, left, right)
+        a = a[t:b, l:r]
+    if a.shape[:2] != (size, size):
+        a = np.array(Image.fromarray(np.ascontiguousarray(a)).resize((size, size), RESAMPLE))
+    return minmax_uint8(a), orig
+
+
 def _edge_fraction(edge: np.ndarray, inner: np.ndarray) -> float:
     # At reduced scale the first line of content averages border (about 0) and content, so its
     # brightness relative to the next line in is the part of it that full-resolution pixels fill.

@@ -20,8 +20,11 @@ from typing import Any
 import yaml
 
 from pipeline.common import ConfigError, MflagError, coerce_to_hint
+from pipeline.corpora import CORPORA
 from pipeline.stagegraph import Node, path_signature
 
+# corpus: synthetic MIMIC, synthetic OpenI, or one of the registry's (pipeline/corpora) with its inputs
+CORPUS_KEYS = ("synth", "synth-openi", *CORPORA)
 TOP_KEYS = {"workdir", "corpus", "text_model", "prepare", "embed_text", "train", "downstream", "eval",
             "report"}
 
@@ -54,8 +57,12 @@ def load_spec(path: str | Path, workdir: str | None = None) -> dict[str, Any]:
     if workdir:
         spec["workdir"] = workdir
     corpus = spec.get("corpus") or {}
-    if ("synth" in corpus) == ("mimic" in corpus):
-        raise MflagError(f"{path}: corpus must have exactly one of 'synth' or 'mimic'")
+    prepare = spec.get("prepare") if isinstance(spec.get("prepare"), dict) else {}
+    if not isinstance(corpus, dict) or (len(corpus) != 1 or next(iter(corpus)) not in CORPUS_KEYS) and \
+            not (not corpus and prepare.get("corpus")):
+        raise MflagError(f"{path}: corpus must have exactly one of 'synth' or 'mimic' (or another corpus: "
+                         f"{', '.join(k for k in CORPUS_KEYS if k not in ('synth', 'mimic'))}), or prepare must "
+                         "name one (prepare: {corpus: openi, reports: ..., images: ...})")
     tm = spec.get("text_model") or {}
     if ("build" in tm) == ("model" in tm):
         raise MflagError(f"{path}: text_model must have exactly one of 'build' (a small stand-in built "
@@ -181,10 +188,11 @@ def check_inputs_exist(config: str, nodes: list[Node]) -> None:
                             f"({Path(torch.hub.get_dir()) / 'checkpoints'}); fill it once with network (README, "
                             "Real data step 0) or name a weights file")
     for n in nodes:
-        for key in ("root", "reports"):
+        for key in ("root", "reports", "images", "projections", "csv", "table", "image_root"):
             v = n.params.get(key)
             if isinstance(v, str) and not v.startswith("@") and not Path(v).expanduser().exists():
-                where = f"corpus.mimic.{key}" if n.name == "prepare" else f"downstream.roots.{n.params.get('dataset')}"
+                where = (f"corpus.{n.params.get('corpus', 'mimic')}.{key}" if n.name == "prepare"
+                         else f"downstream.roots.{n.params.get('dataset')}")
                 problems.append(f"{where} (stage {n.name}): {v} does not exist")
     if problems:
         raise MflagError(f"{config}: " + "; ".join(dict.fromkeys(problems)))

@@ -207,7 +207,7 @@ def epoch_loader(train: wdsp.ShardSet, targets, pos: DataPos, *, seed: int, dist
     state = wdsp.StreamState(seed=seed, epoch=pos.epoch, rank=dist.rank, world_size=dist.world_size,
                              rotation=pos.step_in_epoch % nw, skip=dict(pos.workers))
     pipe = wdsp.train_pipeline(list(train.urls), state, targets, batch, image_size, on_missing, shuffle_buffer,
-                               sample_aug, sizes=train.sizes)
+                               sample_aug, sizes=train.sizes, channels=train.channels)
     return wdsp.make_loader(pipe, num_workers, pin_memory=pin_memory)
 
 
@@ -246,8 +246,10 @@ def load_probe_set(train: wdsp.ShardSet, targets, *, probe_shards: str | None, w
     probes: elsewhere, and when ``want`` < 2, ``(None, None)``."""
     if not is_main or want < 2:
         return None, None
+    channels = train.channels
     if probe_shards:
-        urls = list(wdsp.resolve_shards(probe_shards, "validate").urls)
+        probe = wdsp.resolve_shards(probe_shards, "validate")
+        urls, channels = list(probe.urls), probe.channels
     else:
         urls = wdsp.heldout_shards(train, "validate") + wdsp.heldout_shards(train, "test")
     if not urls:
@@ -260,7 +262,7 @@ def load_probe_set(train: wdsp.ShardSet, targets, *, probe_shards: str | None, w
         # still shows collapse (effective rank, spectrum) but flatters retrieval.
         log.warning("the probe images (%s ...) are also training images (--pairs %s); pass --probe-shards "
                     "with other images to probe held-out data", Path(urls[0]).name, pairs)
-    batch = wdsp.read_fixed_batch(urls, targets, want, image_size)
+    batch = wdsp.read_fixed_batch(urls, targets, want, image_size, channels)
     if batch is None or len(batch["key"]) < 2:
         log.warning("the held-out shards %s have fewer than 2 usable samples: probes disabled", urls[:2])
         return None, held_out

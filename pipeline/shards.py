@@ -22,8 +22,16 @@ from typing import Iterator
 import numpy as np
 
 from pipeline.common import ConfigError, MflagError, RateLimitedLog, atomic_path, read_json, write_json
-from pipeline.imaging import ImageError, ImageTooLargeError, MissingImageError, encode_png, load_for_shard
-from pipeline.mimic import BadItem, MimicImage
+from pipeline.corpora.base import IMAGE_FORMATS, CorpusImage
+from pipeline.imaging import (
+    ImageError,
+    ImageTooLargeError,
+    MissingImageError,
+    encode_png,
+    load_for_shard,
+    load_rgb_for_shard,
+)
+from pipeline.mimic import BadItem
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +40,7 @@ TAR_MTIME = 0
 # --format -> tar member extension (the webdataset key of the image). "raw" stores the uint8 array
 # as np.save bytes: 4x the size of a PNG on disk, but a loader gets it with no image decoding at all.
 IMAGE_EXT = {"png": "png", "jpg": "jpg", "raw": "npy"}
+assert tuple(IMAGE_EXT) == IMAGE_FORMATS
 
 
 @dataclass(frozen=True)
@@ -40,7 +49,7 @@ class Shard:
 
     name: str
     split: str
-    items: tuple[MimicImage, ...]
+    items: tuple[CorpusImage, ...]
 
 
 class TooManyBadItems(MflagError):
@@ -49,29 +58,35 @@ class TooManyBadItems(MflagError):
 
 def encode_image(arr: np.ndarray, fmt: str, quality: int = 95) -> bytes:
     """A prepared uint8 image as shard bytes: ``png``, ``jpg`` (at ``quality``) or ``raw`` (``np.save``)."""
-    if fmt == "png":
+    if fmt == "png" and arr.ndim == 2:
         # Our own writer (pipeline.imaging.encode_png): Pillow's PNG encoder costs a tenth of the
         # reduced-scale decode of a 2048 px JPEG, and its Paeth rows slow every later decode.
         return encode_png(arr)
     buf = io.BytesIO()
     if fmt == "raw":
         np.save(buf, np.ascontiguousarray(arr, dtype=np.uint8), allow_pickle=False)
-    elif fmt == "jpg":
+    elif fmt in ("jpg", "png"):  # png here: colour (prepare pairs --channels 3), written by Pillow
         from PIL import Image
 
-        Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+        if fmt == "png":
+            Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+        else:
+            Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
     else:
         raise ConfigError(f"unknown image format {fmt!r}; choose one of {', '.join(IMAGE_EXT)}")
     return buf.getvalue()
 
 
-def encode_task(task: tuple[str, int, bool, str, int, int]) -> tuple[str, object]:
+def encode_task(task: tuple[str, int, bool, str, int, int, int]) -> tuple[str, object]:
     """Worker: one image file -> ("ok", (bytes, (H, W))) or (reason, message). Never raises.
 
-    The bytes are the image encoded as ``fmt`` (``encode_image``)."""
-    path, size, crop, fmt, quality, max_pixels = task
+    The bytes are the image encoded as ``fmt`` (``encode_image``): grey, or RGB when ``channels`` is 3."""
+    path, size, crop, fmt, quality, max_pixels, channels = task
     try:
-        arr, orig = load_for_shard(path, size, crop_border=crop, max_pixels=max_pixels)
+        if channels == 3:
+            arr, orig = load_rgb_for_shard(path, size, crop_border=crop, max_pixels=max_pixels)
+        else:
+            arr, orig = load_for_shard(path, size, crop_border=crop, max_pixels=max_pixels)
         return "ok", (encode_image(arr, fmt, quality), orig)
     except MissingImageError as e:
         return "missing_image", str(e)
@@ -83,10 +98,10 @@ def encode_task(task: tuple[str, int, bool, str, int, int]) -> tuple[str, object
         return "corrupt_image", f"{path}: {type(e).__name__}: {e}"
 
 
-def order_key(img: MimicImage) -> str:
+def order_key(img: CorpusImage) -> str:
     # A hash order mixes patients and studies within each shard (the CSV order groups them), while
-    # staying a pure function of the dicom_id, so the plan does not depend on CSV row order.
-    return hashlib.blake2b(img.dicom_id.encode(), digest_size=8).hexdigest() + img.dicom_id
+    # staying a pure function of the image key, so the plan does not depend on CSV row order.
+    return hashlib.blake2b(img.key.encode(), digest_size=8).hexdigest() + img.key
 
 
 def write_shard(shard: Shard, results: Iterator, shards_dir: Path, state_dir: Path, fp: str, root: str,
@@ -101,16 +116,16 @@ def write_shard(shard: Shard, results: Iterator, shards_dir: Path, state_dir: Pa
                 bar.update(1)
                 if status != "ok":
                     item = BadItem(status, str(Path(root) / img.relpath), str(payload),
-                                   {"dicom_id": img.dicom_id, "subject_id": img.subject_id,
-                                    "study_id": img.study_id})
+                                   {"dicom_id": img.key, "subject_id": img.patient, "study_id": img.study})
                     bad.append(item.to_dict())
                     continue
                 data, orig = payload
-                meta = {"dicom_id": img.dicom_id, "subject_id": img.subject_id, "study_id": img.study_id,
+                # Every corpus writes MIMIC's field names: the loaders join on study_id.
+                meta = {"dicom_id": img.key, "subject_id": img.patient, "study_id": img.study,
                         "view": img.view, "split": img.split, "orig_size": [int(orig[0]), int(orig[1])]}
-                _add_sample(sink, img.dicom_id, {IMAGE_EXT[image_format]: data,
-                                                 "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
-                keys.append(img.dicom_id)
+                _add_sample(sink, img.key, {IMAGE_EXT[image_format]: data,
+                                            "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
+                keys.append(img.key)
     # The record follows the tar: a kill between the two only costs rebuilding this one shard.
     write_json(state_dir / f"{shard.name}.json", {
         "fingerprint": fp, "name": shard.name, "split": shard.split, "count": len(keys),
@@ -186,6 +201,7 @@ class PrepareReport:
         self.filtered: dict = {}
         self.bad: list[BadItem] = []
         self.dropped: list[dict] = []
+        self.notes: list[str] = []  # what a reader of the report should know (e.g. views not filtered)
         self._seen: set = set()
         self._warn: dict[str, RateLimitedLog] = {}
 
@@ -219,6 +235,7 @@ class PrepareReport:
             "filtered": self.filtered,
             "bad": [b.to_dict() for b in self.bad],
             "dropped": self.dropped,
+            **({"notes": self.notes} if self.notes else {}),
         })
 
 

@@ -254,21 +254,26 @@ class FastForward:
             yield sample
 
 
-def decode_image(data: bytes, ext: str = "png") -> np.ndarray:
-    """PNG/JPEG bytes, or the ``.npy`` bytes of a uint8 array (``prepare --format raw``) -> uint8 H x W.
+def decode_image(data: bytes, ext: str = "png", channels: int = 1) -> np.ndarray:
+    """PNG/JPEG bytes, or the ``.npy`` bytes of a uint8 array (``prepare --format raw``) -> uint8 H x W,
+    or H x W x 3 with ``channels`` 3 (shards of ``prepare pairs --channels 3``).
 
-    Colour images are converted to grey. ``.npy`` is read without pickle and needs no decoding, which
-    is what makes raw shards the cheapest input for the loader.
+    With one channel, colour images are converted to grey. ``.npy`` is read without pickle and needs no
+    decoding, which is what makes raw shards the cheapest input for the loader.
     """
     if ext == "npy":
         arr = np.load(io.BytesIO(data), allow_pickle=False)
         if arr.dtype != np.uint8:
             raise ValueError(f"npy image has dtype {arr.dtype}, expected uint8")
+        if channels == 3 and arr.ndim == 2:
+            arr = np.repeat(arr[:, :, None], 3, axis=2)
         return np.array(arr)  # writable, owns its memory
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
         im.load()
+        if channels == 3:
+            return np.array(im.convert("RGB"))
         if im.mode not in ("L", "I;16", "I"):
             im = im.convert("L")
         arr = np.array(im)  # a writable copy: torch.from_numpy warns on read-only arrays
@@ -280,13 +285,14 @@ def decode_image(data: bytes, ext: str = "png") -> np.ndarray:
 
 
 class Decode:
-    """Raw tar sample -> ``{"key", "study_id", "image" (uint8 H x W at image_size), "url", "raw"}``.
+    """Raw tar sample -> ``{"key", "study_id", "image" (uint8 H x W at image_size; H x W x 3 with
+    ``channels`` 3), "url", "raw"}``.
 
     A sample without image or JSON, an undecodable image or JSON without study_id is counted as corrupt
     and skipped."""
 
-    def __init__(self, state: StreamState, image_size: int):
-        self.state, self.image_size = state, int(image_size)
+    def __init__(self, state: StreamState, image_size: int, channels: int = 1):
+        self.state, self.image_size, self.channels = state, int(image_size), int(channels)
         self._warn = RateLimitedLog("corrupt sample skipped", logger=log)
 
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
@@ -306,10 +312,10 @@ class Decode:
             study = meta.get("study_id")
             if study is None:
                 raise ValueError("json has no study_id")
-            img = decode_image(sample[ext], ext)
-            if img.ndim != 2:
+            img = decode_image(sample[ext], ext, self.channels)
+            if img.ndim != (2 if self.channels == 1 else 3):
                 raise ValueError(f"image has shape {img.shape}")
-            if img.shape != (self.image_size, self.image_size):
+            if img.shape[:2] != (self.image_size, self.image_size):
                 img = resize_u8(img, self.image_size)  # PIL bilinear, antialiased when shrinking
         except Exception as e:  # any decoding failure is a data problem of this one sample
             self.state.corrupt += 1
@@ -474,7 +480,8 @@ class Augment:
 class Batch:
     """Groups ``batch_size`` samples into ``{"image", "target", "key", "study_id", "urls", "meta"}``.
 
-    ``image``: uint8 (B, 1, H, W) when not augmented in the worker, else the stacked augmented tensors.
+    ``image``: uint8 (B, C, H, W) (C: 1, or 3 for colour shards) when not augmented in the worker, else the
+    stacked augmented tensors.
     ``target``: (B, D) float32 embeddings, or a list of report texts in online mode.
     ``meta``: logical worker, its raw-sample position after this batch, and the missing/corrupt counts
     since its previous batch."""
@@ -503,7 +510,9 @@ class Batch:
     def _collate(self, buf: list[dict], w: int) -> dict:
         st = self.state
         imgs = [s["image"] for s in buf]
-        if isinstance(imgs[0], np.ndarray):
+        if isinstance(imgs[0], np.ndarray) and imgs[0].ndim == 3:  # colour: (B, H, W, 3) -> (B, 3, H, W)
+            image = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+        elif isinstance(imgs[0], np.ndarray):
             image = torch.from_numpy(np.stack(imgs))[:, None]
         else:
             image = torch.stack(imgs)
@@ -534,16 +543,17 @@ def non_finite_targets(batch: dict, targets) -> str | None:
 
 def train_pipeline(urls: list[str], state: StreamState, targets, batch_size: int, image_size: int,
                    on_missing: str = "skip", shuffle_buffer: int = 1000,
-                   augment: Callable | None = None, sizes: dict[str, int] | None = None):
+                   augment: Callable | None = None, sizes: dict[str, int] | None = None, channels: int = 1):
     """The endless training stream of one rank (see the module docstring): a ``webdataset.DataPipeline``.
-    ``sizes``: samples per shard file name (``sizes.json``), to count the samples a damaged shard loses."""
+    ``sizes``: samples per shard file name (``sizes.json``), to count the samples a damaged shard loses;
+    ``channels``: 3 for colour shards (the manifest says so, ``ShardSet.channels``)."""
     wds = _webdataset()
     stages: list[Any] = [
         EpochShards(urls, state),
         ShardSamples(state, sizes),
         Shuffle(state, bufsize=shuffle_buffer, initial=min(100, shuffle_buffer)),
         FastForward(state),
-        Decode(state, image_size),
+        Decode(state, image_size, channels),
         JoinText(state, targets, on_missing),
     ]
     if augment is not None:
@@ -561,7 +571,7 @@ def make_loader(pipeline, num_workers: int, pin_memory: bool = False) -> torch.u
                                        pin_memory=pin_memory, **kw)
 
 
-def read_fixed_batch(urls: list[str], targets, n: int, image_size: int) -> dict | None:
+def read_fixed_batch(urls: list[str], targets, n: int, image_size: int, channels: int = 1) -> dict | None:
     """The first ``n`` usable samples of ``urls`` in file order (no shuffle, no augmentation), as one
     batch; ``None`` when there are none. Used for the held-out probe batch."""
     wds = _webdataset()
@@ -569,7 +579,7 @@ def read_fixed_batch(urls: list[str], targets, n: int, image_size: int) -> dict 
     pipe = wds.DataPipeline(
         wds.SimpleShardList(list(urls)),
         wds.tarfile_to_samples(handler=CountingHandler(state)),
-        Decode(state, image_size),
+        Decode(state, image_size, channels),
         JoinText(state, targets, "skip"),
     )
     buf = []
@@ -592,6 +602,7 @@ class ShardSet:
     num_samples: int | None  # None when no sizes.json covers the shards
     root: Path | None  # local folder of the shards, when there is one
     sizes: dict = dataclasses.field(default_factory=dict)  # shard file name -> samples (sizes.json)
+    channels: int = 1  # 3: colour images (the manifest's "channels", prepare pairs --channels 3)
 
 
 def _load_sizes(folder: Path) -> dict[str, int]:
@@ -621,6 +632,7 @@ def resolve_shards(spec: str, split: str = "train") -> ShardSet:
             folder = p / "shards"
             if not names:
                 raise DataError(f"{p / 'manifest.json'} lists no shards for split {split!r}")
+            return _local_shards(folder, names, _channels(man, p))
         else:
             folder = p
             tars = sorted(x.name for x in folder.glob("*.tar"))
@@ -647,14 +659,21 @@ def resolve_shards(spec: str, split: str = "train") -> ShardSet:
     return ShardSet(tuple(urls), None, None)
 
 
-def _local_shards(folder: Path, names: list[str]) -> ShardSet:
+def _channels(manifest: dict, where: Path) -> int:
+    channels = manifest.get("channels", 1)
+    if channels not in (1, 3):
+        raise DataError(f"{where / 'manifest.json'}: channels must be 1 or 3, got {channels!r}")
+    return int(channels)
+
+
+def _local_shards(folder: Path, names: list[str], channels: int = 1) -> ShardSet:
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
         raise DataError(f"shard {folder / missing[0]} is listed but does not exist")
     sizes = _load_sizes(folder)
     count = sum(sizes[n] for n in names) if sizes and all(n in sizes for n in names) else None
     return ShardSet(tuple(str(folder / n) for n in names), count, folder,
-                    {n: sizes[n] for n in names if n in sizes})
+                    {n: sizes[n] for n in names if n in sizes}, channels)
 
 
 def resolve_splits(spec: str, splits: tuple[str, ...]) -> ShardSet:
@@ -672,7 +691,7 @@ def resolve_splits(spec: str, splits: tuple[str, ...]) -> ShardSet:
         names = [n for s in splits for n in ((listed.get(s) or {}).get("shards") or [])]
         if not names:
             raise DataError(f"{p / 'manifest.json'} lists no shards for the splits {', '.join(splits)}")
-        return _local_shards(p / "shards", names)
+        return _local_shards(p / "shards", names, _channels(read_json(p / "manifest.json"), p))
     tars = sorted(x.name for x in p.glob("*.tar"))
     if not tars:
         raise DataError(f"no .tar shards in {p}")

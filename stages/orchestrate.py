@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.common import ConfigError, MflagError, read_json, save_config, write_json
+from pipeline.corpora import corpus as corpus_entry
 from pipeline.downstream import task_entry
 from pipeline.downstream.zeroshot import default_protocol
 from pipeline.locks import output_lock
@@ -85,30 +86,42 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
 
     work = Path(spec["workdir"])
     nodes: list[Node] = []
-    corpus = mapping("corpus", spec["corpus"])
+    corpus = mapping("corpus", spec.get("corpus"))
+    prep_section = mapping("prepare", spec.get("prepare"))
+    named = prep_section.pop("corpus", None)
 
     # -- corpus
     prep_deps: tuple[str, ...] = ()
-    if "synth" in corpus:
+    if not corpus:  # prepare: {corpus: openi, reports: ..., images: ...}: the inputs sit in the prepare section
+        entry = corpus_entry(str(named))
+        corpus = {entry.name: {k: prep_section.pop(k) for k in entry.config_class().INPUTS if k in prep_section}}
+    kind = next(iter(corpus))
+    prepared = {"synth": "mimic", "synth-openi": "openi"}.get(kind, kind)
+    if named is not None and str(named) != prepared:
+        raise MflagError(f"prepare.corpus: {named!r}, but the corpus section gives {kind!r}")
+    if prepared != "mimic":
+        nodes.append(_corpus_prepare_node(kind, prepared, mapping(f"corpus.{kind}", corpus[kind]), prep_section,
+                                          work, nodes))
+    elif "synth" in corpus:
         synth = check_call("corpus.synth", mapping("corpus.synth", corpus["synth"]), write_mimic)
         nodes.append(Node("synth-mimic", work / "data" / "mimic", synth, (), _run_synth_mimic))
         prep_deps = ("synth-mimic",)
         mimic_root, mimic_reports = "@synth-mimic", None
-    else:
+    elif "mimic" in corpus:
         real = mapping("corpus.mimic", corpus["mimic"])
         if "root" not in real or set(real) - {"root", "reports"}:
             raise MflagError("corpus.mimic: give root (the MIMIC-CXR-JPG folder) and optionally reports "
                              f"(a folder or mimic-cxr-reports.zip); got {sorted(real)}")
         mimic_root, mimic_reports = str(real["root"]), real.get("reports")
 
-    prepare_opts = check_keys("prepare", mapping("prepare", spec.get("prepare")), PrepareConfig,
-                               {"root", "reports", "out", "force"})
-    # root "." stands in for the corpus: prepare runs first and checks the real folder itself
-    validate("prepare", PrepareConfig, prepare_opts, root=".", reports=None, out="(planned)")
-    prep_inputs = {"format": PREPARE_FORMAT, **external(root=mimic_root, reports=mimic_reports)}
-    nodes.append(Node("prepare", work / "prepare",
-                      {"root": mimic_root, "reports": mimic_reports, **prepare_opts},
-                      prep_deps, _run_prepare, inputs=prep_inputs))
+    if prepared == "mimic":
+        prepare_opts = check_keys("prepare", prep_section, PrepareConfig, {"root", "reports", "out", "force"})
+        # root "." stands in for the corpus: prepare runs first and checks the real folder itself
+        validate("prepare", PrepareConfig, prepare_opts, root=".", reports=None, out="(planned)")
+        prep_inputs = {"format": PREPARE_FORMAT, **external(root=mimic_root, reports=mimic_reports)}
+        nodes.append(Node("prepare", work / "prepare",
+                          {"root": mimic_root, "reports": mimic_reports, **prepare_opts},
+                          prep_deps, _run_prepare, inputs=prep_inputs))
 
     # -- text encoder
     tm = mapping("text_model", spec["text_model"])
@@ -266,6 +279,32 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
     return nodes
 
 
+def _corpus_prepare_node(kind: str, name: str, inputs: dict, options: dict, work: Path, nodes: list[Node]) -> Node:
+    """The prepare node of a corpus other than MIMIC (``corpus: {openi: {reports: ..., images: ...}}``, or
+    ``synth-openi`` for a synthetic OpenI made first); the synthetic corpus's node is appended to ``nodes``."""
+    from pipeline.synth.openi import write_openi
+    from stages.prepare import FORMAT_VERSION as PREPARE_FORMAT
+
+    cls = corpus_entry(name).config_class()
+    deps: tuple[str, ...] = ()
+    if kind == "synth-openi":
+        synth = check_call("corpus.synth-openi", inputs, write_openi)
+        nodes.append(Node("synth-openi", work / "data" / "openi", synth, (), _run_synth_openi))
+        deps, inputs = ("synth-openi",), {"reports": "@synth-openi/NLMCXR_reports.tgz", "images": "@synth-openi/images"}
+    elif set(inputs) - set(cls.INPUTS):
+        raise MflagError(f"corpus.{kind}: unknown keys {sorted(set(inputs) - set(cls.INPUTS))}; "
+                         f"give {', '.join(cls.INPUTS)} (see `mflag prepare {name} --help`)")
+    opts = check_keys("prepare", options, cls, {*cls.INPUTS, "out", "force"})
+    try:  # "." stands in for the inputs: prepare checks the real ones when it runs
+        validate("prepare", cls, opts, out="(planned)", **{k: "." for k in cls.INPUTS})
+    except ConfigError as e:
+        if not any(str(e).startswith(f"prepare.{k}:") for k in cls.INPUTS):
+            raise
+    given = {k: str(v) for k, v in inputs.items() if v is not None}
+    return Node("prepare", work / "prepare", {"corpus": name, **given, **opts}, deps, _run_prepare,
+                inputs={"format": PREPARE_FORMAT, **external(**given)})
+
+
 def _plan_nodes(cfg: RunConfig) -> tuple[dict[str, Any], list[Node]]:
     spec = load_spec(cfg.config, cfg.workdir)
     try:
@@ -282,6 +321,13 @@ def _run_synth_mimic(node: Node, by_name) -> None:
     write_mimic(node.out_dir, n_studies=int(p.pop("n_studies", 1000)), seed=int(p.pop("seed", 0)), **p)
 
 
+def _run_synth_openi(node: Node, by_name) -> None:
+    from pipeline.synth.openi import write_openi
+
+    p = dict(node.params)
+    write_openi(node.out_dir, n_reports=int(p.pop("n_reports")), seed=int(p.pop("seed", 0)), **p)
+
+
 def _run_synth_down(node: Node, by_name) -> None:
     from pipeline.synth.downstream import WRITERS
 
@@ -294,6 +340,12 @@ def _run_prepare(node: Node, by_name) -> None:
     from stages import prepare
 
     p = dict(node.params)
+    name = p.pop("corpus", None)
+    if name is not None:  # any corpus but MIMIC, whose parameters stay as they were (its fingerprints too)
+        cls = corpus_entry(name).config_class()
+        given = {k: resolve(p.pop(k), by_name) for k in cls.INPUTS if k in p}
+        prepare.run(cls(out=str(node.out_dir), force=False, **given, **tuples(p)))
+        return
     cfg = prepare.PrepareConfig(root=resolve(p.pop("root"), by_name), reports=p.pop("reports"),
                                 out=str(node.out_dir), force=False, **tuples(p))
     prepare.run(cfg)

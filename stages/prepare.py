@@ -1,38 +1,36 @@
-"""prepare: MIMIC-CXR-JPG images + reports -> webdataset shards, reports.jsonl and a manifest.
+"""prepare: a corpus's images + reports -> webdataset shards, reports.jsonl and a manifest.
 
 Output layout and record formats are in docs/DESIGN.md ("prepare -> shards"). The plan (which image
 goes into which shard) is fixed before any decoding from the sorted image list, so shard content is
 the same for any worker count and for a resumed run. Each finished shard gets a small done-record in
 ``OUT/.prepare-state/``; a rerun with the same fingerprint skips shards whose record matches, and a
-rerun with another config refuses to touch OUT unless ``force``. Building blocks: ``pipeline.mimic``
-reads the index and the report texts, ``pipeline.shards`` plans, encodes and writes the shards and
-prepare-report.json.
+rerun with another config refuses to touch OUT unless ``force``. Building blocks: the corpus's module
+(``pipeline.corpora``: mimic, openi, chexpert-plus, pairs) reads the image list and the report texts
+into one ``Selection``; ``pipeline.shards`` plans, encodes and writes the shards and prepare-report.json.
+Everything after the read is the same for every corpus.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.common import (
-    ConfigError,
     MflagError,
     atomic_open,
-    config_to_dict,
     fingerprint,
     progress,
     read_json,
     save_config,
     write_json,
 )
-from pipeline.imaging import DEFAULT_MAX_PIXELS
+from pipeline.corpora import corpus_of
+from pipeline.corpora.base import CorpusError, ShardOptions, natural_key
+from pipeline.corpora.mimic import MimicConfig
 from pipeline.locks import output_lock
-from pipeline.mimic import BadItem, CsvColumnError, MimicImage, load_index, study_texts
-from pipeline.options import check_fields, option
+from pipeline.mimic import BadItem, CsvColumnError
 from pipeline.shards import (
     IMAGE_EXT,
     EncodeResults,
@@ -54,74 +52,10 @@ log = logging.getLogger(__name__)
 # Bumped when shard content for the same config changes, so old outputs are never mixed with new.
 FORMAT_VERSION = 4
 STATE_DIR = ".prepare-state"
-_FORMATS = tuple(IMAGE_EXT)
 
 
-@dataclass(frozen=True)
-class PrepareConfig:
-    """Options of ``prepare mimic`` (each field is the option of the same name, pipeline.options).
-    ``reports`` defaults to ``root`` (reports extracted beside images)."""
-
-    root: str = option(help="MIMIC-CXR-JPG root (holds files/ and the metadata/split CSVs, .csv or .csv.gz).",
-                       exists="dir")
-    out: str = option(help="Output folder.", path="dir")
-    reports: str | None = option(None, exists="any",
-                                 help="Reports folder (files/pNN/...) or mimic-cxr-reports.zip. Default: --root.")
-    size: int = option(256, min=8, max=4096, help="Square output size in pixels.")
-    views: tuple[str, ...] = option(("PA", "AP"), help="ViewPosition values to keep.")
-    splits: tuple[str, ...] = option(("train", "validate", "test"), help="Splits to write.")
-    image_format: str = option(
-        "png", names=("--format",), choices=_FORMATS,
-        help="Image encoding inside the shards: png (lossless, ~25 KiB per 256 px image), jpg (lossy, smallest), "
-             "or raw (uint8 array as a .npy member: 64 KiB per 256 px image, no decode cost when training).")
-    jpeg_quality: int = option(95, min=1, max=100, help="Quality for --format jpg.")
-    shard_size: int = option(1000, min=1, help="Images per shard.")
-    workers: int = option(default_factory=lambda: min(8, os.cpu_count() or 1), min=1, show_default="min(8, CPUs)",
-                          help="Decoding processes (output does not depend on it).")
-    text_sections: tuple[str, ...] = option(("impression", "findings"), help="Report sections to join, in this order.")
-    section_separator: str = option(" ", show_default="one space", help="Text put between sections.")
-    max_bad_fraction: float = option(0.01, min=0, max=1,
-                                     help="Fail when more than this fraction of images is lost to bad input.")
-    crop_border: bool = option(True, help="Crop the black border before scaling, as the original preprocessing did.")
-    max_pixels: int = option(DEFAULT_MAX_PIXELS, min=1,
-                             help="Images whose header declares more pixels are bad items, never decoded "
-                                  "(memory bombs).")
-    force: bool = option(False, negatable=False, help="Rebuild OUT even if it holds another config's outputs.")
-
-    def __post_init__(self) -> None:
-        def setf(name, value):
-            object.__setattr__(self, name, value)
-
-        setf("root", str(self.root))
-        setf("out", str(self.out))
-        setf("reports", str(self.reports) if self.reports is not None else self.root)
-        setf("views", tuple(str(v).strip().upper() for v in self.views if str(v).strip()))
-        setf("splits", tuple(str(s).strip().lower() for s in self.splits if str(s).strip()))
-        setf("text_sections", tuple(str(s).strip().lower() for s in self.text_sections if str(s).strip()))
-        setf("image_format", str(self.image_format).lower().replace("jpeg", "jpg"))
-        check_fields(self)
-        if not Path(self.root).is_dir():
-            raise ConfigError(f"root: {self.root} is not a directory")
-        if not Path(self.reports).exists():
-            raise ConfigError(f"reports: {self.reports} does not exist")
-        if not self.views:
-            raise ConfigError("views: give at least one view position (e.g. PA,AP)")
-        if not self.splits:
-            raise ConfigError("splits: give at least one split (train, validate, test)")
-        if not self.text_sections:
-            raise ConfigError("text_sections: give at least one report section (e.g. impression,findings)")
-        if self.max_pixels < self.size * self.size:
-            raise ConfigError(f"max_pixels: {self.max_pixels} is below one {self.size}x{self.size} output image")
-
-    def content_dict(self) -> dict:
-        """The settings that change output content (not paths, workers, force or the bad-item limit)."""
-        d = {k: v for k, v in config_to_dict(self).items()
-             if k not in ("root", "out", "reports", "workers", "force", "max_bad_fraction")}
-        if self.image_format != "jpg":
-            d.pop("jpeg_quality")
-        if self.max_pixels == DEFAULT_MAX_PIXELS:
-            d.pop("max_pixels")  # outputs made before the limit existed stay valid at its default
-        return d
+# ``prepare mimic``'s config keeps its old name: pipelines, benchmarks and tests build it from here.
+PrepareConfig = MimicConfig
 
 
 @dataclass
@@ -137,8 +71,9 @@ class PrepareResult:
 
 
 # --------------------------------------------------------------------------- stage
-def run(cfg: PrepareConfig) -> PrepareResult:
-    """Prepare MIMIC-CXR-JPG into shards under ``cfg.out``; see the module docstring and DESIGN.md.
+def run(cfg: ShardOptions) -> PrepareResult:
+    """Prepare the corpus of ``cfg`` (a ``pipeline.corpora`` config) into shards under ``cfg.out``; see the
+    module docstring and DESIGN.md.
 
     Holds OUT's lock (``pipeline.locks``) throughout. A finished output of the same configuration and
     input is only re-checked (nothing is written, so read-only storage is fine)."""
@@ -146,53 +81,28 @@ def run(cfg: PrepareConfig) -> PrepareResult:
         return _run(cfg, lock.writable, lock.require_writable)
 
 
-def _run(cfg: PrepareConfig, writable: bool, require_writable) -> PrepareResult:
+def _run(cfg: ShardOptions, writable: bool, require_writable) -> PrepareResult:
     out = Path(cfg.out)
     shards_dir, state_dir = out / "shards", out / STATE_DIR
-    root = Path(cfg.root)
     report = PrepareReport(out, writable)
     _refuse_other_config(cfg, out)
 
     try:
-        index = load_index(root, cfg.views, cfg.splits)
-    except CsvColumnError as e:
-        report.bad.append(BadItem("missing_column", str(e.path), str(e), {"column": e.column}))
+        sel = corpus_of(cfg).load().read(cfg, report)
+    except (CorpusError, CsvColumnError) as e:
         report.write(status="failed", error=str(e))
         raise
-    for b in index.bad:
-        report.add_bad(b)
-    report.counts["metadata_rows"] = index.n_rows
-    report.counts["filtered_view"] = sum(index.filtered["view"].values())
-    report.counts["filtered_split"] = sum(index.filtered["split"].values())
-    report.filtered = index.filtered
-    images = index.images
-    report.counts["images_selected"] = len(images)
-    # Denominator of the bad fraction: every image that prepare was asked to consider.
-    n_considered = len(images) + sum(1 for b in index.bad if b.reason in ("bad_csv_row", "no_split_row"))
-    if not images:
-        msg = (f"{index.metadata_csv}: no images with views {','.join(cfg.views)} in splits "
-               f"{','.join(cfg.splits)} (filtered by view: {index.filtered['view']}, "
-               f"by split: {index.filtered['split']})")
-        report.write(status="failed", error=msg)
-        raise MflagError(msg)
-
-    # ---- report text per study
-    by_study: dict[tuple[str, str], list[MimicImage]] = defaultdict(list)
-    for img in images:
-        by_study[(img.subject_id, img.study_id)].append(img)
-    texts, n_no_report = study_texts(by_study, cfg.reports, cfg.text_sections, cfg.section_separator, report)
-    n_bad_images = sum(1 for b in index.bad if b.reason in ("bad_csv_row", "no_split_row")) + n_no_report
-    report.counts["studies_selected"] = len(by_study)
-    report.counts["studies_with_text"] = len(texts)
+    texts, n_considered, n_bad_images = sel.texts, sel.n_considered, sel.n_bad
     check_bad(cfg.max_bad_fraction, report, n_bad_images, n_considered, stage="reading reports")
 
     # ---- plan: shard assignment from the sorted image list, before any decoding
-    plan = plan_shards(images, lambda i: (i.subject_id, i.study_id) in texts, cfg.splits, cfg.shard_size)
+    plan = plan_shards(sel.images, lambda i: (i.patient, i.study) in texts, cfg.splits, cfg.shard_size)
     if not plan:
-        msg = f"no study among {len(by_study)} has usable report text in sections {','.join(cfg.text_sections)}"
+        n_studies = len({(i.patient, i.study) for i in sel.images})
+        msg = f"no study among {n_studies} has usable report text in {_text_source(cfg)}"
         report.write(status="failed", error=msg)
         raise MflagError(f"{msg}; see {report.path}")
-    plan_digest = fingerprint([[s.name, [i.dicom_id for i in s.items]] for s in plan], length=32)
+    plan_digest = fingerprint([[s.name, [i.key for i in s.items]] for s in plan], length=32)
     fp = fingerprint({"version": FORMAT_VERSION, "config": cfg.content_dict(), "plan": plan_digest})
     finished = None if cfg.force else _finished(out, fp, plan)
     if finished is not None:
@@ -214,13 +124,14 @@ def _run(cfg: PrepareConfig, writable: bool, require_writable) -> PrepareResult:
     prior_bad = sum(len(read_json(state_dir / f"{s.name}.json")["bad"]) for s in done)
     running_bad = n_bad_images + prior_bad
     if pending:
-        tasks = [(str(root / i.relpath), cfg.size, cfg.crop_border, cfg.image_format, cfg.jpeg_quality,
-                  cfg.max_pixels) for s in pending for i in s.items]
+        channels = getattr(cfg, "channels", 1)
+        tasks = [(str(sel.image_root / i.relpath), cfg.size, cfg.crop_border, cfg.image_format, cfg.jpeg_quality,
+                  cfg.max_pixels, channels) for s in pending for i in s.items]
         with EncodeResults(tasks, cfg.workers) as results, \
                 progress(total=n_pending, desc="prepare", unit="img") as bar:
             for shard in pending:
-                running_bad += write_shard(shard, results, shards_dir, state_dir, fp, cfg.root, cfg.image_format,
-                                           bar)
+                running_bad += write_shard(shard, results, shards_dir, state_dir, fp, str(sel.image_root),
+                                           cfg.image_format, bar)
                 if running_bad > max_bad:
                     break  # the final check below reports it with every item named
 
@@ -228,7 +139,7 @@ def _run(cfg: PrepareConfig, writable: bool, require_writable) -> PrepareResult:
     splits: dict[str, dict] = {s: {"shards": [], "count": 0} for s in cfg.splits}
     sizes: dict[str, int] = {}
     written_studies: set[tuple[str, str]] = set()
-    study_of = {i.dicom_id: (i.subject_id, i.study_id) for s in plan for i in s.items}
+    study_of = {i.key: (i.patient, i.study) for s in plan for i in s.items}
     for shard in plan:
         rec_path = state_dir / f"{shard.name}.json"
         if not rec_path.is_file():
@@ -249,7 +160,8 @@ def _run(cfg: PrepareConfig, writable: bool, require_writable) -> PrepareResult:
     empty_shards = [s.name for s in plan if s.name not in sizes]
     for name in empty_shards:  # every image of that shard was bad: no empty tar in the manifest
         (shards_dir / name).unlink(missing_ok=True)
-    kept = sorted(written_studies, key=lambda k: (int(k[0]), int(k[1])))
+    # natural_key orders digit-only ids (MIMIC's) as int() would, and any other id as well
+    kept = sorted(written_studies, key=lambda k: (natural_key(k[0]), natural_key(k[1])))
     with atomic_open(out / "reports.jsonl", "w", encoding="utf-8") as fh:
         for subj, study in kept:
             text, used = texts[(subj, study)]
@@ -262,13 +174,18 @@ def _run(cfg: PrepareConfig, writable: bool, require_writable) -> PrepareResult:
         "splits": splits, "image_format": cfg.image_format, "image_key": IMAGE_EXT[cfg.image_format],
         "size": cfg.size, "fingerprint": fp,
         "config": cfg.content_dict(), "n_images": n_images, "n_studies": len(kept),
-        "reports": "reports.jsonl", "format_version": FORMAT_VERSION,
+        "reports": "reports.jsonl", "format_version": FORMAT_VERSION, **sel.manifest,
     })
     report.write(status="ok")
     save_config(cfg, out, fingerprint=fp)
     log.info("prepared %d images of %d studies into %d shards under %s (%d written, %d reused)",
              n_images, len(kept), len(sizes), shards_dir, len(pending), len(done))
     return PrepareResult(out, fp, splits, n_images, len(kept), len(pending), len(done), dict(report.counts))
+
+
+def _text_source(cfg: ShardOptions) -> str:
+    sections = getattr(cfg, "text_sections", None) or getattr(cfg, "text_column", ())
+    return f"{'sections' if hasattr(cfg, 'text_sections') else 'columns'} {','.join(sections)}"
 
 
 def _finished(out: Path, fp: str, plan: list[Shard]) -> PrepareResult | None:
@@ -308,7 +225,7 @@ def _previous(out: Path) -> tuple[dict | None, bool]:
     return previous, foreign
 
 
-def _refuse_other_config(cfg: PrepareConfig, out: Path) -> None:
+def _refuse_other_config(cfg: ShardOptions, out: Path) -> None:
     """Fail early, before writing anything, when OUT holds another config's outputs (unless force)."""
     if cfg.force:
         return
@@ -325,7 +242,7 @@ def _refuse_other_config(cfg: PrepareConfig, out: Path) -> None:
                              f"use --force to rebuild, or choose another --out")
 
 
-def _claim_out(cfg: PrepareConfig, out: Path, fp: str) -> None:
+def _claim_out(cfg: ShardOptions, out: Path, fp: str) -> None:
     """Make OUT ours for fingerprint ``fp``: refuse another config's or input's outputs unless ``force``."""
     shards_dir, state_dir = out / "shards", out / STATE_DIR
     stamp = state_dir / "fingerprint.json"

@@ -202,8 +202,12 @@ def test_augmenters_shapes_and_per_sample_equals_batched():
     # A pure function of the seed: whatever was drawn before, whatever the input type.
     assert torch.equal(one[1], A.augment_one(imgs[1, 0].numpy(), g.manual_seed(101), "original", 48))
     assert not torch.equal(one[1], A.augment_one(imgs[1, 0], g.manual_seed(102), "original", 48))
-    with pytest.raises(ValueError, match="grey"):
-        A.Augmenter("original")(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="grey"):  # 1 (grey) or 3 (prepare pairs --channels 3) channels only
+        A.Augmenter("original")(torch.zeros(2, 2, 64, 64, dtype=torch.uint8))
+    colour = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    out = A.Augmenter("none", out_size=48)(colour)
+    assert out.shape == (2, 3, 48, 48) and out.stride(1) != 0  # three real channels, not a view of one
+    assert torch.equal(out[1], A.augment_one(colour[1].permute(1, 2, 0).numpy(), g, "none", 48))
     with pytest.raises(ValueError, match="recipe"):
         A.Augmenter("heavy")
 

@@ -207,7 +207,7 @@ def test_seed_and_online_options_are_checked(tmp_path, change, message):
         orchestrate.status(orchestrate.RunConfig(config=str(path)))
 
 
-@pytest.mark.parametrize("name", ["ablation.yaml", "ablation-mimic.yaml", "demo.yaml", "mimic.yaml"])
+@pytest.mark.parametrize("name", ["ablation.yaml", "ablation-mimic.yaml", "demo.yaml", "mimic.yaml", "openi.yaml"])
 def test_shipped_pipelines_validate(name, tmp_path):
     path = TINY.parent / name
     states = orchestrate.status(orchestrate.RunConfig(config=str(path), workdir=str(tmp_path / "w")))
