@@ -77,6 +77,7 @@ class Targets:
     text_dim: int
     text_params: int | None
     text_model_id: str
+    identity: str | None = None  # the text cache's content identity (TextEmbeddingCache.identity)
 
 
 def open_targets(text_mode: str, urls: list[str], *, text_cache: str | None, reports: str | None,
@@ -90,14 +91,18 @@ def open_targets(text_mode: str, urls: list[str], *, text_cache: str | None, rep
         from cache import TextEmbeddingCache
 
         cache = TextEmbeddingCache(text_cache)
+        t0 = time.perf_counter()
+        nbytes = cache.check_files()  # every rank: a damaged or foreign shard stops them all alike
         if is_main:
+            log.info("text cache %s: %d shard(s), %.1f MB checked against index.json in %.1f s", cache.path,
+                     cache.n_shards, nbytes / 1e6, time.perf_counter() - t0)
             log.info("text cache %s: %d reports, dim %d", cache.path, len(cache), cache.dim)
             for k in sorted(cache.attrs):
                 log.debug("  cache attr %s = %s", k, cache.attrs[k])
         targets = wdsp.CacheTargets(str(cache.path))
         check_targets_cover(urls, targets, f"text cache {text_cache}", is_main)
         return Targets(targets, None, cache.dim, cache.attrs.get("text_encoder_params"),
-                       cache.attrs.get("model_id", "?"))
+                       cache.attrs.get("model_id", "?"), cache.identity)
     from pipeline.textmodels import OnlineTextEncoder
 
     targets = wdsp.ReportTexts(wdsp.read_reports(reports))

@@ -125,7 +125,8 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
                              {"reports", "out", "model"})
     validate("embed_text", EmbedTextConfig, embed_opts, reports="(planned)", out="(planned)", model="(planned)")
     nodes.append(Node("embed-text", work / "embed-text", {"model": model_ref, **embed_opts}, embed_deps,
-                      _run_embed_text, inputs={"format": CACHE_FORMAT, **external(model=model_ref)}))
+                      _run_embed_text, inputs={"format": CACHE_FORMAT, **external(model=model_ref)},
+                      verify=_verify_embed_text))
 
     # -- pre-training variants
     train = mapping("train", spec["train"])
@@ -319,6 +320,18 @@ def _run_embed_text(node: Node, by_name) -> None:
     res = embed_text.run(cfg)
     # The orchestrator points training at the exact cache folder of this configuration.
     write_json(node.out_dir / "cache.json", {"path": str(res.cache_dir)})
+
+
+def _verify_embed_text(node: Node) -> str | None:
+    """The finished cache checked as train-vision checks it before training (every shard's fingerprint
+    and sha256 against index.json); why it is unusable, or None."""
+    from cache import TextEmbeddingCache
+
+    try:
+        TextEmbeddingCache(read_json(node.out_dir / "cache.json")["path"]).check_files()
+    except (MflagError, OSError, KeyError, TypeError) as e:
+        return str(e)
+    return None
 
 
 def _cache_dir(by_name) -> str:

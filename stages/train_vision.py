@@ -253,7 +253,8 @@ class _Trainer:
     def _restore(self, path: Path) -> int:
         step, data = self.state.resume(path, self.dist.rank, fmt=CKPT_FORMAT, fingerprint=self.fingerprint,
                                        semantic=result_config(self.cfg), world_size=self.dist.world_size,
-                                       text_dim=self.text.text_dim, out=self.out)
+                                       text_dim=self.text.text_dim, out=self.out,
+                                       text_identity=self.text.identity)
         self.pos = pretrain_data.DataPos.from_state(data)
         log.info("resumed from %s at step %d (epoch %d, step %d of %d)", path, step, self.pos.epoch,
                  self.pos.step_in_epoch, self.steps_per_epoch)
@@ -262,7 +263,8 @@ class _Trainer:
     def _checkpoint(self, step: int, final: bool = False) -> Path:
         meta = {"format": CKPT_FORMAT, "step": step, "epoch": self.pos.epoch, "final": final,
                 "config": config_to_dict(self.cfg), "semantic_config": result_config(self.cfg),
-                "fingerprint": self.fingerprint, "text_dim": self.text.text_dim}
+                "fingerprint": self.fingerprint, "text_dim": self.text.text_dim,
+                "text_cache_identity": self.text.identity}
         return self.state.save(self.ckpt_dir / f"step-{step:08d}.pt", self.dist, data_state=self.pos.state(),
                                meta=meta, keep=self.cfg.keep_checkpoints)
 
@@ -273,7 +275,7 @@ class _Trainer:
         self._setup_model()
         self.fingerprint = fingerprint(result_config(cfg))
         done = None if cfg.resume != "auto" else train_state.finished_summary(self.out, self.fingerprint,
-                                                                                self.total_steps)
+                                                                                self.total_steps, self.text.identity)
         if done is not None:
             log.info("%s already holds a finished run of this configuration; nothing to do", self.out)
             return done
@@ -380,7 +382,8 @@ class _Trainer:
         if probe is not None and cfg.final_probe_size >= 2:
             last_probe, spectrum = self._probe(probe, cfg.final_probe_size, step)
         summary = {
-            "fingerprint": self.fingerprint, "steps": step, "epochs": pos.epoch + 1,
+            "fingerprint": self.fingerprint, "text_cache_identity": self.text.identity, "steps": step,
+            "epochs": pos.epoch + 1,
             "steps_per_epoch": self.steps_per_epoch, "world_size": dist.world_size,
             "global_batch": self.global_batch, "batch_per_process": self.local_batch,
             "restart_cycle": self.restart_cycle, "probe_held_out": self.probe_held_out,
