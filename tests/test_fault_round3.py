@@ -1,0 +1,227 @@
+"""The third fault round (issue 22): integrity at every read, preemption-safe training, no code from a
+model folder, one stage per folder, declared encodings, degenerate inputs, reproducible files.
+
+Each test is one of the issue's numbered cases (or a fault of the same class), built on the synthetic
+worlds the suite already has. New APIs are imported inside the tests, so each test fails on the code
+before the fix for the reason it describes.
+"""
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from cache import write_cache
+from tests._train_helpers import cli_args, make_world, tiny_config
+from tests.test_hostile_inputs import env, invoke, one_error_line
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("round3-train"), n_train=8, n_val=4, per_shard=4)
+
+
+def _fresh_world(tmp_path: Path) -> dict:
+    """A private copy of the module's world, for tests that damage it."""
+    return make_world(tmp_path / "w", n_train=8, n_val=4, per_shard=4)
+
+
+def _keyed_cache(folder: Path, world: dict, fp: str, seed: int, shard_size: int = 6) -> Path:
+    """A cache of the world's studies with the configuration fingerprint ``fp`` (as embed-text writes)."""
+    keys = [s for s, _ in world["train"] + world["val"]]
+    emb = np.random.default_rng(seed).normal(size=(len(keys), 16)).astype(np.float32)
+    return write_cache(folder, keys, emb, {"model_id": f"synthetic/{fp}", "fingerprint": fp, "pooling": "cls"},
+                       shard_size=shard_size)
+
+
+def _flip_embedding_bit(shard: Path, row: int = 1) -> None:
+    with h5py.File(shard, "r") as f:
+        offset = f["emb"].id.get_offset()
+    with open(shard, "r+b") as fh:
+        fh.seek(offset + row * 64 + 3)
+        b = fh.read(1)
+        fh.seek(offset + row * 64 + 3)
+        fh.write(bytes([b[0] ^ 0x04]))
+
+
+# --------------------------------------------------------------------------- 1. code from a model folder
+def _evil_model(tmp_path: Path, marker: Path) -> Path:
+    from pipeline.textmodels import build_tiny_bert
+
+    folder = build_tiny_bert(["no acute findings", "small effusion"], tmp_path / "evil", hidden=16, layers=1,
+                             heads=2, vocab_size=60)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(model_type="evilbert", architectures=["EvilModel"],
+               auto_map={"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "evil.py").write_text(f"import os\nos.mkdir({str(marker)!r})\n"
+                                    "from transformers import BertConfig as EvilConfig, BertModel as EvilModel\n")
+    return folder
+
+
+def test_model_folder_code_never_runs_even_when_a_terminal_says_yes(tmp_path, monkeypatch):
+    """Case 1: transformers asks "Do you wish to run the custom code? [y/N]" on a terminal; here the
+    answer is y, and still nothing of the folder runs: its model_type is refused before transformers."""
+    marker = tmp_path / "payload-ran"
+    folder = _evil_model(tmp_path, marker)
+    reports = tmp_path / "reports.jsonl"
+    reports.write_text(json.dumps({"study_id": "1", "text": "no acute findings"}) + "\n", encoding="utf-8")
+    monkeypatch.setattr(builtins, "input", lambda *a, **k: "y")
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True, raising=False)
+    res = invoke(["embed-text", "--reports", reports, "--out", tmp_path / "cache", "--model", folder,
+                  "--device", "cpu"])
+    line = one_error_line(res)
+    assert not marker.exists(), "the model folder's Python file ran"
+    assert str(folder / "config.json") in line and "'evilbert'" in line and "never runs code" in line, line
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"vocab_size": 4e9}, "vocab_size is 4000000000.0"),
+    ({"vocab_size": 4_000_000}, "word_embeddings.weight has shape"),
+    ({"intermediate_size": 100_000}, "config.json implies (100000,)"),
+])
+def test_config_sizes_are_checked_against_the_weights_before_allocation(tmp_path, monkeypatch, change, named):
+    """Case 1: a config.json size that disagrees with the weight file is one line, found on the meta
+    device and the weight headers: no tensor of the config's size is ever allocated."""
+    from transformers import BertModel
+
+    from pipeline.textmodels import build_tiny_bert
+
+    folder = build_tiny_bert(["no acute findings", "small effusion"], tmp_path / "m", hidden=16, layers=1,
+                             heads=2, vocab_size=60)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(change)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    real_init = BertModel.__init__
+    allocated = []
+
+    def watch(self, config, *a, **k):
+        if torch.empty(0).device.type != "meta":
+            allocated.append(config.vocab_size)
+        real_init(self, config, *a, **k)
+
+    monkeypatch.setattr(BertModel, "__init__", watch)
+    reports = tmp_path / "reports.jsonl"
+    reports.write_text(json.dumps({"study_id": "1", "text": "no acute findings"}) + "\n", encoding="utf-8")
+    line = one_error_line(invoke(["embed-text", "--reports", reports, "--out", tmp_path / "cache", "--model",
+                                  folder, "--device", "cpu"]))
+    assert named in line and str(folder) in line, line
+    assert not allocated, "a model of the config's size was built before the check"
+
+
+# --------------------------------------------------------------------------- 2. damaged or foreign text cache
+def test_a_flipped_bit_in_a_cache_shard_stops_train_vision(tmp_path):
+    """Case 2: one bit of one embedding changed after embed-text wrote the shard."""
+    w = _fresh_world(tmp_path)
+    shard = Path(w["cache"]) / "part-00000.h5"
+    _flip_embedding_bit(shard)
+    line = one_error_line(invoke(["train-vision", *cli_args(w, tmp_path / "out")]))
+    assert str(shard) in line and "hash differs from index.json" in line, line
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_a_shard_of_another_cache_is_named_as_such(tmp_path, world):
+    """Case 2: part-00000.h5 replaced by the same-index shard of another model's cache."""
+    a = _keyed_cache(tmp_path / "a", world, "fp-model-a", seed=1)
+    b = _keyed_cache(tmp_path / "b", world, "fp-model-b", seed=2)
+    shutil.copyfile(b / "part-00001.h5", a / "part-00001.h5")
+    line = one_error_line(invoke(["train-vision", *cli_args(world, tmp_path / "out", text_cache=a)]))
+    assert str(a / "part-00001.h5") in line and "another text cache" in line and "fp-model-b" in line, line
+
+
+def test_status_calls_a_damaged_cache_stale_and_run_would_rebuild_it(tmp_path):
+    """Case 2: `cli.py status` called every stage fresh while the cache it trains on was damaged."""
+    import yaml
+
+    from pipeline.common import write_json
+    from pipeline.stagegraph import record_path
+    from stages import orchestrate
+
+    spec = yaml.safe_load((REPO / "configs" / "tiny-test.yaml").read_text())
+    spec["workdir"] = str(tmp_path / "work")
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    cfg = orchestrate.RunConfig(config=str(path))
+    _, nodes = orchestrate._plan_nodes(cfg)
+    from pipeline.stagegraph import resolve_fingerprints
+
+    by_name = resolve_fingerprints(nodes)
+    w = make_world(tmp_path / "w", n_train=4, n_val=2, per_shard=2)
+    for node in nodes:  # every stage recorded as finished with its current fingerprint
+        node.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(record_path(node), {"fingerprint": node.fingerprint})
+    write_json(by_name["embed-text"].out_dir / "cache.json", {"path": str(w["cache"])})
+    assert all(st.state == "fresh" for st in orchestrate.status(cfg))
+    _flip_embedding_bit(Path(w["cache"]) / "part-00000.h5")
+    states = {st.name: st for st in orchestrate.status(cfg)}
+    assert states["embed-text"].state == "stale" and "outputs damaged" in states["embed-text"].reason
+    assert "part-00000.h5" in states["embed-text"].reason
+    assert all(st.state == "stale" for name, st in states.items() if name.startswith("train:"))
+
+
+# --------------------------------------------------------------------------- 3. cache rebuilt at the same path
+@pytest.mark.slow
+def test_resume_refuses_a_cache_rebuilt_at_the_same_path_by_another_model(tmp_path, world):
+    cache = _keyed_cache(tmp_path / "cache", world, "fp-model-a", seed=1)
+    out = tmp_path / "out"
+    args = cli_args(world, out, text_cache=cache, max_steps=2, ckpt_every=2, probe_size=0)
+    assert invoke(["train-vision", *args]).exit_code == 0
+    shutil.rmtree(cache)
+    _keyed_cache(tmp_path / "cache", world, "fp-model-b", seed=2)  # same path, another model
+    line = one_error_line(invoke(["train-vision", *args]))
+    assert "another text cache" in line and str(cache) in line, line
+    # and a checkpoint mid-run is refused the same way, not "resumed at step 2"
+    (out / "summary.json").unlink()
+    line = one_error_line(invoke(["train-vision", *args]))
+    assert "resume:" in line and "another text cache" in line, line
+
+
+def test_cache_verify_checks_the_folder_name_is_the_fingerprint(tmp_path, world):
+    good = _keyed_cache(tmp_path / "fp-model-a", world, "fp-model-a", seed=1)
+    assert invoke(["cache", "verify", good]).exit_code == 0
+    moved = tmp_path / "renamed"
+    shutil.copytree(good, moved)
+    line = one_error_line(invoke(["cache", "verify", moved]))
+    assert str(moved) in line and "fingerprint 'fp-model-a'" in line, line
+
+
+# --------------------------------------------------------------------------- 8. YAML duplicate keys
+def test_yaml_with_a_duplicated_key_is_refused_naming_both_lines(tmp_path):
+    text = (REPO / "configs" / "tiny-test.yaml").read_text()
+    lines = text.splitlines()
+    first = next(i for i, ln in enumerate(lines, 1) if ln.startswith("prepare:"))
+    spec = tmp_path / "dup.yaml"
+    spec.write_text(text + "\nprepare: {size: 64}\n")
+    n = len(lines) + 2
+    line = one_error_line(invoke(["status", "--config", spec]))
+    assert str(spec) in line and "'prepare'" in line and f"lines {first} and {n}" in line, line
+
+
+# --------------------------------------------------------------------------- 9. byte-identical files
+@pytest.mark.slow
+def test_identical_runs_write_byte_identical_encoder_and_checkpoint_files(tmp_path, world):
+    """Case 9: torch.save recorded the temporary file's name inside the zip."""
+    from stages import train_vision as tv
+
+    files = ("encoder.pt", "projector.pt", "encoder.safetensors", "checkpoints/latest.pt")
+    out = tmp_path / "out"
+    tv.run(tiny_config(world, out, max_steps=2, probe_size=0))
+    first = {f: (out / f).read_bytes() for f in files}
+    shutil.rmtree(out)
+    tv.run(tiny_config(world, out, max_steps=2, probe_size=0))
+    for f in files:
+        assert (out / f).read_bytes() == first[f], f
