@@ -9,13 +9,8 @@ from __future__ import annotations
 
 import builtins
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import h5py
@@ -25,7 +20,7 @@ import torch
 
 from cache import write_cache
 from tests._train_helpers import cli_args, make_world, tiny_config
-from tests.test_hostile_inputs import env, invoke, one_error_line
+from tests.test_hostile_inputs import invoke, one_error_line
 
 REPO = Path(__file__).resolve().parents[1]
 
