@@ -554,9 +554,12 @@ def train_pipeline(urls: list[str], state: StreamState, targets, batch_size: int
 
 def make_loader(pipeline, num_workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader over an already-batched pipeline (workers re-pickle it at each ``iter``)."""
+    from pipeline.preempt import ignore_in_worker
+
     kw: dict[str, Any] = {}
     if num_workers > 0:
-        kw.update(prefetch_factor=2, persistent_workers=False)
+        # workers ignore SIGTERM/SIGINT: the main process finishes the step and checkpoints (preempt.py)
+        kw.update(prefetch_factor=2, persistent_workers=False, worker_init_fn=ignore_in_worker)
     return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers,
                                        pin_memory=pin_memory, **kw)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import signal
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from pipeline.common import ConfigError, config_to_dict, fingerprint, save_confi
 from pipeline.distributed import DistInfo, all_gather_object, barrier, cleanup, init_distributed
 from pipeline.locks import output_lock
 from pipeline.options import check_fields, option, result_config
+from pipeline.preempt import Stopped, StopSignals
 from pipeline.pretrain import BATCH_SEMANTICS
 from pipeline.tracking import REPORT_TO, Tracker, append_metrics, open_tracker, trim_metrics
 
@@ -133,6 +135,10 @@ class TrainVisionConfig:
     seed: int = option(0, min=0, help="Initialisation, data order and augmentation follow from it.")
     log_every: int = option(10, min=1, affects_result=False, help="Steps between metrics.jsonl lines.")
     ckpt_every: int = option(500, min=1, affects_result=False, help="Steps between checkpoints.")
+    ckpt_every_minutes: float = option(15.0, min=0, affects_result=False,
+                                       help="Also checkpoint when this many minutes have passed since the last "
+                                            "checkpoint (0: off): bounds the work a kill -9 or a node failure "
+                                            "loses. SIGTERM/SIGINT always checkpoint before stopping.")
     probe_every: int = option(500, min=1, affects_result=False,
                               help="Steps between collapse probes on held-out images.")
     probe_size: int = option(64, min=0, affects_result=False,
@@ -297,7 +303,8 @@ class _Trainer:
             self.tracker = open_tracker(cfg.report_to, self.out, config_to_dict(cfg), key=self.fingerprint,
                                         resume_step=step + 1 if resume is not None else None)
         try:
-            return self._fit(step, resume, params_report, sample_aug)
+            with StopSignals() as self.stop:
+                return self._fit(step, resume, params_report, sample_aug)
         finally:
             self.tracker.close()
 
@@ -315,6 +322,7 @@ class _Trainer:
                  f", lr cycle {self.restart_cycle} steps" if self.restart_cycle else "")
         last_good = str(resume) if resume else None
         watch = pretrain.NonFiniteWatch(self.device, step)
+        last_ckpt = time.monotonic()
         window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
         last_probe: dict = {}
         self.module.train()
@@ -336,17 +344,28 @@ class _Trainer:
                 window["steps"] += 1
                 probe_now = probe is not None and cfg.probe_size >= 2 and step % cfg.probe_every == 0
                 final = step == self.total_steps
-                if log_now or probe_now or step % cfg.ckpt_every == 0:
+                # A stop request (SIGTERM/SIGINT) or the checkpoint timer of any rank: every rank acts on
+                # it at this same step. A signal at the last step lets the run finish instead.
+                minutes = cfg.ckpt_every_minutes
+                stop, timed = (False, False) if final else distributed.agree(
+                    [self.stop.requested, bool(minutes) and time.monotonic() - last_ckpt >= 60 * minutes], dist)
+                save_now = step % cfg.ckpt_every == 0 or final or stop or timed
+                if log_now or probe_now or save_now:
                     watch.check(dist, last_good)
                 if log_now:
                     self._log(step, out, window)
                     window.update(t0=time.perf_counter(), wait=0.0, steps=0)
                 if probe_now and not final:
                     last_probe, _ = self._probe(probe, cfg.probe_size, step)
-                if step % cfg.ckpt_every == 0 or final:
+                if save_now:
                     self._check_bad(final=self.pos.step_in_epoch >= self.steps_per_epoch or final)
                     if not (final and cfg.keep_checkpoints == 0):  # nothing left to resume
                         last_good = str(self._checkpoint(step, final=final))
+                    last_ckpt = time.monotonic()
+                if stop:
+                    log.info("stop requested (%s): checkpoint %s written at step %d", self.stop.signum, last_good,
+                             step)
+                    raise Stopped(self.stop.signum or signal.SIGTERM, step)
         self._check_bad(final=True)
         return self._finish(step, probe, last_probe, params_report)
 

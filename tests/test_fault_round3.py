@@ -8,9 +8,12 @@ before the fix for the reason it describes.
 from __future__ import annotations
 
 import builtins
+import itertools
 import json
 import shutil
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import h5py
@@ -20,7 +23,7 @@ import torch
 
 from cache import write_cache
 from tests._train_helpers import cli_args, make_world, tiny_config
-from tests.test_hostile_inputs import invoke, one_error_line
+from tests.test_hostile_inputs import env, invoke, one_error_line
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -220,3 +223,108 @@ def test_identical_runs_write_byte_identical_encoder_and_checkpoint_files(tmp_pa
     tv.run(tiny_config(world, out, max_steps=2, probe_size=0))
     for f in files:
         assert (out / f).read_bytes() == first[f], f
+
+
+# --------------------------------------------------------------------------- 6. SIGTERM and Ctrl-C
+# Sends the signal from inside the step (deterministic step), to the process or to its whole group
+# (a terminal's Ctrl-C reaches the DataLoader workers too).
+SIGNALLER = textwrap.dedent("""
+    import os, signal, sys
+    import cli
+    from pipeline import pretrain
+    step_at, signame, group, rank = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "group", sys.argv[4]
+    real = pretrain.train_step
+    calls = []
+    def signalling_step(*a, **k):
+        calls.append(1)
+        out = real(*a, **k)
+        if len(calls) == step_at and os.environ.get("RANK", "0") in (rank, "any"):
+            sig = getattr(signal, signame)
+            os.killpg(os.getpgid(0), sig) if group else os.kill(os.getpid(), sig)
+        return out
+    pretrain.train_step = signalling_step
+    sys.argv = ["mflag", "train-vision", *sys.argv[5:]]
+    cli.main()
+""")
+
+
+def _signalled(args: list, step: int, sig: str, group: bool = False, rank: str = "0", torchrun: bool = False):
+    script = Path(args[args.index("--out") + 1]).parent / f"signaller-{step}-{sig}.py"
+    script.write_text(SIGNALLER)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun \
+        else [sys.executable]
+    return subprocess.run([*launcher, str(script), str(step), sig, "group" if group else "self", rank,
+                           *map(str, args)], cwd=REPO, env=env(), timeout=300, capture_output=True, text=True,
+                          start_new_session=True)
+
+
+def _state(path: Path) -> dict:
+    return {k: v for k, v in torch.load(path, weights_only=True).items()}
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_checkpoints_that_step_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    """Case 6: SIGTERM during step 5 (checkpoints every 3 steps, 2 DataLoader workers): the step is
+    finished, step 5 is saved, one line, exit 143; the resumed run ends with an uninterrupted run's encoder."""
+    w = make_world(tmp_path / "w", n_train=16, n_val=4, per_shard=4)
+    opts = dict(num_workers=2, aug="original", shuffle_buffer=6, max_steps=7, ckpt_every=3, probe_every=3)
+    ref = tmp_path / "ref"
+    subprocess.run([sys.executable, "cli.py", "-q", "train-vision", *cli_args(w, ref, **opts)], cwd=REPO,
+                   env=env(), check=True, timeout=300)
+    out = tmp_path / "stopped"
+    args = cli_args(w, out, **opts)
+    proc = _signalled(args, 5, "SIGTERM")
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("stopped by")]
+    assert lines == ["stopped by SIGTERM at step 5; checkpoint saved, rerun the same command to resume"], \
+        proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert torch.load(out / "checkpoints" / "latest.pt", weights_only=True)["step"] == 5
+    assert not (out / "encoder.pt").exists()
+    subprocess.run([sys.executable, "cli.py", "-q", "train-vision", *args], cwd=REPO, env=env(), check=True,
+                   timeout=300)
+    a, b = _state(ref / "encoder.pt"), _state(out / "encoder.pt")
+    assert a.keys() == b.keys()
+    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= 1e-6
+    assert json.loads((out / "summary.json").read_text())["steps"] == 7
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_process_group_saves_and_exits_130(tmp_path, world):
+    """Case 6: Ctrl-C (SIGINT to the whole group, DataLoader workers included) was click's "Aborted!"."""
+    out = tmp_path / "out"
+    args = cli_args(world, out, num_workers=2, max_steps=6, ckpt_every=100, ckpt_every_minutes=0, probe_size=0)
+    proc = _signalled(args, 2, "SIGINT", group=True)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "stopped by SIGINT at step 2; checkpoint saved" in proc.stderr and "Aborted" not in proc.stderr
+    assert torch.load(out / "checkpoints" / "latest.pt", weights_only=True)["step"] == 2
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_agree_on_the_step_when_one_rank_gets_sigterm(tmp_path):
+    """Only rank 1 is signalled, during its step 2: both ranks checkpoint step 2 together and stop."""
+    w = make_world(tmp_path / "w", n_train=16, n_val=4, per_shard=4)
+    out = tmp_path / "ddp"
+    args = cli_args(w, out, num_workers=1, max_steps=5, ckpt_every=100, probe_size=0)
+    proc = _signalled(args, 2, "SIGTERM", rank="1", torchrun=True)
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert proc.stderr.count("stopped by SIGTERM at step 2; checkpoint saved") == 1, proc.stderr[-3000:]
+    ck = torch.load(out / "checkpoints" / "latest.pt", weights_only=True)
+    assert ck["step"] == 2 and len(ck["data"]) == 2
+
+
+def test_ckpt_every_minutes_checkpoints_on_the_timer(tmp_path, world, monkeypatch):
+    """The timer bounds what a kill -9 loses: with checkpoints every 100 steps, a timer that is always
+    due checkpoints every step (the clock is faked: no wall-clock assert)."""
+    from stages import train_vision as tv
+
+    clock = itertools.count(0, 3600)
+    monkeypatch.setattr(tv.time, "monotonic", lambda: next(clock))
+    saved = []
+    from pipeline import train_state
+
+    real = train_state.save_checkpoint
+    monkeypatch.setattr(train_state, "save_checkpoint", lambda p, payload: (saved.append(payload["step"]),
+                                                                           real(p, payload)))
+    tv.run(tiny_config(world, tmp_path / "out", max_steps=3, ckpt_every=100, ckpt_every_minutes=1, probe_size=0))
+    assert saved == [1, 2, 3]
