@@ -22,7 +22,14 @@ from typing import Iterator
 import numpy as np
 
 from pipeline.common import ConfigError, MflagError, RateLimitedLog, atomic_path, read_json, write_json
-from pipeline.imaging import ImageError, ImageTooLargeError, MissingImageError, encode_png, load_for_shard
+from pipeline.imaging import (
+    DegenerateImageError,
+    ImageError,
+    ImageTooLargeError,
+    MissingImageError,
+    encode_png,
+    load_for_shard,
+)
 from pipeline.mimic import BadItem, MimicImage
 
 log = logging.getLogger(__name__)
@@ -65,18 +72,22 @@ def encode_image(arr: np.ndarray, fmt: str, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
-def encode_task(task: tuple[str, int, bool, str, int, int]) -> tuple[str, object]:
+def encode_task(task: tuple) -> tuple[str, object]:
     """Worker: one image file -> ("ok", (bytes, (H, W))) or (reason, message). Never raises.
 
-    The bytes are the image encoded as ``fmt`` (``encode_image``)."""
-    path, size, crop, fmt, quality, max_pixels = task
+    ``task``: path, size, crop, format, quality, max_pixels and optionally the (rows, columns) the
+    metadata gives. The bytes are the image encoded as ``fmt`` (``encode_image``)."""
+    path, size, crop, fmt, quality, max_pixels = task[:6]
+    expected = task[6] if len(task) > 6 else None
     try:
-        arr, orig = load_for_shard(path, size, crop_border=crop, max_pixels=max_pixels)
+        arr, orig = load_for_shard(path, size, crop_border=crop, max_pixels=max_pixels, expected=expected)
         return "ok", (encode_image(arr, fmt, quality), orig)
     except MissingImageError as e:
         return "missing_image", str(e)
     except ImageTooLargeError as e:
         return "image_too_large", str(e)
+    except DegenerateImageError as e:
+        return "degenerate_image", str(e)
     except ImageError as e:
         return "corrupt_image", str(e)
     except Exception as e:  # a decoder bug on one file must not kill a multi-hour run

@@ -215,7 +215,7 @@ def _run(cfg: PrepareConfig, writable: bool, require_writable) -> PrepareResult:
     running_bad = n_bad_images + prior_bad
     if pending:
         tasks = [(str(root / i.relpath), cfg.size, cfg.crop_border, cfg.image_format, cfg.jpeg_quality,
-                  cfg.max_pixels) for s in pending for i in s.items]
+                  cfg.max_pixels, (i.rows, i.cols) if i.rows and i.cols else None) for s in pending for i in s.items]
         with EncodeResults(tasks, cfg.workers) as results, \
                 progress(total=n_pending, desc="prepare", unit="img") as bar:
             for shard in pending:
@@ -265,7 +265,7 @@ def _run(cfg: PrepareConfig, writable: bool, require_writable) -> PrepareResult:
         "reports": "reports.jsonl", "format_version": FORMAT_VERSION,
     })
     report.write(status="ok")
-    save_config(cfg, out, fingerprint=fp)
+    save_config(cfg, out, stage="prepare", fingerprint=fp)
     log.info("prepared %d images of %d studies into %d shards under %s (%d written, %d reused)",
              n_images, len(kept), len(sizes), shards_dir, len(pending), len(done))
     return PrepareResult(out, fp, splits, n_images, len(kept), len(pending), len(done), dict(report.counts))

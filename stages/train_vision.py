@@ -295,7 +295,8 @@ class _Trainer:
         step = self._restore(resume) if resume is not None else 0
         if dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out, fingerprint=self.fingerprint, steps_per_epoch=self.steps_per_epoch,
+            save_config(cfg, self.out, stage="train-vision", fingerprint=self.fingerprint,
+                        steps_per_epoch=self.steps_per_epoch,
                         total_steps=self.total_steps, world_size=dist.world_size, precision=self.precision,
                         batch_per_process=self.local_batch, global_batch=self.global_batch,
                         restart_cycle=self.restart_cycle)

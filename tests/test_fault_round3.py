@@ -328,3 +328,94 @@ def test_ckpt_every_minutes_checkpoints_on_the_timer(tmp_path, world, monkeypatc
                                                                            real(p, payload)))
     tv.run(tiny_config(world, tmp_path / "out", max_steps=3, ckpt_every=100, ckpt_every_minutes=1, probe_size=0))
     assert saved == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------- 5. one stage per folder
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A real prepare output of the tiny MIMIC tree (one image per shard)."""
+    from stages.prepare import PrepareConfig, run
+    from tests._prepare_helpers import default_studies, make_tree
+
+    base = tmp_path_factory.mktemp("round3-prepare")
+    root = make_tree(base / "root", default_studies(), border=5)
+    out = base / "out"
+    run(PrepareConfig(root=str(root), out=str(out), size=40, shard_size=1, workers=1))
+    return {"root": root, "out": out}
+
+
+def test_train_vision_refuses_a_prepare_folder_as_out(tmp_path, world, prepared):
+    """Case 5: train-vision --out <a prepare folder> ran and overwrote prepare's config.json."""
+    out = tmp_path / "prep"
+    shutil.copytree(prepared["out"], out)
+    before = (out / "config.json").read_bytes()
+    line = one_error_line(invoke(["train-vision", *cli_args(world, out)]))
+    assert str(out) in line and "holds the outputs of prepare" in line, line
+    assert (out / "config.json").read_bytes() == before and not (out / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_eval_refuses_a_train_vision_run_as_out(tmp_path, world):
+    """Case 5: eval --out <a train-vision run> ran and overwrote its config.json."""
+    from pipeline.synth.downstream import write_chexpert
+    from stages import train_vision as tv
+
+    run_dir = tmp_path / "run"
+    tv.run(tiny_config(world, run_dir, max_steps=1, probe_size=0))
+    before = (run_dir / "config.json").read_bytes()
+    root = tmp_path / "chexpert"
+    write_chexpert(root, 40, 0, image_size=64)
+    line = one_error_line(invoke(["eval", "--task", "cls", "--dataset", "chexpert", "--root", root, "--out", run_dir,
+                                  "--init", run_dir / "encoder.pt", "--image-size", 64, "--epochs", 1,
+                                  "--batch-size", 4, "--device", "cpu"]))
+    assert str(run_dir) in line and "holds the outputs of train-vision" in line, line
+    assert (run_dir / "config.json").read_bytes() == before
+    # an old folder whose config.json does not name its stage is known by what it holds
+    cfg = json.loads(before)
+    cfg.pop("stage")
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+    line = one_error_line(invoke(["prepare", "mimic", "--root", root, "--out", run_dir]))
+    assert "holds the outputs of train-vision" in line and "checkpoints" in line, line
+
+
+# --------------------------------------------------------------------------- 8. degenerate images
+def test_degenerate_images_are_bad_items_with_a_reason_in_prepare(tmp_path):
+    """Case 8: a 1x1 px image became an all-black training sample, uncounted; a 40 px image where the
+    metadata says 64 x 64 is a substituted file. Both are bad items naming the reason."""
+    from PIL import Image
+
+    from pipeline.mimic import image_relpath
+    from stages.prepare import PrepareConfig, run
+    from tests._prepare_helpers import default_studies, make_tree
+
+    studies = default_studies()
+    root = make_tree(tmp_path / "root", studies)
+    tiny, other = studies[0], studies[2]
+    for st, side in ((tiny, 1), (other, 40)):
+        p = root / image_relpath(st.subject_id, st.study_id, st.images[0].dicom_id)
+        Image.fromarray(np.full((side, side), 128, np.uint8)).save(p, format="JPEG")
+    out = tmp_path / "out"
+    run(PrepareConfig(root=str(root), out=str(out), size=40, shard_size=1, workers=1, max_bad_fraction=0.5))
+    report = json.loads((out / "prepare-report.json").read_text())
+    bad = {b["dicom_id"]: b for b in report["bad"] if b["reason"] == "degenerate_image"}
+    assert set(bad) == {tiny.images[0].dicom_id, other.images[0].dicom_id}, report["bad"]
+    assert "1x1 px" in bad[tiny.images[0].dicom_id]["detail"]
+    assert "the metadata gives 64x64" in bad[other.images[0].dicom_id]["detail"]
+    assert report["bad_counts"]["degenerate_image"] == 2
+    written = {json.loads(line)["study_id"] for line in (out / "reports.jsonl").read_text().splitlines()}
+    assert tiny.study_id not in written  # its only PA image was the 1x1 one
+
+
+def test_degenerate_image_in_an_eval_reader_is_one_line(tmp_path):
+    from PIL import Image
+
+    from pipeline.datasets.base import Record
+    from pipeline.downstream.data import ImageSource
+
+    ok, tiny = tmp_path / "ok.png", tmp_path / "tiny.png"
+    Image.fromarray(np.full((64, 64), 90, np.uint8)).save(ok)
+    Image.fromarray(np.full((1, 1), 90, np.uint8)).save(tiny)
+    src = ImageSource([Record("a", "p1", ok), Record("b", "p2", tiny)], 32, preload=False)
+    assert src.get(0)[0].shape == (32, 32)
+    with pytest.raises(Exception, match=r"tiny.png: image 'b' is 1x1 px, below the 32 px minimum"):
+        src.get(1)

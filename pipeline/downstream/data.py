@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from pipeline import imaging
 from pipeline.common import MflagError, progress
 from pipeline.datasets.base import DatasetSpec, Record
+from pipeline.imaging import MIN_IMAGE_SIDE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -122,6 +123,9 @@ class ImageSource:
         except Exception as e:  # a corrupt file should name itself, not crash deep in PIL/pydicom
             raise MflagError(f"{rec.path}: cannot read image {rec.image_id!r} ({e})") from e
         h, w = img.shape[:2]
+        if min(h, w) < MIN_IMAGE_SIDE:  # a test image is never dropped silently: the run stops, naming it
+            raise MflagError(f"{rec.path}: image {rec.image_id!r} is {h}x{w} px, below the {MIN_IMAGE_SIDE} px "
+                             "minimum side of a usable radiograph; replace the file or leave it out of the labels")
         self._sizes[i] = (h, w)
         mask = None
         if self.mask_fn is not None:
