@@ -43,6 +43,7 @@ def open_train_data(shards: str, splits: tuple[str, ...], *, num_samples: int | 
     DataError naming the option to change."""
     train = (wdsp.resolve_shards(shards, "train") if splits == ("train",)
              else wdsp.resolve_splits(shards, splits))
+    _check_shard_files(train, dist)
     n = num_samples or train.num_samples
     if n is None:
         raise ConfigError("num_samples: the shards have no sizes.json; pass --num-samples "
@@ -64,6 +65,29 @@ def open_train_data(shards: str, splits: tuple[str, ...], *, num_samples: int | 
             f"{max(1, num_workers)} loader process(es) each: need at least {slots} so every one reads "
             f"its own shards ({fix})")
     return TrainData(train, n, local_batch, global_batch, steps_per_epoch, total_steps)
+
+
+def _check_shard_files(train: wdsp.ShardSet, dist: DistInfo) -> None:
+    """Every training shard against prepare's record of it (``wds.check_shard_files``), the work split
+    over the ranks; the first problem any rank found stops every rank with the same line."""
+    import os
+
+    from pipeline.distributed import all_gather_object
+
+    if not train.digests:
+        if train.manifest is not None and dist.is_main:
+            log.warning("%s has no shard digests (written by an older prepare): the shards are not checked "
+                        "before training; rerun prepare on its folder to add them (nothing is re-encoded)",
+                        train.manifest)
+        return
+    t0 = time.perf_counter()
+    problem, nbytes = wdsp.check_shard_files(train, dist.rank, dist.world_size, threads=min(8, os.cpu_count() or 1))
+    found = [p for p in all_gather_object(problem, dist) if p is not None]
+    if found:
+        raise wdsp.DataError(found[0])
+    if dist.is_main:
+        log.info("%d training shard(s) checked against %s (%.1f MB hashed on rank 0 in %.1f s)", len(train.urls),
+                 train.manifest, nbytes / 1e6, time.perf_counter() - t0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,15 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline.common import ConfigError, MflagError, RateLimitedLog, atomic_path, read_json, write_json
+from pipeline.common import (
+    ConfigError,
+    MflagError,
+    RateLimitedLog,
+    atomic_path,
+    file_sha256,
+    read_json,
+    write_json,
+)
 from pipeline.imaging import (
     DegenerateImageError,
     ImageError,
@@ -125,7 +133,8 @@ def write_shard(shard: Shard, results: Iterator, shards_dir: Path, state_dir: Pa
     # The record follows the tar: a kill between the two only costs rebuilding this one shard.
     write_json(state_dir / f"{shard.name}.json", {
         "fingerprint": fp, "name": shard.name, "split": shard.split, "count": len(keys),
-        "bytes": (shards_dir / shard.name).stat().st_size, "keys": keys, "bad": bad,
+        "bytes": (shards_dir / shard.name).stat().st_size, "sha256": file_sha256(shards_dir / shard.name),
+        "keys": keys, "bad": bad,
     })
     return len(bad)
 

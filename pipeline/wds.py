@@ -595,6 +595,69 @@ class ShardSet:
     num_samples: int | None  # None when no sizes.json covers the shards
     root: Path | None  # local folder of the shards, when there is one
     sizes: dict = dataclasses.field(default_factory=dict)  # shard file name -> samples (sizes.json)
+    # shard file name -> {"count", "bytes", "sha256"} as prepare wrote it (manifest.json "shard_files")
+    digests: dict = dataclasses.field(default_factory=dict)
+    manifest: Path | None = None
+
+
+def _manifest_names(manifest: Path, folder: Path, names) -> list[str]:
+    """Shard names a manifest lists, each a plain file name inside ``folder``: a manifest that names
+    ``/etc/passwd`` or ``../../outside/x.tar`` is refused, not read."""
+    from pipeline.common import unsafe_id_reason
+
+    out = []
+    for n in names:
+        why = unsafe_id_reason(n) if isinstance(n, str) else "is not a file name"
+        if why is None and not n.endswith(".tar"):
+            why = "is not a .tar file name"
+        if why is not None:
+            raise DataError(f"{manifest}: lists shard {n!r}, which {why}; a manifest names shards inside {folder} "
+                            "only (rerun prepare to rewrite it)")
+        out.append(n)
+    return out
+
+
+def _manifest_digests(manifest: Path, man: dict) -> dict:
+    files = man.get("shard_files") or {}
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+        raise DataError(f"{manifest}: shard_files must map shard names to {{count, bytes, sha256}}")
+    return files
+
+
+def check_shard_files(shards: ShardSet, rank: int = 0, world_size: int = 1, threads: int = 4) -> tuple[str | None, int]:
+    """Read-time integrity of local shards against what prepare recorded (manifest.json ``shard_files``):
+    byte size, sha256, and the sample count against sizes.json. This rank checks every ``world_size``-th
+    shard from ``rank`` (hashing in ``threads`` threads: hashlib releases the GIL), so the ranks share the
+    work. Returns ``(the first problem, or None; bytes hashed)``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.common import file_sha256
+
+    if not shards.digests:
+        return None, 0
+    todo = [Path(u) for u in shards.urls[rank::world_size] if Path(u).name in shards.digests]
+
+    def check(path: Path) -> tuple[str | None, int]:
+        want = shards.digests[path.name]
+        fix = (f"it was replaced, modified or damaged since prepare wrote it: delete it and rerun prepare on "
+               f"{shards.manifest.parent if shards.manifest else path.parent} (only missing shards are rebuilt)")
+        if shards.sizes.get(path.name, want.get("count")) != want.get("count"):
+            return (f"{path}: sizes.json lists {shards.sizes.get(path.name)} samples, {shards.manifest} "
+                    f"{want.get('count')}; {fix}"), 0
+        try:
+            size = path.stat().st_size
+            if size != want.get("bytes"):
+                return f"{path}: {size} bytes, prepare wrote {want.get('bytes')}; {fix}", 0
+            if file_sha256(path) != want.get("sha256"):
+                return f"{path}: content differs from the sha256 in {shards.manifest}; {fix}", size
+        except OSError as e:
+            return f"{path}: cannot read ({e.strerror})", 0
+        return None, size
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        results = list(pool.map(check, todo))
+    problems = [r for r, _ in results if r is not None]
+    return (problems[0] if problems else None), sum(n for _, n in results)
 
 
 def _load_sizes(folder: Path) -> dict[str, int]:
@@ -624,6 +687,8 @@ def resolve_shards(spec: str, split: str = "train") -> ShardSet:
             folder = p / "shards"
             if not names:
                 raise DataError(f"{p / 'manifest.json'} lists no shards for split {split!r}")
+            names = _manifest_names(p / "manifest.json", folder, names)
+            return _local_shards(folder, names, _manifest_digests(p / "manifest.json", man), p / "manifest.json")
         else:
             folder = p
             tars = sorted(x.name for x in folder.glob("*.tar"))
@@ -650,14 +715,16 @@ def resolve_shards(spec: str, split: str = "train") -> ShardSet:
     return ShardSet(tuple(urls), None, None)
 
 
-def _local_shards(folder: Path, names: list[str]) -> ShardSet:
+def _local_shards(folder: Path, names: list[str], digests: dict | None = None,
+                  manifest: Path | None = None) -> ShardSet:
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
         raise DataError(f"shard {folder / missing[0]} is listed but does not exist")
     sizes = _load_sizes(folder)
     count = sum(sizes[n] for n in names) if sizes and all(n in sizes for n in names) else None
     return ShardSet(tuple(str(folder / n) for n in names), count, folder,
-                    {n: sizes[n] for n in names if n in sizes})
+                    {n: sizes[n] for n in names if n in sizes},
+                    {n: digests[n] for n in names if n in (digests or {})}, manifest)
 
 
 def resolve_splits(spec: str, splits: tuple[str, ...]) -> ShardSet:
@@ -671,11 +738,13 @@ def resolve_splits(spec: str, splits: tuple[str, ...]) -> ShardSet:
         raise DataError(f"{spec}: training pairs from several splits need a prepare output folder or a "
                         "folder of <split>-NNNNNN.tar shards; with URLs or single files, list the shards")
     if (p / "manifest.json").is_file() and (p / "shards").is_dir():
-        listed = read_json(p / "manifest.json").get("splits") or {}
+        man = read_json(p / "manifest.json")
+        listed = man.get("splits") or {}
         names = [n for s in splits for n in ((listed.get(s) or {}).get("shards") or [])]
         if not names:
             raise DataError(f"{p / 'manifest.json'} lists no shards for the splits {', '.join(splits)}")
-        return _local_shards(p / "shards", names)
+        names = _manifest_names(p / "manifest.json", p / "shards", names)
+        return _local_shards(p / "shards", names, _manifest_digests(p / "manifest.json", man), p / "manifest.json")
     tars = sorted(x.name for x in p.glob("*.tar"))
     if not tars:
         raise DataError(f"no .tar shards in {p}")

@@ -23,6 +23,7 @@ from pipeline.common import (
     MflagError,
     atomic_open,
     config_to_dict,
+    file_sha256,
     fingerprint,
     progress,
     read_json,
@@ -227,6 +228,7 @@ def _run(cfg: PrepareConfig, writable: bool, require_writable) -> PrepareResult:
     # ---- gather everything from the done-records (they cover resumed and fresh shards alike)
     splits: dict[str, dict] = {s: {"shards": [], "count": 0} for s in cfg.splits}
     sizes: dict[str, int] = {}
+    shard_files: dict[str, dict] = {}  # what train-vision checks each tar against before reading it
     written_studies: set[tuple[str, str]] = set()
     study_of = {i.dicom_id: (i.subject_id, i.study_id) for s in plan for i in s.items}
     for shard in plan:
@@ -242,6 +244,9 @@ def _run(cfg: PrepareConfig, writable: bool, require_writable) -> PrepareResult:
             splits[shard.split]["shards"].append(shard.name)
             splits[shard.split]["count"] += rec["count"]
             sizes[shard.name] = rec["count"]
+            tar = shards_dir / shard.name
+            shard_files[shard.name] = {"count": rec["count"], "bytes": rec["bytes"],
+                                       "sha256": rec.get("sha256") or file_sha256(tar)}
         written_studies.update(study_of[k] for k in rec["keys"])
     check_bad(cfg.max_bad_fraction, report, n_bad_images, n_considered, stage="decoding images")
 
@@ -262,7 +267,7 @@ def _run(cfg: PrepareConfig, writable: bool, require_writable) -> PrepareResult:
         "splits": splits, "image_format": cfg.image_format, "image_key": IMAGE_EXT[cfg.image_format],
         "size": cfg.size, "fingerprint": fp,
         "config": cfg.content_dict(), "n_images": n_images, "n_studies": len(kept),
-        "reports": "reports.jsonl", "format_version": FORMAT_VERSION,
+        "reports": "reports.jsonl", "format_version": FORMAT_VERSION, "shard_files": shard_files,
     })
     report.write(status="ok")
     save_config(cfg, out, stage="prepare", fingerprint=fp)
@@ -284,6 +289,8 @@ def _finished(out: Path, fp: str, plan: list[Shard]) -> PrepareResult | None:
         return None
     if manifest.get("fingerprint") != fp or stamp.get("fingerprint") != fp or \
             manifest.get("format_version") != FORMAT_VERSION:
+        return None
+    if "shard_files" not in manifest:  # written before shard digests: the rerun adds them, encoding nothing
         return None
     if any(done_record(state_dir, shards_dir, shard, fp) is None for shard in plan):
         return None

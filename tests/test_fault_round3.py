@@ -419,3 +419,75 @@ def test_degenerate_image_in_an_eval_reader_is_one_line(tmp_path):
     assert src.get(0)[0].shape == (32, 32)
     with pytest.raises(Exception, match=r"tiny.png: image 'b' is 1x1 px, below the 32 px minimum"):
         src.get(1)
+
+
+# --------------------------------------------------------------------------- 4. image shards vs prepare's record
+def _prepare(root: Path, out: Path, **kw) -> Path:
+    from stages.prepare import PrepareConfig, run
+
+    run(PrepareConfig(root=str(root), out=str(out), size=kw.pop("size", 40), shard_size=1, workers=1, **kw))
+    return out
+
+
+def _cache_for(prep: Path, folder: Path) -> Path:
+    keys = [json.loads(line)["study_id"] for line in (prep / "reports.jsonl").read_text().splitlines()]
+    return write_cache(folder, keys, np.random.default_rng(0).normal(size=(len(keys), 16)).astype(np.float32))
+
+
+def _train_args(prep: Path, cache: Path, out: Path, **over) -> list[str]:
+    return cli_args({"shards": prep, "cache": cache}, out, image_size=40, batch_size=2, max_steps=1,
+                    probe_size=0, **over)
+
+
+@pytest.mark.parametrize("how", ["other-size", "raw-same-bytes", "other-corpus"])
+def test_a_shard_replaced_by_another_prepares_tar_is_refused(tmp_path, how):
+    """Case 4: at another --size it was silently resized; from another corpus samples were skipped with
+    warnings; with --format raw a foreign tar even has the very same byte size."""
+    from tests._prepare_helpers import default_studies, make_tree
+
+    fmt = {"image_format": "raw"} if how == "raw-same-bytes" else {}
+    root = make_tree(tmp_path / "root", default_studies(), border=5)
+    prep = _prepare(root, tmp_path / "prep", **fmt)
+    if how == "other-size":
+        other = _prepare(root, tmp_path / "other", size=48)
+    elif how == "raw-same-bytes":
+        other = _prepare(make_tree(tmp_path / "root2", default_studies(), border=5, seed=7), tmp_path / "other", **fmt)
+    else:
+        other = _prepare(make_tree(tmp_path / "root2", default_studies(seed=9), border=5), tmp_path / "other")
+    tar = prep / "shards" / "train-000001.tar"
+    if how == "raw-same-bytes":
+        assert tar.stat().st_size == (other / "shards" / tar.name).stat().st_size
+    shutil.copyfile(other / "shards" / tar.name, tar)
+    out = tmp_path / "run"
+    line = one_error_line(invoke(["train-vision", *_train_args(prep, _cache_for(prep, tmp_path / "c"), out)]))
+    assert str(tar) in line and ("differs from the sha256" in line or "bytes, prepare wrote" in line), line
+    assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../../outside/x.tar", "sub/../../x.tar"])
+def test_manifest_entries_outside_the_shards_folder_are_refused(tmp_path, prepared, name):
+    """Case 4: a manifest naming /etc/passwd or ../../outside/x.tar was read with --num-samples."""
+    prep = tmp_path / "prep"
+    shutil.copytree(prepared["out"], prep)
+    man = json.loads((prep / "manifest.json").read_text())
+    man["splits"]["train"]["shards"].append(name)
+    (prep / "manifest.json").write_text(json.dumps(man))
+    line = one_error_line(invoke(["train-vision", *_train_args(prep, _cache_for(prep, tmp_path / "c"),
+                                                               tmp_path / "run", num_samples=4)]))
+    assert str(prep / "manifest.json") in line and repr(name) in line and "inside" in line, line
+
+
+def test_untouched_prepare_output_trains_and_old_outputs_gain_digests(tmp_path, prepared):
+    prep = tmp_path / "prep"
+    shutil.copytree(prepared["out"], prep)
+    man = json.loads((prep / "manifest.json").read_text())
+    assert set(man["shard_files"]) == {n for s in man["splits"].values() for n in s["shards"]}
+    res = invoke(["train-vision", *_train_args(prep, _cache_for(prep, tmp_path / "c"), tmp_path / "run")])
+    assert res.exit_code == 0, res.output[-2000:]
+    # an output of the prepare before digests: a rerun adds them without re-encoding anything
+    man.pop("shard_files")
+    (prep / "manifest.json").write_text(json.dumps(man))
+    tars = {p.name: p.stat().st_mtime_ns for p in (prep / "shards").glob("*.tar")}
+    _prepare(prepared["root"], prep)
+    assert "shard_files" in json.loads((prep / "manifest.json").read_text())
+    assert tars == {p.name: p.stat().st_mtime_ns for p in (prep / "shards").glob("*.tar")}
