@@ -127,8 +127,23 @@ def read_csv(path: str | os.PathLike, required: Sequence[str],
                 values = {c: row[i].strip() for c, i in zip(required, idx)}
                 values.update({c: (row[i].strip() if i < len(row) else None) for c, i in opt.items()})
                 yield line, values
-    except (OSError, EOFError, zlib.error, UnicodeDecodeError, csv.Error) as e:
+    except UnicodeDecodeError:
+        raise MflagError(_first_bad_utf8_line(path)) from None
+    except (OSError, EOFError, zlib.error, csv.Error) as e:
         raise MflagError(f"{path}: cannot read CSV ({type(e).__name__}: {e})") from e
+
+
+def _first_bad_utf8_line(path: Path) -> str:
+    """The line of a (gzipped) CSV that is not UTF-8, for the one-line error (the CSV is read streaming,
+    where the decoder fails a whole chunk ahead of the csv reader)."""
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return (f"{path}: line {n}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                        "save the file as UTF-8")
+    return f"{path}: not valid UTF-8"
 
 
 def _size(value: str | None) -> int | None:
@@ -324,7 +339,7 @@ class ReportSource:
                     data = (self._base / rel).read_bytes()
                 except FileNotFoundError:
                     return None
-            text = data.decode("utf-8")
+            text = data.decode("utf-8").removeprefix("\ufeff")
         except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError, RuntimeError,
                 UnicodeDecodeError) as e:
             raise ReportError("unreadable_report", where, f"cannot read report ({type(e).__name__}: {e})") from e

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.common import ConfigError, MflagError, coerce_to_hint
+from pipeline.common import ConfigError, MflagError, coerce_to_hint, read_text_utf8
 from pipeline.stagegraph import Node, path_signature
 
 TOP_KEYS = {"workdir", "corpus", "text_model", "prepare", "embed_text", "train", "downstream", "eval",
@@ -61,7 +61,7 @@ def load_spec(path: str | Path, workdir: str | None = None) -> dict[str, Any]:
     """Read and check a pipeline YAML; relative paths are taken from the current directory."""
     path = Path(path)
     try:
-        spec = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
+        spec = yaml.load(read_text_utf8(path), Loader=_Loader) or {}
     except yaml.YAMLError as e:
         raise MflagError(f"{path}: not valid YAML ({e})") from e
     except _DuplicateKey as e:

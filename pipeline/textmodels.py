@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 import torch
 
-from pipeline.common import ConfigError, MflagError, fingerprint
+from pipeline.common import ConfigError, MflagError, fingerprint, read_text_utf8
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ def load_text_model(model: str, pooling: str = "cls", device: str = "cpu",
     if not cfg_path.is_file():
         raise TextModelError(f"{folder}: no config.json; not a transformers model folder")
     try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+        raw = json.loads(read_text_utf8(cfg_path))
     except json.JSONDecodeError as e:
         raise TextModelError(f"{cfg_path}: not valid JSON ({e})") from e
     if not isinstance(raw, dict):

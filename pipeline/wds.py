@@ -364,21 +364,29 @@ class ReportTexts:
 
 def read_reports(path: str | os.PathLike) -> dict[str, str]:
     """``reports.jsonl`` (prepare's output) -> {study_id: text}; a bad line is an error naming it."""
+    from pipeline.common import read_text_utf8, replace_surrogates
+
     path = Path(path)
     out: dict[str, str] = {}
     try:
-        fh = open(path, encoding="utf-8")
+        text = read_text_utf8(path)
     except OSError as e:
         raise DataError(f"cannot read reports {path}: {e}") from e
-    with fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                out[str(row["study_id"])] = str(row["text"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DataError(f"{path} line {i}: expected JSON with study_id and text ({e})") from e
+    replaced: list[int] = []
+    for i, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            clean, n = replace_surrogates(str(row["text"]))
+            out[str(row["study_id"])] = clean
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"{path} line {i}: expected JSON with study_id and text ({e})") from e
+        if n:
+            replaced.append(i)
+    if replaced:
+        log.warning("%s: %d report(s) held lone UTF-16 surrogates (e.g. line %d), replaced by U+FFFD",
+                    path, len(replaced), replaced[0])
     return out
 
 

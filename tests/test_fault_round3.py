@@ -491,3 +491,63 @@ def test_untouched_prepare_output_trains_and_old_outputs_gain_digests(tmp_path, 
     _prepare(prepared["root"], prep)
     assert "shard_files" in json.loads((prep / "manifest.json").read_text())
     assert tars == {p.name: p.stat().st_mtime_ns for p in (prep / "shards").glob("*.tar")}
+
+
+# --------------------------------------------------------------------------- 7. encodings and lone surrogates
+def test_a_lone_surrogate_in_a_report_is_replaced_counted_and_said(tmp_path):
+    """Case 7: a JSON-escaped lone surrogate ("\\ud800") in a report was a traceback in embed-text."""
+    from cache import TextEmbeddingCache
+    from pipeline.textmodels import build_tiny_bert
+
+    texts = ["no acute findings", "small left effusion"]
+    model = build_tiny_bert(texts, tmp_path / "bert", hidden=16, layers=1, heads=2, vocab_size=60)
+    reports = tmp_path / "reports.jsonl"
+    reports.write_text('{"study_id": "1", "text": "no acute findings"}\n'
+                       '{"study_id": "2", "text": "small \\ud800 left effusion"}\n', encoding="utf-8")
+    out = tmp_path / "cache"
+    res = invoke(["embed-text", "--reports", reports, "--out", out, "--model", model, "--device", "cpu",
+                  "--max-length", 16])
+    assert res.exit_code == 0, res.output[-2000:]
+    cache = TextEmbeddingCache(out)
+    assert len(cache) == 2 and cache.attrs["input"]["surrogates_replaced"] == 1
+    assert "lone UTF-16 surrogates (e.g. line 2)" in res.output
+    # a key with one is refused, naming the line
+    reports.write_text('{"study_id": "1\\udc80", "text": "no acute findings"}\n', encoding="utf-8")
+    line = one_error_line(invoke(["embed-text", "--reports", reports, "--out", tmp_path / "c2", "--model", model,
+                                  "--device", "cpu"]))
+    assert f"{reports}: line 1: key" in line and "surrogate" in line, line
+
+
+def _break_utf8(csv_path: Path) -> int:
+    """Append a row with a Latin-1 byte; returns its line number."""
+    data = csv_path.read_bytes()
+    lines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
+    csv_path.write_bytes(data.rstrip(b"\n") + b"\n" + data.splitlines()[-1].replace(b"valid", b"v\xe9lid") + b"\n")
+    return lines + 1
+
+
+@pytest.mark.parametrize("command", ["eval", "splits"])
+def test_a_label_csv_that_is_not_utf8_is_one_line_naming_file_and_line(tmp_path, command):
+    """Case 7: a Latin-1 label CSV was a traceback in eval and splits."""
+    from pipeline.synth.downstream import write_chexpert
+
+    root = tmp_path / "chexpert"
+    write_chexpert(root, 40, 0, image_size=64)
+    csv_path = root / "valid.csv"
+    n = _break_utf8(csv_path)
+    if command == "eval":
+        args = ["eval", "--task", "cls", "--dataset", "chexpert", "--root", root, "--out", tmp_path / "out",
+                "--init", "random", "--image-size", 64, "--epochs", 1, "--batch-size", 4, "--device", "cpu"]
+    else:
+        args = ["splits", "--dataset", "chexpert", "--task", "cls", "--root", root, "--out", tmp_path / "out"]
+    line = one_error_line(invoke(args))
+    assert f"{csv_path}: line {n}: not valid UTF-8 (byte 0xe9" in line, line
+
+
+def test_label_csv_with_a_byte_order_mark_reads_as_without(tmp_path):
+    from pipeline.datasets._common import read_csv_rows
+
+    plain, bom = tmp_path / "a.csv", tmp_path / "b.csv"
+    plain.write_text("Path,Label\nx.jpg,1\n", encoding="utf-8")
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert list(read_csv_rows(plain, ["Path"])) == list(read_csv_rows(bom, ["Path"]))
