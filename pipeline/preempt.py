@@ -12,6 +12,7 @@ of it would fail the batch being read instead of letting the step finish.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 
@@ -65,6 +66,33 @@ class StopSignals:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM outside a training loop: raised where the program stands, like Ctrl-C's KeyboardInterrupt
+    (temp files are removed on the way out: ``atomic_path``), so the CLI can say so in one line."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = int(signum)
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """While inside (main thread only), SIGTERM raises :class:`Interrupted` instead of ending the process
+    without a word; training loops take both signals over with :class:`StopSignals`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def ignore_in_worker(_worker_id: int | None = None) -> None:

@@ -551,3 +551,38 @@ def test_label_csv_with_a_byte_order_mark_reads_as_without(tmp_path):
     plain.write_text("Path,Label\nx.jpg,1\n", encoding="utf-8")
     bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
     assert list(read_csv_rows(plain, ["Path"])) == list(read_csv_rows(bom, ["Path"]))
+
+
+EVAL_SIGNALLER = textwrap.dedent("""
+    import os, signal, sys
+    import cli
+    from pipeline.downstream import loop
+    real = loop.trainable_state
+    def signalled(model):
+        os.kill(os.getpid(), signal.SIGTERM)  # at the end of the first epoch of the first seed
+        return real(model)
+    loop.trainable_state = signalled
+    sys.argv = ["mflag", "eval", *sys.argv[1:]]
+    cli.main()
+""")
+
+
+@pytest.mark.slow
+def test_sigterm_in_eval_is_one_line_and_exit_143(tmp_path):
+    """Eval's training loops: no mid-seed checkpoint (a seed is the unit a rerun resumes), but SIGTERM is
+    one line and exit 143, and no temporary file is left, instead of a silent death."""
+    from pipeline.synth.downstream import write_chexpert
+
+    root = tmp_path / "chexpert"
+    write_chexpert(root, 40, 0, image_size=64)
+    out = tmp_path / "out"
+    script = tmp_path / "eval_signaller.py"
+    script.write_text(EVAL_SIGNALLER)
+    proc = subprocess.run([sys.executable, str(script), "--task", "cls", "--dataset", "chexpert", "--root", str(root),
+                           "--out", str(out), "--init", "random", "--image-size", "64", "--epochs", "2",
+                           "--batch-size", "4", "--device", "cpu"], cwd=REPO, env=env(), timeout=300,
+                          capture_output=True, text=True)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "stopped by SIGTERM" in errors[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert not list(out.rglob(".*.tmp"))
