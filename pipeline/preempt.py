@@ -4,11 +4,12 @@ A scheduler sends SIGTERM and, after a grace period, SIGKILL (SLURM: ``--signal=
 TERM 120 s before the end). :class:`StopSignals` turns either signal into a request the training loop
 reads between steps: it finishes the step in progress, writes a checkpoint, and the command prints one
 line and exits with 128 + the signal number (143 for SIGTERM, 130 for SIGINT), as a shell reports a
-process killed by it, so a requeue script can tell a preemption from a failure. A second signal of the
-same kind while the checkpoint is being written ends the process at once (the previous checkpoint is
-still complete: they are written atomically). DataLoader workers ignore both signals
-(:func:`ignore_in_worker`): a terminal's Ctrl-C reaches the whole process group, and a worker that died
-of it would fail the batch being read instead of letting the step finish.
+process killed by it, so a requeue script can tell a preemption from a failure. A second Ctrl-C while
+the checkpoint is being written ends the process at once (the previous checkpoint is still complete:
+they are written atomically); a repeated SIGTERM does not (srun and torchrun may both deliver one).
+DataLoader workers ignore both signals (:func:`ignore_in_worker`): a terminal's Ctrl-C reaches the
+whole process group, and a worker that died of it would fail the batch being read instead of letting
+the step finish.
 """
 from __future__ import annotations
 
@@ -46,7 +47,9 @@ class StopSignals:
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.signum == signum:  # asked twice: stop now, without waiting for the checkpoint
+        # Ctrl-C twice: stop now, without waiting for the checkpoint. Not SIGTERM: under srun + torchrun
+        # a rank may get it twice (from the step and from the agent), and SIGKILL follows anyway.
+        if signum == signal.SIGINT and self.signum == signum:
             signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
             signal.raise_signal(signum)
             return

@@ -10,7 +10,9 @@ from __future__ import annotations
 import builtins
 import itertools
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -586,3 +588,18 @@ def test_sigterm_in_eval_is_one_line_and_exit_143(tmp_path):
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "stopped by SIGTERM" in errors[0] and "Traceback" not in proc.stderr, proc.stderr
     assert not list(out.rglob(".*.tmp"))
+
+
+def test_a_repeated_sigterm_still_waits_for_the_checkpoint_but_a_second_ctrl_c_does_not():
+    """srun and torchrun may both deliver SIGTERM to a rank: the second must not kill the checkpoint."""
+    from pipeline.preempt import StopSignals
+
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt):
+        with StopSignals() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.signum == signal.SIGINT
+            os.kill(os.getpid(), signal.SIGINT)  # the default handler again: KeyboardInterrupt
