@@ -26,7 +26,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import ConfigError, MflagError, read_json, save_config, write_json
+from pipeline.common import ConfigError, MflagError, read_json, read_text_utf8, save_config, write_json
 from pipeline.locks import output_lock
 from pipeline.options import option_choices
 from pipeline.pipeline_spec import (
@@ -106,7 +106,7 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
     prep_inputs = {"format": PREPARE_FORMAT, **external(root=mimic_root, reports=mimic_reports)}
     nodes.append(Node("prepare", work / "prepare",
                       {"root": mimic_root, "reports": mimic_reports, **prepare_opts},
-                      prep_deps, _run_prepare, inputs=prep_inputs))
+                      prep_deps, _run_prepare, inputs=prep_inputs, verify=_verify_prepare))
 
     # -- text encoder
     tm = mapping("text_model", spec["text_model"])
@@ -299,7 +299,7 @@ def _run_text_model(node: Node, by_name) -> None:
     from pipeline.textmodels import build_tiny_bert
 
     p = dict(node.params)
-    texts = [json.loads(line)["text"] for line in _reports_path(by_name).read_text(encoding="utf-8").splitlines()
+    texts = [json.loads(line)["text"] for line in read_text_utf8(_reports_path(by_name)).splitlines()
              if line.strip()]
     mlm_steps = int(p.pop("mlm_steps", 200))
     mlm_batch = int(p.pop("mlm_batch_size", 32))
@@ -320,6 +320,25 @@ def _run_embed_text(node: Node, by_name) -> None:
     res = embed_text.run(cfg)
     # The orchestrator points training at the exact cache folder of this configuration.
     write_json(node.out_dir / "cache.json", {"path": str(res.cache_dir)})
+
+
+def _verify_prepare(node: Node) -> str | None:
+    """Every shard manifest.json records is there at the size prepare wrote (stat only, so status stays
+    instant; train-vision hashes them before training); why not, or None."""
+    manifest = node.out_dir / "manifest.json"
+    try:
+        files = read_json(manifest).get("shard_files") or {}
+    except (MflagError, OSError) as e:
+        return f"{manifest}: {e}"
+    for name, rec in sorted(files.items()):
+        tar = node.out_dir / "shards" / str(name)
+        try:
+            size = tar.stat().st_size
+        except OSError:
+            return f"{tar} is missing"
+        if size != rec.get("bytes"):
+            return f"{tar}: {size} bytes, prepare wrote {rec.get('bytes')}"
+    return None
 
 
 def _verify_embed_text(node: Node) -> str | None:

@@ -143,7 +143,7 @@ def test_a_shard_of_another_cache_is_named_as_such(tmp_path, world):
     assert str(a / "part-00001.h5") in line and "another text cache" in line and "fp-model-b" in line, line
 
 
-def test_status_calls_a_damaged_cache_stale_and_run_would_rebuild_it(tmp_path):
+def test_status_calls_a_damaged_cache_stale_and_run_would_rebuild_it(tmp_path, prepared):
     """Case 2: `cli.py status` called every stage fresh while the cache it trains on was damaged."""
     import yaml
 
@@ -165,12 +165,20 @@ def test_status_calls_a_damaged_cache_stale_and_run_would_rebuild_it(tmp_path):
         node.out_dir.mkdir(parents=True, exist_ok=True)
         write_json(record_path(node), {"fingerprint": node.fingerprint})
     write_json(by_name["embed-text"].out_dir / "cache.json", {"path": str(w["cache"])})
+    shutil.rmtree(by_name["prepare"].out_dir)
+    shutil.copytree(prepared["out"], by_name["prepare"].out_dir)
     assert all(st.state == "fresh" for st in orchestrate.status(cfg))
     _flip_embedding_bit(Path(w["cache"]) / "part-00000.h5")
     states = {st.name: st for st in orchestrate.status(cfg)}
     assert states["embed-text"].state == "stale" and "outputs damaged" in states["embed-text"].reason
     assert "part-00000.h5" in states["embed-text"].reason
     assert all(st.state == "stale" for name, st in states.items() if name.startswith("train:"))
+    assert states["prepare"].state == "fresh"
+    tar = by_name["prepare"].out_dir / "shards" / "train-000000.tar"
+    with open(tar, "ab") as fh:
+        fh.write(b"\0" * 512)
+    states = {st.name: st for st in orchestrate.status(cfg)}
+    assert states["prepare"].state == "stale" and str(tar) in states["prepare"].reason
 
 
 # --------------------------------------------------------------------------- 3. cache rebuilt at the same path
