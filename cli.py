@@ -61,8 +61,23 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import signal
+
+        from pipeline.preempt import Stopped, sigterm_interrupts
+
         try:
-            return fn(*args, **kwargs)
+            with sigterm_interrupts():
+                return fn(*args, **kwargs)
+        except Stopped as e:  # a clean stop on SIGTERM/SIGINT: not an error, but not a finished run
+            if int(os.environ.get("RANK", "0")) == 0:
+                click.echo(str(e), err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM outside a training loop: one line, not "Aborted!"
+            signum = getattr(e, "signum", signal.SIGINT)
+            click.echo(f"error: stopped by {signal.Signals(signum).name}; outputs are written atomically, so "
+                       "nothing half-written is left: rerun the same command to resume (finished parts are kept)",
+                       err=True)
+            sys.exit(128 + signum)
         except MflagError as e:
             # Only config errors lead with a field name; others may lead with a path the user typed.
             click.echo(f"error: {_as_option(str(e)) if isinstance(e, ConfigError) else e}", err=True)

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 
 from cache.format import INDEX_NAME, SHARD_RE, CacheError, CacheMismatchError
-from pipeline.common import read_json
+from pipeline.common import file_sha256, fingerprint, read_json
 
 
 def resolve_cache_dir(path: str | os.PathLike) -> Path:
@@ -69,6 +69,45 @@ class TextEmbeddingCache:
         check_expected(self.attrs, expect, self.path)
         self._store_dtype = np.dtype(self.attrs.get("store_dtype", "float32"))
         self._reset()
+
+    @property
+    def n_shards(self) -> int:
+        return len(self._shards)
+
+    @property
+    def identity(self) -> str:
+        """What this cache holds, not where it is: its configuration fingerprint and every shard's
+        sha256 from ``index.json``. A cache rebuilt at the same path by another model has another
+        identity, so a resumed or finished run can tell (:mod:`stages.train_vision`)."""
+        return fingerprint({"fingerprint": self.attrs.get("fingerprint"),
+                            "shards": [[e.get("name"), e.get("sha256")] for e in self._shards]}, length=32)
+
+    def check_files(self) -> int:
+        """Read-time integrity: every shard listed in ``index.json`` is present, carries the cache's
+        configuration fingerprint (a shard of another cache copied in is named as such) and has the
+        sha256 the index records (one flipped bit is found). Reads every byte once (see README,
+        Troubleshooting, for the cost); returns the bytes hashed. CacheError names the first bad shard
+        and the fix."""
+        want_fp = self.attrs.get("fingerprint")
+        total = 0
+        for entry in self._shards:
+            shard = self.path / entry["name"]
+            if not shard.is_file():
+                raise CacheError(f"{shard}: shard listed in {INDEX_NAME} is missing; rebuild the cache with "
+                                 "embed-text (check it with `cli.py cache verify`)")
+            if want_fp is not None:
+                have_fp = _shard_attr(shard, "fingerprint")
+                if have_fp != want_fp:
+                    raise CacheError(f"{shard}: shard of another text cache (fingerprint {have_fp!r}, "
+                                     f"{INDEX_NAME} says {want_fp!r}): embeddings of two configurations must "
+                                     "not be mixed; rebuild the cache with embed-text into an empty --out")
+            if "sha256" in entry:
+                if file_sha256(shard) != entry["sha256"]:
+                    raise CacheError(f"{shard}: file hash differs from {INDEX_NAME} (modified, corrupt or "
+                                     "replaced since embed-text wrote it); rebuild the cache with embed-text "
+                                     "(`cli.py cache verify` checks a cache)")
+                total += shard.stat().st_size
+        return total
 
     # -- per-process state -------------------------------------------------------------------
     def _reset(self) -> None:
@@ -169,6 +208,17 @@ def _open_shard(path: Path, count: int, dim: int, dtype: np.dtype) -> tuple[np.m
         raise CacheError(f"{path}: truncated shard ({path.stat().st_size} bytes, "
                          f"needs {offset + nbytes})")
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count, dim)), keys
+
+
+def _shard_attr(path: Path, name: str) -> Any:
+    """One root attribute of a shard, decoded (None when absent); CacheError when unreadable."""
+    from cache.format import decode_attr
+
+    try:
+        with h5py.File(path, "r") as f:
+            return decode_attr(f.attrs[name]) if name in f.attrs else None
+    except (OSError, KeyError, ValueError) as e:
+        raise CacheError(f"{path}: unreadable or corrupt shard ({e})") from e
 
 
 def shard_paths(cache_dir: Path) -> Sequence[Path]:

@@ -40,6 +40,11 @@ def verify_cache(path: str | os.PathLike) -> dict[str, Any]:
     dim, attrs = int(index["dim"]), dict(index["attrs"])
     dtype = np.dtype(attrs.get("store_dtype", "float32"))
     listed = {e["name"] for e in index["shards"]}
+    fp = attrs.get("fingerprint")
+    if fp is not None and cache_dir.name != fp:
+        raise CacheError(f"{cache_dir}: folder name differs from the cache's fingerprint {fp!r} (embed-text names "
+                         f"the folder by it): renamed, or another cache copied in; rename it back to {fp} or "
+                         "rebuild it with embed-text")
     strays = sorted(p.name for p in cache_dir.iterdir() if SHARD_RE.match(p.name) and p.name not in listed)
     if strays:
         raise CacheError(f"{cache_dir / strays[0]}: shard not listed in {INDEX_NAME}")

@@ -207,17 +207,17 @@ def save_encoder_files(out: Path, vision: nn.Module, text_head_kind: str, text_d
 
     from pipeline.common import atomic_path
     from pipeline.models import encoder_state_dict
+    from pipeline.train_state import torch_save
 
     encoder = encoder_state_dict(vision)
-    with atomic_path(out / "encoder.pt") as tmp:
-        torch.save(encoder, tmp)
+    torch_save(encoder, out / "encoder.pt")
     # The same weights as safetensors: loadable anywhere without unpickling anything.
     with atomic_path(out / "encoder.safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in encoder.items()}, str(tmp),
-                  metadata={"format": "pt", "layout": "torchvision resnet50 state_dict without fc.*"})
+        # One metadata key: safetensors writes several in a per-process random (hash) order, and the
+        # file's bytes must depend on the tensors alone (eval hashes encoder files).
+        save_file({k: v.contiguous() for k, v in encoder.items()}, str(tmp), metadata={"format": "pt"})
     proj = {"projector": {k: v.cpu() for k, v in vision.projector.state_dict().items()},
             "text_head": {k: v.cpu() for k, v in vision.text_head.state_dict().items()},
             "text_head_kind": text_head_kind, "text_dim": text_dim,
             "proj_dim": vision.proj_dim, "hidden_dim": hidden_dim}
-    with atomic_path(out / "projector.pt") as tmp:
-        torch.save(proj, tmp)
+    torch_save(proj, out / "projector.pt")

@@ -5,9 +5,11 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -100,10 +102,44 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+        return json.loads(read_text_utf8(path))
     except json.JSONDecodeError as e:
         raise MflagError(f"{path}: not valid JSON ({e})") from e
+
+
+# --------------------------------------------------------------------------- text files
+def decode_utf8(data: bytes, path: str | os.PathLike) -> str:
+    """A text file's bytes as UTF-8 (a leading byte-order mark dropped: spreadsheet exports write one).
+    Bytes that are not UTF-8 are one MflagError naming the file, line and column."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise MflagError(f"{path}: line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {col}); "
+                         "save the file as UTF-8") from None
+    return text.removeprefix("\ufeff")
+
+
+def read_text_utf8(path: str | os.PathLike) -> str:
+    """The file's text (:func:`decode_utf8`); a file that cannot be read raises OSError as ``open`` does."""
+    with open(path, "rb") as fh:
+        return decode_utf8(fh.read(), path)
+
+
+def open_text_utf8(path: str | os.PathLike) -> io.StringIO:
+    """The file's text as a file object for ``csv`` (newlines kept as written), decoded up front so a
+    bad byte is named by line (:func:`decode_utf8`) instead of failing mid-iteration."""
+    return io.StringIO(read_text_utf8(path), newline="")
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def replace_surrogates(text: str) -> tuple[str, int]:
+    """``text`` with each lone UTF-16 surrogate (a JSON ``"\\ud800"`` escape decodes to one; no UTF-8
+    encoder accepts it) replaced by U+FFFD, and how many were replaced."""
+    return _SURROGATES.subn("\ufffd", text)
 
 
 def _json_default(o: Any) -> Any:

@@ -150,6 +150,16 @@ def any_rank(flag: bool, info: DistInfo, device: str | torch.device | None = Non
     return bool(t.item() > 0)
 
 
+def agree(flags: list[bool], info: DistInfo) -> list[bool]:
+    """Each host flag true on every rank when it is true on any rank: one CPU all-reduce for all of them
+    (a stop request or a checkpoint timer seen by one rank must be acted on by all at the same step)."""
+    if not info.enabled:
+        return [bool(f) for f in flags]
+    t = torch.tensor([1.0 if f else 0.0 for f in flags])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_HOST_GROUP)
+    return [bool(x > 0) for x in t.tolist()]
+
+
 def any_rank_flag(flag: torch.Tensor, info: DistInfo) -> bool:
     """True on every rank when the one-element tensor ``flag`` is nonzero on any rank. One host sync:
     call it where the loop synchronises anyway (log and checkpoint steps), not every step."""

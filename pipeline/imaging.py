@@ -61,6 +61,28 @@ class ImageTooLargeError(ImageError):
     """The image header declares more pixels than the limit; nothing was decoded."""
 
 
+class DegenerateImageError(ImageError):
+    """The image decodes but cannot be a radiograph: a side below :data:`MIN_IMAGE_SIDE`, or a size other
+    than the dataset's metadata gives."""
+
+
+# A chest radiograph is thousands of pixels a side; below this an image is a placeholder, a thumbnail or
+# a broken export, and upscaling it to 224-256 px would train on an all-flat picture.
+MIN_IMAGE_SIDE = 32
+
+
+def check_degenerate(path: str | os.PathLike, height: int, width: int,
+                     expected: tuple[int, int] | None = None) -> None:
+    """DegenerateImageError naming ``path`` when ``height x width`` is below :data:`MIN_IMAGE_SIDE` on a
+    side, or differs from ``expected`` (rows, columns from the dataset's metadata) where given."""
+    if min(height, width) < MIN_IMAGE_SIDE:
+        raise DegenerateImageError(f"{path}: image is {height}x{width} px, below the {MIN_IMAGE_SIDE} px minimum "
+                                   "side of a usable radiograph")
+    if expected is not None and tuple(expected) != (height, width):
+        raise DegenerateImageError(f"{path}: image is {height}x{width} px, the metadata gives {expected[0]}x"
+                                   f"{expected[1]} (Rows x Columns): a truncated, resized or substituted file")
+
+
 def check_pixels(path: Path, height: int, width: int, max_pixels: int | None, frames: int = 1) -> None:
     """Raise ImageTooLargeError when ``frames x height x width`` exceeds ``max_pixels`` (None: no limit)."""
     n = int(height) * int(width) * max(1, int(frames))
@@ -269,8 +291,8 @@ def _to_square(a: np.ndarray, size: int, crop: bool) -> np.ndarray:
 
 
 def load_for_shard(path: str | os.PathLike, size: int, crop_border: bool = True,
-                   draft: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS
-                   ) -> tuple[np.ndarray, tuple[int, int]]:
+                   draft: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                   expected: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
     """Prepare one image for a shard: ``(uint8 size x size array, original (H, W))``.
 
     Steps, as in the original M-FLAG preprocessing: optional crop of the dark border, resize (squash)
@@ -278,16 +300,19 @@ def load_for_shard(path: str | os.PathLike, size: int, crop_border: bool = True,
     leaves at least ``size`` pixels on each side; when the border crop then leaves fewer than
     ``size * (1 - UPSAMPLE_TOLERANCE)`` on a side, the file is decoded again at a finer scale, so the
     reduced path upsamples by at most that tolerance. ``draft=False`` forces full decoding (the
-    benchmark's baseline). An image over ``max_pixels`` is ``ImageTooLargeError``, before decoding.
+    benchmark's baseline). An image over ``max_pixels`` is ``ImageTooLargeError``, before decoding; one
+    smaller than ``MIN_IMAGE_SIDE`` or other than ``expected`` (rows, columns) is ``DegenerateImageError``.
     """
     path = Path(path)
     if not path.is_file():
         raise MissingImageError(f"{path}: image file not found")
     if _is_dicom(path):
         a = _read_dicom(path, max_pixels)
+        check_degenerate(path, a.shape[0], a.shape[1], expected)
         return _to_square(a, size, crop_border), (a.shape[0], a.shape[1])
     with _open_pil(path, max_pixels) as im:
         orig = (im.height, im.width)
+        check_degenerate(path, im.height, im.width, expected)
         if not (draft and im.format == "JPEG"):
             return _to_square(_decode(im, path), size, crop_border), orig
         # PIL picks the largest of 1/8, 1/4, 1/2 that keeps each side >= the requested size.
@@ -333,12 +358,15 @@ def read_rgb(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXEL
 
 
 def load_rgb_for_shard(path: str | os.PathLike, size: int, crop_border: bool = True,
-                       max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
+                       max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                       expected: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
     """:func:`load_for_shard` in colour: ``(uint8 size x size x 3 array, original (H, W))``. The border is
     found on the mean of the channels and cropped from all three; min-max scaling spans all channels
-    together, so the colour balance is kept."""
+    together, so the colour balance is kept. Degenerate images (a side below ``MIN_IMAGE_SIDE``, a size
+    other than ``expected``) are ``DegenerateImageError``, as there."""
     a = read_rgb(path, max_pixels)
     orig = (a.shape[0], a.shape[1])
+    check_degenerate(path, orig[0], orig[1], expected)
     if crop_border:
         t, b, l, r = border_box(a.mean(axis=2))  # noqa: E741 (top, bottom, left, right)
         a = a[t:b, l:r]

@@ -227,6 +227,49 @@ def _prepare_folder(folder: Path) -> None:
         raise MflagError(f"{folder}: cannot create the output folder ({e.strerror})") from e
 
 
+# What marks a folder as a stage's output when its config.json does not name the stage (folders written
+# before config.json did): files and folders only that stage writes.
+_STAGE_EVIDENCE = (("prepare", ("manifest.json", ".prepare-state")),
+                   ("train-vision", ("checkpoints", "encoder.pt", "projector.pt")),
+                   ("eval", ("results.json", "seeds")),
+                   ("embed-text", ("index.json",)),
+                   ("splits", ("split.json",)))
+
+
+def folder_owner(folder: Path) -> tuple[str, str] | None:
+    """``(stage, evidence)`` of the stage whose outputs ``folder`` holds, or None: the ``stage`` its
+    config.json records, else the files only that stage writes (a text-cache root: a child folder with
+    an index.json)."""
+    import json
+
+    cfg = folder / "config.json"
+    if cfg.is_file():
+        try:
+            stage = json.loads(cfg.read_text(encoding="utf-8")).get("stage")
+        except (OSError, ValueError, AttributeError):
+            stage = None
+        if isinstance(stage, str):
+            return stage, f"{cfg} says stage {stage!r}"
+    for stage, names in _STAGE_EVIDENCE:
+        found = [n for n in names if (folder / n).exists()]
+        if found:
+            return stage, f"it holds {folder / found[0]}"
+    with contextlib.suppress(OSError):
+        for child in folder.iterdir():
+            if child.is_dir() and (child / "index.json").is_file() and any(child.glob("part-*.h5")):
+                return "embed-text", f"it holds the text cache {child}"
+    return None
+
+
+def check_owner(folder: Path, stage: str) -> None:
+    """One stage per output folder: MflagError naming the owner when ``folder`` holds another stage's
+    outputs (writing there would overwrite its config.json, and with it its provenance)."""
+    owner = folder_owner(folder)
+    if owner is not None and owner[0] != stage:
+        raise MflagError(f"{folder}: holds the outputs of {owner[0]} ({owner[1]}); {stage} writes a folder of its "
+                         f"own, so that neither overwrites the other's config.json: choose another --out")
+
+
 def _take(folder: Path, stage: str, scope: str | None, allow_read_only: bool) -> OutputLock:
     _prepare_folder(folder)
     path = folder / (LOCK_NAME if scope is None else f"{LOCK_NAME}.{scope}")
@@ -269,6 +312,12 @@ def _take(folder: Path, stage: str, scope: str | None, allow_read_only: bool) ->
             what = "the whole folder" if scope is not None else f"part {other.name[len(LOCK_NAME) + 1:]}"
             raise FolderLockedError(f"{folder}: {what} is in use by {_describe(live)}; wait for it to finish "
                                     "or use another output folder")
+    if stage != "run":  # cli.py run's workdir holds every stage's folder, each owned by its stage
+        try:
+            check_owner(folder, stage)
+        except MflagError:
+            lock.release()
+            raise
     return lock
 
 

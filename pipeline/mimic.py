@@ -60,6 +60,9 @@ class MimicImage:
     study_id: str
     view: str
     split: str
+    # the image's pixel size as the metadata CSV gives it (DICOM Rows x Columns), None where it does not
+    rows: int | None = None
+    cols: int | None = None
 
     @property
     def relpath(self) -> str:
@@ -86,8 +89,10 @@ def find_csv(root: str | os.PathLike, name: str) -> Path:
     raise MflagError(f"{root}: neither {name} nor {name}.gz found")
 
 
-def read_csv(path: str | os.PathLike, required: Sequence[str]) -> Iterator[tuple[int, dict[str, str]]]:
-    """Yield ``(line number, {column: value})`` for the ``required`` columns of a .csv or .csv.gz.
+def read_csv(path: str | os.PathLike, required: Sequence[str],
+             optional: Sequence[str] = ()) -> Iterator[tuple[int, dict[str, str]]]:
+    """Yield ``(line number, {column: value})`` for the ``required`` columns of a .csv or .csv.gz, and
+    the ``optional`` ones the header has (None where it has not).
 
     Raises ``CsvColumnError`` (before yielding anything) when a required column is missing, and
     ``MflagError`` naming the file when it cannot be read. Only required columns are kept, so the
@@ -110,6 +115,7 @@ def read_csv(path: str | os.PathLike, required: Sequence[str]) -> Iterator[tuple
                 if col not in header:
                     raise CsvColumnError(path, col, header)
             idx = [header.index(c) for c in required]
+            opt = {c: header.index(c) for c in optional if c in header}
             width = max(idx) + 1
             for row in reader:
                 if not row:
@@ -118,9 +124,35 @@ def read_csv(path: str | os.PathLike, required: Sequence[str]) -> Iterator[tuple
                 if len(row) < width:
                     yield line, {c: None for c in required}  # the caller reports the short row
                     continue
-                yield line, {c: row[i].strip() for c, i in zip(required, idx)}
-    except (OSError, EOFError, zlib.error, UnicodeDecodeError, csv.Error) as e:
+                values = {c: row[i].strip() for c, i in zip(required, idx)}
+                values.update({c: (row[i].strip() if i < len(row) else None) for c, i in opt.items()})
+                yield line, values
+    except UnicodeDecodeError:
+        raise MflagError(_first_bad_utf8_line(path)) from None
+    except (OSError, EOFError, zlib.error, csv.Error) as e:
         raise MflagError(f"{path}: cannot read CSV ({type(e).__name__}: {e})") from e
+
+
+def _first_bad_utf8_line(path: Path) -> str:
+    """The line of a (gzipped) CSV that is not UTF-8, for the one-line error (the CSV is read streaming,
+    where the decoder fails a whole chunk ahead of the csv reader)."""
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return (f"{path}: line {n}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                        "save the file as UTF-8")
+    return f"{path}: not valid UTF-8"
+
+
+def _size(value: str | None) -> int | None:
+    """A pixel count from the metadata CSV ("2544" or "2544.0"), or None when blank or not a number."""
+    try:
+        v = float(value) if value else None
+    except ValueError:
+        return None
+    return int(v) if v is not None and v.is_integer() and v > 0 else None
 
 
 def _id(value: str | None) -> str | None:
@@ -170,7 +202,7 @@ def load_index(root: str | os.PathLike, views: Sequence[str], splits: Sequence[s
     images: list[MimicImage] = []
     seen: set[str] = set()
     n_rows = 0
-    for line, row in read_csv(meta_path, METADATA_COLUMNS):
+    for line, row in read_csv(meta_path, METADATA_COLUMNS, optional=("Rows", "Columns")):
         n_rows += 1
         where = f"{meta_path}:{line}"
         subj, study, dicom = _id(row["subject_id"]), _id(row["study_id"]), row["dicom_id"]
@@ -204,7 +236,8 @@ def load_index(root: str | os.PathLike, views: Sequence[str], splits: Sequence[s
         if split not in want_splits:
             filtered["split"][split] = filtered["split"].get(split, 0) + 1
             continue
-        images.append(MimicImage(dicom, subj, study, view.upper(), split))
+        images.append(MimicImage(dicom, subj, study, view.upper(), split, _size(row.get("Rows")),
+                                 _size(row.get("Columns"))))
     return MimicIndex(images, bad, filtered, n_rows, meta_path, split_path)
 
 
@@ -306,7 +339,7 @@ class ReportSource:
                     data = (self._base / rel).read_bytes()
                 except FileNotFoundError:
                     return None
-            text = data.decode("utf-8")
+            text = data.decode("utf-8").removeprefix("\ufeff")
         except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError, RuntimeError,
                 UnicodeDecodeError) as e:
             raise ReportError("unreadable_report", where, f"cannot read report ({type(e).__name__}: {e})") from e

@@ -30,7 +30,7 @@ def pretrain_mlm(model_dir: str | Path, texts: list[str], steps: int = 300, batc
 
     model_dir = Path(model_dir)
     torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     # The saved checkpoint is a bare BertModel: transformers reports the MLM head it adds as missing
     # weights (expected here, they are trained next), so quiet that load.
     with quiet_transformers():

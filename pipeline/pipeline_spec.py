@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.common import ConfigError, MflagError, coerce_to_hint
+from pipeline.common import ConfigError, MflagError, coerce_to_hint, read_text_utf8
 from pipeline.corpora import CORPORA
 from pipeline.stagegraph import Node, path_signature
 
@@ -32,7 +32,26 @@ TOP_KEYS = {"workdir", "corpus", "text_model", "prepare", "embed_text", "train",
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 reads ``2e-5`` as text (its floats need a dot, ``2.0e-5``); here any number written
-    with an exponent is a float, as a reader of the README expects."""
+    with an exponent is a float, as a reader of the README expects. A key given twice in one mapping
+    is refused (PyYAML keeps the second value silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    continue  # complex keys are refused by SafeLoader itself (unhashable)
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise _DuplicateKey(f"key {key!r} is given twice (lines {seen[key]} and {line}); "
+                                        "keep one of them")
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+class _DuplicateKey(MflagError):
+    pass
 
 
 _Loader.add_implicit_resolver(
@@ -45,9 +64,11 @@ def load_spec(path: str | Path, workdir: str | None = None) -> dict[str, Any]:
     """Read and check a pipeline YAML; relative paths are taken from the current directory."""
     path = Path(path)
     try:
-        spec = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
+        spec = yaml.load(read_text_utf8(path), Loader=_Loader) or {}
     except yaml.YAMLError as e:
         raise MflagError(f"{path}: not valid YAML ({e})") from e
+    except _DuplicateKey as e:
+        raise MflagError(f"{path}: {e}") from e
     if not isinstance(spec, dict):
         raise MflagError(f"{path}: the top level must be a mapping")
     unknown = set(spec) - TOP_KEYS

@@ -43,6 +43,7 @@ def open_train_data(shards: str, splits: tuple[str, ...], *, num_samples: int | 
     DataError naming the option to change."""
     train = (wdsp.resolve_shards(shards, "train") if splits == ("train",)
              else wdsp.resolve_splits(shards, splits))
+    _check_shard_files(train, dist)
     n = num_samples or train.num_samples
     if n is None:
         raise ConfigError("num_samples: the shards have no sizes.json; pass --num-samples "
@@ -66,6 +67,29 @@ def open_train_data(shards: str, splits: tuple[str, ...], *, num_samples: int | 
     return TrainData(train, n, local_batch, global_batch, steps_per_epoch, total_steps)
 
 
+def _check_shard_files(train: wdsp.ShardSet, dist: DistInfo) -> None:
+    """Every training shard against prepare's record of it (``wds.check_shard_files``), the work split
+    over the ranks; the first problem any rank found stops every rank with the same line."""
+    import os
+
+    from pipeline.distributed import all_gather_object
+
+    if not train.digests:
+        if train.manifest is not None and dist.is_main:
+            log.warning("%s has no shard digests (written by an older prepare): the shards are not checked "
+                        "before training; rerun prepare on its folder to add them (nothing is re-encoded)",
+                        train.manifest)
+        return
+    t0 = time.perf_counter()
+    problem, nbytes = wdsp.check_shard_files(train, dist.rank, dist.world_size, threads=min(8, os.cpu_count() or 1))
+    found = [p for p in all_gather_object(problem, dist) if p is not None]
+    if found:
+        raise wdsp.DataError(found[0])
+    if dist.is_main:
+        log.info("%d training shard(s) checked against %s (%.1f MB hashed on rank 0 in %.1f s)", len(train.urls),
+                 train.manifest, nbytes / 1e6, time.perf_counter() - t0)
+
+
 @dataclasses.dataclass(frozen=True)
 class Targets:
     """What images are joined to: ``targets`` (``wds.CacheTargets`` or ``wds.ReportTexts``), the online
@@ -77,6 +101,7 @@ class Targets:
     text_dim: int
     text_params: int | None
     text_model_id: str
+    identity: str | None = None  # the text cache's content identity (TextEmbeddingCache.identity)
 
 
 def open_targets(text_mode: str, urls: list[str], *, text_cache: str | None, reports: str | None,
@@ -90,14 +115,18 @@ def open_targets(text_mode: str, urls: list[str], *, text_cache: str | None, rep
         from cache import TextEmbeddingCache
 
         cache = TextEmbeddingCache(text_cache)
+        t0 = time.perf_counter()
+        nbytes = cache.check_files()  # every rank: a damaged or foreign shard stops them all alike
         if is_main:
+            log.info("text cache %s: %d shard(s), %.1f MB checked against index.json in %.1f s", cache.path,
+                     cache.n_shards, nbytes / 1e6, time.perf_counter() - t0)
             log.info("text cache %s: %d reports, dim %d", cache.path, len(cache), cache.dim)
             for k in sorted(cache.attrs):
                 log.debug("  cache attr %s = %s", k, cache.attrs[k])
         targets = wdsp.CacheTargets(str(cache.path))
         check_targets_cover(urls, targets, f"text cache {text_cache}", is_main)
         return Targets(targets, None, cache.dim, cache.attrs.get("text_encoder_params"),
-                       cache.attrs.get("model_id", "?"))
+                       cache.attrs.get("model_id", "?"), cache.identity)
     from pipeline.textmodels import OnlineTextEncoder
 
     targets = wdsp.ReportTexts(wdsp.read_reports(reports))

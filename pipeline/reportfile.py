@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from pipeline.common import MflagError
+from pipeline.common import MflagError, replace_surrogates
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,9 @@ def _key(value: Any, path: Path, line: int) -> str:
     key = "" if value is None else str(value).strip()
     if not key:
         raise ReportInputError(f"{path}: line {line}: empty key")
+    if replace_surrogates(key)[1]:
+        raise ReportInputError(f"{path}: line {line}: key {key!r} holds a lone UTF-16 surrogate (an escape such as "
+                               "\\ud800 that encodes no character); fix the key")
     return key
 
 
@@ -131,8 +134,12 @@ def load_reports(path: str | Path, key_column: str = "study_id", text_column: st
     conflicts: list[str] = []
     empties: list[str] = []
     rows = repeats = 0
+    surrogate_lines: list[int] = []
     for line, key, text in iter_rows(path, key_column, text_column):
         rows += 1
+        text, n = replace_surrogates(text)  # no UTF-8 encoder (tokenizer, hash, HDF5) accepts a lone one
+        if n:
+            surrogate_lines.append(line)
         if key in by_key:
             old, old_line = by_key[key]
             if old == text:
@@ -161,4 +168,8 @@ def load_reports(path: str | Path, key_column: str = "study_id", text_column: st
         raise ReportInputError(f"{path}: no non-empty reports")
     stats = {"file": Path(path).name, "rows": rows, "keys": len(keys), "empty": len(empties),
              "repeated_rows": repeats, "distinct_texts": len(set(texts))}
+    if surrogate_lines:  # only then: a finished cache's recorded stats stay as they were
+        stats["surrogates_replaced"] = len(surrogate_lines)
+        log.warning("%s: %d report(s) held lone UTF-16 surrogates (e.g. line %d), each replaced by U+FFFD; "
+                    "counted in the cache's input stats", path, len(surrogate_lines), surrogate_lines[0])
     return ReportSet(keys, texts, text_hash(keys, texts), stats)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import plots, stats
-from pipeline.common import read_json
+from pipeline.common import read_json, read_text_utf8
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_text_utf8(path).splitlines():
         try:
             if line.strip():
                 rows.append(json.loads(line))

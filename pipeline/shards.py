@@ -21,9 +21,18 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline.common import ConfigError, MflagError, RateLimitedLog, atomic_path, read_json, write_json
+from pipeline.common import (
+    ConfigError,
+    MflagError,
+    RateLimitedLog,
+    atomic_path,
+    file_sha256,
+    read_json,
+    write_json,
+)
 from pipeline.corpora.base import IMAGE_FORMATS, CorpusImage
 from pipeline.imaging import (
+    DegenerateImageError,
     ImageError,
     ImageTooLargeError,
     MissingImageError,
@@ -77,21 +86,27 @@ def encode_image(arr: np.ndarray, fmt: str, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
-def encode_task(task: tuple[str, int, bool, str, int, int, int]) -> tuple[str, object]:
+def encode_task(task: tuple) -> tuple[str, object]:
     """Worker: one image file -> ("ok", (bytes, (H, W))) or (reason, message). Never raises.
 
-    The bytes are the image encoded as ``fmt`` (``encode_image``): grey, or RGB when ``channels`` is 3."""
-    path, size, crop, fmt, quality, max_pixels, channels = task
+    ``task``: path, size, crop, format, quality, max_pixels, channels (1 grey, 3 RGB) and optionally the
+    (rows, columns) the corpus's metadata gives (None where it gives none). The bytes are the image
+    encoded as ``fmt`` (``encode_image``): grey, or RGB when ``channels`` is 3."""
+    path, size, crop, fmt, quality, max_pixels = task[:6]
+    channels = task[6] if len(task) > 6 else 1
+    expected = task[7] if len(task) > 7 else None
     try:
         if channels == 3:
-            arr, orig = load_rgb_for_shard(path, size, crop_border=crop, max_pixels=max_pixels)
+            arr, orig = load_rgb_for_shard(path, size, crop_border=crop, max_pixels=max_pixels, expected=expected)
         else:
-            arr, orig = load_for_shard(path, size, crop_border=crop, max_pixels=max_pixels)
+            arr, orig = load_for_shard(path, size, crop_border=crop, max_pixels=max_pixels, expected=expected)
         return "ok", (encode_image(arr, fmt, quality), orig)
     except MissingImageError as e:
         return "missing_image", str(e)
     except ImageTooLargeError as e:
         return "image_too_large", str(e)
+    except DegenerateImageError as e:
+        return "degenerate_image", str(e)
     except ImageError as e:
         return "corrupt_image", str(e)
     except Exception as e:  # a decoder bug on one file must not kill a multi-hour run
@@ -129,7 +144,8 @@ def write_shard(shard: Shard, results: Iterator, shards_dir: Path, state_dir: Pa
     # The record follows the tar: a kill between the two only costs rebuilding this one shard.
     write_json(state_dir / f"{shard.name}.json", {
         "fingerprint": fp, "name": shard.name, "split": shard.split, "count": len(keys),
-        "bytes": (shards_dir / shard.name).stat().st_size, "keys": keys, "bad": bad,
+        "bytes": (shards_dir / shard.name).stat().st_size, "sha256": file_sha256(shards_dir / shard.name),
+        "keys": keys, "bad": bad,
     })
     return len(bad)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import mgca_splits
-from pipeline.common import MflagError, atomic_open, read_json, write_json
+from pipeline.common import MflagError, atomic_open, open_text_utf8, read_json, read_text_utf8, write_json
 from pipeline.datasets.base import DatasetSpec, Record
 from pipeline.datasets.registry import PROTOCOLS
 from pipeline.mgca_splits import FractionDraw, MgcaSplitError
@@ -303,7 +303,7 @@ def _mgca_fraction(split: Split, fraction: float) -> list[str]:
 
 def _read_list(path: Path, sha256: str | None, meta: str) -> list[str]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text_utf8(path)
     except OSError as e:
         raise SplitError(f"{path}: cannot read split list ({e.strerror})") from e
     ids = [line.strip() for line in text.splitlines() if line.strip()]
@@ -461,7 +461,7 @@ def _split_from_csv(path: Path) -> Split:
     import csv
 
     lists: dict[str, list[str]] = {s: [] for s in SPLITS}
-    with open(path, newline="", encoding="utf-8-sig") as fh:
+    with open_text_utf8(path) as fh:
         sample = fh.read(4096)
         fh.seek(0)
         dialect = csv.Sniffer().sniff(sample, delimiters=",\t") if sample else csv.excel

@@ -76,6 +76,8 @@ class Node:
     fingerprint: str = ""
     # what the node reads from outside the pipeline: {"format": n, "<param>": path_signature, ...}
     inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # a fresh node's outputs checked as their readers check them: None when intact, else why not
+    verify: Callable[["Node"], str | None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +121,9 @@ def node_status(node: Node, by_name: dict[str, Node]) -> NodeStatus:
         return NodeStatus(node.name, "missing", "never completed", node.fingerprint)
     record = read_json(path)
     if record.get("fingerprint") == node.fingerprint:
+        damaged = node.verify(node) if node.verify is not None else None
+        if damaged:
+            return NodeStatus(node.name, "stale", f"outputs damaged: {damaged}", node.fingerprint)
         return NodeStatus(node.name, "fresh", "up to date", node.fingerprint)
     reasons = []
     changed = _changed_keys(record.get("params", {}), node.params)

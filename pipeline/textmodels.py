@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 import torch
 
-from pipeline.common import ConfigError, MflagError, fingerprint
+from pipeline.common import ConfigError, MflagError, fingerprint, read_text_utf8
 
 log = logging.getLogger(__name__)
 
@@ -304,11 +304,14 @@ def load_text_model(model: str, pooling: str = "cls", device: str = "cpu",
     if not cfg_path.is_file():
         raise TextModelError(f"{folder}: no config.json; not a transformers model folder")
     try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+        raw = json.loads(read_text_utf8(cfg_path))
     except json.JSONDecodeError as e:
         raise TextModelError(f"{cfg_path}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise TextModelError(f"{cfg_path}: expected a JSON object")
     model_type = str(raw.get("model_type", ""))
-    archs = " ".join(raw.get("architectures") or [])
+    archs = " ".join(str(a) for a in raw.get("architectures") or [])
+    check_model_config(cfg_path, raw)
     if model_type in ("bert", "cxr-bert") or "CXRBert" in archs:
         enc = _load_bert(folder, raw, pooling)
     else:
@@ -319,6 +322,67 @@ def load_text_model(model: str, pooling: str = "cls", device: str = "cpu",
         enc.proj.eval().requires_grad_(False)
     enc.n_params = sum(p.numel() for p in enc.model.parameters())
     return enc.to(device, dtype)
+
+
+# config.json sizes that decide how much memory a model takes before any weight is read
+SIZE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+             "max_position_embeddings", "type_vocab_size", "d_model", "num_layers", "encoder_layers", "dim",
+             "n_layers", "projection_size")
+
+
+def check_model_config(cfg_path: Path, raw: dict) -> None:
+    """Refuse, before transformers sees the folder, a config.json whose ``model_type`` is not an
+    architecture transformers ships (``cxr-bert`` aside, which loads as BERT): such a folder can only be
+    loaded by running its own Python files (``auto_map``), and mflag never runs code from a model folder.
+    Every size in :data:`SIZE_KEYS` must be a positive whole number (``4e9`` is not); the sizes are then
+    compared with the weight file's tensor shapes before anything is allocated (:func:`check_shapes`)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = raw.get("model_type")
+    if model_type != "cxr-bert" and model_type not in CONFIG_MAPPING_NAMES:
+        code = "; its auto_map names Python code in the folder" if raw.get("auto_map") else ""
+        raise TextModelError(f"{cfg_path}: model_type {model_type!r} is not an architecture transformers knows"
+                             f"{code}: mflag never runs code from a model folder; use a checkpoint of a standard "
+                             "architecture (bert, roberta, ...)")
+    for key in SIZE_KEYS:
+        value = raw.get(key)
+        if value is not None and (type(value) is not int or value < 1):
+            raise TextModelError(f"{cfg_path}: {key} is {value!r}; expected a positive whole number")
+
+
+def weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of the folder's weight files, read from their headers (safetensors) or
+    memory-mapped (torch zip files): no tensor data is loaded."""
+    files = _weight_files(folder)
+    if not files:
+        raise TextModelError(f"{folder}: no model weights (*.safetensors or pytorch_model.bin)")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        try:
+            if f.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(f), framework="pt") as g:
+                    shapes.update({k: tuple(g.get_slice(k).get_shape()) for k in g.keys()})
+            else:
+                try:
+                    sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:  # a legacy (non-zip) file cannot be mapped
+                    sd = torch.load(f, map_location="cpu", weights_only=True)
+                shapes.update({k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)})
+        except Exception as e:
+            raise TextModelError(f"{f}: cannot read weights ({e})") from e
+    return shapes
+
+
+def check_shapes(folder: Path, expected: dict[str, tuple[int, ...]], have: dict[str, tuple[int, ...]]) -> None:
+    """The first tensor whose shape in the weight files differs from what config.json implies (the
+    model built on the meta device: nothing allocated) is one TextModelError naming both."""
+    for k, shape in have.items():
+        if k in expected and tuple(expected[k]) != tuple(shape):
+            raise TextModelError(f"{folder}: weight {k} has shape {tuple(shape)}, config.json implies "
+                                 f"{tuple(expected[k])} (vocab_size, hidden_size, intermediate_size or layers "
+                                 "disagree with the weights)")
 
 
 def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -344,26 +408,31 @@ def _load_bert(folder: Path, raw: dict, pooling: str) -> TextEncoder:
 
     skip = set(_VOLATILE_CONFIG_KEYS) | {"model_type", "architectures"}
     config = BertConfig(**{k: v for k, v in raw.items() if k not in skip})
-    state = _read_state_dict(folder)
-    encoder_sd, proj_sd, ignored = {}, {}, []
-    for key, value in state.items():
-        key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-        if key.startswith("cls_projection_head."):
-            proj_sd[key[len("cls_projection_head."):]] = value
-        elif key.startswith("cls.") or key.startswith("pooler.") or key.startswith("bert.pooler."):
-            ignored.append(key)  # MLM / NSP heads and the pooler are never used for embeddings
-        else:
-            encoder_sd[key[5:] if key.startswith("bert.") else key] = value
-    model = BertModel(config, add_pooling_layer=False)
-    expected = model.state_dict()
-    missing = sorted(k for k in expected if k not in encoder_sd and not k.endswith(("position_ids", "token_type_ids")))
+
+    def split(state: dict) -> tuple[dict, dict, list]:
+        encoder_sd, proj_sd, ignored = {}, {}, []
+        for key, value in state.items():
+            key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+            if key.startswith("cls_projection_head."):
+                proj_sd[key[len("cls_projection_head."):]] = value
+            elif key.startswith("cls.") or key.startswith("pooler.") or key.startswith("bert.pooler."):
+                ignored.append(key)  # MLM / NSP heads and the pooler are never used for embeddings
+            else:
+                encoder_sd[key[5:] if key.startswith("bert.") else key] = value
+        return encoder_sd, proj_sd, ignored
+
+    # Sizes first, on the meta device and the weight headers: nothing is allocated for a config that
+    # does not match its weights (a vocab_size of 4e8 would otherwise be allocated before any check).
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in BertModel(config, add_pooling_layer=False).state_dict().items()}
+    have, _, _ = split(weight_shapes(folder))
+    missing = sorted(k for k in expected if k not in have and not k.endswith(("position_ids", "token_type_ids")))
     if missing:
         more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
         raise TextModelError(f"{folder}: checkpoint lacks encoder weights {', '.join(missing[:5])}{more}")
-    bad_shape = [k for k, v in encoder_sd.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
-    if bad_shape:
-        raise TextModelError(f"{folder}: weight {bad_shape[0]} has shape {tuple(encoder_sd[bad_shape[0]].shape)}, "
-                             f"config implies {tuple(expected[bad_shape[0]].shape)}")
+    check_shapes(folder, expected, have)
+    encoder_sd, proj_sd, ignored = split(_read_state_dict(folder))
+    model = BertModel(config, add_pooling_layer=False)
     # Old checkpoints (CXR-BERT's included) store the position_ids buffer; it is rebuilt anyway.
     unexpected = sorted(k for k in encoder_sd if k not in expected and not k.endswith("position_ids"))
     if unexpected:
@@ -401,10 +470,22 @@ def _load_auto(folder: Path, pooling: str) -> TextEncoder:
 
     if pooling == "proj":
         raise TextModelError(f"{folder}: --pooling proj is only for CXR-BERT-style checkpoints")
+    # trust_remote_code=False everywhere: a folder's own Python files never run, and nothing asks
+    # "Do you wish to run the custom code?" on a terminal, where one keystroke would run them.
     try:
-        config = AutoConfig.from_pretrained(str(folder))
-        model, info = AutoModel.from_pretrained(str(folder), output_loading_info=True)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+        with torch.device("meta"):
+            meta = AutoModel.from_config(config, trust_remote_code=False)
+    except Exception as e:
+        raise TextModelError(f"{folder}: cannot load with transformers Auto classes ({e})") from e
+    prefix = f"{meta.base_model_prefix}." if getattr(meta, "base_model_prefix", "") else ""
+    expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    check_shapes(folder, expected, {(k[len(prefix):] if prefix and k.startswith(prefix) else k): v
+                                    for k, v in weight_shapes(folder).items()})
+    del meta
+    try:
+        model, info = AutoModel.from_pretrained(str(folder), output_loading_info=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as e:
         raise TextModelError(f"{folder}: cannot load with transformers Auto classes ({e})") from e
     missing = [k for k in info.get("missing_keys", []) if "pooler" not in k and "position_ids" not in k]

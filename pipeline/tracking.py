@@ -119,13 +119,13 @@ def append_metrics(path: str | os.PathLike, rec: Mapping[str, Any]) -> None:
 def trim_metrics(path: str | os.PathLike, step: int) -> None:
     """On resume, drop the lines of ``metrics.jsonl`` past ``step`` (those steps run again) and a line
     cut by the kill; the file is replaced atomically."""
-    from pipeline.common import atomic_path
+    from pipeline.common import atomic_path, read_text_utf8
 
     path = Path(path)
     if not path.is_file():
         return
     keep = []
-    for ln in path.read_text(encoding="utf-8").splitlines():
+    for ln in read_text_utf8(path).splitlines():
         try:
             if ln.strip() and json.loads(ln).get("step", 0) <= step:
                 keep.append(ln)

@@ -69,10 +69,18 @@ def set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"])
 
 
+def torch_save(obj: Any, path: Path) -> None:
+    """Atomic ``torch.save`` (temp file + fsync + rename) whose bytes depend on ``obj`` alone: given a
+    file name, torch names the archive's top folder after it (the random temp name here), so identical
+    tensors gave different files and eval's checkpoint hash changed; through an open file the folder
+    is always ``archive``."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+
+
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Atomic ``torch.save`` (temp file + fsync + rename): a checkpoint file is always complete."""
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    torch_save(payload, path)
 
 
 def publish_latest(path: Path, latest: Path) -> None:
@@ -114,21 +122,25 @@ def resume_path(resume: str, ckpt_dir: Path, out: Path) -> Path | None:
     return found
 
 
-def finished_summary(out: Path, fingerprint: str, total_steps: int) -> dict | None:
+def finished_summary(out: Path, fingerprint: str, total_steps: int, text_identity: str | None = None) -> dict | None:
     """``out/summary.json`` when it records a finished run of this configuration (same fingerprint and
-    step count), else None."""
+    step count) trained on the same text targets (``text_identity``: the cache's content identity; a
+    summary written before it was recorded has none and is taken as it is), else None."""
     path = out / "summary.json"
     if not path.is_file():
         return None
     done = read_json(path)
-    return done if done.get("fingerprint") == fingerprint and done.get("steps") == total_steps else None
+    same_text = done.get("text_cache_identity", text_identity) == text_identity
+    return done if done.get("fingerprint") == fingerprint and done.get("steps") == total_steps and same_text \
+        else None
 
 
 def check_resumable(ck, path: Path, *, fmt: int, fingerprint: str, semantic: dict, world_size: int,
-                    text_dim: int | None, out: Path) -> None:
+                    text_dim: int | None, out: Path, text_identity: str | None = None) -> None:
     """Refuse a checkpoint ``ck`` (read from ``path``) that this run cannot continue exactly: another
     format, another configuration (the differing fields of ``semantic`` are named), another world size
-    or text dimension."""
+    or text dimension, or other text targets (``text_identity``: the cache's content, not its path; a
+    checkpoint written before it was recorded has none)."""
     if not isinstance(ck, dict) or ck.get("format") != fmt:
         raise TrainingError(f"{path}: not a train-vision checkpoint")
     if ck.get("fingerprint") != fingerprint:
@@ -140,6 +152,11 @@ def check_resumable(ck, path: Path, *, fmt: int, fingerprint: str, semantic: dic
     if ck.get("world_size") != world_size:
         raise ConfigError(f"resume: {path} was written with {ck.get('world_size')} ranks, this run has "
                           f"{world_size}; exact resume needs the same world size")
+    if ck.get("text_cache_identity", text_identity) != text_identity:
+        raise ConfigError(f"resume: {path} was trained against another text cache than the one now at "
+                          f"{semantic.get('text_cache')} (rebuilt by another model or changed since: its content "
+                          f"identity was {ck.get('text_cache_identity')}, now {text_identity}); use the cache it "
+                          f"was trained with, another --out, or delete {out} to start over")
     if ck.get("text_dim") != text_dim:
         raise ConfigError(f"resume: {path} has text dimension {ck.get('text_dim')}, the text embeddings "
                           f"now have {text_dim}")

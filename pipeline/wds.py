@@ -370,21 +370,29 @@ class ReportTexts:
 
 def read_reports(path: str | os.PathLike) -> dict[str, str]:
     """``reports.jsonl`` (prepare's output) -> {study_id: text}; a bad line is an error naming it."""
+    from pipeline.common import read_text_utf8, replace_surrogates
+
     path = Path(path)
     out: dict[str, str] = {}
     try:
-        fh = open(path, encoding="utf-8")
+        text = read_text_utf8(path)
     except OSError as e:
         raise DataError(f"cannot read reports {path}: {e}") from e
-    with fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                out[str(row["study_id"])] = str(row["text"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DataError(f"{path} line {i}: expected JSON with study_id and text ({e})") from e
+    replaced: list[int] = []
+    for i, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            clean, n = replace_surrogates(str(row["text"]))
+            out[str(row["study_id"])] = clean
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"{path} line {i}: expected JSON with study_id and text ({e})") from e
+        if n:
+            replaced.append(i)
+    if replaced:
+        log.warning("%s: %d report(s) held lone UTF-16 surrogates (e.g. line %d), replaced by U+FFFD",
+                    path, len(replaced), replaced[0])
     return out
 
 
@@ -564,9 +572,12 @@ def train_pipeline(urls: list[str], state: StreamState, targets, batch_size: int
 
 def make_loader(pipeline, num_workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader over an already-batched pipeline (workers re-pickle it at each ``iter``)."""
+    from pipeline.preempt import ignore_in_worker
+
     kw: dict[str, Any] = {}
     if num_workers > 0:
-        kw.update(prefetch_factor=2, persistent_workers=False)
+        # workers ignore SIGTERM/SIGINT: the main process finishes the step and checkpoints (preempt.py)
+        kw.update(prefetch_factor=2, persistent_workers=False, worker_init_fn=ignore_in_worker)
     return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers,
                                        pin_memory=pin_memory, **kw)
 
@@ -602,7 +613,70 @@ class ShardSet:
     num_samples: int | None  # None when no sizes.json covers the shards
     root: Path | None  # local folder of the shards, when there is one
     sizes: dict = dataclasses.field(default_factory=dict)  # shard file name -> samples (sizes.json)
+    # shard file name -> {"count", "bytes", "sha256"} as prepare wrote it (manifest.json "shard_files")
+    digests: dict = dataclasses.field(default_factory=dict)
+    manifest: Path | None = None
     channels: int = 1  # 3: colour images (the manifest's "channels", prepare pairs --channels 3)
+
+
+def _manifest_names(manifest: Path, folder: Path, names) -> list[str]:
+    """Shard names a manifest lists, each a plain file name inside ``folder``: a manifest that names
+    ``/etc/passwd`` or ``../../outside/x.tar`` is refused, not read."""
+    from pipeline.common import unsafe_id_reason
+
+    out = []
+    for n in names:
+        why = unsafe_id_reason(n) if isinstance(n, str) else "is not a file name"
+        if why is None and not n.endswith(".tar"):
+            why = "is not a .tar file name"
+        if why is not None:
+            raise DataError(f"{manifest}: lists shard {n!r}, which {why}; a manifest names shards inside {folder} "
+                            "only (rerun prepare to rewrite it)")
+        out.append(n)
+    return out
+
+
+def _manifest_digests(manifest: Path, man: dict) -> dict:
+    files = man.get("shard_files") or {}
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+        raise DataError(f"{manifest}: shard_files must map shard names to {{count, bytes, sha256}}")
+    return files
+
+
+def check_shard_files(shards: ShardSet, rank: int = 0, world_size: int = 1, threads: int = 4) -> tuple[str | None, int]:
+    """Read-time integrity of local shards against what prepare recorded (manifest.json ``shard_files``):
+    byte size, sha256, and the sample count against sizes.json. This rank checks every ``world_size``-th
+    shard from ``rank`` (hashing in ``threads`` threads: hashlib releases the GIL), so the ranks share the
+    work. Returns ``(the first problem, or None; bytes hashed)``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.common import file_sha256
+
+    if not shards.digests:
+        return None, 0
+    todo = [Path(u) for u in shards.urls[rank::world_size] if Path(u).name in shards.digests]
+
+    def check(path: Path) -> tuple[str | None, int]:
+        want = shards.digests[path.name]
+        fix = (f"it was replaced, modified or damaged since prepare wrote it: delete it and rerun prepare on "
+               f"{shards.manifest.parent if shards.manifest else path.parent} (only missing shards are rebuilt)")
+        if shards.sizes.get(path.name, want.get("count")) != want.get("count"):
+            return (f"{path}: sizes.json lists {shards.sizes.get(path.name)} samples, {shards.manifest} "
+                    f"{want.get('count')}; {fix}"), 0
+        try:
+            size = path.stat().st_size
+            if size != want.get("bytes"):
+                return f"{path}: {size} bytes, prepare wrote {want.get('bytes')}; {fix}", 0
+            if file_sha256(path) != want.get("sha256"):
+                return f"{path}: content differs from the sha256 in {shards.manifest}; {fix}", size
+        except OSError as e:
+            return f"{path}: cannot read ({e.strerror})", 0
+        return None, size
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        results = list(pool.map(check, todo))
+    problems = [r for r, _ in results if r is not None]
+    return (problems[0] if problems else None), sum(n for _, n in results)
 
 
 def _load_sizes(folder: Path) -> dict[str, int]:
@@ -632,7 +706,9 @@ def resolve_shards(spec: str, split: str = "train") -> ShardSet:
             folder = p / "shards"
             if not names:
                 raise DataError(f"{p / 'manifest.json'} lists no shards for split {split!r}")
-            return _local_shards(folder, names, _channels(man, p))
+            names = _manifest_names(p / "manifest.json", folder, names)
+            return _local_shards(folder, names, _manifest_digests(p / "manifest.json", man), p / "manifest.json",
+                                 channels=_channels(man, p))
         else:
             folder = p
             tars = sorted(x.name for x in folder.glob("*.tar"))
@@ -666,14 +742,17 @@ def _channels(manifest: dict, where: Path) -> int:
     return int(channels)
 
 
-def _local_shards(folder: Path, names: list[str], channels: int = 1) -> ShardSet:
+def _local_shards(folder: Path, names: list[str], digests: dict | None = None,
+                  manifest: Path | None = None, channels: int = 1) -> ShardSet:
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
         raise DataError(f"shard {folder / missing[0]} is listed but does not exist")
     sizes = _load_sizes(folder)
     count = sum(sizes[n] for n in names) if sizes and all(n in sizes for n in names) else None
     return ShardSet(tuple(str(folder / n) for n in names), count, folder,
-                    {n: sizes[n] for n in names if n in sizes}, channels)
+                    {n: sizes[n] for n in names if n in sizes},
+                    digests={n: digests[n] for n in names if n in (digests or {})}, manifest=manifest,
+                    channels=channels)
 
 
 def resolve_splits(spec: str, splits: tuple[str, ...]) -> ShardSet:
@@ -687,11 +766,14 @@ def resolve_splits(spec: str, splits: tuple[str, ...]) -> ShardSet:
         raise DataError(f"{spec}: training pairs from several splits need a prepare output folder or a "
                         "folder of <split>-NNNNNN.tar shards; with URLs or single files, list the shards")
     if (p / "manifest.json").is_file() and (p / "shards").is_dir():
-        listed = read_json(p / "manifest.json").get("splits") or {}
+        man = read_json(p / "manifest.json")
+        listed = man.get("splits") or {}
         names = [n for s in splits for n in ((listed.get(s) or {}).get("shards") or [])]
         if not names:
             raise DataError(f"{p / 'manifest.json'} lists no shards for the splits {', '.join(splits)}")
-        return _local_shards(p / "shards", names, _channels(read_json(p / "manifest.json"), p))
+        names = _manifest_names(p / "manifest.json", p / "shards", names)
+        return _local_shards(p / "shards", names, _manifest_digests(p / "manifest.json", man), p / "manifest.json",
+                             channels=_channels(man, p))
     tars = sorted(x.name for x in p.glob("*.tar"))
     if not tars:
         raise DataError(f"no .tar shards in {p}")

@@ -183,8 +183,9 @@ def _run(config: EmbedTextConfig, device: str, dist, barrier, lock: OutputLock |
                              "the shards are complete: rerun to finish") from e
         if wrote_index:
             if lock.writable:
-                save_config(config, cache_dir, resolved={"device": device, "dtype": dtype,
-                                                         "token_budget": budget, "cache_dir": cache_dir})
+                save_config(config, cache_dir, stage="embed-text",
+                            resolved={"device": device, "dtype": dtype, "token_budget": budget,
+                                      "cache_dir": cache_dir})
             log.info("embed-text: cache complete: %s", cache_dir)
         else:
             log.info("embed-text: part %d/%d done; index.json is written when all parts are done",

@@ -246,7 +246,7 @@ def run(cfg: EvalConfig) -> dict:
     finished = _finished(out, fp, cfg.seeds)
     if finished is not None:
         return finished
-    save_config(cfg, out, fingerprint=fp, effective=recipe.as_dict(), checkpoint_sha256=ckpt_hash)
+    save_config(cfg, out, stage="eval", fingerprint=fp, effective=recipe.as_dict(), checkpoint_sha256=ckpt_hash)
     fractions = {s: list(sample_fraction(split, cfg.fraction, s, spec=spec)) for s in cfg.seeds}
     fraction_files = _write_fractions(fractions, out / "split", cfg)
     write_split(split, out / "split", fraction_files=list({f["file"]: f for f in fraction_files.values()}.values()))

@@ -26,7 +26,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import ConfigError, MflagError, read_json, save_config, write_json
+from pipeline.common import ConfigError, MflagError, read_json, read_text_utf8, save_config, write_json
 from pipeline.corpora import corpus as corpus_entry
 from pipeline.downstream import task_entry
 from pipeline.downstream.zeroshot import default_protocol
@@ -121,7 +121,7 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
         prep_inputs = {"format": PREPARE_FORMAT, **external(root=mimic_root, reports=mimic_reports)}
         nodes.append(Node("prepare", work / "prepare",
                           {"root": mimic_root, "reports": mimic_reports, **prepare_opts},
-                          prep_deps, _run_prepare, inputs=prep_inputs))
+                          prep_deps, _run_prepare, inputs=prep_inputs, verify=_verify_prepare))
 
     # -- text encoder
     tm = mapping("text_model", spec["text_model"])
@@ -140,7 +140,8 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
                              {"reports", "out", "model"})
     validate("embed_text", EmbedTextConfig, embed_opts, reports="(planned)", out="(planned)", model="(planned)")
     nodes.append(Node("embed-text", work / "embed-text", {"model": model_ref, **embed_opts}, embed_deps,
-                      _run_embed_text, inputs={"format": CACHE_FORMAT, **external(model=model_ref)}))
+                      _run_embed_text, inputs={"format": CACHE_FORMAT, **external(model=model_ref)},
+                      verify=_verify_embed_text))
 
     # -- pre-training variants
     train = mapping("train", spec["train"])
@@ -302,7 +303,7 @@ def _corpus_prepare_node(kind: str, name: str, inputs: dict, options: dict, work
             raise
     given = {k: str(v) for k, v in inputs.items() if v is not None}
     return Node("prepare", work / "prepare", {"corpus": name, **given, **opts}, deps, _run_prepare,
-                inputs={"format": PREPARE_FORMAT, **external(**given)})
+                inputs={"format": PREPARE_FORMAT, **external(**given)}, verify=_verify_prepare)
 
 
 def _plan_nodes(cfg: RunConfig) -> tuple[dict[str, Any], list[Node]]:
@@ -363,7 +364,7 @@ def _run_text_model(node: Node, by_name) -> None:
     from pipeline.textmodels import build_tiny_bert
 
     p = dict(node.params)
-    texts = [json.loads(line)["text"] for line in _reports_path(by_name).read_text(encoding="utf-8").splitlines()
+    texts = [json.loads(line)["text"] for line in read_text_utf8(_reports_path(by_name)).splitlines()
              if line.strip()]
     mlm_steps = int(p.pop("mlm_steps", 200))
     mlm_batch = int(p.pop("mlm_batch_size", 32))
@@ -384,6 +385,37 @@ def _run_embed_text(node: Node, by_name) -> None:
     res = embed_text.run(cfg)
     # The orchestrator points training at the exact cache folder of this configuration.
     write_json(node.out_dir / "cache.json", {"path": str(res.cache_dir)})
+
+
+def _verify_prepare(node: Node) -> str | None:
+    """Every shard manifest.json records is there at the size prepare wrote (stat only, so status stays
+    instant; train-vision hashes them before training); why not, or None."""
+    manifest = node.out_dir / "manifest.json"
+    try:
+        files = read_json(manifest).get("shard_files") or {}
+    except (MflagError, OSError) as e:
+        return f"{manifest}: {e}"
+    for name, rec in sorted(files.items()):
+        tar = node.out_dir / "shards" / str(name)
+        try:
+            size = tar.stat().st_size
+        except OSError:
+            return f"{tar} is missing"
+        if size != rec.get("bytes"):
+            return f"{tar}: {size} bytes, prepare wrote {rec.get('bytes')}"
+    return None
+
+
+def _verify_embed_text(node: Node) -> str | None:
+    """The finished cache checked as train-vision checks it before training (every shard's fingerprint
+    and sha256 against index.json); why it is unusable, or None."""
+    from cache import TextEmbeddingCache
+
+    try:
+        TextEmbeddingCache(read_json(node.out_dir / "cache.json")["path"]).check_files()
+    except (MflagError, OSError, KeyError, TypeError) as e:
+        return str(e)
+    return None
 
 
 def _cache_dir(by_name) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 from pipeline.common import (
     MflagError,
     atomic_open,
+    file_sha256,
     fingerprint,
     progress,
     read_json,
@@ -125,8 +126,9 @@ def _run(cfg: ShardOptions, writable: bool, require_writable) -> PrepareResult:
     running_bad = n_bad_images + prior_bad
     if pending:
         channels = getattr(cfg, "channels", 1)
+        # (rows, cols) where the corpus's metadata gives them (MIMIC), else None: only the minimum side
         tasks = [(str(sel.image_root / i.relpath), cfg.size, cfg.crop_border, cfg.image_format, cfg.jpeg_quality,
-                  cfg.max_pixels, channels) for s in pending for i in s.items]
+                  cfg.max_pixels, channels, i.expected_size) for s in pending for i in s.items]
         with EncodeResults(tasks, cfg.workers) as results, \
                 progress(total=n_pending, desc="prepare", unit="img") as bar:
             for shard in pending:
@@ -138,6 +140,7 @@ def _run(cfg: ShardOptions, writable: bool, require_writable) -> PrepareResult:
     # ---- gather everything from the done-records (they cover resumed and fresh shards alike)
     splits: dict[str, dict] = {s: {"shards": [], "count": 0} for s in cfg.splits}
     sizes: dict[str, int] = {}
+    shard_files: dict[str, dict] = {}  # what train-vision checks each tar against before reading it
     written_studies: set[tuple[str, str]] = set()
     study_of = {i.key: (i.patient, i.study) for s in plan for i in s.items}
     for shard in plan:
@@ -153,6 +156,9 @@ def _run(cfg: ShardOptions, writable: bool, require_writable) -> PrepareResult:
             splits[shard.split]["shards"].append(shard.name)
             splits[shard.split]["count"] += rec["count"]
             sizes[shard.name] = rec["count"]
+            tar = shards_dir / shard.name
+            shard_files[shard.name] = {"count": rec["count"], "bytes": rec["bytes"],
+                                       "sha256": rec.get("sha256") or file_sha256(tar)}
         written_studies.update(study_of[k] for k in rec["keys"])
     check_bad(cfg.max_bad_fraction, report, n_bad_images, n_considered, stage="decoding images")
 
@@ -174,10 +180,10 @@ def _run(cfg: ShardOptions, writable: bool, require_writable) -> PrepareResult:
         "splits": splits, "image_format": cfg.image_format, "image_key": IMAGE_EXT[cfg.image_format],
         "size": cfg.size, "fingerprint": fp,
         "config": cfg.content_dict(), "n_images": n_images, "n_studies": len(kept),
-        "reports": "reports.jsonl", "format_version": FORMAT_VERSION, **sel.manifest,
+        "reports": "reports.jsonl", "format_version": FORMAT_VERSION, **sel.manifest, "shard_files": shard_files,
     })
     report.write(status="ok")
-    save_config(cfg, out, fingerprint=fp)
+    save_config(cfg, out, stage="prepare", fingerprint=fp)
     log.info("prepared %d images of %d studies into %d shards under %s (%d written, %d reused)",
              n_images, len(kept), len(sizes), shards_dir, len(pending), len(done))
     return PrepareResult(out, fp, splits, n_images, len(kept), len(pending), len(done), dict(report.counts))
@@ -201,6 +207,8 @@ def _finished(out: Path, fp: str, plan: list[Shard]) -> PrepareResult | None:
         return None
     if manifest.get("fingerprint") != fp or stamp.get("fingerprint") != fp or \
             manifest.get("format_version") != FORMAT_VERSION:
+        return None
+    if "shard_files" not in manifest:  # written before shard digests: the rerun adds them, encoding nothing
         return None
     if any(done_record(state_dir, shards_dir, shard, fp) is None for shard in plan):
         return None

@@ -68,6 +68,6 @@ def run(cfg: ReportConfig) -> ReportResult:
     with atomic_open(out / "results.md", "w", encoding="utf-8") as fh:
         fh.write(text + "\n")
     write_json(out / "report.json", reporting.jsonable(data))
-    save_config(cfg, out)
+    save_config(cfg, out, stage="report")
     log.info("report: %s", out / "results.md")
     return ReportResult(out / "results.md", text, data)

@@ -131,7 +131,7 @@ def run(cfg: SplitsConfig) -> SplitsResult:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     _clear(out, cfg)
-    save_config(cfg, out)
+    save_config(cfg, out, stage="splits")
     spec = load_dataset(cfg.dataset, cfg.root, cfg.task, protocol=cfg.protocol, require_images=False,
                         **dict(cfg.dataset_options))
     split = make_split(spec, seed=cfg.split_seed, protocol=cfg.protocol)

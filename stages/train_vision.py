@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import signal
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from pipeline.common import ConfigError, config_to_dict, fingerprint, save_confi
 from pipeline.distributed import DistInfo, all_gather_object, barrier, cleanup, init_distributed
 from pipeline.locks import output_lock
 from pipeline.options import check_fields, option, result_config
+from pipeline.preempt import Stopped, StopSignals
 from pipeline.pretrain import BATCH_SEMANTICS
 from pipeline.tracking import REPORT_TO, Tracker, append_metrics, open_tracker, trim_metrics
 
@@ -133,6 +135,10 @@ class TrainVisionConfig:
     seed: int = option(0, min=0, help="Initialisation, data order and augmentation follow from it.")
     log_every: int = option(10, min=1, affects_result=False, help="Steps between metrics.jsonl lines.")
     ckpt_every: int = option(500, min=1, affects_result=False, help="Steps between checkpoints.")
+    ckpt_every_minutes: float = option(15.0, min=0, affects_result=False,
+                                       help="Also checkpoint when this many minutes have passed since the last "
+                                            "checkpoint (0: off): bounds the work a kill -9 or a node failure "
+                                            "loses. SIGTERM/SIGINT always checkpoint before stopping.")
     probe_every: int = option(500, min=1, affects_result=False,
                               help="Steps between collapse probes on held-out images.")
     probe_size: int = option(64, min=0, affects_result=False,
@@ -253,7 +259,8 @@ class _Trainer:
     def _restore(self, path: Path) -> int:
         step, data = self.state.resume(path, self.dist.rank, fmt=CKPT_FORMAT, fingerprint=self.fingerprint,
                                        semantic=result_config(self.cfg), world_size=self.dist.world_size,
-                                       text_dim=self.text.text_dim, out=self.out)
+                                       text_dim=self.text.text_dim, out=self.out,
+                                       text_identity=self.text.identity)
         self.pos = pretrain_data.DataPos.from_state(data)
         log.info("resumed from %s at step %d (epoch %d, step %d of %d)", path, step, self.pos.epoch,
                  self.pos.step_in_epoch, self.steps_per_epoch)
@@ -262,7 +269,8 @@ class _Trainer:
     def _checkpoint(self, step: int, final: bool = False) -> Path:
         meta = {"format": CKPT_FORMAT, "step": step, "epoch": self.pos.epoch, "final": final,
                 "config": config_to_dict(self.cfg), "semantic_config": result_config(self.cfg),
-                "fingerprint": self.fingerprint, "text_dim": self.text.text_dim}
+                "fingerprint": self.fingerprint, "text_dim": self.text.text_dim,
+                "text_cache_identity": self.text.identity}
         return self.state.save(self.ckpt_dir / f"step-{step:08d}.pt", self.dist, data_state=self.pos.state(),
                                meta=meta, keep=self.cfg.keep_checkpoints)
 
@@ -273,7 +281,7 @@ class _Trainer:
         self._setup_model()
         self.fingerprint = fingerprint(result_config(cfg))
         done = None if cfg.resume != "auto" else train_state.finished_summary(self.out, self.fingerprint,
-                                                                                self.total_steps)
+                                                                                self.total_steps, self.text.identity)
         if done is not None:
             log.info("%s already holds a finished run of this configuration; nothing to do", self.out)
             return done
@@ -287,7 +295,8 @@ class _Trainer:
         step = self._restore(resume) if resume is not None else 0
         if dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out, fingerprint=self.fingerprint, steps_per_epoch=self.steps_per_epoch,
+            save_config(cfg, self.out, stage="train-vision", fingerprint=self.fingerprint,
+                        steps_per_epoch=self.steps_per_epoch,
                         total_steps=self.total_steps, world_size=dist.world_size, precision=self.precision,
                         batch_per_process=self.local_batch, global_batch=self.global_batch,
                         restart_cycle=self.restart_cycle)
@@ -295,7 +304,8 @@ class _Trainer:
             self.tracker = open_tracker(cfg.report_to, self.out, config_to_dict(cfg), key=self.fingerprint,
                                         resume_step=step + 1 if resume is not None else None)
         try:
-            return self._fit(step, resume, params_report, sample_aug)
+            with StopSignals() as self.stop:
+                return self._fit(step, resume, params_report, sample_aug)
         finally:
             self.tracker.close()
 
@@ -313,6 +323,7 @@ class _Trainer:
                  f", lr cycle {self.restart_cycle} steps" if self.restart_cycle else "")
         last_good = str(resume) if resume else None
         watch = pretrain.NonFiniteWatch(self.device, step)
+        last_ckpt = time.monotonic()
         window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
         last_probe: dict = {}
         self.module.train()
@@ -334,17 +345,28 @@ class _Trainer:
                 window["steps"] += 1
                 probe_now = probe is not None and cfg.probe_size >= 2 and step % cfg.probe_every == 0
                 final = step == self.total_steps
-                if log_now or probe_now or step % cfg.ckpt_every == 0:
+                # A stop request (SIGTERM/SIGINT) or the checkpoint timer of any rank: every rank acts on
+                # it at this same step. A signal at the last step lets the run finish instead.
+                minutes = cfg.ckpt_every_minutes
+                stop, timed = (False, False) if final else distributed.agree(
+                    [self.stop.requested, bool(minutes) and time.monotonic() - last_ckpt >= 60 * minutes], dist)
+                save_now = step % cfg.ckpt_every == 0 or final or stop or timed
+                if log_now or probe_now or save_now:
                     watch.check(dist, last_good)
                 if log_now:
                     self._log(step, out, window)
                     window.update(t0=time.perf_counter(), wait=0.0, steps=0)
                 if probe_now and not final:
                     last_probe, _ = self._probe(probe, cfg.probe_size, step)
-                if step % cfg.ckpt_every == 0 or final:
+                if save_now:
                     self._check_bad(final=self.pos.step_in_epoch >= self.steps_per_epoch or final)
                     if not (final and cfg.keep_checkpoints == 0):  # nothing left to resume
                         last_good = str(self._checkpoint(step, final=final))
+                    last_ckpt = time.monotonic()
+                if stop:
+                    log.info("stop requested (%s): checkpoint %s written at step %d", self.stop.signum, last_good,
+                             step)
+                    raise Stopped(self.stop.signum or signal.SIGTERM, step)
         self._check_bad(final=True)
         return self._finish(step, probe, last_probe, params_report)
 
@@ -380,7 +402,8 @@ class _Trainer:
         if probe is not None and cfg.final_probe_size >= 2:
             last_probe, spectrum = self._probe(probe, cfg.final_probe_size, step)
         summary = {
-            "fingerprint": self.fingerprint, "steps": step, "epochs": pos.epoch + 1,
+            "fingerprint": self.fingerprint, "text_cache_identity": self.text.identity, "steps": step,
+            "epochs": pos.epoch + 1,
             "steps_per_epoch": self.steps_per_epoch, "world_size": dist.world_size,
             "global_batch": self.global_batch, "batch_per_process": self.local_batch,
             "restart_cycle": self.restart_cycle, "probe_held_out": self.probe_held_out,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import zlib
 from pathlib import Path
 
@@ -69,6 +70,16 @@ def test_mimic_outputs_are_byte_identical_to_before_the_corpus_registry(tmp_path
         assert corpus_of(cfg) is CORPORA["mimic"]
         run(cfg)
         got = {p: hashlib.sha256((out / p).read_bytes()).hexdigest()[:16] for p in BEFORE_CORPORA[name]}
+        # manifest.json gained shard_files (issue 22: each tar's count, bytes and sha256, checked before
+        # training) after these hashes were recorded: the rest of it, as write_json writes it, is unchanged
+        man = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        shard_files = man.pop("shard_files")
+        assert shard_files == {
+            t.name: {"count": json.loads((out / "shards" / "sizes.json").read_text())[t.name],
+                     "bytes": t.stat().st_size, "sha256": hashlib.sha256(t.read_bytes()).hexdigest()}
+            for t in sorted((out / "shards").glob("*.tar"))}
+        got["manifest.json"] = hashlib.sha256(
+            (json.dumps(man, indent=2, sort_keys=True) + "\n").encode("utf-8")).hexdigest()[:16]
         assert sorted(p.name for p in (out / "shards").glob("*.tar")) == \
             sorted(p.split("/")[1] for p in BEFORE_CORPORA[name] if p.endswith(".tar"))
         for path, digest in BEFORE_CORPORA[name].items():

@@ -140,7 +140,7 @@ def test_masks_are_stored_as_covered_share(tmp_path):
         return m
 
     rec = Record(image_id="a", patient_id="a", path=_png(tmp_path / "a.png", np.zeros((4, 4), np.uint8)))
-    _, mask = data.ImageSource([rec], 2, mask_fn=mask_fn).get(0)
+    _, mask = data.ImageSource([rec], 2, mask_fn=mask_fn, min_side=1).get(0)  # a 4 x 4 px unit case
     # area averages of 0/255: 127.5, 0, 191.25, 255 (PIL rounds in fixed point)
     assert np.abs(mask.astype(int) - [[127.5, 0], [191.25, 255]]).max() <= 1
     assert ((mask > data.MASK_ON).tolist()) == [[True, False], [True, True]]

@@ -75,7 +75,8 @@ def test_real_openi_reports_every_report_with_text_and_image_is_one_study(tmp_pa
     images = tmp_path / "png"
     images.mkdir()
     placeholder = tmp_path / "placeholder.png"
-    Image.fromarray(np.tile(np.arange(16, dtype=np.uint8) * 15, (16, 1))).save(placeholder)
+    # 32 px: the smallest side prepare accepts (pipeline.imaging.MIN_IMAGE_SIDE; smaller is a degenerate image)
+    Image.fromarray(np.tile(np.arange(32, dtype=np.uint8) * 8, (32, 1))).save(placeholder)
     # Every report's images are placeholders (hard links: one file), except all images of three
     # reports, which are missing: those reports must be skipped as "no image present".
     with tarfile.open(tgz) as tf:
@@ -231,6 +232,15 @@ def test_whole_chain_on_openi_from_a_pipeline_yaml(tmp_path):
     assert "| cls-chexpert | auroc |" in (work / "report" / "results.md").read_text()
     res = CliRunner().invoke(cli, ["-q", "run", "--config", str(cfg)])
     assert res.exit_code == 0 and "0 stage(s) ran" in res.output, res.output
+    # status checks the corpus's shards against the manifest's shard_files, as it does MIMIC's
+    from stages import orchestrate
+
+    assert set(manifest["shard_files"]) == {p.name for p in (work / "prepare" / "shards").glob("*.tar")}
+    tar = sorted((work / "prepare" / "shards").glob("train-*.tar"))[0]
+    with open(tar, "ab") as fh:
+        fh.write(b"\0" * 512)
+    states = {st.name: st for st in orchestrate.status(orchestrate.RunConfig(config=str(cfg)))}
+    assert states["prepare"].state == "stale" and str(tar) in states["prepare"].reason
 
 
 def test_pipeline_yaml_names_the_corpus_in_either_section(synth, tmp_path):
@@ -248,6 +258,8 @@ def test_pipeline_yaml_names_the_corpus_in_either_section(synth, tmp_path):
     b = plan(_tiny_openi(tmp_path, corpus=None, prepare={"corpus": "openi", **real, "size": 48, "shard_size": 20,
                                                           "workers": 1}))["prepare"]
     assert a.params == b.params and a.params["reports"] == synth["reports"] and "reports" in a.inputs
+    # status checks every corpus's shards against its manifest (issue 22), not only MIMIC's
+    assert nodes["prepare"].verify is a.verify is b.verify is orchestrate._verify_prepare
     for sections, message in [
         ({"corpus": {"openi": {**real, "imgs": "x"}}}, r"corpus.openi: unknown keys \['imgs'\]"),
         ({"prepare": {"corpus": "pairs", "size": 48}}, "prepare.corpus: 'pairs', but the corpus section gives"),

@@ -375,7 +375,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     rng = np.random.default_rng(3)
     studies = [Study(f"1{k:07d}", f"5{k:07d}", "train", [Img(f"{k:08x}-0-0-0-0", "PA")],
                      report_text(f"Finding {k}.", "Impression.")) for k in range(40)]
-    root = make_tree(tmp_path / "root", studies, image_size=64)
+    root = make_tree(tmp_path / "root", studies, image_size=900)  # the metadata's Rows/Columns: 900
     # Large noisy PNGs (no reduced-scale decoding) make each image slow enough to kill mid-run.
     for st in studies:
         p = root / image_relpath(st.subject_id, st.study_id, st.images[0].dicom_id)

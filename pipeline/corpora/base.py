@@ -34,7 +34,9 @@ class CorpusImage:
     """One image to shard. ``key`` is unique in the corpus and is the shard member name (and the
     ``dicom_id`` of the sample's JSON, MIMIC's name for it); ``study`` is the report's key (the text
     cache's ``study_id``, unique across the corpus), ``patient`` its patient (``subject_id``);
-    ``relpath`` is the image file under the corpus's image root."""
+    ``relpath`` is the image file under the corpus's image root. ``rows``/``cols`` are the image's pixel
+    size where the corpus's metadata gives it (MIMIC's DICOM Rows x Columns), None where it does not: an
+    image of another size is a degenerate item (``pipeline.imaging.check_degenerate``)."""
 
     key: str
     patient: str
@@ -42,6 +44,13 @@ class CorpusImage:
     view: str
     split: str
     relpath: str
+    rows: int | None = None
+    cols: int | None = None
+
+    @property
+    def expected_size(self) -> tuple[int, int] | None:
+        """``(rows, cols)`` when the metadata gives both, else None (only the minimum side is checked)."""
+        return (self.rows, self.cols) if self.rows and self.cols else None
 
 
 @dataclass

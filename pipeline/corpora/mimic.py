@@ -76,5 +76,6 @@ def read(cfg: MimicConfig, report) -> Selection:
     n_bad_images = sum(1 for b in index.bad if b.reason in ("bad_csv_row", "no_split_row")) + n_no_report
     report.counts["studies_selected"] = len(by_study)
     report.counts["studies_with_text"] = len(texts)
-    records = [CorpusImage(i.dicom_id, i.subject_id, i.study_id, i.view, i.split, i.relpath) for i in images]
+    records = [CorpusImage(i.dicom_id, i.subject_id, i.study_id, i.view, i.split, i.relpath, i.rows, i.cols)
+               for i in images]
     return Selection(records, texts, root, n_considered, n_bad_images)

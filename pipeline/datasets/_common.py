@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from pipeline.common import MflagError
+from pipeline.common import MflagError, open_text_utf8
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def read_csv_rows(path: Path, required: Sequence[str], skipinitialspace: bool = 
     naming the file and the columns it has.
     """
     try:
-        fh = open(path, newline="", encoding="utf-8-sig")
+        fh = open_text_utf8(path)  # UTF-8, BOM tolerated; a bad byte is one line naming file and line
     except OSError as e:
         raise DatasetError(f"{path}: cannot open ({e.strerror})") from e
     with fh:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.common import MflagError, unsafe_id_reason
+from pipeline.common import MflagError, open_text_utf8, unsafe_id_reason
 from pipeline.datasets._common import (
     DEFAULT_MAX_MISSING,
     DatasetError,
@@ -71,7 +71,7 @@ def read_covidx(root: str | Path, task: str = "cls", label_set: str = "auto",
         path = _find_label_file(root, split, given)
         if path is None:
             continue
-        with open(path, encoding="utf-8") as fh:
+        with open_text_utf8(path) as fh:
             for line_no, text in enumerate(fh, start=1):
                 if not text.strip():
                     continue

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from pipeline import metrics
-from pipeline.common import MflagError, atomic_open, progress
+from pipeline.common import MflagError, atomic_open, open_text_utf8, progress
 from pipeline.datasets.base import DatasetSpec
 from pipeline.downstream.data import ClsDataset, ImageSource
 from pipeline.downstream.loop import (
@@ -226,7 +226,7 @@ def read_cls_predictions(path: Path) -> tuple[list[str], list[str], np.ndarray, 
     """(image ids, class names, N x C labels, N x C scores) of a predictions CSV."""
     import csv
 
-    with open(path, newline="", encoding="utf-8") as fh:
+    with open_text_utf8(path) as fh:
         rows = list(csv.reader(fh))
     head, body = rows[0], rows[1:]
     names = [h.split(":", 1)[1] for h in head if h.startswith("label:")]

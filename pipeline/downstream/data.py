@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from pipeline import imaging
 from pipeline.common import MflagError, progress
 from pipeline.datasets.base import DatasetSpec, Record
+from pipeline.imaging import MIN_IMAGE_SIDE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -84,7 +85,8 @@ class ImageSource:
     """
 
     def __init__(self, records: Sequence[Record], size: int, mask_fn=None, preload: bool | None = None,
-                 desc: str = "images", resize: str = "stretch", resample: str = "antialias"):
+                 desc: str = "images", resize: str = "stretch", resample: str = "antialias",
+                 min_side: int = MIN_IMAGE_SIDE):
         if resize not in RESIZES or resample not in RESAMPLES:
             raise ValueError(f"resize {resize!r} / resample {resample!r}: expected one of {RESIZES} / {RESAMPLES}")
         self.records = list(records)
@@ -92,6 +94,7 @@ class ImageSource:
         self.mask_fn = mask_fn
         self.resize = resize
         self.resample = resample
+        self.min_side = int(min_side)  # smaller images stop the run (pipeline.imaging.MIN_IMAGE_SIDE)
         n = len(self.records)
         if preload is None:
             per = size * size * (2 if mask_fn else 1)
@@ -122,6 +125,9 @@ class ImageSource:
         except Exception as e:  # a corrupt file should name itself, not crash deep in PIL/pydicom
             raise MflagError(f"{rec.path}: cannot read image {rec.image_id!r} ({e})") from e
         h, w = img.shape[:2]
+        if min(h, w) < self.min_side:  # a test image is never dropped silently: the run stops, naming it
+            raise MflagError(f"{rec.path}: image {rec.image_id!r} is {h}x{w} px, below the {self.min_side} px "
+                             "minimum side of a usable radiograph; replace the file or leave it out of the labels")
         self._sizes[i] = (h, w)
         mask = None
         if self.mask_fn is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.common import atomic_open, config_to_dict, file_sha256
+from pipeline.common import atomic_open, config_to_dict, file_sha256, read_text_utf8
 from pipeline.downstream.recipes import Recipe
 
 
@@ -161,7 +161,7 @@ def _fmt(s: dict) -> str:
 
 def append_markdown(path: Path, res: dict) -> None:
     """Append one row (rewriting the file atomically so a crash never leaves half a row)."""
-    old = path.read_text(encoding="utf-8") if path.is_file() else _MD_HEADER
+    old = read_text_utf8(path) if path.is_file() else _MD_HEADER
     p = res["primary_metric"]
     # the tasks without training report dozens of numbers (results.json has them): the row shows a few
     keep = None if res["fraction_sizes"] else ("auroc", "f1_macro", "align_true_pair", "align_constant",
