@@ -263,3 +263,69 @@ def test_channels_reach_the_resnet_input(tmp_path, monkeypatch, channels):
         assert differ > 0.5  # red and green squares arrive as themselves
     else:
         assert differ == 0.0  # grey: the three channels are one
+
+
+# ---- issue 22 x issue 23: the integrity rules of every read hold for a table corpus too
+@pytest.mark.parametrize("channels", [1, 3])
+def test_degenerate_image_is_a_bad_item_and_shards_get_digests(tmp_path, channels):
+    import hashlib
+
+    root = tmp_path / "images"
+    root.mkdir()
+    yy, xx = np.mgrid[0:48, 0:48]
+    Image.fromarray((40 + 3 * xx + yy).astype(np.uint8)).save(root / "ok.png")
+    Image.fromarray(np.full((8, 40), 90, np.uint8)).save(root / "tiny.png")  # 8 px high: below the minimum side
+    (tmp_path / "t.csv").write_text("image,text\nok.png,Heart normal.\ntiny.png,Thumbnail.\n", encoding="utf-8")
+    out = tmp_path / "out"
+    res = run(PairsConfig(table=str(tmp_path / "t.csv"), image_root=str(root), out=str(out), size=32, workers=1,
+                          split_fractions=(1.0, 0.0, 0.0), max_bad_fraction=0.5, channels=channels))
+    assert res.n_images == 1
+    rep = read_json(out / "prepare-report.json")
+    assert [(b["reason"], Path(b["where"]).name) for b in rep["bad"]] == [("degenerate_image", "tiny.png")]
+    assert "8x40 px" in rep["bad"][0]["detail"]
+    man = read_json(out / "manifest.json")
+    assert man["corpus"] == "pairs" and man.get("channels", 1) == channels
+    tars = sorted((out / "shards").glob("*.tar"))
+    assert man["shard_files"] == {t.name: {"count": 1, "bytes": t.stat().st_size,
+                                           "sha256": hashlib.sha256(t.read_bytes()).hexdigest()} for t in tars}
+    assert read_json(out / "config.json")["stage"] == "prepare"
+
+    from pipeline import wds
+
+    shards = wds.resolve_shards(str(out), "train")
+    assert shards.channels == channels and set(shards.digests) == {t.name for t in tars}
+    assert wds.check_shard_files(shards)[0] is None
+    with open(tars[0], "r+b") as fh:  # one flipped byte: the check that runs before training names the tar
+        fh.seek(600)
+        b = fh.read(1)
+        fh.seek(600)
+        fh.write(bytes([b[0] ^ 1]))
+    assert tars[0].name in wds.check_shard_files(shards)[0]
+
+
+def test_table_text_is_declared_utf8_and_lone_surrogates_are_handled(tmp_path):
+    from pipeline.common import MflagError
+
+    root = tmp_path / "images"
+    root.mkdir()
+    yy, xx = np.mgrid[0:48, 0:48]
+    for n in ("a", "b", "c"):
+        Image.fromarray((40 + 3 * xx + yy).astype(np.uint8)).save(root / f"{n}.png")
+    bad = tmp_path / "latin1.csv"
+    bad.write_bytes("image,text\na.png,Heart normal.\nb.png,Cr\xe8me.\n".encode("latin-1"))
+    with pytest.raises(MflagError, match=r"latin1.csv: line 3: not valid UTF-8"):
+        run(PairsConfig(table=str(bad), image_root=str(root), out=str(tmp_path / "o1"), size=32, workers=1))
+    # a JSONL escape \ud800 decodes to a lone surrogate: replaced in the text (counted), refused in a path
+    jl = tmp_path / "t.jsonl"
+    jl.write_text('\ufeff{"image": "a.png", "text": "Heart \\ud800 normal."}\n'
+                  '{"image": "b\\udc00.png", "text": "Lungs clear."}\n'
+                  '{"image": "c.png", "text": "No effusion."}\n', encoding="utf-8")
+    out = tmp_path / "o2"
+    res = run(PairsConfig(table=str(jl), image_root=str(root), out=str(out), size=32, workers=1,
+                          split_fractions=(1.0, 0.0, 0.0), max_bad_fraction=0.5))
+    assert res.n_images == 2
+    rep = read_json(out / "prepare-report.json")
+    assert [(b["reason"], b["where"]) for b in rep["bad"]] == [("bad_row", f"{jl}:2")]
+    assert rep["counts"]["surrogates_replaced"] == 1
+    texts = sorted(json.loads(line)["text"] for line in (out / "reports.jsonl").read_text("utf-8").splitlines())
+    assert texts == ["Heart \ufffd normal.", "No effusion."]

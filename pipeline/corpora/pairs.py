@@ -18,6 +18,7 @@ import csv
 import gzip
 import io
 import json
+import logging
 import math
 import os
 import zlib
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
-from pipeline.common import ConfigError, MflagError
+from pipeline.common import ConfigError, MflagError, decode_utf8, replace_surrogates
 from pipeline.corpora.base import (
     SPLIT_ALIASES,
     CorpusError,
@@ -41,6 +42,8 @@ from pipeline.corpora.base import (
 )
 from pipeline.mimic import BadItem
 from pipeline.options import option
+
+log = logging.getLogger(__name__)
 
 TABLE_KINDS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet",
                ".pq": "parquet"}
@@ -129,9 +132,9 @@ def read_table(path: str | Path) -> tuple[list[str], Iterator[tuple[str, dict[st
         data = path.read_bytes()
         if path.name.lower().endswith(".gz"):
             data = gzip.decompress(data)
-        text = data.decode("utf-8-sig")
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, UnicodeDecodeError) as e:
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise MflagError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
+    text = decode_utf8(data, path)  # UTF-8 (BOM tolerated); a bad byte is one line naming file and line
     if kind == "jsonl":
         return _read_jsonl(path, text)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if kind == "tsv" else ",")
@@ -224,11 +227,24 @@ def read(cfg: PairsConfig, report) -> Selection:
         n_bad += 1
         report.add_bad(BadItem(reason, where, detail, ids))
 
+    n_surrogates = 0
     for where, row in rows:
         n_rows += 1
         if None in row:
             bad("bad_row", where, str(row[None]))
             continue
+        # A JSONL escape such as "\ud800" decodes to a lone UTF-16 surrogate, which no UTF-8 encoder takes:
+        # refused in the path and ids (they name files and keys), replaced by U+FFFD in the text and counted.
+        ids_with = [c for c in (cfg.image_column, cfg.study_column, cfg.patient_column, cfg.split_column)
+                    if c is not None and replace_surrogates(row.get(c, ""))[1]]
+        if ids_with:
+            bad("bad_row", where, f"{ids_with[0]!r} holds a lone UTF-16 surrogate (an escape such as \\ud800 "
+                                  "that encodes no character)")
+            continue
+        for c in cfg.text_column:
+            if c in row:
+                row[c], n = replace_surrogates(row[c])
+                n_surrogates += bool(n)
         rel = row.get(cfg.image_column, "")
         if not rel:
             bad("bad_row", where, f"empty {cfg.image_column!r}")
@@ -297,6 +313,10 @@ def read(cfg: PairsConfig, report) -> Selection:
     report.filtered = {"split": dict(filtered)}
     report.counts.update(table_rows=n_rows, images_selected=len(images), studies_with_text=len(texts),
                          filtered_split=sum(filtered.values()))
+    if n_surrogates:
+        report.counts["surrogates_replaced"] = n_surrogates
+        log.warning("%s: %d row(s) held lone UTF-16 surrogates in their text, each replaced by U+FFFD", table,
+                    n_surrogates)
     if not images:
         raise CorpusError(f"{table}: no row has an image in {root} and report text in "
                           f"{','.join(cfg.text_column)} (bad rows: {dict(report.reason_counts()) or 'none'}; "
