@@ -295,7 +295,7 @@ def _run_untrained(cfg: EvalConfig) -> dict:
     finished = _finished(out, fp, cfg.seeds)
     if finished is not None:
         return finished
-    save_config(cfg, out, fingerprint=fp)
+    save_config(cfg, out, stage="eval", fingerprint=fp)  # one stage per folder (pipeline.locks)
     res = downstream.get_task(cfg.task).evaluate(cfg, out)
     per_seed = [{**r, "fingerprint": fp} for r in res.pop("per_seed")]
     scalar_keys = sorted({k for r in per_seed for k, v in r["test"].items()

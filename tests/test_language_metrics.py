@@ -353,3 +353,21 @@ def test_class_precision_at_k_equals_stable_sort_brute_force_on_many_ties():
     order = torch.argsort(torch.as_tensor(x), dim=1, descending=True, stable=True).numpy()
     for k in (5, 10, 100):
         assert res[f"P@{k}"] == pytest.approx(np.mean(items[order[:, :k]] == q[:, None]), abs=1e-12)
+
+
+def test_prompts_file_is_declared_utf8_and_refuses_a_duplicate_class(tmp_path):
+    """The text-read rules of issue 22 hold for eval --prompts too: UTF-8 (BOM tolerated), a bad byte one
+    line naming the line, a class given twice refused naming both lines."""
+    from pipeline.downstream.prompts import PromptsError, load_prompts_file
+
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("\ufeffA:\n  positive: [a]\n  negative: [no a]\n", encoding="utf-8")
+    assert load_prompts_file(ok, ["A"], "binary") == {"A": {"positive": ["a"], "negative": ["no a"]}}
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("A: [one]\nB: [two]\nA: [three]\n", encoding="utf-8")
+    with pytest.raises(PromptsError, match=r"dup.yaml: key 'A' is given twice \(lines 1 and 3\)"):
+        load_prompts_file(dup, ["A", "B"], "chexpert5x200")
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("A: [one]\nB: [cr\xe8me]\n".encode("latin-1"))
+    with pytest.raises(PromptsError, match=r"latin.yaml: line 2: not valid UTF-8"):
+        load_prompts_file(latin, ["A", "B"], "chexpert5x200")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.common import MflagError
+from pipeline.common import MflagError, read_text_utf8
 
 GLORIA_PROMPT_SEED = 6  # gloria/gloria.py lines 16-17: random.seed(6) at import
 CHEXPERT_CLASS_PROMPTS: dict[str, dict[str, list[str]]] = {
@@ -99,13 +99,34 @@ def binary_prompts(labels, templates: tuple[str, str] = BINARY_TEMPLATES) -> dic
     return {c: {"positive": [templates[0].format(c)], "negative": [templates[1].format(c)]} for c in labels}
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the second silently), as the
+    pipeline YAML's loader does (pipeline.pipeline_spec)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                if key in seen:
+                    raise PromptsError(f"key {key!r} is given twice (lines {seen[key]} and {line}); keep one of them")
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def _read(path: Path):
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
+        text = read_text_utf8(path)  # UTF-8, BOM tolerated; a bad byte is one line naming the line
+    except OSError as e:
         raise PromptsError(f"--prompts {path}: cannot read ({e})") from e
+    except MflagError as e:
+        raise PromptsError(f"--prompts {e}") from None
     try:
-        return json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        return json.loads(text) if path.suffix.lower() == ".json" else yaml.load(text, Loader=_YamlLoader)
+    except PromptsError as e:
+        raise PromptsError(f"--prompts {path}: {e}") from None
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise PromptsError(f"--prompts {path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'} "
                            f"({str(e).splitlines()[0]})") from e
