@@ -223,7 +223,7 @@ def test_chexpert_5x200_selection_is_mgcas_pandas_rule(tmp_path):
     df[[*lw.FINDINGS, *others]] = df[[*lw.FINDINGS, *others]].fillna(0)  # MGCA: df.fillna(0)
     df = df[df["Frontal/Lateral"] == "Frontal"]
     expected = []
-    for k, task in enumerate(lw.FINDINGS):
+    for k in range(len(lw.FINDINGS)):
         index = np.zeros(5)
         index[k] = 1
         sel = df[(df[list(lw.FINDINGS)].values == index).all(axis=1) & (df[others] == 0).all(axis=1)]
