@@ -260,6 +260,30 @@ def test_prompts_file_checks(tmp_path):
         load_prompts_file(good, ["A", "B"], "binary")
 
 
+def test_retrieval_labels_keep_studies_with_one_competition_finding(tmp_path):
+    import gzip
+
+    from pipeline.downstream.retrieval import _precision_at_k, read_study_classes
+
+    path = tmp_path / "labels.csv.gz"
+    header = "subject_id,study_id,Atelectasis,Cardiomegaly,Consolidation,Edema,No Finding,Pleural Effusion\n"
+    rows = ["1,51,1.0,,0.0,,,\n", "1,52,,1.0,,,,\n", "2,53,1.0,1.0,,,,\n", "2,54,,,,,1.0,\n", "3,55,-1.0,,,1.0,,\n",
+            "3,56,,,,,,1.0\n"]
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        fh.write(header + "".join(rows))
+    assert read_study_classes(path) == {"51": 0, "52": 1, "55": 3, "56": 4}
+    # two Atelectasis pairs that retrieve each other first, a Cardiomegaly pair that retrieves an Atelectasis one
+    studies = ["51", "52", "53", "57"]
+    scores = np.array([[1.0, 0.1, 0.0, 0.9], [0.9, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    path2 = tmp_path / "l2.csv"
+    path2.write_text("study_id,Atelectasis,Cardiomegaly,Consolidation,Edema,Pleural Effusion\n51,1,,,,\n52,,1,,,\n"
+                     "57,1,,,,\n", encoding="utf-8")
+    p = _precision_at_k(scores, studies, str(path2))
+    # pairs kept: 51 (Atel), 52 (Card), 57 (Atel); query 51's top-1 of {51, 52, 57} is itself, etc.
+    assert p["n_pairs_with_class"] == 3 and p["image_to_text_P@5"] == pytest.approx((2 / 3 + 1 / 3 + 2 / 3) / 3)
+    assert p["chance_P"] == pytest.approx((2 / 3 + 1 / 3 + 2 / 3) / 3)
+
+
 # --------------------------------------------------------------------------- the report's verdict on fixed inputs
 def test_language_checks_say_whether_the_language_shows():
     learnt_zs = {"auroc_per_class": {"Atelectasis": 0.81, "Cardiomegaly": 0.74, "Edema": 0.70, "Consolidation": 0.52}}
