@@ -372,13 +372,15 @@ def _language_section(evals: dict) -> list[str]:
              "lies above 0.5. Random init and an orthogonality-only run are the null.", "",
              "| init | seed | zero-shot mean AUROC [95% CI] | per finding | 5x200 accuracy | own-vs-other AUROC "
              "[95% CI] | true-pair loss | constant | shuffled | true − shuffled [95% CI] | R@1 / chance | "
-             "language shows |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "P@10 by class / chance | language shows |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         z, f, r, c = row["zeroshot"] or {}, row["fivex"] or {}, row["retrieval"] or {}, row["checks"]
         per = ", ".join(f"{k} {v:.2f}" for k, v in (z.get("auroc_per_class") or {}).items() if _num(v) is not None)
         chance = r.get("chance_R@1")
         r1 = (f"{r['image_to_text_R@1']:.3f} / {chance:.3f}" if _num(r.get("image_to_text_R@1")) is not None
               and _num(chance) is not None else "n/a")
+        p10 = (f"{r['image_to_text_P@10']:.3f} / {r['chance_P']:.3f}" if _num(r.get("image_to_text_P@10")) is not None
+               and _num(r.get("chance_P")) is not None else "n/a")
         failed = [k for k in ("zeroshot", "loss", "own_vs_other") if c.get(k) is False]
         verdict = "**yes**" if c["shows"] else ("no (" + ", ".join(failed) + ")" if failed else "n/a")
         own = _ci(r.get("own_vs_other_auroc"), r.get("own_vs_other_auroc_ci"))
@@ -387,7 +389,7 @@ def _language_section(evals: dict) -> list[str]:
                      f"| {_fmt(_num(r.get('align_true_pair')))} | {_fmt(_num(r.get('align_constant')))} | "
                      f"{_fmt(_num(r.get('align_shuffled')))} | "
                      f"{_ci(r.get('align_true_minus_shuffled'), r.get('align_true_minus_shuffled_ci'))} | {r1} | "
-                     f"{verdict} |")
+                     f"{p10} | {verdict} |")
     n_pairs = next((row["retrieval"].get("n_pairs") for row in rows if row["retrieval"]), None)
     texts = next((row["retrieval"].get("n_distinct_texts") for row in rows if row["retrieval"]), None)
     n_zs = next((row["zeroshot"].get("n_images") for row in rows if row["zeroshot"]), None)

@@ -145,6 +145,10 @@ class EvalConfig:
     split: str = option("test", choices=RETRIEVAL_SPLITS, added_later=True,
                         help="retrieval: which held-out shards (heldout = validate + test).")
     max_images: int = option(5000, min=2, added_later=True, help="retrieval: at most this many pairs, in file order.")
+    retrieval_labels: str | None = option(None, exists="file", added_later=True,
+                                          help="retrieval: a CSV(.gz) with study_id and the CheXpert competition "
+                                               "columns (e.g. mimic-cxr-2.0.0-chexpert.csv.gz): adds GLoRIA's "
+                                               "class-based Precision@5/10/100.")
     bootstrap: int = option(1000, min=10, added_later=True,
                             help="zeroshot/retrieval: bootstrap resamples of the 95% intervals (seed 0).")
 
@@ -286,7 +290,8 @@ def _run_untrained(cfg: EvalConfig) -> dict:
     d = result_config(cfg)
     d.update(init_sha256=_init_sha256(cfg.init), format=FORMAT_VERSION,
              prompts_sha256=file_sha256(cfg.prompts) if cfg.prompts else None)
-    for k in ("init", "prompts", "text_cache", "shards", "root"):
+    d.update(labels_sha256=file_sha256(cfg.retrieval_labels) if cfg.retrieval_labels else None)
+    for k in ("init", "prompts", "text_cache", "shards", "root", "retrieval_labels"):
         d.pop(k, None)  # the same weights and inputs under other paths are the same run
     d["inputs"] = {k: str(getattr(cfg, k)) for k in ("root", "shards", "text_cache") if getattr(cfg, k)}
     fp = fingerprint(d)

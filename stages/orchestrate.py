@@ -221,10 +221,12 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
         # the tasks that train nothing read the pipeline's own text cache, text model and (retrieval) shards
         language = {} if entry.trains else {"text_cache": "@cache", "text_model": model_ref,
                                             **({"shards": "@prepare"} if not entry.needs_dataset else {})}
+        if "shards" in language and "synth" in corpus and "retrieval_labels" not in task:
+            # the synthetic MIMIC tree has CheXpert labels per study: class-based Precision@K too
+            language["retrieval_labels"] = "@synth-mimic/mimic-cxr-2.0.0-chexpert.csv.gz"
         try:
             validate(section, EvalConfig, {**ev_common, **task, **language}, root="(planned)", out="(planned)",
-                     init="random", **({"text_cache": "(planned)", "text_model": "(planned)", "shards": "(planned)"}
-                                      if language else {}))
+                     init="random", **({k: "(planned)" for k in language}))
         except ConfigError as e:
             field = str(e)[len(section) + 1:].split(":", 1)[0]
             if field in ev_common and field not in task:  # the bad value came from eval.common
@@ -448,7 +450,7 @@ def _run_eval(node: Node, by_name) -> None:
     opts = p.pop("dataset_options", None) or {}
     if p.get("text_cache") == "@cache":
         p["text_cache"] = _cache_dir(by_name)
-    for key in ("shards", "text_model"):
+    for key in ("shards", "text_model", "retrieval_labels"):
         if p.get(key):
             p[key] = resolve(p[key], by_name)
     root = p.pop("root", None)

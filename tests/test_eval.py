@@ -208,8 +208,8 @@ def test_det_rsna_fasterrcnn_map_recomputes_with_pycocotools(data, tmp_path):
     doc = json.loads(path.read_text())
     assert len(doc["images"]) == t["n_images"] == res["split"]["counts"]["test"]
     assert sum(len(im["truth"]) for im in doc["images"]) == t["n_gt_boxes"]
-    assert t["map_40_75"] == pytest.approx(recompute_det(path), abs=1e-9)
-    assert t["map_50"] == pytest.approx(recompute_det(path, (0.5,)), abs=1e-9)
+    assert t["map_40_75"] == pytest.approx(recompute_det(path), abs=1e-6)  # torchmetrics computes in float32
+    assert t["map_50"] == pytest.approx(recompute_det(path, (0.5,)), abs=1e-6)  # torchmetrics computes in float32
     _same_or_both_undefined(t["map_40_75_mgca"], recompute_det(path, min_score=0.5, skip=True))
     assert "0.40:0.75" in res["metric_definitions"]["map_40_75"]
     assert "map_40_75_mgca" in res["summary"] and "map_40_75_mgca" in res["metric_definitions"]
@@ -231,7 +231,7 @@ def test_det_object_cxr_retinanet_finetuned(data, tmp_path):
     # The detection body's BN is frozen even when fine-tuned: a random body gets estimated statistics.
     assert res["per_seed"][0]["bn_calibration_images"] == res["fraction_sizes"]["0"]
     path = tmp_path / "out" / "seeds" / "seed-0.predictions.json"
-    assert t["map_40_75"] == pytest.approx(recompute_det(path), abs=1e-9)
+    assert t["map_40_75"] == pytest.approx(recompute_det(path), abs=1e-6)  # float32: 1.8e-9 apart on AVX-512
     assert res["split"]["protocol"]  # the split says how it was made (dev.csv is the test set)
 
 
@@ -260,7 +260,7 @@ def test_every_task_dataset_pair_runs_under_its_protocols(data, tmp_path, task, 
     elif task == "seg":
         assert t["dice"] == pytest.approx(recompute_seg(pred), abs=1e-9)
     else:
-        assert t["map_40_75"] == pytest.approx(recompute_det(pred), abs=1e-9)
+        assert t["map_40_75"] == pytest.approx(recompute_det(pred), abs=1e-6)
         _same_or_both_undefined(t["map_40_75_mgca"], recompute_det(pred, min_score=0.5, skip=True))
         assert res["primary_metric"] == ("map_40_75_mgca" if protocol == "mgca" else "map_40_75")
         assert hp["head"] == ("yolov3" if protocol == "mgca" else "fasterrcnn")

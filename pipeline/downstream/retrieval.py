@@ -52,6 +52,9 @@ DEFINITIONS = {
     "align_true_pair": "mean over pairs of M-FLAG's alignment loss 4 - 4 cos(za, zt)",
     "align_constant": "the same loss when every image predicts the mean projected report",
     "align_shuffled": "its expectation over random pairings (mean over all non-matching pairs)",
+    "P@K": "with --retrieval-labels: GLoRIA's class-based Precision@K over the pairs whose study has exactly "
+           "one CheXpert competition finding (share of the top K retrieved of the query's class); chance_P is "
+           "the mean share of the query's class among those pairs",
 }
 
 
@@ -106,6 +109,8 @@ def evaluate(cfg, out: Path) -> dict:
         groups = [hashlib.sha256(np.ascontiguousarray(row).tobytes()).hexdigest()[:16] for row in t]
         scores = cosine(za, zt)
         test = _metrics(scores, groups, za, zt, cfg.bootstrap)
+        if cfg.retrieval_labels:
+            test.update(_precision_at_k(scores, list(batch["study_id"]), cfg.retrieval_labels))
         stem = f"seed-{seed}"
         with atomic_path(out / "seeds" / f"{stem}.scores.npy") as tmp:
             with open(tmp, "wb") as fh:
@@ -145,6 +150,52 @@ def _metrics(scores: np.ndarray, groups: list[str], za: np.ndarray, zt: np.ndarr
     test["details"] = {"retrieval": r, "own_vs_other": {k: v for k, v in own.items() if k != "per_query"},
                        "alignment": align}
     return test
+
+
+COMPETITION = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
+
+
+def read_study_classes(path: str | Path) -> dict[str, int]:
+    """study_id -> the CheXpert competition finding (index in ``COMPETITION``) that is its only positive
+    (1.0) among the five, from a CSV (or .csv.gz) with ``study_id`` and those columns, e.g. MIMIC-CXR's
+    ``mimic-cxr-2.0.0-chexpert.csv.gz``; studies with none or several positives are left out."""
+    import csv
+    import gzip
+
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    out: dict[str, int] = {}
+    try:
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as fh:
+            reader = csv.DictReader(fh)
+            missing = [c for c in ("study_id", *COMPETITION) if c not in (reader.fieldnames or [])]
+            if missing:
+                raise LanguageEvalError(f"--retrieval-labels {path}: no column(s) {', '.join(missing)}")
+            for row in reader:
+                pos = [k for k, c in enumerate(COMPETITION) if (row[c] or "").strip() in ("1", "1.0")]
+                if len(pos) == 1:
+                    out[str(row["study_id"]).strip()] = pos[0]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise LanguageEvalError(f"--retrieval-labels {path}: cannot read ({e})") from e
+    return out
+
+
+def _precision_at_k(scores: np.ndarray, studies: list[str], labels: str) -> dict:
+    """GLoRIA's class-based Precision@K over the pairs whose study has exactly one competition finding:
+    queries and items are those pairs, and a retrieved report counts when its class is the query's."""
+    classes = read_study_classes(labels)
+    keep = [i for i, s in enumerate(studies) if s in classes]
+    if len(keep) < 2:
+        return {"precision_at_k_note": f"fewer than 2 held-out pairs with a single competition finding in {labels}"}
+    cls = np.array([classes[studies[i]] for i in keep])
+    sub = scores[np.ix_(keep, keep)]
+    p = lm.class_precision_at_k(sub, cls, cls, ks=(5, 10, 100))
+    share = np.bincount(cls, minlength=len(COMPETITION)) / len(cls)
+    out = {f"image_to_text_{k}": v for k, v in p.items() if k.startswith("P@")}
+    out.update({f"text_to_image_{k}": v for k, v in lm.class_precision_at_k(sub.T, cls, cls, ks=(5, 10, 100)).items()
+                if k.startswith("P@")})
+    out.update(n_pairs_with_class=len(keep), chance_P=float((share[cls]).mean()))
+    return out
 
 
 def _predictions(scores: np.ndarray, batch: dict, groups: list[str]) -> dict:
