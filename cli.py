@@ -320,15 +320,19 @@ def train_vision(cfg) -> None:
 # ==== eval (stages/evaluate.py) ====
 @cli.command("eval", cls=StageCommand, config="stages.evaluate:EvalConfig")
 def eval_cmd(cfg) -> None:
-    """Train and test a downstream head on an encoder; writes OUT/results.json and a results.md row."""
+    """Train and test a downstream head on an encoder (cls, seg, det), or score images against texts through
+    a pre-training run's projector and text head (zeroshot, retrieval: no training); writes
+    OUT/results.json and a results.md row."""
     from stages.evaluate import run
 
     res = run(cfg)
     p = res["primary_metric"]
     s = res["summary"].get(p, {})
     mean = "n/a" if s.get("mean") is None else f"{s['mean']:.4f} ± {s['std']:.4f}"
-    click.echo(f"{cfg.task} {cfg.dataset} ({cfg.protocol}) init={cfg.init} fraction={cfg.fraction}: test {p} {mean} "
-               f"over seeds {','.join(map(str, res['seeds']))} -> {cfg.out}/results.json")
+    what = (f"{cfg.dataset} ({cfg.protocol}) init={cfg.init} fraction={cfg.fraction}" if res.get("fraction_sizes")
+            else f"{res['dataset']} init={cfg.init}")
+    click.echo(f"{cfg.task} {what}: test {p} {mean} over seeds {','.join(map(str, res['seeds']))} -> "
+               f"{cfg.out}/results.json")
 
 
 # ==== splits (stages/splits.py) ====
