@@ -339,13 +339,18 @@ def _language_rows(evals: dict) -> list[dict]:
     z, f, r = first(zs), first(fx), first(rt)
     rows = []
     for init in dict.fromkeys([*z, *f, *r]):
+        entries = [g[init] for g in (z, f, r) if init in g]
         seeds = sorted(set(z.get(init, {}).get("tests", {})) | set(r.get(init, {}).get("tests", {})))
-        for seed in seeds:
-            zt = z.get(init, {}).get("tests", {}).get(seed)
-            ft = f.get(init, {}).get("tests", {}).get(seed) or next(iter(f.get(init, {}).get("tests", {}).values()),
-                                                                     None)
-            rtt = r.get(init, {}).get("tests", {}).get(seed) or next(iter(r.get(init, {}).get("tests", {}).values()),
-                                                                      None)
+        # one pre-training run (no replicates): its results do not depend on the downstream seed, one row
+        single = any(e.get("pretrain_runs") == 1 for e in entries)
+        for seed in seeds[:1] if single else seeds:
+
+            def test(group: dict, init=init, seed=seed, single=single) -> dict | None:
+                tests = group.get(init, {}).get("tests", {})
+                # a single run's result serves every seed; a random model or a replicate is its seed's own
+                return tests.get(seed) or (next(iter(tests.values()), None) if single else None)
+
+            zt, ft, rtt = test(z), test(f), test(r)
             rows.append({"init": init, "seed": seed, "zeroshot": zt, "fivex": ft, "retrieval": rtt,
                          "checks": language_checks(zt, rtt)})
     return rows
