@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from pipeline.common import MflagError, replace_surrogates
+from pipeline.common import MflagError, decode_utf8, replace_surrogates
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +46,9 @@ def _decode(path: Path) -> str:
         except (OSError, EOFError) as e:
             raise ReportInputError(f"{path}: not a valid gzip file ({e})") from e
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise ReportInputError(f"{path}: line {line}: not valid UTF-8 "
-                               f"(byte 0x{data[e.start]:02x} at column {col})") from e
-    return text.removeprefix("\ufeff")
+        return decode_utf8(data, path)
+    except MflagError as e:
+        raise ReportInputError(str(e)) from None
 
 
 def _is_csv(path: Path, content: str) -> bool:

@@ -284,7 +284,7 @@ def _run_untrained(cfg: EvalConfig) -> dict:
     import datetime as _dt
 
     from pipeline import downstream
-    from pipeline.downstream.results import seed_summary
+    from pipeline.downstream.results import summarise_seeds
 
     out = Path(cfg.out)
     d = result_config(cfg)
@@ -303,21 +303,13 @@ def _run_untrained(cfg: EvalConfig) -> dict:
     save_config(cfg, out, stage="eval", fingerprint=fp)  # one stage per folder (pipeline.locks)
     res = downstream.get_task(cfg.task).evaluate(cfg, out)
     per_seed = [{**r, "fingerprint": fp} for r in res.pop("per_seed")]
-    scalar_keys = sorted({k for r in per_seed for k, v in r["test"].items()
-                          if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("n_")})
-    summary = {k: seed_summary([float(r["test"][k]) if r["test"].get(k) is not None else float("nan")
-                                for r in per_seed]) for k in scalar_keys}
-    per_class: dict[str, list] = {}
-    for r in per_seed:
-        for name, v in (r["test"].get("auroc_per_class") or {}).items():
-            per_class.setdefault(name, []).append(float("nan") if v is None else float(v))
+    summary, summary_per_class = summarise_seeds(per_seed)
+    hashes = d["init_sha256"] or {}
     results = clean_json({
         "task": cfg.task, "dataset": cfg.dataset or f"shards:{cfg.split}", "protocol": cfg.protocol, "init": cfg.init,
-        "checkpoint_sha256": (d["init_sha256"] or {}).get("encoder.pt") or next(iter((d["init_sha256"] or {}).values()),
-                                                                                  None),
+        "checkpoint_sha256": next(iter(hashes.values()), None),  # the encoder file's (the first hashed)
         "init_sha256": d["init_sha256"], "fraction": None, "finetune": False, "seeds": list(cfg.seeds),
-        "fingerprint": fp, **res, "summary": summary,
-        "summary_auroc_per_class": {k: seed_summary(v) for k, v in per_class.items()},
+        "fingerprint": fp, **res, "summary": summary, "summary_auroc_per_class": summary_per_class,
         "per_seed": per_seed, "predictions": {str(r["seed"]): f"seeds/{r['predictions']}" for r in per_seed},
         "fraction_sizes": {}, "config": config_to_dict(cfg),
         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})

@@ -79,6 +79,20 @@ def seed_summary(values: list[float]) -> dict:
             "n": len(vals)}
 
 
+def summarise_seeds(per_seed: list[dict]) -> tuple[dict, dict]:
+    """(summary of every scalar test metric over the seeds, summary of each class's AUROC), each value a
+    :func:`seed_summary`; counts (``n_*``) are left out."""
+    scalar_keys = sorted({k for r in per_seed for k, v in r["test"].items()
+                          if (v is None or isinstance(v, (int, float))) and not isinstance(v, bool)
+                          and not k.startswith("n_")})
+    summary = {k: seed_summary([_num(r["test"].get(k)) for r in per_seed]) for k in scalar_keys}
+    per_class: dict[str, list] = {}
+    for r in per_seed:
+        for name, v in (r["test"].get("auroc_per_class") or {}).items():
+            per_class.setdefault(name, []).append(_num(v))
+    return summary, {k: seed_summary(v) for k, v in per_class.items()}
+
+
 def clean_json(obj):
     """``obj`` with NaN/inf as null (JSON has none; the metric definitions say when one is undefined)."""
     if isinstance(obj, float):
@@ -97,14 +111,8 @@ def results(cfg, recipe: Recipe, spec, split, fractions, fraction_files, per_see
     from pipeline.splits import split_summary
 
     primary = recipe.primary
-    scalar_keys = sorted({k for r in per_seed for k, v in r["test"].items()
-                          if (v is None or isinstance(v, (int, float))) and not isinstance(v, bool)
-                          and not k.startswith("n_")})
-    summary = {k: seed_summary([_num(r["test"].get(k)) for r in per_seed]) for k in scalar_keys}
-    per_class: dict[str, list] = {}
-    for r in per_seed:
-        for name, v in (r["test"].get("auroc_per_class") or {}).items():
-            per_class.setdefault(name, []).append(_num(v))
+    summary, summary_per_class = summarise_seeds(per_seed)
+    scalar_keys = list(summary)
     random_bn = cfg.init == "random"
     images = (f"{recipe.resize} to {recipe.load_size}x{recipe.load_size} ({recipe.resample} resampling)"
               + (f", {recipe.image_size}x{recipe.image_size} crops" if recipe.load_size != recipe.image_size else "")
@@ -117,7 +125,7 @@ def results(cfg, recipe: Recipe, spec, split, fractions, fraction_files, per_see
         "primary_metric": primary,
         "metric_definitions": {k: metrics.METRIC_DEFINITIONS[k] for k in scalar_keys
                                if k in metrics.METRIC_DEFINITIONS},
-        "summary": summary, "summary_auroc_per_class": {k: seed_summary(v) for k, v in per_class.items()},
+        "summary": summary, "summary_auroc_per_class": summary_per_class,
         "per_seed": [{k: v for k, v in r.items() if k != "history"} for r in per_seed],
         "predictions": {str(r["seed"]): f"seeds/{r['predictions']}" for r in per_seed},
         "split": split_summary(split, spec, {f"seed {s}": fractions[s] for s in cfg.seeds}),

@@ -163,7 +163,7 @@ def _auroc(y: np.ndarray, s: np.ndarray) -> float | None:
     return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else None
 
 
-def _embed_sets(texts: list[str], model: str, pre, out: Path, cfg) -> np.ndarray:
+def _embed_sets(texts: list[str], model: str, pre, out: Path) -> np.ndarray:
     """zt of ``texts`` (rows in order), unit length."""
     emb = embed_prompts(texts, out / "prompts", model, pre.cache_attrs, device="cpu")
     zt = pre.text_embeddings(emb)
@@ -172,7 +172,7 @@ def _embed_sets(texts: list[str], model: str, pre, out: Path, cfg) -> np.ndarray
 
 def _class_scores(za, sets: dict, class_names: list[str], model: str, pre, out: Path, cfg):
     texts = [t for c in class_names for t in sets[c]]
-    zt = _embed_sets(texts, model, pre, out, cfg)
+    zt = _embed_sets(texts, model, pre, out)
     sim = cosine(za, zt)
     scores = np.empty((len(za), len(class_names)))
     k = 0
@@ -185,7 +185,7 @@ def _class_scores(za, sets: dict, class_names: list[str], model: str, pre, out: 
 
 def _binary_scores(za, sets: dict, class_names: list[str], model: str, pre, out: Path, cfg):
     texts = [t for c in class_names for side in ("positive", "negative") for t in sets[c][side]]
-    zt = _embed_sets(texts, model, pre, out, cfg)
+    zt = _embed_sets(texts, model, pre, out)
     probs = np.empty((len(za), len(class_names)))
     k = 0
     for j, c in enumerate(class_names):
