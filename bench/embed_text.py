@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._result import emit  # noqa: E402
-from pipeline.textmodels import TextEncoder, random_bert, train_wordpiece_tokenizer  # noqa: E402
+from pipeline.text.models import TextEncoder, random_bert, train_wordpiece_tokenizer  # noqa: E402
 from stages.embed_text import embed_texts  # noqa: E402
 
 VOCAB = ("the heart size is normal mediastinal and hilar contours are unremarkable lungs are clear "

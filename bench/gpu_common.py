@@ -152,7 +152,7 @@ def make_text_model(work: Path, s: Sizes, reports: Path) -> Path:
     _clear(folder)
     from transformers import BertModel
 
-    from pipeline.textmodels import build_tiny_bert, quiet_transformers
+    from pipeline.text.models import build_tiny_bert, quiet_transformers
 
     texts = [json.loads(line)["text"] for line in reports.read_text(encoding="utf-8").splitlines() if line.strip()]
     build_tiny_bert(texts, folder, hidden=s.bert_hidden, layers=s.bert_layers, heads=max(2, s.bert_hidden // 64),

@@ -121,7 +121,7 @@ class Smoke:
                                                 self.embed_device)
         secs = time.perf_counter() - t0
         from cache import TextEmbeddingCache
-        from pipeline.textmodels import load_text_model
+        from pipeline.text.models import load_text_model
         from stages.embed_text import embed_texts
 
         cache = TextEmbeddingCache(root)
@@ -233,9 +233,9 @@ class Smoke:
         blocking copy or a read of a device value between log steps raises and names the operation."""
         import torch
 
-        from pipeline.augment import Augmenter
-        from pipeline.models import MFlagVision
-        from pipeline.pretrain import NonFiniteWatch, StepSettings, TrainModule, prepare_images, train_step
+        from pipeline.pretrain.augment import Augmenter
+        from pipeline.pretrain.step import NonFiniteWatch, StepSettings, TrainModule, prepare_images, train_step
+        from pipeline.vision.models import MFlagVision
 
         s, dev = self.s, torch.device(self.device)
         if dev.type == "cpu":

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._result import emit_value  # noqa: E402
 from cache import TextEmbeddingCache, write_cache  # noqa: E402
-from pipeline import wds  # noqa: E402
 from pipeline.common import file_sha256  # noqa: E402
+from pipeline.pretrain import wds  # noqa: E402
 
 MIMIC_REPORTS, MIMIC_IMAGES = 227_835, 377_110
 PNG_BYTES, RAW_BYTES = 25 * 1024, 64 * 1024 + 128  # per 256 px image and its tar member headers

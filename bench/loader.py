@@ -2,7 +2,7 @@
 
 Baseline (the original): uint8 array -> PIL RGB copy -> RandomCrop(224) -> RandomRotation((0, 90))
 -> RandomPerspective(0.5, p=0.5) -> RandomAutocontrast(p=0.5) -> ToTensor -> Normalize.
-Ours: a shard member -> uint8 grey array (``pipeline.wds.decode_image``) -> one projective warp of the
+Ours: a shard member -> uint8 grey array (``pipeline.pretrain.wds.decode_image``) -> one projective warp of the
 one channel, seeded per sample as train-vision does for exact resume (``augment.augment_one``); with
 CUDA, also the batched GPU path where the CPU only decodes. Shard members are ``.npy`` (``prepare
 --format raw``: no decoding, like the original's uint8 arrays) or PNG (the default format, which
@@ -32,8 +32,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._result import emit  # noqa: E402
-from pipeline.augment import Augmenter, augment_one, original_recipe_torchvision  # noqa: E402
-from pipeline.wds import decode_image  # noqa: E402
+from pipeline.pretrain.augment import Augmenter, augment_one, original_recipe_torchvision  # noqa: E402
+from pipeline.pretrain.wds import decode_image  # noqa: E402
 from stages.prepare import encode_image  # noqa: E402
 
 

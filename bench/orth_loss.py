@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._result import emit  # noqa: E402
-from pipeline.losses import orthogonality_loss, orthogonality_loss_reference  # noqa: E402
+from pipeline.pretrain.losses import orthogonality_loss, orthogonality_loss_reference  # noqa: E402
 
 
 def step(fn, z: torch.Tensor) -> None:

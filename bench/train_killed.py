@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cli  # noqa: E402
-from pipeline import train_state  # noqa: E402
+from pipeline.pretrain import state as train_state  # noqa: E402
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """One M-FLAG training step with cached report embeddings vs the original online step.
 
-Both sides run ``pipeline.pretrain.train_step`` (forward, alignment + orthogonality losses,
+Both sides run ``pipeline.pretrain.step.train_step`` (forward, alignment + orthogonality losses,
 backward, AdamW step) on the same ResNet50 + projectors, the same batch and 224 px images. The online
 side also runs a frozen BERT-base-shaped encoder (random init, 12 layers, 768 hidden) on reports
 padded to 512 tokens inside the step, as the original code does; the cached side reads a (B, 768)
@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._result import emit  # noqa: E402
-from pipeline.models import MFlagVision  # noqa: E402
-from pipeline.pretrain import StepSettings, TrainModule, train_step  # noqa: E402
-from pipeline.textmodels import OnlineTextEncoder  # noqa: E402
+from pipeline.pretrain.step import StepSettings, TrainModule, train_step  # noqa: E402
+from pipeline.text.models import OnlineTextEncoder  # noqa: E402
+from pipeline.vision.models import MFlagVision  # noqa: E402
 
 
 def make_side(text_dim: int, online: OnlineTextEncoder | None, device: torch.device, seed: int):

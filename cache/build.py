@@ -102,7 +102,7 @@ def _index_matches(cache_dir: Path, entries: list[dict], dim: int, index_attrs: 
 
 
 def write_shards(stream, todo, spans, keys: Sequence[str], cache_dir: Path, attrs: dict, store_dtype: str, bar):
-    """Write each embedded shard of ``stream`` (``pipeline.embedding.embed_many``) as it arrives: shard
+    """Write each embedded shard of ``stream`` (``pipeline.text.embedding.embed_many``) as it arrives: shard
     ``todo[n]`` holds ``keys[a:b]`` for ``(a, b) = spans[todo[n]]``. Yields ``(n_distinct, n_truncated)`` per shard."""
     for i, (emb, truncated, n_distinct) in zip(todo, stream):
         a, b = spans[i]

@@ -243,7 +243,7 @@ def _key_values(ctx, param, values):
         if "=" not in p:
             raise click.BadParameter(f"expected KEY=VALUE, got {p!r}")
         k, v = p.split("=", 1)
-        # kept as typed: the reader's option types decide (pipeline.datasets.registry.check_options)
+        # kept as typed: the reader's option types decide (pipeline.downstream.datasets.registry.check_options)
         out.append((k.strip().replace("-", "_"), v.strip()))
     return tuple(out)
 

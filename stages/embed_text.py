@@ -6,7 +6,7 @@ sorted by token length, batches padded only to their longest member, tokenized a
 background thread) and written atomically, so a shard's bytes depend only on its reports: a killed
 run resumes by skipping complete shards and ends identical to an uninterrupted one.
 
-Building blocks: ``pipeline.reportfile`` reads the reports, ``pipeline.embedding`` runs the encoder
+Building blocks: ``pipeline.text.reportfile`` reads the reports, ``pipeline.text.embedding`` runs the encoder
 (dedup, length-sorted token-budget batches), ``cache.build`` checks, writes and indexes the shards.
 """
 from __future__ import annotations
@@ -21,11 +21,11 @@ from cache.build import check_existing, finalize_index, is_cache_dir, write_shar
 from cache.format import FORMAT_VERSION, INDEX_NAME, STORE_DTYPES, CacheError, shard_name
 from pipeline.common import ConfigError, fingerprint, progress, save_config
 from pipeline.distributed import resolve_precision
-from pipeline.embedding import embed_many, embed_texts, plan_batches
 from pipeline.locks import OutputLock, output_lock
 from pipeline.options import check_fields, option
-from pipeline.reportfile import ReportInputError, ReportSet, load_reports
-from pipeline.textmodels import DEFAULT_TEXT_MODEL, POOLINGS, TextEncoder, load_text_model, torch_dtype
+from pipeline.text.embedding import embed_many, embed_texts, plan_batches
+from pipeline.text.models import DEFAULT_TEXT_MODEL, POOLINGS, TextEncoder, load_text_model, torch_dtype
+from pipeline.text.reportfile import ReportInputError, ReportSet, load_reports
 
 # embed_texts, plan_batches and ReportInputError are re-exported: tests and bench/ import them from here.
 __all__ = ["EmbedTextConfig", "EmbedTextResult", "ReportInputError", "content_key", "embed_texts", "plan_batches",

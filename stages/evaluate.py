@@ -9,7 +9,7 @@ Protocol (``--protocol``, docs/PROTOCOLS.md): ``mgca`` reproduces MGCA's publish
   also the training fraction, which ``mgca`` draws once for all seeds.
 - Early stopping on the validation split; test metrics and predictions come from the best epoch.
 
-Outputs in OUT: ``config.json``; ``split/`` (id lists and split.json via ``pipeline.splits.write_split``,
+Outputs in OUT: ``config.json``; ``split/`` (id lists and split.json via ``pipeline.downstream.splits.write_split``,
 and the training subset(s) of the fraction); ``seeds/seed-<n>.json`` (one finished seed each, so an
 interrupted run resumes) and ``seeds/seed-<n>.predictions.{csv,json}`` (its test predictions, formats
 in the task modules and docs/DESIGN.md); ``results.json``; ``results.md`` (one appended table row per
@@ -154,7 +154,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        from pipeline.datasets.registry import TASKS_BY_DATASET, check_options
+        from pipeline.downstream.datasets.registry import TASKS_BY_DATASET, check_options
 
         entry = task_entry(self.task)
         if not self.init:
@@ -174,7 +174,7 @@ class EvalConfig:
         if self.task not in TASKS_BY_DATASET[self.dataset]:
             raise ConfigError(f"task: {self.dataset} supports {', '.join(TASKS_BY_DATASET[self.dataset])}, "
                               f"not {self.task!r}")
-        from pipeline.mgca_splits import PAIRS as MGCA_PAIRS
+        from pipeline.downstream.mgca_splits import PAIRS as MGCA_PAIRS
 
         if self.protocol == "mgca" and (self.dataset, self.task) not in MGCA_PAIRS:
             have = ", ".join(f"{t} {d}" for d, t in MGCA_PAIRS)
@@ -196,7 +196,7 @@ class EvalConfig:
     def _check_language(self) -> None:
         """The checks of the tasks that train nothing (zeroshot, retrieval)."""
         if self.task == "zeroshot":
-            from pipeline.datasets.registry import TASKS_BY_DATASET
+            from pipeline.downstream.datasets.registry import TASKS_BY_DATASET
 
             if "cls" not in TASKS_BY_DATASET[self.dataset]:
                 raise ConfigError(f"dataset: zeroshot classifies images; {self.dataset} has no labels for it")
@@ -234,8 +234,8 @@ def run(cfg: EvalConfig) -> dict:
     if not task_entry(cfg.task).trains:
         return _run_untrained(cfg)
     from pipeline import downstream
-    from pipeline.datasets.registry import load_dataset
-    from pipeline.splits import sample_fraction, write_split
+    from pipeline.downstream.datasets.registry import load_dataset
+    from pipeline.downstream.splits import sample_fraction, write_split
 
     out = Path(cfg.out)
     task = downstream.get_task(cfg.task)
@@ -382,7 +382,7 @@ def _run_seed(cfg: EvalConfig, task, recipe: Recipe, store: ImageStore, encoders
 # --------------------------------------------------------------------------- pieces of the stage
 def _split(cfg: EvalConfig, spec):
     """The run's split (generated, or ``--split-file``), every list non-empty and known to the dataset."""
-    from pipeline.splits import load_split_file, make_split
+    from pipeline.downstream.splits import load_split_file, make_split
 
     if cfg.split_file:
         split = load_split_file(cfg.split_file, spec=spec, protocol=cfg.protocol)
@@ -403,7 +403,7 @@ def _split(cfg: EvalConfig, spec):
 
 def _write_fractions(fractions: dict, folder: Path, cfg: EvalConfig) -> dict:
     """Each seed's training subset as a file (under mgca one list, one file, shared by every seed)."""
-    from pipeline.splits import write_fraction
+    from pipeline.downstream.splits import write_fraction
 
     written: dict = {}
     out = {}

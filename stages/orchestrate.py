@@ -32,7 +32,8 @@ from pipeline.downstream import task_entry
 from pipeline.downstream.zeroshot import default_protocol
 from pipeline.locks import output_lock
 from pipeline.options import option_choices
-from pipeline.pipeline_spec import (
+from pipeline.run.graph import Node, NodeStatus, execute, explain
+from pipeline.run.spec import (
     check_call,
     check_inputs_exist,
     check_keys,
@@ -45,7 +46,6 @@ from pipeline.pipeline_spec import (
     tuples,
     validate,
 )
-from pipeline.stagegraph import Node, NodeStatus, execute, explain
 
 # load_spec is re-exported: tests and cli.py use it from here.
 __all__ = ["RunConfig", "RunResult", "build_nodes", "load_spec", "run", "status"]
@@ -75,7 +75,7 @@ def build_nodes(spec: dict[str, Any]) -> list[Node]:
     from cache.format import FORMAT_VERSION as CACHE_FORMAT
     from pipeline.synth.downstream import WRITERS
     from pipeline.synth.mimic import write_mimic
-    from pipeline.textmodels import build_tiny_bert
+    from pipeline.text.models import build_tiny_bert
     from stages.embed_text import EmbedTextConfig
     from stages.evaluate import FORMAT_VERSION as EVAL_FORMAT
     from stages.evaluate import EvalConfig
@@ -362,8 +362,8 @@ def _run_text_model(node: Node, by_name) -> None:
     """Build the demo's stand-in text encoder: a WordPiece tokenizer and a small BERT trained briefly
     with MLM on the corpus reports. Clearly not CXR-BERT; it only has to make report embeddings
     reflect what reports say, which is all the frozen-text design needs."""
-    from pipeline.mlm import pretrain_mlm
-    from pipeline.textmodels import build_tiny_bert
+    from pipeline.text.mlm import pretrain_mlm
+    from pipeline.text.models import build_tiny_bert
 
     p = dict(node.params)
     texts = [json.loads(line)["text"] for line in read_text_utf8(_reports_path(by_name)).splitlines()
@@ -491,7 +491,7 @@ def run(cfg: RunConfig) -> RunResult:
 
 
 def status(cfg: RunConfig) -> list[NodeStatus]:
-    """Each stage as fresh, stale, missing or forced, with the reason (``pipeline.stagegraph.explain``:
+    """Each stage as fresh, stale, missing or forced, with the reason (``pipeline.run.graph.explain``:
     what ``run`` with the same ``force``/``from_stage`` would do); changes nothing on disk."""
     _, nodes = _plan_nodes(cfg)
     return explain(nodes, cfg.force, cfg.from_stage)

@@ -6,7 +6,7 @@ the same for any worker count and for a resumed run. Each finished shard gets a 
 ``OUT/.prepare-state/``; a rerun with the same fingerprint skips shards whose record matches, and a
 rerun with another config refuses to touch OUT unless ``force``. Building blocks: the corpus's module
 (``pipeline.corpora``: mimic, openi, chexpert-plus, pairs) reads the image list and the report texts
-into one ``Selection``; ``pipeline.shards`` plans, encodes and writes the shards and prepare-report.json.
+into one ``Selection``; ``pipeline.corpora.shards`` plans, encodes and writes the shards and prepare-report.json.
 Everything after the read is the same for every corpus.
 """
 from __future__ import annotations
@@ -30,9 +30,8 @@ from pipeline.common import (
 from pipeline.corpora import corpus_of
 from pipeline.corpora.base import CorpusError, ShardOptions, natural_key
 from pipeline.corpora.mimic import MimicConfig
-from pipeline.locks import output_lock
-from pipeline.mimic import BadItem, CsvColumnError
-from pipeline.shards import (
+from pipeline.corpora.mimic_files import BadItem, CsvColumnError
+from pipeline.corpora.shards import (
     IMAGE_EXT,
     EncodeResults,
     PrepareReport,
@@ -44,6 +43,7 @@ from pipeline.shards import (
     plan_shards,
     write_shard,
 )
+from pipeline.locks import output_lock
 
 # encode_image and TooManyBadItems are re-exported: bench/ and tests import them from here.
 __all__ = ["FORMAT_VERSION", "PrepareConfig", "PrepareResult", "TooManyBadItems", "encode_image", "run"]

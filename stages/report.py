@@ -1,5 +1,5 @@
 """The pipeline report: results.md with the verdict on each claim of the paper (mean ± std, per-seed
-paired differences, a 95% interval and a verdict; ``pipeline.stats``), the downstream table, the
+paired differences, a 95% interval and a verdict; ``pipeline.report.stats``), the downstream table, the
 collapse diagnostic (centred and uncentred effective ranks of zv and za with N and D), the size of the
 two loss terms and of their gradients on the shared trunk per variant, the orthogonality-weight sweep,
 parameter counts and PNG plots.
@@ -16,8 +16,8 @@ question (no direction claimed), and one that trains the text encoder's last lay
 claim that unfreezing the language model collapses the image space. Every pre-trained variant is also
 compared with ``baseline`` (random init) downstream.
 
-The reading, the claims and the markdown are ``pipeline.reporting``; the intervals and verdicts
-``pipeline.stats``; the figures ``pipeline.plots``.
+The reading, the claims and the markdown are ``pipeline.report.build``; the intervals and verdicts
+``pipeline.report.stats``; the figures ``pipeline.report.plots``.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from pipeline import reporting
 from pipeline.common import ConfigError, atomic_open, save_config, write_json
+from pipeline.report import build as reporting
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Users inspect, share and pass the folder to ``eval --split-file``. No image need
 dataset is read with ``require_images=False`` (where images are there, the readers still read what
 they need from them, e.g. SIIM's patient ids from the DICOM headers).
 
-- ``protocol="mgca"``: MGCA's lists id for id (``pipeline.mgca_splits``), and one training list per
+- ``protocol="mgca"``: MGCA's lists id for id (``pipeline.downstream.mgca_splits``), and one training list per
   fraction shared by all seeds, ``train-frac<F>.txt``.
 - ``protocol="tool"``: the split eval generates with ``--split-seed`` (identical when every labelled
   image is on disk; eval skips missing images), and the per-seed lists eval draws,
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.common import ConfigError, MflagError, config_to_dict, read_json, save_config
-from pipeline.datasets.registry import DATASETS, PROTOCOLS
+from pipeline.downstream.datasets.registry import DATASETS, PROTOCOLS
 from pipeline.options import check_fields, option
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,8 @@ class SplitsConfig:
     force: bool = option(False, negatable=False, help="Replace the lists of another configuration in OUT.")
 
     def __post_init__(self) -> None:
-        from pipeline.datasets.registry import TASKS_BY_DATASET, check_options
-        from pipeline.mgca_splits import PAIRS
+        from pipeline.downstream.datasets.registry import TASKS_BY_DATASET, check_options
+        from pipeline.downstream.mgca_splits import PAIRS
 
         check_fields(self)
         if self.task not in TASKS_BY_DATASET[self.dataset]:
@@ -93,7 +93,7 @@ class SplitsConfig:
 @dataclasses.dataclass
 class SplitsResult:
     out: Path
-    summary: dict               # pipeline.splits.split_summary of the split written
+    summary: dict               # pipeline.downstream.splits.split_summary of the split written
     fraction_files: list[dict]  # write_fraction entries, as in split.json
 
 
@@ -125,8 +125,8 @@ def _clear(out: Path, cfg: SplitsConfig) -> None:
 
 
 def run(cfg: SplitsConfig) -> SplitsResult:
-    from pipeline.datasets.registry import load_dataset
-    from pipeline.splits import make_split, sample_fraction, split_summary, write_fraction, write_split
+    from pipeline.downstream.datasets.registry import load_dataset
+    from pipeline.downstream.splits import make_split, sample_fraction, split_summary, write_fraction, write_split
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """train-vision: M-FLAG pre-training of a ResNet50 against frozen report embeddings.
 
-The image stream (``pipeline.wds``) is joined by study_id to embeddings read from the text cache, so
+The image stream (``pipeline.pretrain.wds``) is joined by study_id to embeddings read from the text cache, so
 no text model lives in this process (``text_mode="online"`` runs one per step instead: the original
 design, kept as the baseline and the freezing ablation). Loss = align_weight x alignment(za, zt) +
 orth_weight x orthogonality(zv), on the raw 2048-d ResNet features as in the original code
@@ -19,13 +19,16 @@ from pathlib import Path
 
 import torch
 
-from pipeline import distributed, pretrain, pretrain_data, train_state
+from pipeline import distributed
 from pipeline.common import ConfigError, config_to_dict, fingerprint, save_config
 from pipeline.distributed import DistInfo, all_gather_object, barrier, cleanup, init_distributed
 from pipeline.locks import output_lock
 from pipeline.options import check_fields, option, result_config
 from pipeline.preempt import Stopped, StopSignals
-from pipeline.pretrain import BATCH_SEMANTICS
+from pipeline.pretrain import data as pretrain_data
+from pipeline.pretrain import state as train_state
+from pipeline.pretrain import step as pretrain
+from pipeline.pretrain.step import BATCH_SEMANTICS
 from pipeline.tracking import REPORT_TO, Tracker, append_metrics, open_tracker, trim_metrics
 
 log = logging.getLogger(__name__)
@@ -78,7 +81,7 @@ class TrainVisionConfig:
                       help="original: the paper's augmentation (crop, rotation up to 90 degrees, perspective with p "
                            "0.5, autocontrast with p 0.5); light: crop with translation, rotation within +-10 "
                            "degrees, zoom 0.9-1.1, autocontrast with p 0.5 (no perspective, no flip); none: centre "
-                           "crop (pipeline/augment.py).")
+                           "crop (pipeline/pretrain/augment.py).")
     aug_device: str = option("cpu", choices=("cpu", "cuda"),
                              help="cuda: workers only decode; the warp runs batched on the GPU.")
     on_missing: str = option("skip", choices=("skip", "error"),
@@ -233,7 +236,7 @@ class _Trainer:
 
     def _setup_model(self) -> None:
         cfg = self.cfg
-        from pipeline.models import count_parameters
+        from pipeline.vision.models import count_parameters
 
         self.module = pretrain.build_train_module(
             self.text.text_dim, self.text.encoder, proj_dim=cfg.proj_dim, text_head=cfg.text_head, init=cfg.init,

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.mimic import METADATA_CSV, SPLIT_CSV, image_relpath, report_relpath
+from pipeline.corpora.mimic_files import METADATA_CSV, SPLIT_CSV, image_relpath, report_relpath
 
 REPORT = """                                 FINAL REPORT
  EXAMINATION:  CHEST (PA AND LAT)

@@ -1,5 +1,5 @@
 """results.json's metrics recomputed from eval's predictions files with sklearn and pycocotools alone
-(independent of pipeline.metrics), for the tests that check the two agree."""
+(independent of pipeline.downstream.metrics), for the tests that check the two agree."""
 import json
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""pipeline.augment: one projective warp of the grey channel vs the original torchvision recipe."""
+"""pipeline.pretrain.augment: one projective warp of the grey channel vs the original torchvision recipe."""
 from __future__ import annotations
 
 import pickle
@@ -10,7 +10,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from pipeline import augment as A
+from pipeline.pretrain import augment as A
 
 
 def _smooth_image(size: int = 256) -> torch.Tensor:

@@ -191,7 +191,7 @@ BLOCKED_RUNNER = textwrap.dedent("""
         except SystemExit as e:
             code = e.code or 0
         results[cmd] = (code, buf.getvalue()[:200])
-    from pipeline import wds
+    from pipeline.pretrain import wds
     from pipeline.common import MflagError
     try:
         wds.train_pipeline(["x.tar"], wds.StreamState(), None, 2, 32)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torchvision.models import resnet50
 
-from pipeline.checkpoints import (
+from pipeline.common import MflagError
+from pipeline.vision.checkpoints import (
     IMAGENET_FILES,
     CheckpointError,
     build_encoder,
@@ -15,7 +16,6 @@ from pipeline.checkpoints import (
     load_encoder,
     load_encoder_state,
 )
-from pipeline.common import MflagError
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def _assert_same(got, reference):
         **{f"vision.trunk.{k}": v for k, v in _trunk(s).items()}, "vision.projector.0.weight": torch.zeros(2)}}),
 ])
 def test_layouts_detected(reference, layout, wrap):
-    from pipeline.checkpoints import _tensor_dict
+    from pipeline.vision.checkpoints import _tensor_dict
 
     state = _tensor_dict(wrap(reference))
     got, name = extract_encoder_state(state)

@@ -95,7 +95,7 @@ def test_every_registered_corpus_is_a_command_a_yaml_corpus_and_documented():
 
     from cli import stage_commands
     from pipeline.corpora.base import ShardOptions
-    from pipeline.pipeline_spec import CORPUS_KEYS
+    from pipeline.run.spec import CORPUS_KEYS
 
     commands = stage_commands()
     options_md = (Path(__file__).resolve().parents[1] / "docs" / "OPTIONS.md").read_text()

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from pipeline import augment as A
 from pipeline import distributed
 from pipeline.common import ConfigError
-from pipeline.pretrain import NonFiniteWatch
-from pipeline.train_state import TrainingError
+from pipeline.pretrain import augment as A
+from pipeline.pretrain.state import TrainingError
+from pipeline.pretrain.step import NonFiniteWatch
 from stages import train_vision as tv
 from tests._train_helpers import make_world, tiny_config
 
@@ -173,7 +173,7 @@ def test_non_finite_watch_keeps_the_first_bad_step_without_reading_the_device(mo
 def test_non_finite_loss_between_log_steps_stops_before_the_next_checkpoint(tmp_path, monkeypatch):
     """The check runs at log and checkpoint steps only: a NaN at step 3 (logs every 5 steps,
     checkpoints every 2) is caught at step 4, before step 4's checkpoint, and named as step 3."""
-    from pipeline import losses
+    from pipeline.pretrain import losses
 
     world = make_world(tmp_path, n_train=8, n_val=2, per_shard=4)
     real, calls = losses.alignment_loss, []
@@ -193,7 +193,7 @@ def test_non_finite_loss_between_log_steps_stops_before_the_next_checkpoint(tmp_
 
 # --------------------------------------------------------------------------- online text mode dtype
 def _save_fp16(model, folder) -> None:
-    from pipeline.textmodels import quiet_transformers
+    from pipeline.text.models import quiet_transformers
 
     with quiet_transformers():
         model.half().save_pretrained(folder)
@@ -209,7 +209,7 @@ def _stored_dtypes(folder) -> set[str]:
 def _fp16_bert(texts, folder):
     from transformers import BertModel
 
-    from pipeline.textmodels import build_tiny_bert
+    from pipeline.text.models import build_tiny_bert
 
     build_tiny_bert(texts, folder, hidden=32, layers=2, heads=2, vocab_size=200)
     _save_fp16(BertModel.from_pretrained(folder), folder)
@@ -220,7 +220,7 @@ def _fp16_bert(texts, folder):
 def _fp16_distilbert(texts, folder):
     from transformers import DistilBertConfig, DistilBertModel
 
-    from pipeline.textmodels import train_wordpiece_tokenizer
+    from pipeline.text.models import train_wordpiece_tokenizer
 
     tok = train_wordpiece_tokenizer(texts, vocab_size=200)
     tok.save_pretrained(folder)
@@ -234,7 +234,7 @@ def _fp16_distilbert(texts, folder):
 
 @pytest.mark.parametrize("make", [_fp16_bert, _fp16_distilbert], ids=["bert", "auto-distilbert"])
 def test_fp16_checkpoint_loads_as_float32_in_online_mode(make, tmp_path):
-    from pipeline.textmodels import OnlineTextEncoder
+    from pipeline.text.models import OnlineTextEncoder
 
     folder = make(["no acute process", "small left effusion", "heart size normal"] * 4, tmp_path / "m")
     enc = OnlineTextEncoder.from_pretrained(str(folder), max_length=16, unfreeze_last=1)
@@ -292,7 +292,7 @@ def test_fp16_step_with_grad_scaler_steps_or_skips(overflow):
     """The --precision fp16 path of train_step (autocast fp16, GradScaler enabled; on CPU here): a
     finite step updates the weights at an unchanged scale; an overflowing gradient skips the optimizer
     step and halves the scale, and the unscale-then-clip order does not turn that into NaN weights."""
-    from pipeline.pretrain import StepSettings, TrainModule, train_step
+    from pipeline.pretrain.step import StepSettings, TrainModule, train_step
 
     torch.manual_seed(0)
     module = TrainModule(_TinyVision())

@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 from pipeline.common import MflagError
-from pipeline.datasets import siim as siim_mod
-from pipeline.datasets._common import DatasetError
-from pipeline.datasets.registry import load_dataset
-from pipeline.datasets.rsna import read_labels
-from pipeline.datasets.siim import RLEError, rle_decode, rle_encode
+from pipeline.downstream.datasets import siim as siim_mod
+from pipeline.downstream.datasets._common import DatasetError
+from pipeline.downstream.datasets.registry import load_dataset
+from pipeline.downstream.datasets.rsna import read_labels
+from pipeline.downstream.datasets.siim import RLEError, rle_decode, rle_encode
 
 
 # --------------------------------------------------------------------------- tiny files
@@ -192,7 +192,7 @@ def test_options_from_the_command_line_take_the_readers_types(tmp_path):
     with pytest.raises(MflagError, match="option frontal_only: expected true or false"):
         load_dataset("chexpert", root, "cls", frontal_only="sometimes")
     # text from the command line: booleans and numbers by the reader's types, names exactly as typed
-    from pipeline.datasets.registry import check_options
+    from pipeline.downstream.datasets.registry import check_options
 
     assert check_options("chexpert", {"frontal_only": "false", "max_missing": "0.5"}) == \
         {"frontal_only": False, "max_missing": 0.5}
@@ -469,7 +469,7 @@ def test_object_cxr_box_fully_outside_dropped(tmp_path, caplog):
     ("covidx", "cls", {"label_set": "B"}), ("siim", "seg", {}), ("object-cxr", "det", {}),
 ])
 def test_reads_synthetic_sets(tmp_path, name, task, kw):
-    from pipeline.splits import make_split
+    from pipeline.downstream.splits import make_split
     from pipeline.synth.downstream import WRITERS
 
     info = WRITERS[name](tmp_path / name, 16, 3, image_size=48, **kw)

@@ -8,8 +8,8 @@ import torch
 import torchvision
 
 from pipeline.common import MflagError
-from pipeline.datasets.base import DatasetSpec, Record
 from pipeline.downstream import cls, data, det, get_task, loop, recipes, seg
+from pipeline.downstream.datasets.base import DatasetSpec, Record
 
 
 def _encoder_state(seed=0):
@@ -253,7 +253,7 @@ def test_linear_probe_learns_separable_features_and_keeps_best_epoch():
     spec = DatasetSpec(name="toy", root=Path("."), records=[], class_names=("a", "b"))
     settings = loop.TrainSettings(epochs=30, batch_size=32, lr=1e-2, patience=5, seed=0, monitor="auroc", mode="max")
     predict, fitted = cls.train_linear_probe(x[:400], y[:400], x[400:500], y[400:500], spec, settings)
-    from pipeline.metrics import mean_auroc
+    from pipeline.downstream.metrics import mean_auroc
 
     assert mean_auroc(y[500:], predict(x[500:]).numpy()) > 0.93
     best = fitted.history[fitted.best_epoch]["val_auroc"]

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 import cli
 from cache import CacheError, CacheMismatchError, TextEmbeddingCache
 from cache.verify import verify_cache
-from pipeline.textmodels import TextModelError, build_tiny_bert, load_text_model
+from pipeline.text.models import TextModelError, build_tiny_bert, load_text_model
 from stages.embed_text import EmbedTextConfig, ReportInputError, plan_batches, run
 from tests._text_helpers import make_reports, reference_embeddings, write_jsonl
 
@@ -189,7 +189,7 @@ def test_parts_run_with_different_process_counts_cover_every_shard(world, tmp_pa
 
 
 def test_non_finite_embeddings_are_refused(world, tmp_path, monkeypatch):
-    from pipeline.textmodels import TextEncoder
+    from pipeline.text.models import TextEncoder
 
     real = TextEncoder.pool
 

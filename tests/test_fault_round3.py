@@ -60,7 +60,7 @@ def _flip_embedding_bit(shard: Path, row: int = 1) -> None:
 
 # --------------------------------------------------------------------------- 1. code from a model folder
 def _evil_model(tmp_path: Path, marker: Path) -> Path:
-    from pipeline.textmodels import build_tiny_bert
+    from pipeline.text.models import build_tiny_bert
 
     folder = build_tiny_bert(["no acute findings", "small effusion"], tmp_path / "evil", hidden=16, layers=1,
                              heads=2, vocab_size=60)
@@ -99,7 +99,7 @@ def test_config_sizes_are_checked_against_the_weights_before_allocation(tmp_path
     device and the weight headers: no tensor of the config's size is ever allocated."""
     from transformers import BertModel
 
-    from pipeline.textmodels import build_tiny_bert
+    from pipeline.text.models import build_tiny_bert
 
     folder = build_tiny_bert(["no acute findings", "small effusion"], tmp_path / "m", hidden=16, layers=1,
                              heads=2, vocab_size=60)
@@ -148,7 +148,7 @@ def test_status_calls_a_damaged_cache_stale_and_run_would_rebuild_it(tmp_path, p
     import yaml
 
     from pipeline.common import write_json
-    from pipeline.stagegraph import record_path
+    from pipeline.run.graph import record_path
     from stages import orchestrate
 
     spec = yaml.safe_load((REPO / "configs" / "tiny-test.yaml").read_text())
@@ -157,7 +157,7 @@ def test_status_calls_a_damaged_cache_stale_and_run_would_rebuild_it(tmp_path, p
     path.write_text(yaml.safe_dump(spec))
     cfg = orchestrate.RunConfig(config=str(path))
     _, nodes = orchestrate._plan_nodes(cfg)
-    from pipeline.stagegraph import resolve_fingerprints
+    from pipeline.run.graph import resolve_fingerprints
 
     by_name = resolve_fingerprints(nodes)
     w = make_world(tmp_path / "w", n_train=4, n_val=2, per_shard=2)
@@ -241,7 +241,7 @@ def test_identical_runs_write_byte_identical_encoder_and_checkpoint_files(tmp_pa
 SIGNALLER = textwrap.dedent("""
     import os, signal, sys
     import cli
-    from pipeline import pretrain
+    from pipeline.pretrain import step as pretrain
     step_at, signame, group, rank = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "group", sys.argv[4]
     real = pretrain.train_step
     calls = []
@@ -331,7 +331,7 @@ def test_ckpt_every_minutes_checkpoints_on_the_timer(tmp_path, world, monkeypatc
     clock = itertools.count(0, 3600)
     monkeypatch.setattr(tv.time, "monotonic", lambda: next(clock))
     saved = []
-    from pipeline import train_state
+    from pipeline.pretrain import state as train_state
 
     real = train_state.save_checkpoint
     monkeypatch.setattr(train_state, "save_checkpoint", lambda p, payload: (saved.append(payload["step"]),
@@ -394,7 +394,7 @@ def test_degenerate_images_are_bad_items_with_a_reason_in_prepare(tmp_path):
     metadata says 64 x 64 is a substituted file. Both are bad items naming the reason."""
     from PIL import Image
 
-    from pipeline.mimic import image_relpath
+    from pipeline.corpora.mimic_files import image_relpath
     from stages.prepare import PrepareConfig, run
     from tests._prepare_helpers import default_studies, make_tree
 
@@ -419,8 +419,8 @@ def test_degenerate_images_are_bad_items_with_a_reason_in_prepare(tmp_path):
 def test_degenerate_image_in_an_eval_reader_is_one_line(tmp_path):
     from PIL import Image
 
-    from pipeline.datasets.base import Record
     from pipeline.downstream.data import ImageSource
+    from pipeline.downstream.datasets.base import Record
 
     ok, tiny = tmp_path / "ok.png", tmp_path / "tiny.png"
     Image.fromarray(np.full((64, 64), 90, np.uint8)).save(ok)
@@ -507,7 +507,7 @@ def test_untouched_prepare_output_trains_and_old_outputs_gain_digests(tmp_path, 
 def test_a_lone_surrogate_in_a_report_is_replaced_counted_and_said(tmp_path):
     """Case 7: a JSON-escaped lone surrogate ("\\ud800") in a report was a traceback in embed-text."""
     from cache import TextEmbeddingCache
-    from pipeline.textmodels import build_tiny_bert
+    from pipeline.text.models import build_tiny_bert
 
     texts = ["no acute findings", "small left effusion"]
     model = build_tiny_bert(texts, tmp_path / "bert", hidden=16, layers=1, heads=2, vocab_size=60)
@@ -555,7 +555,7 @@ def test_a_label_csv_that_is_not_utf8_is_one_line_naming_file_and_line(tmp_path,
 
 
 def test_label_csv_with_a_byte_order_mark_reads_as_without(tmp_path):
-    from pipeline.datasets._common import read_csv_rows
+    from pipeline.downstream.datasets._common import read_csv_rows
 
     plain, bom = tmp_path / "a.csv", tmp_path / "b.csv"
     plain.write_text("Path,Label\nx.jpg,1\n", encoding="utf-8")

@@ -158,8 +158,8 @@ def test_lightning_checkpoints_with_omegaconf_and_attributedict_still_load(tmp_p
     import types
     import typing
 
-    from pipeline.checkpoints import load_encoder_state
     from pipeline.safeload import Stub, safe_load
+    from pipeline.vision.checkpoints import load_encoder_state
 
     mods = {n: types.ModuleType(n) for n in ("pytorch_lightning", "pytorch_lightning.utilities",
                                              "pytorch_lightning.utilities.parsing", "omegaconf",
@@ -224,7 +224,7 @@ def test_lightning_checkpoints_with_omegaconf_and_attributedict_still_load(tmp_p
 def test_convirt_checkpoint_as_mgca_saves_it(tmp_path):
     """MGCA's ConVIRT LightningModule holds ``img_encoder`` (MGCA's ImageEncoder: a torchvision resnet50
     as ``.model`` with fc = Identity, plus global/local embedding heads) and ``text_encoder``."""
-    from pipeline.checkpoints import load_encoder
+    from pipeline.vision.checkpoints import load_encoder
 
     ref = _trunk_state(2)
     sd = {f"img_encoder.model.{k}": v for k, v in ref.items()}
@@ -245,7 +245,7 @@ def test_checkpoint_written_with_more_cuda_devices_resumes_on_cpu(tmp_path, trai
     """A checkpoint of the previous format (RNG states as Python/NumPy tuples, plus the CUDA generators of
     8 GPUs) resumes where the RNG code sees 1 GPU, touching no CUDA generator, and ends bit-identical to
     an uninterrupted run. (Only the RNG save/restore sees the fake GPU: the optimizer would try to use it.)"""
-    from pipeline import train_state
+    from pipeline.pretrain import state as train_state
     opts = dict(max_steps=4, ckpt_every=2, probe_size=0)
     ref = tmp_path / "ref"
     tv.run(tiny_config(train_world, ref, **opts))
@@ -292,7 +292,7 @@ def test_checkpoint_written_with_more_cuda_devices_resumes_on_cpu(tmp_path, trai
 def test_own_checkpoints_load_weights_only_and_encoder_safetensors(tmp_path, train_world, chexpert_root):
     from safetensors.torch import load_file
 
-    from pipeline.checkpoints import load_encoder
+    from pipeline.vision.checkpoints import load_encoder
 
     out = tmp_path / "run"
     tv.run(tiny_config(train_world, out, max_steps=2, probe_size=0))
@@ -493,7 +493,7 @@ def test_two_train_vision_runs_on_one_out(tmp_path, train_world):
 @pytest.mark.slow
 def test_two_embed_text_runs_on_one_out(tmp_path):
     from cache.verify import verify_cache
-    from pipeline.textmodels import build_tiny_bert
+    from pipeline.text.models import build_tiny_bert
     from tests._text_helpers import make_reports, write_jsonl
 
     rows = make_reports(24, seed=1)
@@ -559,7 +559,7 @@ def test_torchrun_ranks_all_stop_when_the_folder_is_held(tmp_path, train_world):
 
 # --------------------------------------------------------------------------- 4. paths from data
 def test_prepare_never_reads_or_writes_outside_root_for_a_crafted_dicom_id(tmp_path):
-    from pipeline.mimic import METADATA_CSV, SPLIT_CSV
+    from pipeline.corpora.mimic_files import METADATA_CSV, SPLIT_CSV
     from stages.prepare import PrepareConfig, TooManyBadItems, run
     from tests._prepare_helpers import default_studies, make_tree, phantom
 
@@ -595,7 +595,7 @@ def _append_line(path: Path, line: str) -> None:
 def test_downstream_ids_never_become_paths_outside_the_root(tmp_path, dataset):
     from PIL import Image
 
-    from pipeline.datasets.registry import load_dataset
+    from pipeline.downstream.datasets.registry import load_dataset
     from pipeline.synth import downstream as synth
 
     root = tmp_path / "data" / dataset
@@ -706,7 +706,7 @@ def test_read_only_out_in_every_stage(tmp_path, train_world, chexpert_root):
 @needs_readonly
 @pytest.mark.slow
 def test_finished_text_cache_on_read_only_storage_is_rechecked(tmp_path):
-    from pipeline.textmodels import build_tiny_bert
+    from pipeline.text.models import build_tiny_bert
     from stages.embed_text import EmbedTextConfig, run
     from tests._text_helpers import make_reports, write_jsonl
 

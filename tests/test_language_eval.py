@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pipeline.datasets.registry import load_dataset
 from pipeline.downstream import prompts as pr
+from pipeline.downstream.datasets.registry import load_dataset
+from pipeline.downstream.mgca_splits import chexpert_5x200
 from pipeline.downstream.prompts import PromptsError, load_prompts_file
-from pipeline.mgca_splits import chexpert_5x200
-from pipeline.reporting import language_checks
+from pipeline.report.build import language_checks
 from tests import _language_world as lw
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def world(tmp_path_factory):
     short M-FLAG run (orthogonality weight 0.01, near the equal-gradient point) on it."""
     import torch
 
-    from pipeline.textmodels import build_tiny_bert
+    from pipeline.text.models import build_tiny_bert
     from stages import embed_text
     from stages import train_vision as tv
 
@@ -154,7 +154,7 @@ def test_errors_are_one_line_each(world, tmp_path):
             "--zeroshot-protocol", "binary", "--image-size", "32"]
     # a text model other than the one that made the run's cache
     other = tmp_path / "other-bert"
-    from pipeline.textmodels import build_tiny_bert
+    from pipeline.text.models import build_tiny_bert
 
     build_tiny_bert(["a completely different vocabulary", "of other words"], other, hidden=32, layers=1, heads=2,
                     vocab_size=120)
@@ -302,7 +302,7 @@ def test_language_checks_say_whether_the_language_shows():
 
 
 def test_report_renders_language_rows_and_claims(tmp_path):
-    from pipeline import reporting
+    from pipeline.report import build as reporting
 
     def write(label: str, init: str, task: str, primary: str, tests: dict[int, dict]) -> tuple[str, str]:
         d = tmp_path / label / init

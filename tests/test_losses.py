@@ -1,10 +1,10 @@
-"""pipeline.losses: fused orthogonality loss against the original D x D formulation, alignment loss."""
+"""pipeline.pretrain.losses: fused orthogonality loss against the original D x D formulation, alignment loss."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pipeline.losses import alignment_loss, gather_with_grad, orthogonality_loss, orthogonality_loss_reference
+from pipeline.pretrain.losses import alignment_loss, gather_with_grad, orthogonality_loss, orthogonality_loss_reference
 
 LAM = 0.0051
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import metrics
+from pipeline.downstream import metrics
 
 
 # --------------------------------------------------------------------------- classification

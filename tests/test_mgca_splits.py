@@ -17,8 +17,8 @@ import pandas as pd  # the test extra: the reference re-runs MGCA's pandas scrip
 import pytest
 from sklearn.model_selection import train_test_split
 
-from pipeline.datasets.registry import load_dataset
-from pipeline.splits import (
+from pipeline.downstream.datasets.registry import load_dataset
+from pipeline.downstream.splits import (
     SplitError,
     count_leaks,
     load_split_file,
@@ -190,7 +190,7 @@ def covidx_reference(root: Path):
 
 def test_covidx_matches_mgca_and_counts_patient_leaks(tmp_path, caplog):
     write_covidx(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="pipeline.splits"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.downstream.splits"):
         _spec, split, fractions = ours("covidx", "cls", tmp_path)
     lists, ref_fractions, train_df, valid_df = covidx_reference(tmp_path)
     assert_same(split, fractions, lists, ref_fractions)
@@ -303,7 +303,7 @@ def siim_reference(root: Path):
 
 def test_siim_matches_mgca(tmp_path, caplog):
     write_siim(tmp_path / "published")
-    with caplog.at_level(logging.WARNING, logger="pipeline.splits"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.downstream.splits"):
         spec, split, fractions = ours("siim", "seg", tmp_path / "published")
     lists, ref_fractions = siim_reference(tmp_path / "published")
     assert_same(split, fractions, lists, ref_fractions)
@@ -406,7 +406,7 @@ def test_leaks_counted_on_a_hand_made_split(tmp_path, caplog):
     lists = {"train": ["train/a.png", "train/b.png", "train/d.png"], "val": ["train/b.png", "train/c.png"],
              "test": ["test/f.png", "train/e.png"]}
     (tmp_path / "published.json").write_text(json.dumps(lists))
-    with caplog.at_level(logging.WARNING, logger="pipeline.splits"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.downstream.splits"):
         split = load_split_file(tmp_path / "published.json", spec, protocol="mgca")
     assert split.leaks == {"patients": {"train/val": 1, "train/test": 1, "val/test": 1},
                            "images": {"train/val": 1, "train/test": 0, "val/test": 0}}
@@ -478,7 +478,7 @@ def test_rsna_detection_split_of_a_small_file_holds_out_mgca_share(tmp_path, cap
     """A label file with fewer patients than MGCA's 2 x 5337 held-out ones (a synthetic set) gets the same
     share held out (10,674 of 26,684), with a warning; the lists are sklearn's for that share."""
     write_rsna(tmp_path, 300)
-    with caplog.at_level(logging.WARNING, logger="pipeline.splits"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.downstream.splits"):
         spec = load_dataset("rsna", tmp_path, "det", protocol="mgca", require_images=False)
         split = make_split(spec, protocol="mgca")
     ids = sorted(pd.read_csv(tmp_path / "stage_2_train_labels.csv")["patientId"].unique())

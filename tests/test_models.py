@@ -1,4 +1,4 @@
-"""pipeline.models: trunk init modes, projector, MFlagVision, exported encoder layout."""
+"""pipeline.vision.models: trunk init modes, projector, MFlagVision, exported encoder layout."""
 from __future__ import annotations
 
 import os
@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from pipeline.checkpoints import imagenet_weights_path
 from pipeline.common import ConfigError, MflagError
-from pipeline.models import MFlagVision, Projector, build_resnet50_trunk, count_parameters, encoder_state_dict
+from pipeline.vision.checkpoints import imagenet_weights_path
+from pipeline.vision.models import MFlagVision, Projector, build_resnet50_trunk, count_parameters, encoder_state_dict
 from tests._scratch import scratch
 
 

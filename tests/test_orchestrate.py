@@ -135,7 +135,7 @@ def test_fingerprints_do_not_depend_on_how_the_workdir_is_spelled(tmp_path, monk
     relative = {n.name: n for n in orchestrate.build_nodes(dict(spec))}
     spec["workdir"] = str(tmp_path / "work")
     absolute = orchestrate.build_nodes(dict(spec))
-    from pipeline.stagegraph import resolve_fingerprints
+    from pipeline.run.graph import resolve_fingerprints
 
     resolve_fingerprints(list(relative.values()))
     for node in resolve_fingerprints(absolute).values():

@@ -231,7 +231,8 @@ def _colour_corpus(base: Path, n: int = 24) -> Path:
 @pytest.mark.parametrize("channels", [1, 3])
 def test_channels_reach_the_resnet_input(tmp_path, monkeypatch, channels):
     from cache import write_cache
-    from pipeline import pretrain, wds
+    from pipeline.pretrain import step as pretrain
+    from pipeline.pretrain import wds
     from stages import train_vision
     from tests._train_helpers import tiny_config
 
@@ -290,7 +291,7 @@ def test_degenerate_image_is_a_bad_item_and_shards_get_digests(tmp_path, channel
                                            "sha256": hashlib.sha256(t.read_bytes()).hexdigest()} for t in tars}
     assert read_json(out / "config.json")["stage"] == "prepare"
 
-    from pipeline import wds
+    from pipeline.pretrain import wds
 
     shards = wds.resolve_shards(str(out), "train")
     assert shards.channels == channels and set(shards.digests) == {t.name for t in tars}

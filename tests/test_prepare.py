@@ -1,4 +1,4 @@
-"""stages.prepare / pipeline.mimic: shards, reports, manifest, bad inputs, resume, force, CLI."""
+"""stages.prepare / pipeline.corpora.mimic_files: shards, reports, manifest, bad inputs, resume, force, CLI."""
 from __future__ import annotations
 
 import io
@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from pipeline.common import ConfigError, MflagError, read_json
-from pipeline.mimic import METADATA_CSV, SPLIT_CSV, BadItem, CsvColumnError, image_relpath, report_relpath
+from pipeline.corpora.mimic_files import METADATA_CSV, SPLIT_CSV, BadItem, CsvColumnError, image_relpath, report_relpath
 from stages.prepare import PrepareConfig, TooManyBadItems, run
 from tests._prepare_helpers import (
     META_HEADER,
@@ -251,7 +251,7 @@ def test_reports_missing_from_the_root_fail_fast_with_advice(tmp_path, caplog):
 
 
 def test_bad_input_warnings_are_rate_limited(caplog):
-    from pipeline.shards import PrepareReport
+    from pipeline.corpora.shards import PrepareReport
 
     rep = PrepareReport(Path("unused"))
     for i in range(100):
@@ -441,7 +441,7 @@ def test_cli_prepare_mimic(tree, tmp_path):
 
 def test_prepare_synthetic_mimic_world(tmp_path):
     synth = pytest.importorskip("pipeline.synth.mimic", reason="pipeline.synth.mimic not written yet")
-    from pipeline.reports import extract_sections, join_sections
+    from pipeline.text.sections import extract_sections, join_sections
 
     root = tmp_path / "synth"
     synth.write_mimic(root, n_studies=12, seed=0, image_size=128)

@@ -4,9 +4,8 @@ import copy
 import pytest
 import torch
 
-from pipeline import losses
-from pipeline.models import MFlagVision
-from pipeline.pretrain import StepSettings, TrainModule, train_step, trunk_probe_params
+from pipeline.pretrain.step import StepSettings, TrainModule, losses, train_step, trunk_probe_params
+from pipeline.vision.models import MFlagVision
 
 
 def _setup(seed=0):

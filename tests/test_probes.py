@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import probes
-from pipeline.schedules import WarmupCosine, WarmupCosineRestarts
+from pipeline.pretrain import probes
+from pipeline.pretrain.schedules import WarmupCosine, WarmupCosineRestarts
 
 
 def test_rank_one_matrix_has_effective_rank_one():

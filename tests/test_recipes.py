@@ -15,11 +15,11 @@ import torchvision
 from click.testing import CliRunner
 
 from cli import cli
-from pipeline import wds as wdsp
 from pipeline.common import ConfigError, MflagError
 from pipeline.options import result_config
-from pipeline.pretrain import batch_per_rank, param_groups
-from pipeline.schedules import original_restart_period
+from pipeline.pretrain import wds as wdsp
+from pipeline.pretrain.schedules import original_restart_period
+from pipeline.pretrain.step import batch_per_rank, param_groups
 from stages import orchestrate
 from stages import train_vision as tv
 from tests._train_helpers import cli_args, make_world

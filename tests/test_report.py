@@ -2,7 +2,7 @@
 
 Stage outputs (train config/summary/metrics/spectrum, eval results.json) are written to tmp_path as
 the stages write them; the expected intervals come from scipy's paired t test, independently of
-pipeline.stats."""
+pipeline.report.stats."""
 import json
 import math
 from pathlib import Path
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from pipeline import reporting, stats
+from pipeline.report import build as reporting
+from pipeline.report import stats
 from stages import report
 
 SEEDS = (0, 1, 2)

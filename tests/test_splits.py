@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.datasets.base import DatasetSpec, Record
-from pipeline.splits import (
+from pipeline.downstream.datasets.base import DatasetSpec, Record
+from pipeline.downstream.splits import (
     Split,
     SplitError,
     ids_sha256,

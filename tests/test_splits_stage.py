@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from cli import cli
 from pipeline.common import ConfigError
-from pipeline.datasets.registry import load_dataset
-from pipeline.splits import load_split_file, make_split, read_split, sample_fraction
+from pipeline.downstream.datasets.registry import load_dataset
+from pipeline.downstream.splits import load_split_file, make_split, read_split, sample_fraction
 from stages.splits import SplitsConfig
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.common import MflagError
-from pipeline.stagegraph import Node, execute, plan
+from pipeline.run.graph import Node, execute, plan
 
 
 def _graph(tmp_path: Path, calls: list, prep_size=256, model="tiny"):
@@ -105,7 +105,7 @@ def test_path_signature_follows_content_not_copies_or_times(tmp_path):
     import os
     import shutil
 
-    from pipeline.stagegraph import path_signature
+    from pipeline.run.graph import path_signature
 
     root = tmp_path / "data"
     (root / "files").mkdir(parents=True)
@@ -126,7 +126,7 @@ def test_path_signature_follows_content_not_copies_or_times(tmp_path):
 
 
 def test_a_replaced_external_input_makes_the_stage_stale(tmp_path):
-    from pipeline.stagegraph import path_signature
+    from pipeline.run.graph import path_signature
 
     model = tmp_path / "model"
     model.mkdir()

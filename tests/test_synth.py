@@ -16,12 +16,12 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.common import MflagError
-from pipeline.datasets.siim import rle_decode
-from pipeline.reports import extract_sections
+from pipeline.downstream.datasets.siim import rle_decode
 from pipeline.synth import downstream, mimic
 from pipeline.synth.dicom import siim_uids, write_dicom
 from pipeline.synth.phantom import DEVICES, Findings, Opacity, Sided, polygon_mask, render, sample_findings
 from pipeline.synth.reports import CHEXPERT_LABELS, label_report, label_sentences, make_report
+from pipeline.text.sections import extract_sections
 
 DICOM_ID = r"[0-9a-f]{8}(?:-[0-9a-f]{8}){4}"
 IMAGE_PATH = re.compile(rf"^files/p(1\d)/p(1\d{{7}})/s(5\d{{7}})/({DICOM_ID})\.jpg$")

@@ -1,7 +1,7 @@
 """The locally built stand-in BERT is a deterministic function of its texts and seed."""
 import hashlib
 
-from pipeline.textmodels import build_tiny_bert, train_wordpiece_tokenizer
+from pipeline.text.models import build_tiny_bert, train_wordpiece_tokenizer
 
 TEXTS = [
     "No acute cardiopulmonary process. Heart size is normal.",

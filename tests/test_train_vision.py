@@ -12,9 +12,9 @@ import torch
 import torchvision
 
 from cache import write_cache
-from pipeline import losses
 from pipeline.common import ConfigError, MflagError
-from pipeline.train_state import TrainingError
+from pipeline.pretrain import losses
+from pipeline.pretrain.state import TrainingError
 from stages import train_vision as tv
 from tests._train_helpers import TEXT_PARAMS, cli_args, make_world, tiny_config
 
@@ -179,7 +179,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 KILLER = textwrap.dedent("""
     import os, signal, sys
     import cli
-    from pipeline import train_state
+    from pipeline.pretrain import state as train_state
     real = train_state.save_checkpoint
     def save_then_die(path, payload):
         if path.name == "step-00000006.pt":  # steps 4-6 are done but never saved: they must be redone
@@ -262,7 +262,7 @@ def test_two_process_gloo_ddp(tmp_path):
 
 @pytest.mark.slow
 def test_online_text_mode_runs_the_text_encoder_in_the_step(tmp_path):
-    from pipeline.textmodels import build_tiny_bert
+    from pipeline.text.models import build_tiny_bert
 
     world = make_world(tmp_path, n_train=8, n_val=4, per_shard=4)
     texts = [json.loads(line)["text"] for line in world["reports"].read_text().splitlines()]
@@ -334,7 +334,7 @@ def test_orthogonality_only_trains_on_the_orthogonality_term(tmp_path):
 
 
 def test_unfreeze_last_counts_layers_or_takes_all(tmp_path):
-    from pipeline.textmodels import OnlineTextEncoder, build_tiny_bert, load_text_model
+    from pipeline.text.models import OnlineTextEncoder, build_tiny_bert, load_text_model
 
     world = make_world(tmp_path, n_train=8, n_val=2, per_shard=4)
     texts = [json.loads(line)["text"] for line in world["reports"].read_text().splitlines()]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import wds as wdsp
+from pipeline.pretrain import wds as wdsp
 from tests._train_helpers import make_world
 
 
@@ -153,7 +153,7 @@ def test_corrupt_images_and_truncated_tars_are_counted_and_skipped(tmp_path, cap
     data = tar.read_bytes()
     tar.write_bytes(data[: len(data) // 2 + 100])
     (w["shards"] / "train-000002.tar").write_bytes(b"this is not a tar file" * 100)
-    caplog.set_level("WARNING", logger="pipeline.wds")
+    caplog.set_level("WARNING", logger="pipeline.pretrain.wds")
     bs = batches(w, 6, batch_size=2)
     assert sum(b["meta"]["corrupt"] for b in bs) >= 3
     assert not set(keys(bs)) & set(w["corrupt"])

@@ -1,4 +1,4 @@
-"""MGCA's YOLOv3 head (pipeline.yolov3): loss against a loop-by-loop reference of MGCA's YOLOLoss,
+"""MGCA's YOLOv3 head (pipeline.downstream.yolov3): loss against a loop-by-loop reference of MGCA's YOLOLoss,
 decoding, NMS-then-threshold = threshold-then-NMS, the frozen backbone's BatchNorm modes and input errors.
 That the head learns is shown through the eval stage (tests/test_eval_learning.py, MGCA's recipe)."""
 import math
@@ -10,9 +10,9 @@ import torchvision
 from torch import nn
 from torchvision.ops import batched_nms
 
-from pipeline import metrics
 from pipeline.common import MflagError
-from pipeline.yolov3 import MGCA_ANCHORS_416, SCORE_THRESH, anchors_for, build_yolov3, shape_iou_mgca
+from pipeline.downstream import metrics
+from pipeline.downstream.yolov3 import MGCA_ANCHORS_416, SCORE_THRESH, anchors_for, build_yolov3, shape_iou_mgca
 
 S = 64
 

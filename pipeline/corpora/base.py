@@ -2,7 +2,7 @@
 
 A corpus module (``pipeline.corpora.<name>``) reads its own files into a :class:`Selection`: the
 images to shard (:class:`CorpusImage`, one per image file) and the report text of each study, with
-every skipped or bad input already counted in the :class:`~pipeline.shards.PrepareReport`. From there
+every skipped or bad input already counted in the :class:`~pipeline.corpora.shards.PrepareReport`. From there
 ``stages.prepare`` is the same for every corpus: plan, encode, write shards, reports.jsonl, manifest.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pipeline.common import ConfigError, MflagError, config_to_dict, unsafe_id_r
 from pipeline.imaging import DEFAULT_MAX_PIXELS
 from pipeline.options import check_fields, option
 
-IMAGE_FORMATS = ("png", "jpg", "raw")  # pipeline.shards.IMAGE_EXT's keys (imported there from here)
+IMAGE_FORMATS = ("png", "jpg", "raw")  # pipeline.corpora.shards.IMAGE_EXT's keys (imported there from here)
 SPLITS = ("train", "validate", "test")
 # Split names as corpora and users write them -> the three the loaders read.
 SPLIT_ALIASES = {"train": "train", "training": "train", "validate": "validate", "validation": "validate",

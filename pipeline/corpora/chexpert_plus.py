@@ -25,7 +25,7 @@ from pipeline.corpora.base import (
     splits_option,
     unsafe_relpath_reason,
 )
-from pipeline.mimic import BadItem, CsvColumnError, read_csv
+from pipeline.corpora.mimic_files import BadItem, CsvColumnError, read_csv
 from pipeline.options import option
 
 CSV_NAME = "df_chexpert_plus_240401.csv"

@@ -1,4 +1,4 @@
-"""The MIMIC-CXR-JPG corpus: ``prepare mimic``'s options and its reader (files: ``pipeline.mimic``).
+"""The MIMIC-CXR-JPG corpus: ``prepare mimic``'s options and its reader (files: ``pipeline.corpora.mimic_files``).
 
 Images come from the metadata and split CSVs (views and splits filtered), report text from the
 MIMIC-CXR report files or zip by section. Its shards, reports.jsonl and manifest are what they were
@@ -13,7 +13,7 @@ from typing import ClassVar
 
 from pipeline.common import ConfigError
 from pipeline.corpora.base import CorpusError, CorpusImage, Selection, ShardOptions, sections_option, splits_option
-from pipeline.mimic import BadItem, CsvColumnError, MimicImage, load_index, study_texts
+from pipeline.corpora.mimic_files import BadItem, CsvColumnError, MimicImage, load_index, study_texts
 from pipeline.options import option
 
 

@@ -28,9 +28,9 @@ from pipeline.corpora.base import (
     sections_option,
     splits_option,
 )
-from pipeline.mimic import BadItem
+from pipeline.corpora.mimic_files import BadItem
 from pipeline.options import option
-from pipeline.reports import ALIASES, join_sections
+from pipeline.text.sections import ALIASES, join_sections
 
 REPORTS_TGZ = "NLMCXR_reports.tgz"
 PROJECTIONS_COLUMNS = ("uid", "filename", "projection")
@@ -130,7 +130,7 @@ def iter_reports(path: str | Path) -> Iterator[tuple[str, str, bytes]]:
 
 def read_projections(path: str | Path) -> dict[str, str]:
     """``indiana_projections.csv`` -> {image id as in parentImage (``CXR<filename stem>``): projection}."""
-    from pipeline.mimic import read_csv
+    from pipeline.corpora.mimic_files import read_csv
 
     out: dict[str, str] = {}
     for _, row in read_csv(path, PROJECTIONS_COLUMNS):

@@ -40,7 +40,7 @@ from pipeline.corpora.base import (
     splits_option,
     unsafe_relpath_reason,
 )
-from pipeline.mimic import BadItem
+from pipeline.corpora.mimic_files import BadItem
 from pipeline.options import option
 
 log = logging.getLogger(__name__)

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from pipeline import metrics
 from pipeline.common import MflagError, atomic_open, open_text_utf8, progress
-from pipeline.datasets.base import DatasetSpec
+from pipeline.downstream import metrics
 from pipeline.downstream.data import ClsDataset, ImageSource
+from pipeline.downstream.datasets.base import DatasetSpec
 from pipeline.downstream.loop import (
     TrainSettings,
     fit,

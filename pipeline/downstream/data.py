@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from pipeline import imaging
 from pipeline.common import MflagError, progress
-from pipeline.datasets.base import DatasetSpec, Record
+from pipeline.downstream.datasets.base import DatasetSpec, Record
 from pipeline.imaging import MIN_IMAGE_SIDE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -6,7 +6,7 @@ mode, so the same step and evaluation drive them all. Heads (``DET_HEADS``):
 - ``fasterrcnn``, ``retinanet``: torchvision's, on a ResNet50 + FPN body (``BackboneWithFPN``) with
   frozen BatchNorm (torchvision's detection convention); without ``--finetune`` the body's weights
   are frozen too, with it all five stages train.
-- ``yolov3``: MGCA's YOLOv3 head on C3-C5 (``pipeline.yolov3``; the default under ``--protocol mgca``):
+- ``yolov3``: MGCA's YOLOv3 head on C3-C5 (``pipeline.downstream.yolov3``; the default under ``--protocol mgca``):
   frozen ResNet50 weights, BatchNorm statistics adapting in training (MGCA's recipe); image sizes must
   be multiples of 32.
 
@@ -26,8 +26,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pipeline import metrics
 from pipeline.common import MflagError, progress, write_json
+from pipeline.downstream import metrics
 from pipeline.downstream.data import NORMALIZATIONS, DetDataset, collate_det
 from pipeline.downstream.loop import TrainSettings, fit, frozen_bn_mode, make_loader, place, to_device
 from pipeline.downstream.task import SeedOutcome, SeedRun, Task
@@ -104,9 +104,9 @@ def build_retinanet(encoder_state: dict, image_size: int, finetune: bool, norm: 
 
 
 def build_yolo(encoder_state: dict, image_size: int, finetune: bool, norm: str):
-    """MGCA's YOLOv3 head on C3-C5 (``pipeline.yolov3``): its ResNet50 is frozen, BatchNorm following the
+    """MGCA's YOLOv3 head on C3-C5 (``pipeline.downstream.yolov3``): its ResNet50 is frozen, BatchNorm following the
     model's mode; ``finetune`` makes the ResNet50's weights trainable too."""
-    from pipeline.yolov3 import build_yolov3
+    from pipeline.downstream.yolov3 import build_yolov3
 
     model = build_yolov3(encoder_state, image_size, num_classes=1, norm=norm)
     if finetune:

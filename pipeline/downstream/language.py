@@ -26,12 +26,12 @@ import numpy as np
 import torch
 
 from cache import TextEmbeddingCache
-from pipeline.augment import Augmenter
-from pipeline.checkpoints import load_encoder
 from pipeline.common import MflagError, atomic_open, file_sha256, progress, read_json
 from pipeline.imaging import load_for_shard
-from pipeline.models import MFlagVision
+from pipeline.pretrain.augment import Augmenter
 from pipeline.safeload import safe_load
+from pipeline.vision.checkpoints import load_encoder
+from pipeline.vision.models import MFlagVision
 
 log = logging.getLogger(__name__)
 

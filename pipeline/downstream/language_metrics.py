@@ -26,7 +26,7 @@ function follows (facts taken from the references; the code is our own):
   CheXpert 5x200 retrieval experiment: the share of the top K retrieved items whose class equals the
   query's). The public repository (marshuang80/gloria) ships no retrieval script, so the definition is the
   paper's; ties are broken by the same stable rule as ``clip_ranks``.
-- ``alignment_baselines``: the M-FLAG alignment loss (``pipeline/losses.py::alignment_loss``, after the
+- ``alignment_baselines``: the M-FLAG alignment loss (``pipeline/pretrain/losses.py::alignment_loss``, after the
   original code: (2 - 2cos) + (2 - 2cos) per pair) for true pairs, a constant prediction and all mismatched
   pairs.
 """
@@ -37,7 +37,7 @@ from typing import Hashable, Sequence
 
 import numpy as np
 
-from pipeline.metrics import auroc_per_class
+from pipeline.downstream.metrics import auroc_per_class
 
 # Rows per block when a (N, N) matrix is sorted row by row: bounds the int64 scratch to ~64 MiB at N = 8192.
 _ROW_BLOCK = 1024

@@ -101,7 +101,7 @@ def binary_prompts(labels, templates: tuple[str, str] = BINARY_TEMPLATES) -> dic
 
 class _YamlLoader(yaml.SafeLoader):
     """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the second silently), as the
-    pipeline YAML's loader does (pipeline.pipeline_spec)."""
+    pipeline YAML's loader does (pipeline.run.spec)."""
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):

@@ -49,7 +49,7 @@ class Encoders:
 
     def get(self) -> tuple:
         """(encoder, info, cache)"""
-        from pipeline.checkpoints import load_encoder
+        from pipeline.vision.checkpoints import load_encoder
 
         if not self.shared:
             return (*load_encoder(self.init), {})
@@ -63,7 +63,7 @@ def checkpoint_sha256(init: str) -> str | None:
     if init == "random":
         return None
     if init == "imagenet":
-        from pipeline.checkpoints import imagenet_weights_path
+        from pipeline.vision.checkpoints import imagenet_weights_path
 
         p = imagenet_weights_path()
         return file_sha256(p) if p is not None else None
@@ -107,8 +107,8 @@ def clean_json(obj):
 def results(cfg, recipe: Recipe, spec, split, fractions, fraction_files, per_seed, fp, ckpt_hash) -> dict:
     """results.json of an eval run: ``cfg`` is its EvalConfig, ``per_seed`` the finished seeds' records;
     summaries over seeds, the split, the fractions and how the protocol was applied."""
-    from pipeline import metrics
-    from pipeline.splits import split_summary
+    from pipeline.downstream import metrics
+    from pipeline.downstream.splits import split_summary
 
     primary = recipe.primary
     summary, summary_per_class = summarise_seeds(per_seed)

@@ -36,7 +36,7 @@ from cache import TextEmbeddingCache
 from pipeline.common import atomic_path, write_json
 from pipeline.downstream import language_metrics as lm
 from pipeline.downstream.language import TEXT_PATH_ATTRS, LanguageEvalError, cosine, jsonable, load_pretrained
-from pipeline.wds import CacheTargets, read_fixed_batch, resolve_shards
+from pipeline.pretrain.wds import CacheTargets, read_fixed_batch, resolve_shards
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import metrics
 from pipeline.common import MflagError, progress, write_json
+from pipeline.downstream import metrics
 from pipeline.downstream.data import MASK_ON, SegDataset
 from pipeline.downstream.loop import (
     TrainSettings,

@@ -10,8 +10,8 @@ import numpy as np
 from torch import nn
 
 from pipeline.common import MflagError
-from pipeline.datasets.base import DatasetSpec
 from pipeline.downstream.data import ImageSource, make_transform
+from pipeline.downstream.datasets.base import DatasetSpec
 from pipeline.downstream.loop import FitResult, TrainSettings
 from pipeline.downstream.recipes import Recipe
 

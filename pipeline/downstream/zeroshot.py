@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.common import atomic_open, write_json
-from pipeline.datasets.chexpert import TASKS as CHEXPERT_TASKS
-from pipeline.datasets.registry import load_dataset
 from pipeline.downstream import language_metrics as lm
 from pipeline.downstream import prompts as pr
 from pipeline.downstream.data import labels_matrix
+from pipeline.downstream.datasets.chexpert import TASKS as CHEXPERT_TASKS
+from pipeline.downstream.datasets.registry import load_dataset
 from pipeline.downstream.language import (
     LanguageEvalError,
     cosine,
@@ -67,7 +67,7 @@ def five_by_200(root: str, per_class: int | None, options: dict) -> tuple[list, 
     train.csv (frontal, exactly one competition task positive, the 8 other observations 0, blanks 0),
     ``sample(n, random_state=0)`` per class, classes in the competition-task order. ``per_class`` None:
     MGCA's 200 (its share of a smaller train.csv, as ``cli.py splits`` sets aside)."""
-    from pipeline.mgca_splits import chexpert_5x200
+    from pipeline.downstream.mgca_splits import chexpert_5x200
 
     spec = load_dataset("chexpert", root, "cls", protocol="mgca", **options)
     picked, n = chexpert_5x200(spec.label_rows, per_class)
@@ -95,7 +95,7 @@ def evaluate(cfg, out: Path) -> dict:
         class_names = list(CHEXPERT_TASKS)
         labels = np.eye(len(class_names), dtype=np.float32)[cls]
     else:
-        from pipeline.splits import load_split_file, make_split
+        from pipeline.downstream.splits import load_split_file, make_split
 
         spec = load_dataset(cfg.dataset, cfg.root, "cls", protocol=cfg.protocol, **options)
         split = (load_split_file(cfg.split_file, spec=spec, protocol=cfg.protocol) if cfg.split_file

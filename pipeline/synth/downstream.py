@@ -291,7 +291,7 @@ def write_covidx(out_dir, n: int, seed: int, image_size: int = 384, label_set: s
 # --------------------------------------------------------------------------- SIIM
 def _siim_image(job) -> list[str]:
     """Worker: render and write one SIIM DICOM; returns the RLE of each pneumothorax instance."""
-    from pipeline.datasets.siim import rle_encode
+    from pipeline.downstream.datasets.siim import rle_encode
 
     path, findings, seed, size, view, dicom_kw = job
     img, geo = render(findings, np.random.default_rng(list(seed)), size, view)

@@ -108,7 +108,7 @@ def _aggregate(found: dict[str, set[float]], any_text: bool) -> dict[str, float 
 
 def label_report(text: str) -> dict[str, float | None]:
     """Label a report's findings + impression sections (all aliases) with ``label_sentences``."""
-    from pipeline.reports import extract_sections
+    from pipeline.text.sections import extract_sections
 
     sec = extract_sections(text)
     body = " ".join(sec[k] for k in ("findings", "impression") if sec.get(k))

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from pipeline import wds as wdsp
 from pipeline.common import ConfigError
 from pipeline.distributed import DistInfo, any_rank
-from pipeline.pretrain import batch_per_rank
+from pipeline.pretrain import wds as wdsp
+from pipeline.pretrain.step import batch_per_rank
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def open_targets(text_mode: str, urls: list[str], *, text_cache: str | None, rep
                  text_model: str | None, max_length: int, pooling: str, unfreeze_last: int | str,
                  is_main: bool) -> Targets:
     """The text cache (``text_mode`` "cache"), or the report texts and the text encoder loaded as
-    embed-text loads it (``pipeline.textmodels``; "online": ``max_length`` tokens, ``pooling``, the
+    embed-text loads it (``pipeline.text.models``; "online": ``max_length`` tokens, ``pooling``, the
     last ``unfreeze_last`` layers trainable). Fails before loading a model when the first samples of
     the training shards ``urls`` have no target (:func:`check_targets_cover`)."""
     if text_mode == "cache":
@@ -127,7 +127,7 @@ def open_targets(text_mode: str, urls: list[str], *, text_cache: str | None, rep
         check_targets_cover(urls, targets, f"text cache {text_cache}", is_main)
         return Targets(targets, None, cache.dim, cache.attrs.get("text_encoder_params"),
                        cache.attrs.get("model_id", "?"), cache.identity)
-    from pipeline.textmodels import OnlineTextEncoder
+    from pipeline.text.models import OnlineTextEncoder
 
     targets = wdsp.ReportTexts(wdsp.read_reports(reports))
     check_targets_cover(urls, targets, f"reports {reports}", is_main)
@@ -231,7 +231,7 @@ def epoch_loader(train: wdsp.ShardSet, targets, pos: DataPos, *, seed: int, dist
                  pin_memory: bool):
     """The DataLoader of this rank for the epoch ``pos`` stands in, continuing where ``pos`` says: each
     logical worker skips the raw samples it had consumed, and the worker rotation resumes at
-    ``pos.step_in_epoch`` (``pipeline.wds``)."""
+    ``pos.step_in_epoch`` (``pipeline.pretrain.wds``)."""
     nw = max(1, num_workers)
     state = wdsp.StreamState(seed=seed, epoch=pos.epoch, rank=dist.rank, world_size=dist.world_size,
                              rotation=pos.step_in_epoch % nw, skip=dict(pos.workers))

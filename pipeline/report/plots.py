@@ -45,7 +45,7 @@ def loss_curves(curves: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]],
 
 def spectra(spectra_by_variant: Mapping[str, Sequence[Mapping]], path: Path) -> Path:
     """``spectra_by_variant[variant] = [spectrum of one run, ...]`` where a run's spectrum is
-    ``{"zv": {"centred": [...], "uncentred": [...], "n", "dim"}, "za": {...}}`` (pipeline.probes.spectrum).
+    ``{"zv": {"centred": [...], "uncentred": [...], "n", "dim"}, "za": {...}}`` (pipeline.pretrain.probes.spectrum).
     Four panels (zv / za x centred / uncentred), one line per variant: the singular values divided by
     their sum (so runs whose features differ in scale compare by shape), averaged over the variant's
     runs, log scale, as Jing et al. (ICLR 2022) plot the embedding spectrum."""

@@ -31,6 +31,7 @@ from pipeline.common import (
     write_json,
 )
 from pipeline.corpora.base import IMAGE_FORMATS, CorpusImage
+from pipeline.corpora.mimic_files import BadItem
 from pipeline.imaging import (
     DegenerateImageError,
     ImageError,
@@ -40,7 +41,6 @@ from pipeline.imaging import (
     load_for_shard,
     load_rgb_for_shard,
 )
-from pipeline.mimic import BadItem
 
 log = logging.getLogger(__name__)
 

@@ -166,10 +166,10 @@ def write_finished_run(out: Path, vision: nn.Module, summary: dict, spectrum: di
                        text_dim: int, hidden_dim: int, drop_checkpoints: bool) -> None:
     """What a finished run leaves in ``out``, each file written atomically: the encoder and projector
     files (``checkpoints.save_encoder_files``), ``spectrum.json`` (the final probe's centred and
-    uncentred singular values of zv and za with N, D and effective ranks; ``pipeline.probes.spectrum``)
+    uncentred singular values of zv and za with N, D and effective ranks; ``pipeline.pretrain.probes.spectrum``)
     and ``summary.json`` last, which marks the run finished (:func:`finished_summary`). With
     ``drop_checkpoints`` the multi-100 MB resume points go."""
-    from pipeline.checkpoints import save_encoder_files
+    from pipeline.vision.checkpoints import save_encoder_files
 
     if len(set(summary["param_checksum_per_rank"])) > 1:
         log.error("ranks ended with different weights: %s", summary["param_checksum_per_rank"])

@@ -206,8 +206,8 @@ def save_encoder_files(out: Path, vision: nn.Module, text_head_kind: str, text_d
     from safetensors.torch import save_file
 
     from pipeline.common import atomic_path
-    from pipeline.models import encoder_state_dict
-    from pipeline.train_state import torch_save
+    from pipeline.pretrain.state import torch_save
+    from pipeline.vision.models import encoder_state_dict
 
     encoder = encoder_state_dict(vision)
     torch_save(encoder, out / "encoder.pt")

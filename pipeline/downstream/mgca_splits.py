@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from pipeline.common import MflagError
-from pipeline.datasets.base import LabelRow
+from pipeline.downstream.datasets.base import LabelRow
 
 # (dataset, task) pairs MGCA has a split for; others have no MGCA recipe.
 PAIRS = (("chexpert", "cls"), ("covidx", "cls"), ("rsna", "cls"), ("rsna", "det"), ("rsna", "seg"),

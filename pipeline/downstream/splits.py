@@ -1,6 +1,6 @@
 """Downstream train/val/test splits and label-fraction subsets of train, under two protocols.
 
-``protocol="mgca"`` reproduces MGCA's published lists id for id (``pipeline.mgca_splits``; the table is
+``protocol="mgca"`` reproduces MGCA's published lists id for id (``pipeline.downstream.mgca_splits``; the table is
 in docs/PROTOCOLS.md): one fixed split and one list per fraction, shared by all seeds. Where MGCA's
 lists share patients or images (CheXpert's validation rows stay in training, SIIM is split by CSV row,
 COVIDx by image), the split says how many (``Split.leaks``, a warning) and keeps them.
@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import mgca_splits
 from pipeline.common import MflagError, atomic_open, open_text_utf8, read_json, read_text_utf8, write_json
-from pipeline.datasets.base import DatasetSpec, Record
-from pipeline.datasets.registry import PROTOCOLS
-from pipeline.mgca_splits import FractionDraw, MgcaSplitError
+from pipeline.downstream import mgca_splits
+from pipeline.downstream.datasets.base import DatasetSpec, Record
+from pipeline.downstream.datasets.registry import PROTOCOLS
+from pipeline.downstream.mgca_splits import FractionDraw, MgcaSplitError
 
 log = logging.getLogger(__name__)
 

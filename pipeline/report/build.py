@@ -2,8 +2,8 @@
 
 ``collect`` reads train (``config.json``, ``summary.json``, ``metrics.jsonl``, ``spectrum.json``) and
 eval (``results.json``) outputs into one dict; ``claims`` turns it into paired comparisons with verdicts
-(``pipeline.stats``), ``sweep`` into the orthogonality-weight sweep; ``render`` writes the markdown and
-the plots (``pipeline.plots``). Which comparisons are claims follows from each variant's configuration
+(``pipeline.report.stats``), ``sweep`` into the orthogonality-weight sweep; ``render`` writes the markdown and
+the plots (``pipeline.report.plots``). Which comparisons are claims follows from each variant's configuration
 against the reference variant (``_role``); the stage module's docstring lists the rules.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from pipeline import plots, stats
 from pipeline.common import read_json, read_text_utf8
+from pipeline.report import plots, stats
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def _rank_label(trains: dict, variants: tuple[str, str], z: str) -> str:
 
 
 def claims(data: dict, baseline: str, reference: str) -> list[dict]:
-    """Every comparison with its paired statistics and verdict (see ``pipeline.stats``)."""
+    """Every comparison with its paired statistics and verdict (see ``pipeline.report.stats``)."""
     trains, evals = data["trains"], data["evals"]
     out: list[dict] = []
 
@@ -447,7 +447,7 @@ def _cxr_bert_reference() -> tuple[int, int] | None:
         import torch
         from transformers import BertConfig, BertModel
 
-        from pipeline.models import MFlagVision, count_parameters
+        from pipeline.vision.models import MFlagVision, count_parameters
 
         with torch.device("meta"):
             bert = BertModel(BertConfig(vocab_size=30522))  # CXR-BERT-general: BERT-base, 30,522 tokens

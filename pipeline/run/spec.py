@@ -21,7 +21,7 @@ import yaml
 
 from pipeline.common import ConfigError, MflagError, coerce_to_hint, read_text_utf8
 from pipeline.corpora import CORPORA
-from pipeline.stagegraph import Node, path_signature
+from pipeline.run.graph import Node, path_signature
 
 # corpus: synthetic MIMIC, synthetic OpenI, or one of the registry's (pipeline/corpora) with its inputs
 CORPUS_KEYS = ("synth", "synth-openi", *CORPORA)
@@ -199,7 +199,7 @@ def check_inputs_exist(config: str, nodes: list[Node]) -> None:
     problems = []
     imagenet = [n.name for n in nodes if n.params.get("init") == "imagenet"]
     if imagenet:
-        from pipeline.checkpoints import imagenet_weights_path
+        from pipeline.vision.checkpoints import imagenet_weights_path
 
         if imagenet_weights_path() is None:
             import torch

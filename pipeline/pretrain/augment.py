@@ -27,7 +27,7 @@ Each sample's parameters are 16 float64 uniforms from a torch generator, turned 
 plain Python arithmetic (closed-form homographies, no tensors): a few microseconds, and one code
 path for ``augment_one`` (per sample, seeded per sample for exact resume: what train-vision's loader
 workers run) and the batched ``Augmenter``, which therefore give the same pixels for the same draw (on
-the CPU, bit for bit). Shard bytes are decoded by ``pipeline.wds.decode_image``.
+the CPU, bit for bit). Shard bytes are decoded by ``pipeline.pretrain.wds.decode_image``.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.common import MflagError, progress
-from pipeline.datasets._common import (
+from pipeline.downstream.datasets._common import (
     DEFAULT_MAX_MISSING,
     DatasetError,
     Tally,
@@ -18,7 +18,7 @@ from pipeline.datasets._common import (
     missing_image,
     read_csv_rows,
 )
-from pipeline.datasets.base import DatasetSpec, LabelRow, Record
+from pipeline.downstream.datasets.base import DatasetSpec, LabelRow, Record
 
 
 class RLEError(MflagError):

@@ -5,7 +5,7 @@ import re
 from pathlib import Path, PurePosixPath
 
 from pipeline.common import MflagError, unsafe_id_reason
-from pipeline.datasets._common import (
+from pipeline.downstream.datasets._common import (
     DEFAULT_MAX_MISSING,
     DatasetError,
     Tally,
@@ -15,7 +15,7 @@ from pipeline.datasets._common import (
     missing_image,
     read_csv_rows,
 )
-from pipeline.datasets.base import DatasetSpec, LabelRow, Record
+from pipeline.downstream.datasets.base import DatasetSpec, LabelRow, Record
 
 TASKS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 # What an uncertain (-1) label becomes, per policy. "competition" is the usual CheXpert policy:

@@ -10,7 +10,7 @@ The same loop that drives torchvision's Faster R-CNN and RetinaNet drives this m
   ``scores`` (N, the objectness) and ``labels`` (N int64, 1-based), after NMS at IoU 0.5 with a low
   score threshold (``SCORE_THRESH``) and at most ``MAX_DETECTIONS`` boxes, so that a COCO-style mAP sees
   the whole precision/recall curve. MGCA's own metric keeps only scores >= 0.5
-  (``pipeline.metrics.detection_map_mgca``).
+  (``pipeline.downstream.metrics.detection_map_mgca``).
 
 Architecture, anchors, loss and decoding follow MGCA (HKU-MedAI/MGCA: ``mgca/models/ssl_detector.py``,
 ``mgca/models/backbones/detector_backbone.py``, ``mgca/utils/yolo_loss.py``); docs/PROTOCOLS.md,
@@ -75,7 +75,7 @@ def build_yolov3(encoder_state: dict[str, Tensor], image_size: int, num_classes:
     """MGCA's YOLOv3 head on a frozen torchvision ResNet50 holding ``encoder_state``.
 
     ``encoder_state``: a torchvision resnet50 state_dict without ``fc.*`` (what
-    ``pipeline.checkpoints.load_encoder_state`` returns); loading is strict. ``image_size``: the side S
+    ``pipeline.vision.checkpoints.load_encoder_state`` returns); loading is strict. ``image_size``: the side S
     of the square inputs, a multiple of 32. ``num_classes``: foreground classes (labels 1..C).
     ``norm``: a key of ``NORMALIZATIONS``; the model normalises its [0, 1] inputs itself.
     """

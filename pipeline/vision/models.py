@@ -29,11 +29,11 @@ def build_resnet50_trunk(init: str = "random") -> nn.Module:
     """torchvision ResNet50 with ``fc = Identity``: (B, 3, H, W) -> (B, 2048).
 
     ``init``: "random"; "imagenet" (torchvision's IMAGENET1K_V1 weights, read from the local torch hub
-    cache only, never downloaded here); or a checkpoint path in any layout ``pipeline.checkpoints``
+    cache only, never downloaded here); or a checkpoint path in any layout ``pipeline.vision.checkpoints``
     recognises (this tool's encoder.pt or training checkpoint, the original M-FLAG code, MGCA, GLoRIA,
     a plain torchvision state_dict). One loader serves pre-training and downstream evaluation.
     """
-    from pipeline.checkpoints import load_encoder
+    from pipeline.vision.checkpoints import load_encoder
 
     if init not in ("random", "imagenet") and not Path(init).expanduser().exists():
         raise ConfigError(f"init: expected 'random', 'imagenet' or a checkpoint file; {init!r} is neither")

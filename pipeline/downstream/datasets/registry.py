@@ -7,17 +7,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.common import MflagError, coerce_to_hint
-from pipeline.datasets._common import PROTOCOLS  # also the --protocol choices for callers
-from pipeline.datasets.base import DatasetSpec
+from pipeline.downstream.datasets._common import PROTOCOLS  # also the --protocol choices for callers
+from pipeline.downstream.datasets.base import DatasetSpec
 
 
 def _readers() -> dict[str, Callable[..., DatasetSpec]]:
     # Imported lazily so importing the registry stays cheap (pydicom / PIL load on first use).
-    from pipeline.datasets.chexpert import read_chexpert
-    from pipeline.datasets.covidx import read_covidx
-    from pipeline.datasets.object_cxr import read_object_cxr
-    from pipeline.datasets.rsna import read_rsna
-    from pipeline.datasets.siim import read_siim
+    from pipeline.downstream.datasets.chexpert import read_chexpert
+    from pipeline.downstream.datasets.covidx import read_covidx
+    from pipeline.downstream.datasets.object_cxr import read_object_cxr
+    from pipeline.downstream.datasets.rsna import read_rsna
+    from pipeline.downstream.datasets.siim import read_siim
 
     return {"chexpert": read_chexpert, "rsna": read_rsna, "covidx": read_covidx, "siim": read_siim,
             "object-cxr": read_object_cxr}

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pipeline import losses, schedules
-from pipeline.textmodels import OnlineTextEncoder
+from pipeline.pretrain import losses, schedules
+from pipeline.text.models import OnlineTextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def build_optimization(module: nn.Module, *, lr: float, weight_decay: float, dec
                        batch_per_process: int, total_steps: int, precision: str,
                        device: torch.device) -> Optimization:
     """AdamW over the trainable parameters (the original's: betas (0.9, 0.999), eps 1e-8, its main.py
-    lines 73-77), the per-step LR schedule (``pipeline.schedules``), the fp16 gradient scaler (disabled
+    lines 73-77), the per-step LR schedule (``pipeline.pretrain.schedules``), the fp16 gradient scaler (disabled
     otherwise) and the autocast dtype of ``precision``."""
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(params, weight_decay, decay_norm_bias), lr=lr)
@@ -125,7 +125,7 @@ def build_optimization(module: nn.Module, *, lr: float, weight_decay: float, dec
 def prepare_images(images: torch.Tensor, augmenter, device, channels_last: bool) -> torch.Tensor:
     """A batch from the loader -> float (B, 3, c, c) on ``device``. uint8 batches (GPU path) are
     augmented here; the 3 channels are a stride-0 view of the one grey channel."""
-    from pipeline.augment import to_three_channels
+    from pipeline.pretrain.augment import to_three_channels
 
     images = images.to(device, non_blocking=True)
     if augmenter is not None:
@@ -161,7 +161,7 @@ def trunk_probe_params(vision: nn.Module) -> list[nn.Parameter]:
     block of the ResNet trunk. Both terms reach it (alignment through the projector, orthogonality
     directly on zv or through the projector), and a backward pass that stops there costs a few percent
     of a training step."""
-    from pipeline.models import unwrap_model
+    from pipeline.vision.models import unwrap_model
 
     trunk = unwrap_model(vision.trunk)
     block = trunk.layer4[-1] if hasattr(trunk, "layer4") else trunk
@@ -242,7 +242,7 @@ class NonFiniteWatch:
         naming the step, the last good checkpoint and the fixes. Called at log and checkpoint steps, so a
         checkpoint never holds weights trained through a NaN."""
         from pipeline.distributed import any_rank_flag
-        from pipeline.train_state import TrainingError
+        from pipeline.pretrain.state import TrainingError
 
         if not any_rank_flag(self.flag(), dist):
             return
@@ -259,7 +259,7 @@ class SampleAugmentFactory:
     """Picklable factory of the worker-side augmentation ``fn(uint8 H x W, seed) -> float (3, c, c)``.
 
     Each sample's parameters come from a generator seeded by the sample's position in the stream
-    (``pipeline.wds.Augment``), so a resumed run augments every sample exactly as before."""
+    (``pipeline.pretrain.wds.Augment``), so a resumed run augments every sample exactly as before."""
 
     def __init__(self, recipe: str, crop: int):
         self.recipe, self.crop = recipe, crop
@@ -277,7 +277,7 @@ class _SampleAugment:
         self.generator = torch.Generator()
 
     def __call__(self, image: np.ndarray, seed: int) -> torch.Tensor:
-        from pipeline import augment
+        from pipeline.pretrain import augment
 
         # (1, c, c) normalized float; the 3-channel view is made after collation.
         return augment.augment_one(image, self.generator.manual_seed(seed), self.recipe, self.crop)
@@ -286,8 +286,8 @@ class _SampleAugment:
 def make_augmenters(aug: str, aug_device: str, crop_size: int, seed: int, device: str, rank: int = 0):
     """(per-sample augmentation factory for the CPU workers or None, batched augmenter for the main
     process or None, deterministic centre-crop preprocessor for the probe batch)."""
-    from pipeline import augment
-    from pipeline.wds import stream_seed
+    from pipeline.pretrain import augment
+    from pipeline.pretrain.wds import stream_seed
 
     probe_aug = augment.Augmenter("none", device=device, seed=0, out_size=crop_size)
     if aug_device == "cuda":
@@ -299,10 +299,10 @@ def make_augmenters(aug: str, aug_device: str, crop_size: int, seed: int, device
 @torch.no_grad()
 def probe_model(module: TrainModule, probe: dict, probe_aug, device: torch.device, channels_last: bool,
                 chunk: int = 128) -> tuple[dict, dict]:
-    """(metrics, spectra of zv and za) of ``module`` on a probe set (``pipeline.pretrain_data``), in eval
+    """(metrics, spectra of zv and za) of ``module`` on a probe set (``pipeline.pretrain.data``), in eval
     mode, in chunks of ``chunk`` images (a final probe of several hundred images at full size would not
     fit at once on a small GPU)."""
-    from pipeline import probes
+    from pipeline.pretrain import probes
 
     was = module.training
     module.eval()
@@ -389,7 +389,7 @@ def build_train_module(text_dim: int, text, *, proj_dim: int | None, text_head: 
     SyncBatchNorm on several CUDA processes when ``sync_bn``. Raises ConfigError when ``text_head`` "none"
     meets a ``proj_dim`` other than ``text_dim``."""
     from pipeline.common import ConfigError
-    from pipeline.models import MFlagVision
+    from pipeline.vision.models import MFlagVision
 
     if text_head == "none" and proj_dim is not None and proj_dim != text_dim:
         raise ConfigError(f"proj_dim: the text embeddings have dimension {text_dim}; with --text-head "

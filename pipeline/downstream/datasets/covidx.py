@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.common import MflagError, open_text_utf8, unsafe_id_reason
-from pipeline.datasets._common import (
+from pipeline.downstream.datasets._common import (
     DEFAULT_MAX_MISSING,
     DatasetError,
     Tally,
@@ -13,7 +13,7 @@ from pipeline.datasets._common import (
     enforce_missing,
     missing_image,
 )
-from pipeline.datasets.base import DatasetSpec, LabelRow, Record
+from pipeline.downstream.datasets.base import DatasetSpec, LabelRow, Record
 
 LABEL_SETS: dict[str, tuple[str, ...]] = {
     "A": ("normal", "pneumonia", "COVID-19"),

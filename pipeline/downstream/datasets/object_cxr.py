@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.common import MflagError, unsafe_id_reason
-from pipeline.datasets._common import (
+from pipeline.downstream.datasets._common import (
     DEFAULT_MAX_MISSING,
     DatasetError,
     Tally,
@@ -19,7 +19,7 @@ from pipeline.datasets._common import (
     missing_image,
     read_csv_rows,
 )
-from pipeline.datasets.base import DatasetSpec, LabelRow, Record
+from pipeline.downstream.datasets.base import DatasetSpec, LabelRow, Record
 
 CLASS_NAMES = ("foreign object",)
 KINDS = {0: "rectangle", 1: "ellipse", 2: "polygon"}

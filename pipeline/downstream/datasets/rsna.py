@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.common import MflagError, progress, unsafe_id_reason
-from pipeline.datasets._common import (
+from pipeline.downstream.datasets._common import (
     DEFAULT_MAX_MISSING,
     DatasetError,
     Tally,
@@ -22,7 +22,7 @@ from pipeline.datasets._common import (
     missing_image,
     read_csv_rows,
 )
-from pipeline.datasets.base import DatasetSpec, LabelRow, Record
+from pipeline.downstream.datasets.base import DatasetSpec, LabelRow, Record
 
 CLASS_NAMES = ("Lung Opacity",)
 LABELS_FILES = ("stage_2_train_labels.csv", "stage_1_train_labels.csv")

@@ -367,7 +367,7 @@ def study_texts(by_study: dict[tuple[str, str], list], reports_path: str, sectio
     without text in those sections to ``report.add_dropped``. Read in the calling process: the zip
     handle must not cross a fork."""
     from pipeline.common import progress
-    from pipeline.reports import extract_sections, join_sections
+    from pipeline.text.sections import extract_sections, join_sections
 
     texts: dict[tuple[str, str], tuple[str, list[str]]] = {}
     n_bad_images = 0

@@ -26,7 +26,7 @@ def pretrain_mlm(model_dir: str | Path, texts: list[str], steps: int = 300, batc
     """
     from transformers import AutoTokenizer, BertForMaskedLM, BertModel, DataCollatorForLanguageModeling
 
-    from pipeline.textmodels import quiet_transformers
+    from pipeline.text.models import quiet_transformers
 
     model_dir = Path(model_dir)
     torch.manual_seed(seed)

@@ -1,0 +1,1 @@
+"""Pre-training the image encoder: the training step, losses, schedules, data, probes, checkpoints."""

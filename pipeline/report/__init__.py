@@ -1,0 +1,1 @@
+"""The pipeline report: reading stage outputs, claims with statistics, plots."""

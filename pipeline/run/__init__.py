@@ -1,0 +1,1 @@
+"""The pipeline runner's machinery: the YAML spec and the stage graph."""
