@@ -5,6 +5,7 @@ sees click. ``python cli.py ...`` and the ``mflag`` console script are the same 
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import importlib
@@ -12,11 +13,31 @@ import logging
 import os
 import re
 import sys
+import types
+import typing
+from typing import Any, Callable
 
 import click
 
-from pipeline.common import ConfigError, MflagError
+from cache.verify import cache_info, verify_cache
+from pipeline.common import ConfigError, MflagError, atomic_open
+from pipeline.corpora import CORPORA
+from pipeline.options import (
+    Option,
+    default_text,
+    is_pairs,
+    markdown_table,
+    option_names,
+    options_of,
+    unwrap_optional,
+)
+from pipeline.preempt import Stopped, sigterm_interrupts
+from pipeline.synth.downstream import WRITERS
+from pipeline.synth.mimic import write_mimic
+from pipeline.synth.openi import write_openi
 
+# The stage modules import torch (about 3 s); each command imports its stage when it runs ("lazy" below),
+# so `mflag --help`, `mflag synth ...` and `mflag cache info` start without it.
 log = logging.getLogger("mflag")
 
 
@@ -63,7 +84,6 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         import signal
 
-        from pipeline.preempt import Stopped, sigterm_interrupts
 
         try:
             with sigterm_interrupts():
@@ -91,9 +111,139 @@ def user_errors(fn):
     return wrapper
 
 
+# --------------------------------------------------------------------------- click options from dataclasses
+# One click option per `pipeline.options.option` field of a config dataclass: the only place that turns
+# the stage configs into click objects (pipeline/ and stages/ never import click).
+def _split_csv(cast: Callable[[str], Any]) -> Callable:
+    what = {int: "integers", float: "numbers"}.get(cast, "values")
+
+    def convert(ctx, param, value):
+        if value is None:
+            return None
+        if isinstance(value, (tuple, list)):
+            return tuple(value)
+        try:
+            return tuple(cast(v.strip()) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated {what}, got {value!r}") from None
+    return convert
+
+
+def _key_values(ctx, param, values):
+    out = []
+    for p in values or ():
+        if "=" not in p:
+            raise click.BadParameter(f"expected KEY=VALUE, got {p!r}")
+        k, v = p.split("=", 1)
+        # kept as typed: the reader's option types decide (pipeline.downstream.datasets.registry.check_options)
+        out.append((k.strip().replace("-", "_"), v.strip()))
+    return tuple(out)
+
+
+def _shown_range(kind, opt: Option):
+    """A click number type that shows the bounds in ``--help`` but leaves checking them to
+    :func:`check_fields` (one message for the command line and the YAML)."""
+    class ShownRange(kind):
+        def convert(self, value, param, ctx):
+            return (click.INT if kind is click.IntRange else click.FLOAT).convert(value, param, ctx)
+
+    return ShownRange(min=opt.min, max=opt.max, min_open=opt.min_open, max_open=opt.max_open)
+
+
+def _int_or_text():
+    class IntOrText(click.ParamType):
+        """``int | str`` (``--unfreeze-last 2`` or ``all``): a whole number when the text is one."""
+        name = "integer|text"
+
+        def convert(self, value, param, ctx):
+            if isinstance(value, int):
+                return value
+            text = str(value).strip()
+            return int(text) if text.lstrip("-").isdigit() else text
+
+    return IntOrText()
+
+
+def _scalar_type(base: Any, opt: Option):
+    if typing.get_origin(base) in (typing.Union, types.UnionType) and set(typing.get_args(base)) == {int, str}:
+        return _int_or_text()
+    if opt.choices is not None:
+        return click.Choice([str(c) for c in opt.choices])
+    if opt.exists is not None:
+        return click.Path(exists=True, file_okay=opt.exists != "dir", dir_okay=opt.exists != "file")
+    if opt.path is not None:
+        return click.Path(file_okay=opt.path != "dir", dir_okay=opt.path != "file")
+    bounded = opt.min is not None or opt.max is not None
+    if base is int:
+        return _shown_range(click.IntRange, opt) if bounded else int
+    if base is float:
+        return _shown_range(click.FloatRange, opt) if bounded else float
+    return str
+
+
+def click_params(cls) -> list:
+    """One click option per command-line :func:`option` field of ``cls``, in field order; the
+    parameter name is the field name, so the parsed values are ``cls``'s keyword arguments."""
+    params = []
+    for f, opt, hint in options_of(cls):
+        if not opt.cli:
+            continue
+        base, _ = unwrap_optional(hint)
+        names = option_names(f, opt)
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        kw: dict[str, Any] = {"help": opt.help, "metavar": opt.metavar}
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory
+        else:
+            default = None
+        decl = list(names)
+        if base is bool:
+            if opt.negatable:
+                decl = [f"{names[0]}/--no-{names[0][2:]}"]
+            kw.update(is_flag=True, default=bool(default), show_default=opt.negatable)
+        elif is_pairs(base):
+            kw.update(multiple=True, callback=_key_values, metavar=opt.metavar or "KEY=VALUE")
+        elif typing.get_origin(base) is tuple and opt.repeat:
+            elem = typing.get_args(base)[0]
+            kw.update(multiple=True, type=_scalar_type(elem, opt), required=required)
+            if not required and default not in (None, ()):
+                kw.update(default=default, show_default=opt.show_default or True)
+        elif typing.get_origin(base) is tuple:
+            elem = typing.get_args(base)[0]
+            cast = elem if elem in (int, float) else str
+            kw.update(type=str, callback=_split_csv(cast), required=required)
+            if not required:
+                kw["default"] = default_text(default) if default not in (None, ()) else None
+            if default not in (None, ()):
+                kw["show_default"] = opt.show_default or True
+        else:
+            kw.update(type=_scalar_type(base, opt), required=required)
+            if not required:  # click (8.3+) takes an explicit default=None as a value that satisfies required
+                kw["default"] = default
+            if opt.show_default is not None:
+                kw["show_default"] = opt.show_default
+            elif default is not None and not callable(default):
+                kw["show_default"] = True
+        params.append(click.Option([*decl, f.name], **kw))
+    return params
+
+
+def click_options(cls) -> Callable[[Callable], Callable]:
+    """A decorator adding :func:`click_params` of ``cls`` to a click command function."""
+    def apply(fn: Callable) -> Callable:
+        params = click_params(cls)
+        # click's decorators collect parameters in reverse, for the command to restore their order
+        fn.__click_params__ = getattr(fn, "__click_params__", []) + list(reversed(params))  # type: ignore[attr-defined]
+        return fn
+
+    return apply
+
+
 class StageCommand(click.Command):
     """A stage's command: its options are generated from the stage's config dataclass
-    (``pipeline.options.click_params``), and the callback gets the config built from the parsed values.
+    (:func:`click_params`), and the callback gets the config built from the parsed values.
 
     ``config`` is ``"module:Class"`` (or the class); the stage module is imported when the options are
     first needed (parsing or ``--help``), so that ``mflag cache info`` or ``mflag --help`` do not import
@@ -118,8 +268,6 @@ class StageCommand(click.Command):
 
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
         if not self._generated:
-            from pipeline.options import click_params
-
             self.params[:0] = click_params(self.config_class())
             self._generated = True
         return super().get_params(ctx)
@@ -165,7 +313,6 @@ def _echo_summary(summary: dict) -> None:
 @user_errors
 def synth_mimic(out_dir, n_studies, seed, image_size, zip_reports, workers):
     """A MIMIC-CXR-JPG 2.0.0 tree with reports, CSVs and chest phantoms."""
-    from pipeline.synth.mimic import write_mimic
 
     _echo_summary(write_mimic(out_dir, n_studies, seed, image_size=image_size, zip_reports=zip_reports,
                               workers=workers))
@@ -173,7 +320,6 @@ def synth_mimic(out_dir, n_studies, seed, image_size, zip_reports, workers):
 
 def _downstream_command(name: str, default_size: int, extra=()):
     def command(out_dir, n, seed, image_size, **kwargs):
-        from pipeline.synth.downstream import WRITERS
 
         _echo_summary(WRITERS[name](out_dir, n, seed, image_size=image_size, **kwargs))
 
@@ -206,7 +352,6 @@ _monochrome1 = click.option("--monochrome1-fraction", type=click.FloatRange(0, 1
 @user_errors
 def synth_openi(out_dir, n_reports, seed, image_size):
     """An IU X-ray / OpenI corpus: NLMCXR_reports.tgz, images/<id>.png, indiana_projections.csv."""
-    from pipeline.synth.openi import write_openi
 
     _echo_summary(write_openi(out_dir, n_reports, seed, image_size=image_size))
 
@@ -233,7 +378,7 @@ def prepare_mimic(cfg) -> None:
 
 
 def _prepare_corpus(cfg) -> None:
-    from stages import prepare as stage
+    from stages import prepare as stage  # lazy: imports torch
 
     res = stage.run(cfg)
     for split, info in res.splits.items():
@@ -245,7 +390,6 @@ def _prepare_corpus(cfg) -> None:
 
 def _add_corpus_commands() -> None:
     """``prepare <corpus>`` for every other corpus of the registry (pipeline/corpora/__init__.py)."""
-    from pipeline.corpora import CORPORA
 
     for c in CORPORA.values():
         if c.name != "mimic":  # declared above, under the config name pipelines and tests know
@@ -260,7 +404,7 @@ _add_corpus_commands()
 @cli.command("embed-text", cls=StageCommand, config="stages.embed_text:EmbedTextConfig")
 def embed_text(cfg) -> None:
     """Embed every report once with the frozen text encoder into an HDF5 cache."""
-    from stages.embed_text import run
+    from stages.embed_text import run  # lazy: imports torch
 
     result = run(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -277,7 +421,6 @@ def cache_info_cmd(path: str, as_json: bool) -> None:
     """Attributes, counts and truncation stats of a text cache (PATH: cache folder or its parent)."""
     import json
 
-    from cache.verify import cache_info
 
     info = cache_info(path)
     if as_json:
@@ -295,7 +438,6 @@ def cache_info_cmd(path: str, as_json: bool) -> None:
 @user_errors
 def cache_verify_cmd(path: str) -> None:
     """Check every shard of a text cache: present, readable, counts, dims, hashes, attributes."""
-    from cache.verify import verify_cache
 
     report = verify_cache(path)
     click.echo(f"ok: {report['path']} ({report['count']} embeddings, dim {report['dim']}, "
@@ -307,7 +449,7 @@ def cache_verify_cmd(path: str) -> None:
 @cli.command("train-vision", cls=StageCommand, config="stages.train_vision:TrainVisionConfig")
 def train_vision(cfg) -> None:
     """Pre-train the ResNet50 image encoder against cached report embeddings (M-FLAG)."""
-    from stages.train_vision import run
+    from stages.train_vision import run  # lazy: imports torch
 
     summary = run(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -323,7 +465,7 @@ def eval_cmd(cfg) -> None:
     """Train and test a downstream head on an encoder (cls, seg, det), or score images against texts through
     a pre-training run's projector and text head (zeroshot, retrieval: no training); writes
     OUT/results.json and a results.md row."""
-    from stages.evaluate import run
+    from stages.evaluate import run  # lazy: imports torch
 
     res = run(cfg)
     p = res["primary_metric"]
@@ -339,7 +481,7 @@ def eval_cmd(cfg) -> None:
 @cli.command("splits", cls=StageCommand, config="stages.splits:SplitsConfig")
 def splits_cmd(cfg) -> None:
     """Write a dataset's train/val/test and label-fraction id lists from its label files alone."""
-    from stages.splits import run
+    from stages.splits import run  # lazy: imports torch
 
     res = run(cfg)
     counts = res.summary["counts"]
@@ -365,7 +507,7 @@ def splits_cmd(cfg) -> None:
 @user_errors
 def run_cmd(config_path, force, from_stage, workdir) -> None:
     """Run every stage of the pipeline in order, skipping stages whose outputs are up to date."""
-    from stages import orchestrate
+    from stages import orchestrate  # lazy: imports torch
 
     cfg = orchestrate.RunConfig(config=config_path, force=tuple(force), from_stage=from_stage, workdir=workdir)
     res = orchestrate.run(cfg)
@@ -390,7 +532,7 @@ def run_cmd(config_path, force, from_stage, workdir) -> None:
 @user_errors
 def status_cmd(config_path, force, from_stage, workdir) -> None:
     """Show each stage of a pipeline as fresh, stale, missing or forced, and why (what `run` would do)."""
-    from stages import orchestrate
+    from stages import orchestrate  # lazy: imports torch
 
     cfg = orchestrate.RunConfig(config=config_path, force=tuple(force), from_stage=from_stage, workdir=workdir)
     for st in orchestrate.status(cfg):
@@ -419,7 +561,6 @@ def stage_commands() -> dict[str, StageCommand]:
 
 def options_markdown() -> str:
     """The text of docs/OPTIONS.md: one table per stage command, from its config dataclass."""
-    from pipeline.options import markdown_table
 
     parts = ["# Options of the stage commands", "",
              "Generated from the stage config dataclasses (`pipeline/options.py`) by "
@@ -441,7 +582,6 @@ def options_doc(write: bool) -> None:
     if not write:
         click.echo(text, nl=False)
         return
-    from pipeline.common import atomic_open
 
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), OPTIONS_DOC)
     with atomic_open(path, "w", encoding="utf-8") as fh:

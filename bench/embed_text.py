@@ -1,7 +1,7 @@
 """Reports/s of embed-text's embedding path vs the original approach, side by side in one run.
 
 Original approach (M-FLAG research code): every report padded to 512 tokens, original order, no
-deduplication. Ours (``stages.embed_text.embed_texts``): distinct texts once, sorted by length,
+deduplication. Ours (``pipeline.text.embedding.embed_texts``): distinct texts once, sorted by length,
 each batch padded to its longest member, tokenization in a background thread, inference_mode.
 Both use the same randomly initialised BERT-base-shaped encoder (BertConfig defaults: 12 layers,
 768 hidden) on the same synthetic reports with MIMIC-like lengths (median ~60 words, long tail past
@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._result import emit  # noqa: E402
+from pipeline.text.embedding import embed_texts  # noqa: E402
 from pipeline.text.models import TextEncoder, random_bert, train_wordpiece_tokenizer  # noqa: E402
-from stages.embed_text import embed_texts  # noqa: E402
 
 VOCAB = ("the heart size is normal mediastinal and hilar contours are unremarkable lungs are clear "
          "without focal consolidation pleural effusion or pneumothorax there is mild bibasilar "

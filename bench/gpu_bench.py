@@ -169,7 +169,7 @@ class Bench:
     def main(self) -> int:
         import torch
 
-        from bench.gpu_setup import describe
+        from bench.gpu_setup import describe  # lazy: the driver checks its arguments before importing torch
 
         if not self.dry and not torch.cuda.is_available():
             print("bench/gpu.sh: no CUDA device (torch.cuda.is_available() is False); --dry-run runs on the CPU")

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.text.models import build_tiny_bert, quiet_transformers
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -152,7 +154,6 @@ def make_text_model(work: Path, s: Sizes, reports: Path) -> Path:
     _clear(folder)
     from transformers import BertModel
 
-    from pipeline.text.models import build_tiny_bert, quiet_transformers
 
     texts = [json.loads(line)["text"] for line in reports.read_text(encoding="utf-8").splitlines() if line.strip()]
     build_tiny_bert(texts, folder, hidden=s.bert_hidden, layers=s.bert_layers, heads=max(2, s.bert_hidden // 64),

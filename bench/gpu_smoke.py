@@ -121,8 +121,8 @@ class Smoke:
                                                 self.embed_device)
         secs = time.perf_counter() - t0
         from cache import TextEmbeddingCache
+        from pipeline.text.embedding import embed_texts
         from pipeline.text.models import load_text_model
-        from stages.embed_text import embed_texts
 
         cache = TextEmbeddingCache(root)
         rows = [json.loads(ln) for ln in reports.read_text().splitlines() if ln.strip()]

@@ -32,9 +32,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._result import emit  # noqa: E402
+from pipeline.corpora.shards import encode_image  # noqa: E402
 from pipeline.pretrain.augment import Augmenter, augment_one, original_recipe_torchvision  # noqa: E402
 from pipeline.pretrain.wds import decode_image  # noqa: E402
-from stages.prepare import encode_image  # noqa: E402
 
 
 def npy_bytes(arrays) -> list[bytes]:

@@ -28,8 +28,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._result import emit  # noqa: E402
+from pipeline.corpora.shards import encode_image  # noqa: E402
 from pipeline.imaging import RESAMPLE, UPSAMPLE_TOLERANCE, crop_zero_border, load_for_shard, minmax_uint8, read_image  # noqa: E402
-from stages.prepare import encode_image  # noqa: E402
 
 
 def make_inputs(folder: Path, n: int, side: int, noise: float = 2.3, seed: int = 0) -> list[Path]:

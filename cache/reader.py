@@ -8,7 +8,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import h5py
 import numpy as np
 
-from cache.format import INDEX_NAME, SHARD_RE, CacheError, CacheMismatchError
+from cache.format import INDEX_NAME, SHARD_RE, CacheError, CacheMismatchError, decode_attr
 from pipeline.common import file_sha256, fingerprint, read_json
 
 
@@ -212,7 +212,6 @@ def _open_shard(path: Path, count: int, dim: int, dtype: np.dtype) -> tuple[np.m
 
 def _shard_attr(path: Path, name: str) -> Any:
     """One root attribute of a shard, decoded (None when absent); CacheError when unreadable."""
-    from cache.format import decode_attr
 
     try:
         with h5py.File(path, "r") as f:

@@ -19,6 +19,7 @@ from cache.format import (
     encode_attr,
     shard_name,
 )
+from pipeline import __version__
 from pipeline.common import atomic_path, file_sha256, write_json
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,6 @@ def write_index(cache_dir: str | os.PathLike, entries: Sequence[dict], dim: int,
 
 def cache_attrs(emb_dim: int, count: int, store_dtype: str, attrs: Mapping[str, Any]) -> dict:
     """The attributes every shard and the index carry: the caller's plus dim/count/store_dtype/version."""
-    from pipeline import __version__
 
     out = {"mflag_version": __version__, **attrs}
     out.update({"dim": int(emb_dim), "count": int(count), "store_dtype": store_dtype})

@@ -19,6 +19,8 @@ import typing
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
 
+from pipeline import __version__
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -182,7 +184,6 @@ def config_to_dict(cfg: Any) -> dict:
 
 def save_config(cfg: Any, out_dir: str | os.PathLike, name: str = "config.json", **extra: Any) -> Path:
     """Write the resolved config a stage ran with next to its outputs."""
-    from pipeline import __version__
 
     path = Path(out_dir) / name
     payload = {"config": config_to_dict(cfg), "mflag_version": __version__, **extra}

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from pipeline.common import MflagError
+from pipeline.distributed import all_gather_object
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +343,6 @@ def _take_dist(folder: Path, stage: str, scope: str | None, allow_read_only: boo
     """Rank 0 takes the lock; every rank learns the outcome before anything is written."""
     if dist is None or not getattr(dist, "enabled", False):
         return _take(folder, stage, scope, allow_read_only)
-    from pipeline.distributed import all_gather_object
 
     lock, mine = None, None
     if dist.is_main:

@@ -5,7 +5,8 @@ in its metadata. From the dataclass alone this module derives:
 
 - the checks of ``__post_init__`` (:func:`check_fields`: type, choices, bounds; an error names the
   field, and ``cli.py`` renames it to the option as typed);
-- the click options of the stage's command (:func:`click_options`);
+- the click options of the stage's command (``cli.click_params`` builds them from :func:`options_of`;
+  this module does not import click);
 - the option name of a field for error messages (:func:`option_name`);
 - the pipeline YAML's checks (``stages/orchestrate.py`` reads the same fields and types);
 - the options table of the docs (:func:`markdown_table`, written to docs/OPTIONS.md).
@@ -14,7 +15,7 @@ Cross-field rules (``crop_size <= image_size``) stay in the stage's ``__post_ini
 ``check_fields(self)``. Why not pydantic: the checks needed are few (types, choices, bounds), a
 command line and a YAML file read values differently (``pipeline.common.coerce_to_hint`` decides
 both), and errors must be one line naming the option as the user typed it; a small module that
-also generates the click options is less code than adapting a validation library to do that.
+feeds the click options is less code than adapting a validation library to do that.
 """
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ def check_device(name: str, value: str) -> None:
         raise ConfigError(f"{name}: expected auto, cpu, cuda or cuda:N, got {value!r}")
 
 
-def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
+def unwrap_optional(hint: Any) -> tuple[Any, bool]:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
         inner = [a for a in args if a is not type(None)]
@@ -125,7 +126,7 @@ def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
     return hint, False
 
 
-def _is_pairs(hint: Any) -> bool:
+def is_pairs(hint: Any) -> bool:
     """``tuple[tuple[str, Any], ...]``: KEY=VALUE options."""
     if typing.get_origin(hint) is not tuple:
         return False
@@ -143,7 +144,7 @@ def check_fields(cfg: Any) -> None:
     bounds; a ConfigError names the first bad field (``batch_size: must be >= 2, got 1``)."""
     for f, opt, hint in options_of(type(cfg)):
         value = getattr(cfg, f.name)
-        base, optional = _unwrap_optional(hint)
+        base, optional = unwrap_optional(hint)
         if value is None:
             if optional:
                 continue
@@ -218,149 +219,10 @@ def option_choices(cls, field: str) -> tuple[Any, ...] | None:
     raise KeyError(f"{cls.__name__} has no option {field!r}")
 
 
-def _split_csv(cast: Callable[[str], Any]) -> Callable:
-    what = {int: "integers", float: "numbers"}.get(cast, "values")
-
-    def convert(ctx, param, value):
-        if value is None:
-            return None
-        if isinstance(value, (tuple, list)):
-            return tuple(value)
-        try:
-            return tuple(cast(v.strip()) for v in str(value).split(",") if v.strip())
-        except ValueError:
-            import click
-
-            raise click.BadParameter(f"expected comma-separated {what}, got {value!r}") from None
-    return convert
-
-
-def _key_values(ctx, param, values):
-    import click
-
-    out = []
-    for p in values or ():
-        if "=" not in p:
-            raise click.BadParameter(f"expected KEY=VALUE, got {p!r}")
-        k, v = p.split("=", 1)
-        # kept as typed: the reader's option types decide (pipeline.downstream.datasets.registry.check_options)
-        out.append((k.strip().replace("-", "_"), v.strip()))
-    return tuple(out)
-
-
-def _default_text(default: Any) -> str:
+def default_text(default: Any) -> str:
     if isinstance(default, tuple):
         return ",".join(map(str, default))
     return str(default)
-
-
-def _shown_range(kind, opt: Option):
-    """A click number type that shows the bounds in ``--help`` but leaves checking them to
-    :func:`check_fields` (one message for the command line and the YAML)."""
-    class ShownRange(kind):
-        def convert(self, value, param, ctx):
-            import click
-
-            return (click.INT if kind is click.IntRange else click.FLOAT).convert(value, param, ctx)
-
-    return ShownRange(min=opt.min, max=opt.max, min_open=opt.min_open, max_open=opt.max_open)
-
-
-def _int_or_text():
-    import click
-
-    class IntOrText(click.ParamType):
-        """``int | str`` (``--unfreeze-last 2`` or ``all``): a whole number when the text is one."""
-        name = "integer|text"
-
-        def convert(self, value, param, ctx):
-            if isinstance(value, int):
-                return value
-            text = str(value).strip()
-            return int(text) if text.lstrip("-").isdigit() else text
-
-    return IntOrText()
-
-
-def _scalar_type(base: Any, opt: Option):
-    import click
-
-    if typing.get_origin(base) in (typing.Union, types.UnionType) and set(typing.get_args(base)) == {int, str}:
-        return _int_or_text()
-    if opt.choices is not None:
-        return click.Choice([str(c) for c in opt.choices])
-    if opt.exists is not None:
-        return click.Path(exists=True, file_okay=opt.exists != "dir", dir_okay=opt.exists != "file")
-    if opt.path is not None:
-        return click.Path(file_okay=opt.path != "dir", dir_okay=opt.path != "file")
-    bounded = opt.min is not None or opt.max is not None
-    if base is int:
-        return _shown_range(click.IntRange, opt) if bounded else int
-    if base is float:
-        return _shown_range(click.FloatRange, opt) if bounded else float
-    return str
-
-
-def click_params(cls) -> list:
-    """One click option per command-line :func:`option` field of ``cls``, in field order; the
-    parameter name is the field name, so the parsed values are ``cls``'s keyword arguments."""
-    import click
-
-    params = []
-    for f, opt, hint in options_of(cls):
-        if not opt.cli:
-            continue
-        base, _ = _unwrap_optional(hint)
-        names = option_names(f, opt)
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        kw: dict[str, Any] = {"help": opt.help, "metavar": opt.metavar}
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory
-        else:
-            default = None
-        decl = list(names)
-        if base is bool:
-            if opt.negatable:
-                decl = [f"{names[0]}/--no-{names[0][2:]}"]
-            kw.update(is_flag=True, default=bool(default), show_default=opt.negatable)
-        elif _is_pairs(base):
-            kw.update(multiple=True, callback=_key_values, metavar=opt.metavar or "KEY=VALUE")
-        elif typing.get_origin(base) is tuple and opt.repeat:
-            elem = typing.get_args(base)[0]
-            kw.update(multiple=True, type=_scalar_type(elem, opt), required=required)
-            if not required and default not in (None, ()):
-                kw.update(default=default, show_default=opt.show_default or True)
-        elif typing.get_origin(base) is tuple:
-            elem = typing.get_args(base)[0]
-            cast = elem if elem in (int, float) else str
-            kw.update(type=str, callback=_split_csv(cast), required=required)
-            if not required:
-                kw["default"] = _default_text(default) if default not in (None, ()) else None
-            if default not in (None, ()):
-                kw["show_default"] = opt.show_default or True
-        else:
-            kw.update(type=_scalar_type(base, opt), required=required)
-            if not required:  # click (8.3+) takes an explicit default=None as a value that satisfies required
-                kw["default"] = default
-            if opt.show_default is not None:
-                kw["show_default"] = opt.show_default
-            elif default is not None and not callable(default):
-                kw["show_default"] = True
-        params.append(click.Option([*decl, f.name], **kw))
-    return params
-
-
-def click_options(cls) -> Callable[[Callable], Callable]:
-    """A decorator adding :func:`click_params` of ``cls`` to a click command function."""
-    def apply(fn: Callable) -> Callable:
-        params = click_params(cls)
-        # click's decorators collect parameters in reverse, for the command to restore their order
-        fn.__click_params__ = getattr(fn, "__click_params__", []) + list(reversed(params))  # type: ignore[attr-defined]
-        return fn
-
-    return apply
 
 
 # --------------------------------------------------------------------------- docs
@@ -368,7 +230,7 @@ def markdown_table(cls, command: str) -> str:
     """The options of ``cls`` as a Markdown table (option, default, meaning), for docs/OPTIONS.md."""
     rows = [f"### `{command}`", "", "| option | default | meaning |", "|---|---|---|"]
     for f, opt, hint in options_of(cls):
-        base, _ = _unwrap_optional(hint)
+        base, _ = unwrap_optional(hint)
         name = ", ".join(f"`{n}`" for n in option_names(f, opt)) if opt.cli else f"`{f.name}` (YAML only)"
         if base is bool and opt.negatable and opt.cli:
             name = f"`{option_names(f, opt)[0]}` / `--no-{option_names(f, opt)[0][2:]}`"
@@ -379,13 +241,13 @@ def markdown_table(cls, command: str) -> str:
         elif opt.show_default is not None:
             default = opt.show_default
         elif f.default_factory is not dataclasses.MISSING:
-            default = _default_text(f.default_factory())
+            default = default_text(f.default_factory())
         elif f.default is None or f.default == ():
             default = "-"
         elif opt.repeat:
             default = ", ".join(map(str, f.default))
         else:
-            default = _default_text(f.default)
+            default = default_text(f.default)
         meaning = opt.help
         if opt.choices is not None:
             meaning += " One of: " + ", ".join(f"`{c}`" for c in opt.choices) + "."

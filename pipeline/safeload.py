@@ -17,6 +17,8 @@ pickles alike:
 
 ``safetensors`` files (no code at all) are read with the safetensors library. TorchScript archives
 are refused: they hold code, and a state_dict export is what this tool needs.
+
+Writing goes through :func:`torch_save` (atomic, and the bytes depend on the tensors alone).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pipeline.common import MflagError
+from pipeline.common import MflagError, atomic_path
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -335,3 +337,12 @@ def _torch_load(path: Path) -> Any:
     # torch's own weights-only loader cannot load Lightning hyper-parameters (refused outright) and
     # this one refuses the same calls while keeping the rest as inert stubs.
     return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle_module())
+
+
+def torch_save(obj: Any, path: Path) -> None:
+    """Atomic ``torch.save`` (temp file + fsync + rename) whose bytes depend on ``obj`` alone: given a
+    file name, torch names the archive's top folder after it (the random temp name here), so identical
+    tensors gave different files and eval's checkpoint hash changed; through an open file the folder
+    is always ``archive``."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.common import ConfigError, MflagError, fingerprint
+from pipeline.common import ConfigError, MflagError, atomic_path, fingerprint, read_text_utf8
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,6 @@ def append_metrics(path: str | os.PathLike, rec: Mapping[str, Any]) -> None:
 def trim_metrics(path: str | os.PathLike, step: int) -> None:
     """On resume, drop the lines of ``metrics.jsonl`` past ``step`` (those steps run again) and a line
     cut by the kill; the file is replaced atomically."""
-    from pipeline.common import atomic_path, read_text_utf8
 
     path = Path(path)
     if not path.is_file():

@@ -20,16 +20,15 @@ from cache import writer
 from cache.build import check_existing, finalize_index, is_cache_dir, write_shards
 from cache.format import FORMAT_VERSION, INDEX_NAME, STORE_DTYPES, CacheError, shard_name
 from pipeline.common import ConfigError, fingerprint, progress, save_config
-from pipeline.distributed import resolve_precision
+from pipeline.distributed import barrier, cleanup, init_distributed, resolve_precision
 from pipeline.locks import OutputLock, output_lock
 from pipeline.options import check_fields, option
-from pipeline.text.embedding import embed_many, embed_texts, plan_batches
+from pipeline.text.embedding import embed_many
 from pipeline.text.models import DEFAULT_TEXT_MODEL, POOLINGS, TextEncoder, load_text_model, torch_dtype
 from pipeline.text.reportfile import ReportInputError, ReportSet, load_reports
 
-# embed_texts, plan_batches and ReportInputError are re-exported: tests and bench/ import them from here.
-__all__ = ["EmbedTextConfig", "EmbedTextResult", "ReportInputError", "content_key", "embed_texts", "plan_batches",
-           "run"]
+# ReportInputError is what the stage raises for a bad reports file: part of its interface.
+__all__ = ["EmbedTextConfig", "EmbedTextResult", "ReportInputError", "content_key", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +101,6 @@ def content_key(encoder: TextEncoder, reports: ReportSet, config: EmbedTextConfi
 def run(config: EmbedTextConfig) -> EmbedTextResult:
     """Embed every report of ``config.reports`` into ``config.out/<fingerprint>/`` (or into ``out``
     itself when it already is a cache folder); returns where the cache is and what was done."""
-    from pipeline.distributed import barrier, cleanup, init_distributed
 
     # cuda:N is validated against the visible GPUs and becomes the current device (so pinned copies and
     # anything that says just "cuda" use it); under torchrun each rank takes its LOCAL_RANK GPU.

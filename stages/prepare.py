@@ -39,14 +39,13 @@ from pipeline.corpora.shards import (
     TooManyBadItems,
     check_bad,
     done_record,
-    encode_image,
     plan_shards,
     write_shard,
 )
 from pipeline.locks import output_lock
 
-# encode_image and TooManyBadItems are re-exported: bench/ and tests import them from here.
-__all__ = ["FORMAT_VERSION", "PrepareConfig", "PrepareResult", "TooManyBadItems", "encode_image", "run"]
+# TooManyBadItems is what the stage raises over --max-bad-fraction: part of its interface.
+__all__ = ["FORMAT_VERSION", "PrepareConfig", "PrepareResult", "TooManyBadItems", "run"]
 
 log = logging.getLogger(__name__)
 

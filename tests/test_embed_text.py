@@ -17,8 +17,9 @@ from click.testing import CliRunner
 import cli
 from cache import CacheError, CacheMismatchError, TextEmbeddingCache
 from cache.verify import verify_cache
+from pipeline.text.embedding import plan_batches
 from pipeline.text.models import TextModelError, build_tiny_bert, load_text_model
-from stages.embed_text import EmbedTextConfig, ReportInputError, plan_batches, run
+from stages.embed_text import EmbedTextConfig, ReportInputError, run
 from tests._text_helpers import make_reports, reference_embeddings, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]

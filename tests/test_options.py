@@ -6,10 +6,10 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from cli import click_options
 from pipeline.common import ConfigError
 from pipeline.options import (
     check_fields,
-    click_options,
     markdown_table,
     option,
     option_choices,

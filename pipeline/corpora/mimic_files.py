@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from pipeline.common import MflagError, unsafe_id_reason
+from pipeline.common import MflagError, progress, unsafe_id_reason
+from pipeline.text.sections import extract_sections, join_sections
 
 METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv"
 SPLIT_CSV = "mimic-cxr-2.0.0-split.csv"
@@ -366,8 +367,6 @@ def study_texts(by_study: dict[tuple[str, str], list], reports_path: str, sectio
     whose study has no readable report. Unreadable or missing reports go to ``report.add_bad``, reports
     without text in those sections to ``report.add_dropped``. Read in the calling process: the zip
     handle must not cross a fork."""
-    from pipeline.common import progress
-    from pipeline.text.sections import extract_sections, join_sections
 
     texts: dict[tuple[str, str], tuple[str, list[str]]] = {}
     n_bad_images = 0

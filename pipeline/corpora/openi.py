@@ -28,7 +28,7 @@ from pipeline.corpora.base import (
     sections_option,
     splits_option,
 )
-from pipeline.corpora.mimic_files import BadItem
+from pipeline.corpora.mimic_files import BadItem, read_csv
 from pipeline.options import option
 from pipeline.text.sections import ALIASES, join_sections
 
@@ -130,7 +130,6 @@ def iter_reports(path: str | Path) -> Iterator[tuple[str, str, bytes]]:
 
 def read_projections(path: str | Path) -> dict[str, str]:
     """``indiana_projections.csv`` -> {image id as in parentImage (``CXR<filename stem>``): projection}."""
-    from pipeline.corpora.mimic_files import read_csv
 
     out: dict[str, str] = {}
     for _, row in read_csv(path, PROJECTIONS_COLUMNS):

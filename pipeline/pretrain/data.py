@@ -16,10 +16,12 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from cache import TextEmbeddingCache
 from pipeline.common import ConfigError
-from pipeline.distributed import DistInfo, any_rank
+from pipeline.distributed import DistInfo, all_gather_object, any_rank
 from pipeline.pretrain import wds as wdsp
 from pipeline.pretrain.step import batch_per_rank
+from pipeline.text.models import OnlineTextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,6 @@ def _check_shard_files(train: wdsp.ShardSet, dist: DistInfo) -> None:
     over the ranks; the first problem any rank found stops every rank with the same line."""
     import os
 
-    from pipeline.distributed import all_gather_object
 
     if not train.digests:
         if train.manifest is not None and dist.is_main:
@@ -112,7 +113,6 @@ def open_targets(text_mode: str, urls: list[str], *, text_cache: str | None, rep
     last ``unfreeze_last`` layers trainable). Fails before loading a model when the first samples of
     the training shards ``urls`` have no target (:func:`check_targets_cover`)."""
     if text_mode == "cache":
-        from cache import TextEmbeddingCache
 
         cache = TextEmbeddingCache(text_cache)
         t0 = time.perf_counter()
@@ -127,7 +127,6 @@ def open_targets(text_mode: str, urls: list[str], *, text_cache: str | None, rep
         check_targets_cover(urls, targets, f"text cache {text_cache}", is_main)
         return Targets(targets, None, cache.dim, cache.attrs.get("text_encoder_params"),
                        cache.attrs.get("model_id", "?"), cache.identity)
-    from pipeline.text.models import OnlineTextEncoder
 
     targets = wdsp.ReportTexts(wdsp.read_reports(reports))
     check_targets_cover(urls, targets, f"reports {reports}", is_main)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+from pipeline.common import ConfigError
+
 
 class WarmupCosine:
     """Linear warmup from 0 to 1 over ``warmup_steps``, then cosine decay to ``min_ratio`` at ``total_steps``.
@@ -92,7 +94,6 @@ def restart_cycle(restart_every: int | None, restart_period: str, restart_fracti
                   num_samples: int, batch_per_process: int, total_steps: int) -> int:
     """Steps per cosine cycle: ``restart_every``, the original's T_0 (``restart_period`` "original"),
     or ``restart_fraction`` of the run. Raises ConfigError when the original's T_0 is below 1."""
-    from pipeline.common import ConfigError
 
     if restart_every:
         return restart_every

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.common import ConfigError, MflagError, atomic_path, read_json, write_json
+from pipeline.common import ConfigError, MflagError, read_json, write_json
 from pipeline.distributed import DistInfo, all_gather_object, barrier
-from pipeline.safeload import safe_load
+from pipeline.safeload import safe_load, torch_save
+from pipeline.vision.models import save_encoder_files
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +68,6 @@ def set_rng_state(st: dict) -> None:
     else:
         np.random.set_state(npst)
     torch.set_rng_state(st["torch"])
-
-
-def torch_save(obj: Any, path: Path) -> None:
-    """Atomic ``torch.save`` (temp file + fsync + rename) whose bytes depend on ``obj`` alone: given a
-    file name, torch names the archive's top folder after it (the random temp name here), so identical
-    tensors gave different files and eval's checkpoint hash changed; through an open file the folder
-    is always ``archive``."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        torch.save(obj, fh)
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -165,12 +157,10 @@ def check_resumable(ck, path: Path, *, fmt: int, fingerprint: str, semantic: dic
 def write_finished_run(out: Path, vision: nn.Module, summary: dict, spectrum: dict | None, *, text_head: str,
                        text_dim: int, hidden_dim: int, drop_checkpoints: bool) -> None:
     """What a finished run leaves in ``out``, each file written atomically: the encoder and projector
-    files (``checkpoints.save_encoder_files``), ``spectrum.json`` (the final probe's centred and
+    files (``pipeline.vision.models.save_encoder_files``), ``spectrum.json`` (the final probe's centred and
     uncentred singular values of zv and za with N, D and effective ranks; ``pipeline.pretrain.probes.spectrum``)
     and ``summary.json`` last, which marks the run finished (:func:`finished_summary`). With
     ``drop_checkpoints`` the multi-100 MB resume points go."""
-    from pipeline.vision.checkpoints import save_encoder_files
-
     if len(set(summary["param_checksum_per_rank"])) > 1:
         log.error("ranks ended with different weights: %s", summary["param_checksum_per_rank"])
     save_encoder_files(out, vision, text_head, text_dim, hidden_dim)

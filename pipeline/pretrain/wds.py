@@ -38,8 +38,18 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.common import MflagError, RateLimitedLog, read_json
+from cache import TextEmbeddingCache
+from pipeline.common import (
+    MflagError,
+    RateLimitedLog,
+    file_sha256,
+    read_json,
+    read_text_utf8,
+    replace_surrogates,
+    unsafe_id_reason,
+)
 from pipeline.imaging import resize_u8
+from pipeline.preempt import ignore_in_worker
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +351,6 @@ class CacheTargets:
     @property
     def cache(self):
         if self._cache is None:
-            from cache import TextEmbeddingCache
 
             self._cache = TextEmbeddingCache(self.path)
         return self._cache
@@ -370,7 +379,6 @@ class ReportTexts:
 
 def read_reports(path: str | os.PathLike) -> dict[str, str]:
     """``reports.jsonl`` (prepare's output) -> {study_id: text}; a bad line is an error naming it."""
-    from pipeline.common import read_text_utf8, replace_surrogates
 
     path = Path(path)
     out: dict[str, str] = {}
@@ -572,7 +580,6 @@ def train_pipeline(urls: list[str], state: StreamState, targets, batch_size: int
 
 def make_loader(pipeline, num_workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader over an already-batched pipeline (workers re-pickle it at each ``iter``)."""
-    from pipeline.preempt import ignore_in_worker
 
     kw: dict[str, Any] = {}
     if num_workers > 0:
@@ -622,7 +629,6 @@ class ShardSet:
 def _manifest_names(manifest: Path, folder: Path, names) -> list[str]:
     """Shard names a manifest lists, each a plain file name inside ``folder``: a manifest that names
     ``/etc/passwd`` or ``../../outside/x.tar`` is refused, not read."""
-    from pipeline.common import unsafe_id_reason
 
     out = []
     for n in names:
@@ -650,7 +656,6 @@ def check_shard_files(shards: ShardSet, rank: int = 0, world_size: int = 1, thre
     work. Returns ``(the first problem, or None; bytes hashed)``."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.common import file_sha256
 
     if not shards.digests:
         return None, 0

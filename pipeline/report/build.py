@@ -18,6 +18,7 @@ from typing import Any
 
 from pipeline.common import read_json, read_text_utf8
 from pipeline.report import plots, stats
+from pipeline.vision.models import MFlagVision, count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -447,7 +448,6 @@ def _cxr_bert_reference() -> tuple[int, int] | None:
         import torch
         from transformers import BertConfig, BertModel
 
-        from pipeline.vision.models import MFlagVision, count_parameters
 
         with torch.device("meta"):
             bert = BertModel(BertConfig(vocab_size=30522))  # CXR-BERT-general: BERT-base, 30,522 tokens

@@ -15,6 +15,7 @@ import textwrap
 import numpy as np
 
 from pipeline.synth.phantom import LOBES, Findings, Opacity, Sided
+from pipeline.text.sections import extract_sections
 
 # Column order of mimic-cxr-2.0.0-chexpert.csv (FORMATS.md section 1).
 CHEXPERT_LABELS = (
@@ -108,7 +109,6 @@ def _aggregate(found: dict[str, set[float]], any_text: bool) -> dict[str, float 
 
 def label_report(text: str) -> dict[str, float | None]:
     """Label a report's findings + impression sections (all aliases) with ``label_sentences``."""
-    from pipeline.text.sections import extract_sections
 
     sec = extract_sections(text)
     body = " ".join(sec[k] for k in ("findings", "impression") if sec.get(k))

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from pipeline.common import progress
+from pipeline.text.models import quiet_transformers
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,6 @@ def pretrain_mlm(model_dir: str | Path, texts: list[str], steps: int = 300, batc
     """
     from transformers import AutoTokenizer, BertForMaskedLM, BertModel, DataCollatorForLanguageModeling
 
-    from pipeline.text.models import quiet_transformers
 
     model_dir = Path(model_dir)
     torch.manual_seed(seed)

@@ -197,27 +197,3 @@ def load_encoder(init: str) -> tuple[nn.Module, dict]:
 def build_encoder(init: str) -> nn.Module:
     """ResNet50 trunk (torchvision, fc = Identity, 2048-d output) initialised from random|imagenet|PATH."""
     return load_encoder(init)[0]
-
-
-def save_encoder_files(out: Path, vision: nn.Module, text_head_kind: str, text_dim: int, hidden_dim: int) -> None:
-    """train-vision's outputs for downstream use, each written atomically: ``encoder.pt`` (the trunk as a
-    torchvision resnet50 state_dict without ``fc.*``), the same as ``encoder.safetensors``, and
-    ``projector.pt`` (projector and text head with the dimensions that rebuild them)."""
-    from safetensors.torch import save_file
-
-    from pipeline.common import atomic_path
-    from pipeline.pretrain.state import torch_save
-    from pipeline.vision.models import encoder_state_dict
-
-    encoder = encoder_state_dict(vision)
-    torch_save(encoder, out / "encoder.pt")
-    # The same weights as safetensors: loadable anywhere without unpickling anything.
-    with atomic_path(out / "encoder.safetensors") as tmp:
-        # One metadata key: safetensors writes several in a per-process random (hash) order, and the
-        # file's bytes must depend on the tensors alone (eval hashes encoder files).
-        save_file({k: v.contiguous() for k, v in encoder.items()}, str(tmp), metadata={"format": "pt"})
-    proj = {"projector": {k: v.cpu() for k, v in vision.projector.state_dict().items()},
-            "text_head": {k: v.cpu() for k, v in vision.text_head.state_dict().items()},
-            "text_head_kind": text_head_kind, "text_dim": text_dim,
-            "proj_dim": vision.proj_dim, "hidden_dim": hidden_dim}
-    torch_save(proj, out / "projector.pt")

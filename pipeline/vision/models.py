@@ -10,7 +10,9 @@ from pathlib import Path
 import torch.nn as nn
 from torch import Tensor
 
-from pipeline.common import ConfigError
+from pipeline.common import ConfigError, atomic_path
+from pipeline.safeload import torch_save
+from pipeline.vision.checkpoints import load_encoder
 
 __all__ = [
     "TRUNK_DIM",
@@ -33,8 +35,6 @@ def build_resnet50_trunk(init: str = "random") -> nn.Module:
     recognises (this tool's encoder.pt or training checkpoint, the original M-FLAG code, MGCA, GLoRIA,
     a plain torchvision state_dict). One loader serves pre-training and downstream evaluation.
     """
-    from pipeline.vision.checkpoints import load_encoder
-
     if init not in ("random", "imagenet") and not Path(init).expanduser().exists():
         raise ConfigError(f"init: expected 'random', 'imagenet' or a checkpoint file; {init!r} is neither")
     return load_encoder(init)[0]
@@ -121,3 +121,23 @@ def encoder_state_dict(model: nn.Module) -> dict[str, Tensor]:
     trunk = unwrap_model(model.trunk) if isinstance(model, MFlagVision) else model
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in trunk.state_dict().items()
             if not k.startswith("fc.")}
+
+
+def save_encoder_files(out: Path, vision: nn.Module, text_head_kind: str, text_dim: int, hidden_dim: int) -> None:
+    """train-vision's outputs for downstream use, each written atomically: ``encoder.pt`` (the trunk as a
+    torchvision resnet50 state_dict without ``fc.*``), the same as ``encoder.safetensors``, and
+    ``projector.pt`` (projector and text head with the dimensions that rebuild them)."""
+    from safetensors.torch import save_file  # only a finished run needs safetensors
+
+    encoder = encoder_state_dict(vision)
+    torch_save(encoder, out / "encoder.pt")
+    # The same weights as safetensors: loadable anywhere without unpickling anything.
+    with atomic_path(out / "encoder.safetensors") as tmp:
+        # One metadata key: safetensors writes several in a per-process random (hash) order, and the
+        # file's bytes must depend on the tensors alone (eval hashes encoder files).
+        save_file({k: v.contiguous() for k, v in encoder.items()}, str(tmp), metadata={"format": "pt"})
+    proj = {"projector": {k: v.cpu() for k, v in vision.projector.state_dict().items()},
+            "text_head": {k: v.cpu() for k, v in vision.text_head.state_dict().items()},
+            "text_head_kind": text_head_kind, "text_dim": text_dim,
+            "proj_dim": vision.proj_dim, "hidden_dim": hidden_dim}
+    torch_save(proj, out / "projector.pt")
