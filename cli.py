@@ -366,17 +366,6 @@ _downstream_command("object-cxr", 512)
 
 
 # ==== prepare (stages/prepare.py) ====
-@cli.group()
-def prepare() -> None:
-    """Turn a raw dataset into webdataset shards and a reports file for embed-text."""
-
-
-@prepare.command("mimic", cls=StageCommand, config="stages.prepare:PrepareConfig")
-def prepare_mimic(cfg) -> None:
-    """MIMIC-CXR-JPG images + reports -> OUT/shards/<split>-NNNNNN.tar, OUT/reports.jsonl, manifest."""
-    _prepare_corpus(cfg)
-
-
 def _prepare_corpus(cfg) -> None:
     from stages import prepare as stage  # lazy: imports torch
 
@@ -388,15 +377,25 @@ def _prepare_corpus(cfg) -> None:
                f"manifest {res.out / 'manifest.json'}")
 
 
-def _add_corpus_commands() -> None:
-    """``prepare <corpus>`` for every other corpus of the registry (pipeline/corpora/__init__.py)."""
+class CorpusGroup(click.Group):
+    """``prepare <corpus>``: one stage command per entry of the corpus registry (``pipeline.corpora.CORPORA``),
+    built when it is listed or called, so a corpus added to the registry is a command with no change here."""
 
-    for c in CORPORA.values():
-        if c.name != "mimic":  # declared above, under the config name pipelines and tests know
-            prepare.command(c.name, cls=StageCommand, config=c.config_path, help=c.summary)(_prepare_corpus)
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(CORPORA)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in CORPORA:
+            return None
+        c = CORPORA[name]
+        if name not in self.commands or self.commands[name].config not in (c.config_path, c.config_class()):
+            self.commands[name] = StageCommand(name, config=c.config_path, callback=_prepare_corpus, help=c.summary)
+        return self.commands[name]
 
 
-_add_corpus_commands()
+@cli.group(cls=CorpusGroup)
+def prepare() -> None:
+    """Turn a raw dataset into webdataset shards and a reports file for embed-text."""
 
 
 # ==== embed-text and cache (stages/embed_text.py, cache/) ====
