@@ -26,6 +26,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from cache import TextEmbeddingCache
+from cache.format import FORMAT_VERSION as CACHE_FORMAT
 from pipeline.common import ConfigError, MflagError, read_json, read_text_utf8, save_config, write_json
 from pipeline.corpora import corpus as corpus_entry
 from pipeline.downstream import task_entry
@@ -46,6 +48,12 @@ from pipeline.run.spec import (
     tuples,
     validate,
 )
+from pipeline.synth.downstream import WRITERS
+from pipeline.synth.mimic import write_mimic
+from pipeline.synth.openi import write_openi
+from pipeline.text.mlm import pretrain_mlm
+from pipeline.text.models import build_tiny_bert
+from stages import embed_text, evaluate, prepare, report, train_vision
 
 # load_spec is re-exported: tests and cli.py use it from here.
 __all__ = ["RunConfig", "RunResult", "build_nodes", "load_spec", "run", "status"]
@@ -70,230 +78,89 @@ class RunConfig:
 
 
 # --------------------------------------------------------------------------- YAML -> stage graph
+@dataclasses.dataclass
+class _Planned:
+    """What the builders of the earlier YAML sections produced, read by the later ones: each builder
+    takes its section(s) and this, records here what later sections need, and returns its nodes."""
+
+    work: Path
+    nodes: list[Node] = dataclasses.field(default_factory=list)  # every node so far, in order
+    corpus: str = ""  # the corpus section's one key: synth, mimic, synth-openi, openi, ...
+    model_ref: str = ""  # the text encoder: @text-model/model, a hub id or a local folder
+    embed_opts: dict[str, Any] = dataclasses.field(default_factory=dict)  # embed_text's options
+    # train variant -> its pre-training seeds (None: one run, stage train:<variant>), in YAML order
+    variant_seeds: dict[str, list[int] | None] = dataclasses.field(default_factory=dict)
+    all_seeds: list[int] | None = None  # train.seeds
+    roots: dict[str, str] = dataclasses.field(default_factory=dict)  # downstream dataset -> folder or @synth:<ds>
+
+    def has(self, stage: str) -> bool:
+        return any(n.name == stage for n in self.nodes)
+
+
 def build_nodes(spec: dict[str, Any]) -> list[Node]:
-    """Turn a checked spec into the ordered stage graph."""
-    from cache.format import FORMAT_VERSION as CACHE_FORMAT
-    from pipeline.synth.downstream import WRITERS
-    from pipeline.synth.mimic import write_mimic
-    from pipeline.text.models import build_tiny_bert
-    from stages.embed_text import EmbedTextConfig
-    from stages.evaluate import FORMAT_VERSION as EVAL_FORMAT
-    from stages.evaluate import EvalConfig
-    from stages.prepare import FORMAT_VERSION as PREPARE_FORMAT
-    from stages.prepare import PrepareConfig
-    from stages.report import ReportConfig
-    from stages.train_vision import TrainVisionConfig
+    """Turn a checked spec into the ordered stage graph: one builder per YAML section, in order."""
+    planned = _Planned(Path(spec["workdir"]))
+    planned.nodes.extend(_corpus_nodes(spec.get("corpus"), spec.get("prepare"), planned))
+    planned.nodes.extend(_text_nodes(spec["text_model"], spec.get("embed_text"), planned))
+    planned.nodes.extend(_train_nodes(spec["train"], planned))
+    planned.nodes.extend(_downstream_nodes(spec.get("downstream"), planned))
+    planned.nodes.extend(_eval_nodes(spec.get("eval"), planned))
+    if spec.get("report", {}) is not False:
+        planned.nodes.append(_report_node(spec.get("report"), planned))
+    return planned.nodes
 
-    work = Path(spec["workdir"])
-    nodes: list[Node] = []
-    corpus = mapping("corpus", spec.get("corpus"))
-    prep_section = mapping("prepare", spec.get("prepare"))
-    named = prep_section.pop("corpus", None)
 
-    # -- corpus
-    prep_deps: tuple[str, ...] = ()
+def _corpus_nodes(corpus_section: Any, prepare_section: Any, planned: _Planned) -> list[Node]:
+    """``corpus`` and ``prepare``: the synthetic corpus's node, if any, then prepare."""
+    corpus = mapping("corpus", corpus_section)
+    options = mapping("prepare", prepare_section)
+    named = options.pop("corpus", None)
     if not corpus:  # prepare: {corpus: openi, reports: ..., images: ...}: the inputs sit in the prepare section
         entry = corpus_entry(str(named))
-        corpus = {entry.name: {k: prep_section.pop(k) for k in entry.config_class().INPUTS if k in prep_section}}
+        corpus = {entry.name: {k: options.pop(k) for k in entry.config_class().INPUTS if k in options}}
     kind = next(iter(corpus))
     prepared = {"synth": "mimic", "synth-openi": "openi"}.get(kind, kind)
     if named is not None and str(named) != prepared:
         raise MflagError(f"prepare.corpus: {named!r}, but the corpus section gives {kind!r}")
-    if prepared != "mimic":
-        nodes.append(_corpus_prepare_node(kind, prepared, mapping(f"corpus.{kind}", corpus[kind]), prep_section,
-                                          work, nodes))
-    elif "synth" in corpus:
-        synth = check_call("corpus.synth", mapping("corpus.synth", corpus["synth"]), write_mimic)
-        nodes.append(Node("synth-mimic", work / "data" / "mimic", synth, (), _run_synth_mimic))
-        prep_deps = ("synth-mimic",)
-        mimic_root, mimic_reports = "@synth-mimic", None
-    elif "mimic" in corpus:
-        real = mapping("corpus.mimic", corpus["mimic"])
-        if "root" not in real or set(real) - {"root", "reports"}:
-            raise MflagError("corpus.mimic: give root (the MIMIC-CXR-JPG folder) and optionally reports "
-                             f"(a folder or mimic-cxr-reports.zip); got {sorted(real)}")
-        mimic_root, mimic_reports = str(real["root"]), real.get("reports")
-
+    planned.corpus = kind
+    inputs = mapping(f"corpus.{kind}", corpus[kind])
     if prepared == "mimic":
-        prepare_opts = check_keys("prepare", prep_section, PrepareConfig, {"root", "reports", "out", "force"})
-        # root "." stands in for the corpus: prepare runs first and checks the real folder itself
-        validate("prepare", PrepareConfig, prepare_opts, root=".", reports=None, out="(planned)")
-        prep_inputs = {"format": PREPARE_FORMAT, **external(root=mimic_root, reports=mimic_reports)}
-        nodes.append(Node("prepare", work / "prepare",
-                          {"root": mimic_root, "reports": mimic_reports, **prepare_opts},
-                          prep_deps, _run_prepare, inputs=prep_inputs, verify=_verify_prepare))
+        return _mimic_prepare_nodes(kind, inputs, options, planned.work)
+    return _corpus_prepare_nodes(kind, prepared, inputs, options, planned.work)
 
-    # -- text encoder
-    tm = mapping("text_model", spec["text_model"])
-    embed_deps: tuple[str, ...] = ("prepare",)
-    if set(tm) - {"build", "model"}:
-        raise MflagError(f"text_model: unknown keys {sorted(set(tm) - {'build', 'model'})}; give build or model")
-    if "build" in tm:
-        build = check_call("text_model.build", mapping("text_model.build", tm["build"]), build_tiny_bert,
-                            skip=2, extra={"mlm_steps": int, "mlm_batch_size": int})
-        nodes.append(Node("text-model", work / "text-model", build, ("prepare",), _run_text_model))
-        embed_deps = ("prepare", "text-model")
-        model_ref = "@text-model/model"
+
+def _mimic_prepare_nodes(kind: str, inputs: dict, options: dict, work: Path) -> list[Node]:
+    """MIMIC's prepare (``corpus: {mimic: {root: ..., reports: ...}}``), after the synthetic tree's node
+    for ``synth``."""
+    nodes: list[Node] = []
+    if kind == "synth":
+        synth = check_call("corpus.synth", inputs, write_mimic)
+        nodes.append(Node("synth-mimic", work / "data" / "mimic", synth, (), _run_synth_mimic))
+        root, reports = "@synth-mimic", None
     else:
-        model_ref = str(tm["model"])
-    embed_opts = check_keys("embed_text", mapping("embed_text", spec.get("embed_text")), EmbedTextConfig,
-                             {"reports", "out", "model"})
-    validate("embed_text", EmbedTextConfig, embed_opts, reports="(planned)", out="(planned)", model="(planned)")
-    nodes.append(Node("embed-text", work / "embed-text", {"model": model_ref, **embed_opts}, embed_deps,
-                      _run_embed_text, inputs={"format": CACHE_FORMAT, **external(model=model_ref)},
-                      verify=_verify_embed_text))
-
-    # -- pre-training variants
-    train = mapping("train", spec["train"])
-    if set(train) - {"common", "variants", "seeds"}:
-        raise MflagError(f"train: unknown keys {sorted(set(train) - {'common', 'variants', 'seeds'})}; "
-                         "give common (options of every variant), variants and optionally seeds")
-    reserved = {"shards", "text_cache", "out", "text_model", "reports"}
-    common = check_keys("train.common", mapping("train.common", train.get("common")), TrainVisionConfig, reserved)
-    if "seed" in common and "seeds" in train:
-        raise MflagError("train: give train.seeds (one run per seed) or train.common.seed, not both")
-    placeholders = dict(shards="(planned)", text_cache="(planned)", out="(planned)")
-    online_placeholders = dict(text_model="(planned)", reports="(planned)")
-    validate("train.common", TrainVisionConfig, common,
-              **placeholders, **(online_placeholders if common.get("text_mode") == "online" else {}))
-    all_seeds = seed_list("train.seeds", train.get("seeds"))
-    # variant -> its pre-training seeds (None: one run, stage train:<variant>)
-    variant_seeds: dict[str, list[int] | None] = {}
-    for name, overrides in train["variants"].items():
-        section = f"train.variants.{name}"
-        overrides = mapping(section, overrides)
-        seeds = seed_list(f"{section}.seeds", overrides.pop("seeds")) if "seeds" in overrides else all_seeds
-        opts = {**common, **check_keys(section, overrides, TrainVisionConfig, reserved)}
-        if seeds is not None and "seed" in opts:
-            raise MflagError(f"{section}: give seeds (one run per seed) or seed, not both")
-        deps: tuple[str, ...] = ("prepare", "embed-text")
-        if opts.get("text_mode") == "online":
-            # the pipeline's text encoder, pooled and truncated as embed-text did, so that an online
-            # run with nothing unfrozen computes the targets the cache holds
-            opts.setdefault("text_pooling", embed_opts.get("pooling", "cls"))
-            opts.setdefault("text_max_length", embed_opts.get("max_length", 512))
-            opts.update(text_model=model_ref, reports="@prepare/reports.jsonl")
-            deps = (*deps, "text-model") if "text-model" in {n.name for n in nodes} else deps
-        validate(section, TrainVisionConfig, {k: v for k, v in opts.items() if k not in online_placeholders},
-                  **placeholders, **(online_placeholders if opts.get("text_mode") == "online" else {}))
-        variant_seeds[name] = seeds
-        ext = external(init=opts.get("init"), text_model=opts.get("text_model"))
-        if seeds is None:
-            nodes.append(Node(f"train:{name}", work / "train" / name, opts, deps, _run_train, inputs=ext))
-        for seed in seeds or []:
-            nodes.append(Node(f"train:{name}:s{seed}", work / "train" / name / f"seed-{seed}",
-                              {**opts, "seed": seed}, deps, _run_train, inputs=ext))
-
-    # -- downstream data
-    down = mapping("downstream", spec.get("downstream"))
-    if set(down) - {"synth", "roots"}:
-        raise MflagError(f"downstream: unknown keys {sorted(set(down) - {'synth', 'roots'})}; give synth "
-                         "(datasets to generate) and/or roots (dataset -> folder)")
-    roots: dict[str, str] = {}
-    synth_datasets = option_choices(EvalConfig, "dataset")  # the datasets eval takes
-    for ds, opts in mapping("downstream.synth", down.get("synth")).items():
-        if ds not in synth_datasets:
-            raise MflagError(f"downstream.synth: unknown dataset {ds!r}; one of {', '.join(synth_datasets)}")
-        opts = check_call(f"downstream.synth.{ds}", mapping(f"downstream.synth.{ds}", opts), WRITERS[ds])
-        nodes.append(Node(f"synth:{ds}", work / "data" / ds, {"dataset": ds, **opts}, (), _run_synth_down))
-        roots[ds] = f"@synth:{ds}"
-    for ds, root in mapping("downstream.roots", down.get("roots")).items():
-        roots[ds] = str(root)
-
-    # -- evaluations
-    ev = mapping("eval", spec.get("eval"))
-    if set(ev) - {"common", "inits", "tasks"}:
-        raise MflagError(f"eval: unknown keys {sorted(set(ev) - {'common', 'inits', 'tasks'})}; give common, "
-                         "inits and tasks")
-    ev_reserved = {"root", "out", "init"}
-    ev_common = check_keys("eval.common", mapping("eval.common", ev.get("common")), EvalConfig, ev_reserved)
-    inits = names(ev.get("inits")) or ["random", *train["variants"]]
-    evals_seen: set[tuple[str, str]] = set()
-    for k, task in enumerate(ev.get("tasks") or []):
-        task = mapping(f"eval.tasks[{k}]", task)
-        task_inits = names(task.pop("inits", None)) or inits  # a task may name its own inits
-        task = check_keys(f"eval.tasks[{k}]", task, EvalConfig, ev_reserved)
-        for where, opts in (("eval.common", ev_common), (f"eval.tasks[{k}]", task)):
-            if "dataset_options" in opts:
-                mapping(f"{where}.dataset_options", opts["dataset_options"])
-        section = f"eval.tasks[{k}]"
-        entry = task_entry(str(task.get("task", ev_common.get("task"))))
-        # the tasks that train nothing read the pipeline's own text cache, text model and (retrieval) shards
-        language = {} if entry.trains else {"text_cache": "@cache", "text_model": model_ref,
-                                            **({"shards": "@prepare"} if not entry.needs_dataset else {})}
-        if "shards" in language and "synth" in corpus and "retrieval_labels" not in task:
-            # the synthetic MIMIC tree has CheXpert labels per study: class-based Precision@K too
-            language["retrieval_labels"] = "@synth-mimic/mimic-cxr-2.0.0-chexpert.csv.gz"
-        try:
-            validate(section, EvalConfig, {**ev_common, **task, **language}, root="(planned)", out="(planned)",
-                     init="random", **({k: "(planned)" for k in language}))
-        except ConfigError as e:
-            field = str(e)[len(section) + 1:].split(":", 1)[0]
-            if field in ev_common and field not in task:  # the bad value came from eval.common
-                raise ConfigError("eval.common." + str(e)[len(section) + 1:]) from e
-            raise
-        ds = task.get("dataset", ev_common.get("dataset"))
-        if entry.needs_dataset and ds not in roots:
-            raise MflagError(f"eval.tasks: dataset {ds!r} has no data; add it under downstream.synth or "
-                             "downstream.roots")
-        for init in task_inits:
-            opts = {**ev_common, **task, **language}
-            deps: list[str] = [] if entry.trains else [
-                "embed-text", *(["prepare"] if "shards" in language else []),
-                *(["text-model"] if "text-model" in {n.name for n in nodes} else [])]
-            if init not in train["variants"] and init not in ("random", "imagenet") and not Path(init).is_file():
-                raise MflagError(f"eval.inits: {init!r} is not a train variant, random, imagenet or a file")
-            if f"synth:{ds}" in {n.name for n in nodes}:
-                deps.append(f"synth:{ds}")
-            label = f"{opts['task']}-{ds}" if entry.needs_dataset else f"{opts['task']}-{opts.get('split', 'test')}"
-            if opts["task"] == "zeroshot":
-                label = f"zeroshot-{opts.get('zeroshot_protocol') or default_protocol(ds)}-{ds}"
-            if "fraction" in task:
-                label += f"@{opts['fraction']:g}"
-            if (label, init) in evals_seen:
-                raise MflagError(f"eval.tasks: {label} with init {init} is listed twice")
-            evals_seen.add((label, init))
-            folder = init if init in train["variants"] or init in ("random", "imagenet") else f"file-{Path(init).stem}"
-            root = roots[ds] if entry.needs_dataset else None
-            ext = external(root=root, init=None if init in train["variants"] else init,
-                           split_file=opts.get("split_file"), prompts=opts.get("prompts"))
-            ext["format"] = EVAL_FORMAT
-            params = {"root": root, "init": init, **opts}
-            if init in train["variants"] and variant_seeds[init] is not None:
-                # pre-training replicate s is evaluated with downstream seed s: the pairing unit
-                for seed in variant_seeds[init]:
-                    nodes.append(Node(f"eval:{label}:{init}:s{seed}", work / "eval" / label / folder / f"seed-{seed}",
-                                      {**params, "init": f"{init}:s{seed}", "seeds": [seed]},
-                                      (*deps, f"train:{init}:s{seed}"), _run_eval, inputs=ext))
-                continue
-            if init in train["variants"]:
-                deps.append(f"train:{init}")
-            elif all_seeds is not None and "seeds" not in opts:
-                params["seeds"] = list(all_seeds)  # not pre-trained: one downstream seed per replicate
-            nodes.append(Node(f"eval:{label}:{init}", work / "eval" / label / folder,
-                              params, tuple(deps), _run_eval, inputs=ext))
-
-    # -- report
-    if spec.get("report", {}) is not False:
-        deps = tuple(n.name for n in nodes if n.name.startswith(("train:", "eval:")))
-        report_opts = check_keys("report", mapping("report", spec.get("report")), ReportConfig,
-                                  {"out", "trains", "evals", "text_cache"})
-        nodes.append(Node("report", work / "report", report_opts, deps, _run_report))
+        if "root" not in inputs or set(inputs) - {"root", "reports"}:
+            raise MflagError("corpus.mimic: give root (the MIMIC-CXR-JPG folder) and optionally reports "
+                             f"(a folder or mimic-cxr-reports.zip); got {sorted(inputs)}")
+        root, reports = str(inputs["root"]), inputs.get("reports")
+    opts = check_keys("prepare", options, prepare.PrepareConfig, {"root", "reports", "out", "force"})
+    # root "." stands in for the corpus: prepare runs first and checks the real folder itself
+    validate("prepare", prepare.PrepareConfig, opts, root=".", reports=None, out="(planned)")
+    nodes.append(Node("prepare", work / "prepare", {"root": root, "reports": reports, **opts},
+                      tuple(n.name for n in nodes), _run_prepare,
+                      inputs={"format": prepare.FORMAT_VERSION, **external(root=root, reports=reports)},
+                      verify=_verify_prepare))
     return nodes
 
 
-def _corpus_prepare_node(kind: str, name: str, inputs: dict, options: dict, work: Path, nodes: list[Node]) -> Node:
-    """The prepare node of a corpus other than MIMIC (``corpus: {openi: {reports: ..., images: ...}}``, or
-    ``synth-openi`` for a synthetic OpenI made first); the synthetic corpus's node is appended to ``nodes``."""
-    from pipeline.synth.openi import write_openi
-    from stages.prepare import FORMAT_VERSION as PREPARE_FORMAT
-
+def _corpus_prepare_nodes(kind: str, name: str, inputs: dict, options: dict, work: Path) -> list[Node]:
+    """The prepare node of a corpus other than MIMIC (``corpus: {openi: {reports: ..., images: ...}}``), after
+    the synthetic corpus's node for ``synth-openi`` (a synthetic OpenI made first)."""
     cls = corpus_entry(name).config_class()
-    deps: tuple[str, ...] = ()
+    nodes: list[Node] = []
     if kind == "synth-openi":
         synth = check_call("corpus.synth-openi", inputs, write_openi)
         nodes.append(Node("synth-openi", work / "data" / "openi", synth, (), _run_synth_openi))
-        deps, inputs = ("synth-openi",), {"reports": "@synth-openi/NLMCXR_reports.tgz", "images": "@synth-openi/images"}
+        inputs = {"reports": "@synth-openi/NLMCXR_reports.tgz", "images": "@synth-openi/images"}
     elif set(inputs) - set(cls.INPUTS):
         raise MflagError(f"corpus.{kind}: unknown keys {sorted(set(inputs) - set(cls.INPUTS))}; "
                          f"give {', '.join(cls.INPUTS)} (see `mflag prepare {name} --help`)")
@@ -304,8 +171,196 @@ def _corpus_prepare_node(kind: str, name: str, inputs: dict, options: dict, work
         if not any(str(e).startswith(f"prepare.{k}:") for k in cls.INPUTS):
             raise
     given = {k: str(v) for k, v in inputs.items() if v is not None}
-    return Node("prepare", work / "prepare", {"corpus": name, **given, **opts}, deps, _run_prepare,
-                inputs={"format": PREPARE_FORMAT, **external(**given)}, verify=_verify_prepare)
+    nodes.append(Node("prepare", work / "prepare", {"corpus": name, **given, **opts}, tuple(n.name for n in nodes),
+                      _run_prepare, inputs={"format": prepare.FORMAT_VERSION, **external(**given)},
+                      verify=_verify_prepare))
+    return nodes
+
+
+def _text_nodes(text_model_section: Any, embed_section: Any, planned: _Planned) -> list[Node]:
+    """``text_model`` and ``embed_text``: the stand-in encoder's node when built here, then embed-text."""
+    tm = mapping("text_model", text_model_section)
+    nodes: list[Node] = []
+    if set(tm) - {"build", "model"}:
+        raise MflagError(f"text_model: unknown keys {sorted(set(tm) - {'build', 'model'})}; give build or model")
+    if "build" in tm:
+        build = check_call("text_model.build", mapping("text_model.build", tm["build"]), build_tiny_bert,
+                           skip=2, extra={"mlm_steps": int, "mlm_batch_size": int})
+        nodes.append(Node("text-model", planned.work / "text-model", build, ("prepare",), _run_text_model))
+        planned.model_ref = "@text-model/model"
+    else:
+        planned.model_ref = str(tm["model"])
+    opts = check_keys("embed_text", mapping("embed_text", embed_section), embed_text.EmbedTextConfig,
+                      {"reports", "out", "model"})
+    validate("embed_text", embed_text.EmbedTextConfig, opts, reports="(planned)", out="(planned)",
+             model="(planned)")
+    planned.embed_opts = opts
+    nodes.append(Node("embed-text", planned.work / "embed-text", {"model": planned.model_ref, **opts},
+                      ("prepare", *(n.name for n in nodes)), _run_embed_text,
+                      inputs={"format": CACHE_FORMAT, **external(model=planned.model_ref)},
+                      verify=_verify_embed_text))
+    return nodes
+
+
+_TRAIN_RESERVED = {"shards", "text_cache", "out", "text_model", "reports"}  # set here, not in the YAML
+_TRAIN_PLACEHOLDERS = dict(shards="(planned)", text_cache="(planned)", out="(planned)")
+_ONLINE_PLACEHOLDERS = dict(text_model="(planned)", reports="(planned)")
+
+
+def _train_nodes(section: Any, planned: _Planned) -> list[Node]:
+    """``train``: one node per pre-training variant, or per variant and seed."""
+    train = mapping("train", section)
+    if set(train) - {"common", "variants", "seeds"}:
+        raise MflagError(f"train: unknown keys {sorted(set(train) - {'common', 'variants', 'seeds'})}; "
+                         "give common (options of every variant), variants and optionally seeds")
+    config = train_vision.TrainVisionConfig
+    common = check_keys("train.common", mapping("train.common", train.get("common")), config, _TRAIN_RESERVED)
+    if "seed" in common and "seeds" in train:
+        raise MflagError("train: give train.seeds (one run per seed) or train.common.seed, not both")
+    validate("train.common", config, common,
+             **_TRAIN_PLACEHOLDERS, **(_ONLINE_PLACEHOLDERS if common.get("text_mode") == "online" else {}))
+    planned.all_seeds = seed_list("train.seeds", train.get("seeds"))
+    nodes: list[Node] = []
+    for name, overrides in train["variants"].items():
+        where = f"train.variants.{name}"
+        overrides = mapping(where, overrides)
+        seeds = seed_list(f"{where}.seeds", overrides.pop("seeds")) if "seeds" in overrides else planned.all_seeds
+        opts = {**common, **check_keys(where, overrides, config, _TRAIN_RESERVED)}
+        if seeds is not None and "seed" in opts:
+            raise MflagError(f"{where}: give seeds (one run per seed) or seed, not both")
+        deps: tuple[str, ...] = ("prepare", "embed-text")
+        if opts.get("text_mode") == "online":
+            # the pipeline's text encoder, pooled and truncated as embed-text did, so that an online
+            # run with nothing unfrozen computes the targets the cache holds
+            opts.setdefault("text_pooling", planned.embed_opts.get("pooling", "cls"))
+            opts.setdefault("text_max_length", planned.embed_opts.get("max_length", 512))
+            opts.update(text_model=planned.model_ref, reports="@prepare/reports.jsonl")
+            deps = (*deps, "text-model") if planned.has("text-model") else deps
+        validate(where, config, {k: v for k, v in opts.items() if k not in _ONLINE_PLACEHOLDERS},
+                 **_TRAIN_PLACEHOLDERS, **(_ONLINE_PLACEHOLDERS if opts.get("text_mode") == "online" else {}))
+        planned.variant_seeds[name] = seeds
+        ext = external(init=opts.get("init"), text_model=opts.get("text_model"))
+        if seeds is None:
+            nodes.append(Node(f"train:{name}", planned.work / "train" / name, opts, deps, _run_train, inputs=ext))
+        for seed in seeds or []:
+            nodes.append(Node(f"train:{name}:s{seed}", planned.work / "train" / name / f"seed-{seed}",
+                              {**opts, "seed": seed}, deps, _run_train, inputs=ext))
+    return nodes
+
+
+def _downstream_nodes(section: Any, planned: _Planned) -> list[Node]:
+    """``downstream``: a node per dataset generated here; every dataset's folder into ``planned.roots``."""
+    down = mapping("downstream", section)
+    if set(down) - {"synth", "roots"}:
+        raise MflagError(f"downstream: unknown keys {sorted(set(down) - {'synth', 'roots'})}; give synth "
+                         "(datasets to generate) and/or roots (dataset -> folder)")
+    nodes: list[Node] = []
+    synth_datasets = option_choices(evaluate.EvalConfig, "dataset")  # the datasets eval takes
+    for ds, opts in mapping("downstream.synth", down.get("synth")).items():
+        if ds not in synth_datasets:
+            raise MflagError(f"downstream.synth: unknown dataset {ds!r}; one of {', '.join(synth_datasets)}")
+        opts = check_call(f"downstream.synth.{ds}", mapping(f"downstream.synth.{ds}", opts), WRITERS[ds])
+        nodes.append(Node(f"synth:{ds}", planned.work / "data" / ds, {"dataset": ds, **opts}, (), _run_synth_down))
+        planned.roots[ds] = f"@synth:{ds}"
+    for ds, root in mapping("downstream.roots", down.get("roots")).items():
+        planned.roots[ds] = str(root)
+    return nodes
+
+
+_EVAL_RESERVED = {"root", "out", "init"}  # set here, not in the YAML
+
+
+def _eval_nodes(section: Any, planned: _Planned) -> list[Node]:
+    """``eval``: a node per task and init (and seed, for a variant trained once per seed)."""
+    ev = mapping("eval", section)
+    if set(ev) - {"common", "inits", "tasks"}:
+        raise MflagError(f"eval: unknown keys {sorted(set(ev) - {'common', 'inits', 'tasks'})}; give common, "
+                         "inits and tasks")
+    common = check_keys("eval.common", mapping("eval.common", ev.get("common")), evaluate.EvalConfig,
+                        _EVAL_RESERVED)
+    inits = names(ev.get("inits")) or ["random", *planned.variant_seeds]
+    seen: set[tuple[str, str]] = set()  # (label, init) of the nodes so far
+    nodes: list[Node] = []
+    for k, task in enumerate(ev.get("tasks") or []):
+        nodes.extend(_eval_task_nodes(f"eval.tasks[{k}]", task, common, inits, planned, seen))
+    return nodes
+
+
+def _eval_task_nodes(where: str, task: Any, common: dict, inits: list[str], planned: _Planned,
+                     seen: set[tuple[str, str]]) -> list[Node]:
+    """One entry of ``eval.tasks`` (its options over ``eval.common``) for each of its inits."""
+    task = mapping(where, task)
+    task_inits = names(task.pop("inits", None)) or inits  # a task may name its own inits
+    task = check_keys(where, task, evaluate.EvalConfig, _EVAL_RESERVED)
+    for section, opts in (("eval.common", common), (where, task)):
+        if "dataset_options" in opts:
+            mapping(f"{section}.dataset_options", opts["dataset_options"])
+    entry = task_entry(str(task.get("task", common.get("task"))))
+    # the tasks that train nothing read the pipeline's own text cache, text model and (retrieval) shards
+    language = {} if entry.trains else {"text_cache": "@cache", "text_model": planned.model_ref,
+                                        **({"shards": "@prepare"} if not entry.needs_dataset else {})}
+    if "shards" in language and planned.corpus == "synth" and "retrieval_labels" not in task:
+        # the synthetic MIMIC tree has CheXpert labels per study: class-based Precision@K too
+        language["retrieval_labels"] = "@synth-mimic/mimic-cxr-2.0.0-chexpert.csv.gz"
+    try:
+        validate(where, evaluate.EvalConfig, {**common, **task, **language}, root="(planned)", out="(planned)",
+                 init="random", **({k: "(planned)" for k in language}))
+    except ConfigError as e:
+        field = str(e)[len(where) + 1:].split(":", 1)[0]
+        if field in common and field not in task:  # the bad value came from eval.common
+            raise ConfigError("eval.common." + str(e)[len(where) + 1:]) from e
+        raise
+    ds = task.get("dataset", common.get("dataset"))
+    if entry.needs_dataset and ds not in planned.roots:
+        raise MflagError(f"eval.tasks: dataset {ds!r} has no data; add it under downstream.synth or "
+                         "downstream.roots")
+    variants = planned.variant_seeds
+    nodes: list[Node] = []
+    for init in task_inits:
+        opts = {**common, **task, **language}
+        deps: list[str] = [] if entry.trains else [
+            "embed-text", *(["prepare"] if "shards" in language else []),
+            *(["text-model"] if planned.has("text-model") else [])]
+        if init not in variants and init not in ("random", "imagenet") and not Path(init).is_file():
+            raise MflagError(f"eval.inits: {init!r} is not a train variant, random, imagenet or a file")
+        if planned.has(f"synth:{ds}"):
+            deps.append(f"synth:{ds}")
+        label = f"{opts['task']}-{ds}" if entry.needs_dataset else f"{opts['task']}-{opts.get('split', 'test')}"
+        if opts["task"] == "zeroshot":
+            label = f"zeroshot-{opts.get('zeroshot_protocol') or default_protocol(ds)}-{ds}"
+        if "fraction" in task:
+            label += f"@{opts['fraction']:g}"
+        if (label, init) in seen:
+            raise MflagError(f"eval.tasks: {label} with init {init} is listed twice")
+        seen.add((label, init))
+        folder = init if init in variants or init in ("random", "imagenet") else f"file-{Path(init).stem}"
+        out = planned.work / "eval" / label / folder
+        root = planned.roots[ds] if entry.needs_dataset else None
+        ext = external(root=root, init=None if init in variants else init,
+                       split_file=opts.get("split_file"), prompts=opts.get("prompts"))
+        ext["format"] = evaluate.FORMAT_VERSION
+        params = {"root": root, "init": init, **opts}
+        if init in variants and variants[init] is not None:
+            # pre-training replicate s is evaluated with downstream seed s: the pairing unit
+            for seed in variants[init]:
+                nodes.append(Node(f"eval:{label}:{init}:s{seed}", out / f"seed-{seed}",
+                                  {**params, "init": f"{init}:s{seed}", "seeds": [seed]},
+                                  (*deps, f"train:{init}:s{seed}"), _run_eval, inputs=ext))
+            continue
+        if init in variants:
+            deps.append(f"train:{init}")
+        elif planned.all_seeds is not None and "seeds" not in opts:
+            params["seeds"] = list(planned.all_seeds)  # not pre-trained: one downstream seed per replicate
+        nodes.append(Node(f"eval:{label}:{init}", out, params, tuple(deps), _run_eval, inputs=ext))
+    return nodes
+
+
+def _report_node(section: Any, planned: _Planned) -> Node:
+    """``report``: reads every train and eval stage."""
+    deps = tuple(n.name for n in planned.nodes if n.name.startswith(("train:", "eval:")))
+    opts = check_keys("report", mapping("report", section), report.ReportConfig,
+                      {"out", "trains", "evals", "text_cache"})
+    return Node("report", planned.work / "report", opts, deps, _run_report)
 
 
 def _plan_nodes(cfg: RunConfig) -> tuple[dict[str, Any], list[Node]]:
@@ -318,30 +373,22 @@ def _plan_nodes(cfg: RunConfig) -> tuple[dict[str, Any], list[Node]]:
 
 # --------------------------------------------------------------------------- runners
 def _run_synth_mimic(node: Node, by_name) -> None:
-    from pipeline.synth.mimic import write_mimic
-
     p = dict(node.params)
     write_mimic(node.out_dir, n_studies=int(p.pop("n_studies", 1000)), seed=int(p.pop("seed", 0)), **p)
 
 
 def _run_synth_openi(node: Node, by_name) -> None:
-    from pipeline.synth.openi import write_openi
-
     p = dict(node.params)
     write_openi(node.out_dir, n_reports=int(p.pop("n_reports")), seed=int(p.pop("seed", 0)), **p)
 
 
 def _run_synth_down(node: Node, by_name) -> None:
-    from pipeline.synth.downstream import WRITERS
-
     p = dict(node.params)
     ds = p.pop("dataset")
     WRITERS[ds](node.out_dir, n=int(p.pop("n", 200)), seed=int(p.pop("seed", 0)), **p)
 
 
 def _run_prepare(node: Node, by_name) -> None:
-    from stages import prepare
-
     p = dict(node.params)
     name = p.pop("corpus", None)
     if name is not None:  # any corpus but MIMIC, whose parameters stay as they were (its fingerprints too)
@@ -362,9 +409,6 @@ def _run_text_model(node: Node, by_name) -> None:
     """Build the demo's stand-in text encoder: a WordPiece tokenizer and a small BERT trained briefly
     with MLM on the corpus reports. Clearly not CXR-BERT; it only has to make report embeddings
     reflect what reports say, which is all the frozen-text design needs."""
-    from pipeline.text.mlm import pretrain_mlm
-    from pipeline.text.models import build_tiny_bert
-
     p = dict(node.params)
     texts = [json.loads(line)["text"] for line in read_text_utf8(_reports_path(by_name)).splitlines()
              if line.strip()]
@@ -378,8 +422,6 @@ def _run_text_model(node: Node, by_name) -> None:
 
 
 def _run_embed_text(node: Node, by_name) -> None:
-    from stages import embed_text
-
     p = dict(node.params)
     model = resolve(p.pop("model"), by_name)
     cfg = embed_text.EmbedTextConfig(reports=str(_reports_path(by_name)), out=str(node.out_dir / "caches"),
@@ -411,8 +453,6 @@ def _verify_prepare(node: Node) -> str | None:
 def _verify_embed_text(node: Node) -> str | None:
     """The finished cache checked as train-vision checks it before training (every shard's fingerprint
     and sha256 against index.json); why it is unusable, or None."""
-    from cache import TextEmbeddingCache
-
     try:
         TextEmbeddingCache(read_json(node.out_dir / "cache.json")["path"]).check_files()
     except (MflagError, OSError, KeyError, TypeError) as e:
@@ -425,8 +465,6 @@ def _cache_dir(by_name) -> str:
 
 
 def _run_train(node: Node, by_name) -> None:
-    from stages import train_vision
-
     p = dict(node.params)
     if p.get("text_mode") == "online":
         p.update(text_model=resolve(p["text_model"], by_name), reports=resolve(p["reports"], by_name))
@@ -439,8 +477,6 @@ def _run_train(node: Node, by_name) -> None:
 
 
 def _run_eval(node: Node, by_name) -> None:
-    from stages import evaluate
-
     p = dict(node.params)
     init = p.pop("init")  # a variant, <variant>:s<seed> for a seeded one, random, imagenet or a file
     train_node = by_name.get(f"train:{init}")
@@ -460,8 +496,6 @@ def _run_eval(node: Node, by_name) -> None:
 
 
 def _run_report(node: Node, by_name) -> None:
-    from stages import report
-
     # names: <variant> or <variant>:s<seed> (the report groups replicates by variant)
     trains = {n.split(":", 1)[1]: by_name[n].out_dir for n in by_name if n.startswith("train:")}
     evals = {n: by_name[n].out_dir for n in by_name if n.startswith("eval:")}

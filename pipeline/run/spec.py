@@ -17,11 +17,13 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from pipeline.common import ConfigError, MflagError, coerce_to_hint, read_text_utf8
 from pipeline.corpora import CORPORA
 from pipeline.run.graph import Node, path_signature
+from pipeline.vision.checkpoints import imagenet_weights_path
 
 # corpus: synthetic MIMIC, synthetic OpenI, or one of the registry's (pipeline/corpora) with its inputs
 CORPUS_KEYS = ("synth", "synth-openi", *CORPORA)
@@ -198,16 +200,11 @@ def check_inputs_exist(config: str, nodes: list[Node]) -> None:
     this, so a plan can be shown on a machine without the data.)"""
     problems = []
     imagenet = [n.name for n in nodes if n.params.get("init") == "imagenet"]
-    if imagenet:
-        from pipeline.vision.checkpoints import imagenet_weights_path
-
-        if imagenet_weights_path() is None:
-            import torch
-
-            problems.append(f"{', '.join(imagenet[:3])}{' ...' if len(imagenet) > 3 else ''} use init imagenet, "
-                            f"but the ImageNet ResNet50 weights are not in the torch hub cache "
-                            f"({Path(torch.hub.get_dir()) / 'checkpoints'}); fill it once with network (README, "
-                            "Real data step 0) or name a weights file")
+    if imagenet and imagenet_weights_path() is None:
+        problems.append(f"{', '.join(imagenet[:3])}{' ...' if len(imagenet) > 3 else ''} use init imagenet, "
+                        f"but the ImageNet ResNet50 weights are not in the torch hub cache "
+                        f"({Path(torch.hub.get_dir()) / 'checkpoints'}); fill it once with network (README, "
+                        "Real data step 0) or name a weights file")
     for n in nodes:
         for key in ("root", "reports", "images", "projections", "csv", "table", "image_root"):
             v = n.params.get(key)
