@@ -14,6 +14,7 @@ from PIL import Image
 
 import cli
 from pipeline.corpora import CORPORA, Corpus
+from stages.orchestrate import build_nodes, load_spec
 
 TOY_MODULE = '''
 """A toy corpus: ROOT/<study>.png with its report in ROOT/<study>.txt."""
@@ -91,3 +92,24 @@ def test_a_registered_corpus_is_in_the_options_doc(toy_corpus):
 def test_an_unregistered_corpus_is_no_command():
     res = CliRunner().invoke(cli.cli, ["prepare", "toy", "--help"])
     assert res.exit_code != 0 and "No such command 'toy'" in res.output
+
+
+def test_a_registered_corpus_is_a_pipeline_yaml_corpus(toy_corpus, tmp_path):
+    (tmp_path / "toy").mkdir()
+    yaml_file = tmp_path / "p.yaml"
+    yaml_file.write_text(textwrap.dedent(f"""\
+        workdir: {tmp_path / 'work'}
+        corpus:
+          toy: {{root: {tmp_path / 'toy'}}}
+        prepare: {{size: 32, toy_seed: 3}}
+        text_model:
+          build: {{hidden: 32, layers: 1, heads: 2}}
+        train:
+          variants: {{mflag: {{}}}}
+        """))
+    nodes = {n.name: n for n in build_nodes(load_spec(yaml_file))}
+    assert nodes["prepare"].params["corpus"] == "toy" and nodes["prepare"].params["toy_seed"] == 3
+    # its own options are checked against its config like any corpus's
+    yaml_file.write_text(yaml_file.read_text().replace("toy_seed: 3", "toy_seed: 3, toy_sed: 1"))
+    with pytest.raises(Exception, match="toy_sed"):
+        build_nodes(load_spec(yaml_file))

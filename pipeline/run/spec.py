@@ -26,7 +26,13 @@ from pipeline.run.graph import Node, path_signature
 from pipeline.vision.checkpoints import imagenet_weights_path
 
 # corpus: synthetic MIMIC, synthetic OpenI, or one of the registry's (pipeline/corpora) with its inputs
-CORPUS_KEYS = ("synth", "synth-openi", *CORPORA)
+SYNTH_CORPORA = ("synth", "synth-openi")  # a synthetic MIMIC / OpenI written first, then prepared
+
+
+def corpus_keys() -> tuple[str, ...]:
+    """The names the YAML's ``corpus:`` section takes: the synthetic ones and every registered corpus
+    (read from ``CORPORA`` when a YAML is checked, so a corpus added to the registry is one here too)."""
+    return (*SYNTH_CORPORA, *CORPORA)
 TOP_KEYS = {"workdir", "corpus", "text_model", "prepare", "embed_text", "train", "downstream", "eval",
             "report"}
 
@@ -81,10 +87,10 @@ def load_spec(path: str | Path, workdir: str | None = None) -> dict[str, Any]:
         spec["workdir"] = workdir
     corpus = spec.get("corpus") or {}
     prepare = spec.get("prepare") if isinstance(spec.get("prepare"), dict) else {}
-    if not isinstance(corpus, dict) or (len(corpus) != 1 or next(iter(corpus)) not in CORPUS_KEYS) and \
+    if not isinstance(corpus, dict) or (len(corpus) != 1 or next(iter(corpus)) not in corpus_keys()) and \
             not (not corpus and prepare.get("corpus")):
         raise MflagError(f"{path}: corpus must have exactly one of 'synth' or 'mimic' (or another corpus: "
-                         f"{', '.join(k for k in CORPUS_KEYS if k not in ('synth', 'mimic'))}), or prepare must "
+                         f"{', '.join(k for k in corpus_keys() if k not in ('synth', 'mimic'))}), or prepare must "
                          "name one (prepare: {corpus: openi, reports: ..., images: ...})")
     tm = spec.get("text_model") or {}
     if ("build" in tm) == ("model" in tm):
