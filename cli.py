@@ -9,6 +9,7 @@ import dataclasses
 import errno
 import functools
 import importlib
+import inspect
 import logging
 import os
 import re
@@ -22,6 +23,7 @@ import click
 from cache.verify import cache_info, verify_cache
 from pipeline.common import ConfigError, MflagError, atomic_open
 from pipeline.corpora import CORPORA
+from pipeline.downstream.datasets.registry import DATASETS, dataset_names
 from pipeline.options import (
     Option,
     default_text,
@@ -32,7 +34,6 @@ from pipeline.options import (
     unwrap_optional,
 )
 from pipeline.preempt import Stopped, sigterm_interrupts
-from pipeline.synth.downstream import WRITERS
 from pipeline.synth.mimic import write_mimic
 from pipeline.synth.openi import write_openi
 
@@ -164,9 +165,26 @@ def _int_or_text():
     return IntOrText()
 
 
+def _live_choice(opt: Option):
+    """A click.Choice whose values are ``opt.allowed()`` at each use (parsing, ``--help``), not when the
+    command's options were built: a stage command builds them once per process."""
+
+    class LiveChoice(click.Choice):
+        def __init__(self) -> None:  # click.Choice's own __init__ would store a fixed tuple
+            self.case_sensitive = True
+
+        @property
+        def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+            return tuple(str(c) for c in opt.allowed() or ())
+
+    return LiveChoice()
+
+
 def _scalar_type(base: Any, opt: Option):
     if typing.get_origin(base) in (typing.Union, types.UnionType) and set(typing.get_args(base)) == {int, str}:
         return _int_or_text()
+    if callable(opt.choices):
+        return _live_choice(opt)
     if opt.choices is not None:
         return click.Choice([str(c) for c in opt.choices])
     if opt.exists is not None:
@@ -282,7 +300,22 @@ def cli(verbose: int, quiet: int) -> None:
     setup_logging(verbose, quiet)
 
 
-@cli.group()
+class SynthGroup(click.Group):
+    """``synth``: the commands declared below (mimic, openi) plus one per downstream dataset of the dataset
+    registry (``pipeline/downstream/datasets/registry.py``), built when listed or invoked so that a dataset
+    registered there is a command with no change here."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *dataset_names()})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, name)
+        if cmd is None and name in DATASETS:
+            cmd = _downstream_command(name, DATASETS[name])
+        return cmd
+
+
+@cli.group(cls=SynthGroup)
 def synth() -> None:
     """Write synthetic datasets in the real datasets' formats (no data or network needed)."""
 
@@ -318,30 +351,35 @@ def synth_mimic(out_dir, n_studies, seed, image_size, zip_reports, workers):
                               workers=workers))
 
 
-def _downstream_command(name: str, default_size: int, extra=()):
+def _downstream_command(name: str, entry) -> click.Command:
+    """``synth <name>`` for a dataset registry entry: --out, --n, --seed, --image-size (``entry.synth_size``),
+    --workers and the writer's parameters named in ``entry.synth_options`` (defaults from its signature)."""
+    writer = entry.synth_writer()
+    defaults = {p.name: p.default for p in inspect.signature(writer).parameters.values()}
+
+    @user_errors
     def command(out_dir, n, seed, image_size, **kwargs):
+        _echo_summary(writer(out_dir, n, seed, image_size=image_size, **kwargs))
 
-        _echo_summary(WRITERS[name](out_dir, n, seed, image_size=image_size, **kwargs))
+    params = [
+        click.Option(["--out", "out_dir"], required=True, type=click.Path(file_okay=False),
+                     help="Output folder: the dataset root to pass to `eval --root`."),
+        click.Option(["--n"], type=click.IntRange(min=1), default=200, show_default=True, help="Number of images."),
+        click.Option(["--seed"], type=int, default=0, show_default=True, help="Everything drawn follows from it."),
+        click.Option(["--image-size"], type=click.IntRange(min=32), default=entry.synth_size, show_default=True,
+                     help="Image side in pixels."),
+        click.Option(["--workers"], type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Drawing processes (output does not depend on it).")]
+    for opt in entry.synth_options:
+        default = defaults[opt.param]
+        kind = (click.Choice(list(opt.choices)) if opt.choices else
+                click.FloatRange(*opt.bounds) if opt.bounds else type(default))
+        params.append(click.Option(["--" + opt.param.replace("_", "-"), opt.param], type=kind, default=default,
+                                   show_default=True, help=opt.help))
+    return click.Command(name, callback=command, params=params,
+                         help=f"The {name} dataset in its published layout, labels from phantom geometry.")
 
-    command.__doc__ = f"The {name} dataset in its published layout, labels from phantom geometry."
-    command = user_errors(command)
-    for opt in reversed(extra):
-        command = opt(command)
-    command = click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-                           help="Drawing processes (output does not depend on it).")(command)
-    command = click.option("--image-size", type=click.IntRange(min=32), default=default_size,
-                           show_default=True, help="Image side in pixels.")(command)
-    command = click.option("--seed", type=int, default=0, show_default=True,
-                           help="Everything drawn follows from it.")(command)
-    command = click.option("--n", type=click.IntRange(min=1), default=200, show_default=True,
-                           help="Number of images.")(command)
-    command = click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-                           help="Output folder: the dataset root to pass to `eval --root`.")(command)
-    return synth.command(name)(command)
 
-
-_monochrome1 = click.option("--monochrome1-fraction", type=click.FloatRange(0, 1), default=0.1,
-                            show_default=True, help="Share of DICOMs stored inverted as MONOCHROME1.")
 @synth.command("openi")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--n-reports", "--n", "n_reports", type=click.IntRange(min=1), default=200, show_default=True,
@@ -355,14 +393,6 @@ def synth_openi(out_dir, n_reports, seed, image_size):
 
     _echo_summary(write_openi(out_dir, n_reports, seed, image_size=image_size))
 
-
-_downstream_command("chexpert", 320)
-_downstream_command("rsna", 1024, [_monochrome1])
-_downstream_command("covidx", 384, [click.option("--label-set", type=click.Choice(["A", "B"]), default="A",
-                                                 show_default=True,
-                                                 help="A: normal/pneumonia/COVID-19; B: positive/negative.")])
-_downstream_command("siim", 1024, [_monochrome1])
-_downstream_command("object-cxr", 512)
 
 
 # ==== prepare (stages/prepare.py) ====

@@ -35,7 +35,7 @@ class Option:
     """What a field's metadata says about its option (see :func:`option`)."""
 
     help: str
-    choices: tuple[Any, ...] | None = None
+    choices: tuple[Any, ...] | Callable[[], Any] | None = None  # read through allowed()
     min: float | None = None
     max: float | None = None
     min_open: bool = False
@@ -52,6 +52,11 @@ class Option:
     added_later: bool = False
     device: bool = False
 
+    def allowed(self) -> tuple[Any, ...] | None:
+        """The choices; a function given as ``choices`` (a registry's names) is called each time, so a
+        registry entry added after the config class was defined is accepted, listed and documented."""
+        return tuple(self.choices()) if callable(self.choices) else self.choices
+
 
 def option(default: Any = dataclasses.MISSING, *, help: str, choices: Sequence[Any] | None = None,
            min: float | None = None, max: float | None = None, min_open: bool = False, max_open: bool = False,
@@ -62,7 +67,8 @@ def option(default: Any = dataclasses.MISSING, *, help: str, choices: Sequence[A
            default_factory: Callable[[], Any] | Any = dataclasses.MISSING) -> Any:
     """A dataclass field that is also an option.
 
-    ``help``: the one-line help (the default is appended by click). ``choices``: allowed values.
+    ``help``: the one-line help (the default is appended by click). ``choices``: allowed values, or a
+    function returning them, read whenever they are needed (a registry's names, see ``Option.allowed``).
     ``min``/``max``: inclusive bounds (``min_open``/``max_open`` make them exclusive). ``names``:
     the command-line spellings (default ``--field-name``). ``show_default``: text shown instead of
     the default (for defaults computed at run time or ``None`` meaning "derived"). ``negatable``:
@@ -82,7 +88,9 @@ def option(default: Any = dataclasses.MISSING, *, help: str, choices: Sequence[A
     value gets the same one-line message on the command line (``error: --batch-size: must be >= 2,
     got 1``) as in a pipeline YAML; choices are checked by click too, which lists them.
     """
-    meta = {_KEY: Option(help=help, choices=tuple(choices) if choices is not None else None, min=min, max=max,
+    if choices is not None and not callable(choices):
+        choices = tuple(choices)
+    meta = {_KEY: Option(help=help, choices=choices, min=min, max=max,
                          min_open=min_open, max_open=max_open, names=tuple(names), show_default=show_default,
                          negatable=negatable, exists=exists, path=path, repeat=repeat, metavar=metavar,
                          cli=cli, affects_result=affects_result, added_later=added_later, device=device)}
@@ -150,11 +158,12 @@ def check_fields(cfg: Any) -> None:
                 continue
             raise ConfigError(f"{f.name}: required")
         _check_type(f.name, value, base)
-        if opt.choices is not None:
+        choices = opt.allowed()
+        if choices is not None:
             items = value if typing.get_origin(base) is tuple else (value,)
-            bad = [v for v in items if v not in opt.choices]
+            bad = [v for v in items if v not in choices]
             if bad:
-                raise ConfigError(f"{f.name}: expected one of {', '.join(map(str, opt.choices))}, got "
+                raise ConfigError(f"{f.name}: expected one of {', '.join(map(str, choices))}, got "
                                   f"{_describe(bad[0])}")
         if opt.min is not None or opt.max is not None:
             for v in (value if typing.get_origin(base) is tuple else (value,)):
@@ -215,7 +224,7 @@ def option_choices(cls, field: str) -> tuple[Any, ...] | None:
     """The allowed values of ``field`` of ``cls`` (None: any value of its type)."""
     for f, opt, _ in options_of(cls):
         if f.name == field:
-            return opt.choices
+            return opt.allowed()
     raise KeyError(f"{cls.__name__} has no option {field!r}")
 
 
@@ -249,8 +258,8 @@ def markdown_table(cls, command: str) -> str:
         else:
             default = default_text(f.default)
         meaning = opt.help
-        if opt.choices is not None:
-            meaning += " One of: " + ", ".join(f"`{c}`" for c in opt.choices) + "."
+        if opt.allowed() is not None:
+            meaning += " One of: " + ", ".join(f"`{c}`" for c in opt.allowed()) + "."
         if opt.min is not None or opt.max is not None:
             meaning += f" Bounds: {_bounds_text(opt)}."
         rows.append(f"| {name} | {_cell(default)} | {_cell(meaning)} |")

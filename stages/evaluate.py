@@ -20,11 +20,14 @@ is refused rather than mixing results.
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import logging
 import shutil
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from pipeline.common import (
     ConfigError,
@@ -37,10 +40,30 @@ from pipeline.common import (
     write_json,
 )
 from pipeline.distributed import resolve_device
-from pipeline.downstream import TASK_NAMES, TASKS, task_entry
-from pipeline.downstream.recipes import DET_HEAD_NAMES, NORMALIZE, PROTOCOLS, Recipe, resolve
-from pipeline.downstream.results import Encoders, ImageStore, append_markdown, checkpoint_sha256, clean_json, results
+from pipeline.downstream import TASKS, get_task, task_entry, task_names
+from pipeline.downstream.datasets.registry import (
+    check_options,
+    dataset_names,
+    dataset_tasks,
+    load_dataset,
+    mgca_pairs,
+)
+from pipeline.downstream.det_heads import DET_HEADS, det_head_names
+from pipeline.downstream.language import run_folder
+from pipeline.downstream.loop import TrainSettings, calibrate_bn
+from pipeline.downstream.recipes import NORMALIZE, PROTOCOLS, Recipe, resolve
+from pipeline.downstream.results import (
+    Encoders,
+    ImageStore,
+    append_markdown,
+    checkpoint_sha256,
+    clean_json,
+    results,
+    summarise_seeds,
+)
 from pipeline.downstream.retrieval import SPLITS as RETRIEVAL_SPLITS
+from pipeline.downstream.splits import load_split_file, make_split, sample_fraction, write_fraction, write_split
+from pipeline.downstream.task import SeedRun
 from pipeline.downstream.zeroshot import AGGREGATES as PROMPT_AGGREGATES
 from pipeline.downstream.zeroshot import PROTOCOLS as ZEROSHOT_PROTOCOLS
 from pipeline.locks import hold_output_lock
@@ -49,8 +72,6 @@ from pipeline.tracking import REPORT_TO, Tracker, open_tracker
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("chexpert", "rsna", "covidx", "siim", "object-cxr")
-DET_MODELS = DET_HEAD_NAMES
 # Output version of this stage: 3 added the protocols and the per-seed predictions files. Part of the
 # fingerprint of every run (and of `cli.py run`'s eval stages), so results of older code are redone.
 FORMAT_VERSION = 3
@@ -68,8 +89,10 @@ class EvalConfig:
     None (or ``normalize="auto"``) take the protocol's value (``recipe()``); ``dataset_options`` are
     (name, value) pairs passed to the dataset reader."""
 
-    task: str = option(choices=TASK_NAMES, help=_TASK_HELP + ".")
-    dataset: str | None = option(None, choices=DATASETS,
+    # choices are the registries' names, read when needed (pipeline.downstream.TASKS, datasets.registry.DATASETS,
+    # det_heads.DET_HEADS), so a task, dataset or head registered there is an accepted and documented value
+    task: str = option(choices=task_names, help=_TASK_HELP + ".")
+    dataset: str | None = option(None, choices=dataset_names,
                                  help="Downstream dataset (docs/DATASETS.md); every task but retrieval needs one.")
     root: str | None = option(None, path="dir", help="Dataset folder in its published layout (docs/DATASETS.md "
                                                      "says which folder for each dataset).")
@@ -104,7 +127,7 @@ class EvalConfig:
     split_seed: int = option(0, help="Seed of the generated split (shared by all seeds).")
     device: str = option("auto", affects_result=False, device=True, help="auto, cpu, cuda or cuda:N.")
     workers: int = option(0, min=0, affects_result=False, help="DataLoader workers.")
-    det_model: str | None = option(None, choices=DET_MODELS, show_default="mgca yolov3 (MGCA's), tool fasterrcnn",
+    det_model: str | None = option(None, choices=det_head_names, show_default="mgca yolov3 (MGCA's), tool fasterrcnn",
                                    help="det: the detection head.")
     weight_decay: float | None = option(None, min=0, show_default="mgca 1e-6 (seg 0.05); tool 1e-4",
                                         help="AdamW weight decay.")
@@ -154,8 +177,6 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        from pipeline.downstream.datasets.registry import TASKS_BY_DATASET, check_options
-
         entry = task_entry(self.task)
         if not self.init:
             raise ConfigError("init: give 'random', 'imagenet' or a checkpoint path")
@@ -171,13 +192,11 @@ class EvalConfig:
             if self.dataset is not None:
                 check_options(self.dataset, dict(self.dataset_options))
             return
-        if self.task not in TASKS_BY_DATASET[self.dataset]:
-            raise ConfigError(f"task: {self.dataset} supports {', '.join(TASKS_BY_DATASET[self.dataset])}, "
+        if self.task not in dataset_tasks(self.dataset):
+            raise ConfigError(f"task: {self.dataset} supports {', '.join(dataset_tasks(self.dataset))}, "
                               f"not {self.task!r}")
-        from pipeline.downstream.mgca_splits import PAIRS as MGCA_PAIRS
-
-        if self.protocol == "mgca" and (self.dataset, self.task) not in MGCA_PAIRS:
-            have = ", ".join(f"{t} {d}" for d, t in MGCA_PAIRS)
+        if self.protocol == "mgca" and (self.dataset, self.task) not in mgca_pairs():
+            have = ", ".join(f"{t} {d}" for d, t in mgca_pairs())
             raise ConfigError(f"protocol: MGCA has no {self.task} {self.dataset} recipe (it has {have}); "
                               "use protocol tool")
         try:  # reader options are checked here, before any data is read (names and types only)
@@ -186,8 +205,10 @@ class EvalConfig:
             raise ConfigError(f"dataset_options: {e}") from e
         if self.task == "seg" and self.image_size % 32:
             raise ConfigError(f"image_size: the U-Net needs a multiple of 32 for seg, got {self.image_size}")
-        if self.task == "det" and self.image_size % 32 and self.recipe().head == "yolov3":
-            raise ConfigError(f"image_size: the YOLOv3 head needs a multiple of 32, got {self.image_size}")
+        head = DET_HEADS[self.recipe().head] if self.task == "det" else None
+        if head is not None and self.image_size % head.size_multiple:
+            raise ConfigError(f"image_size: the {head.title} head needs a multiple of {head.size_multiple}, "
+                              f"got {self.image_size}")
         if self.split_file is not None and not Path(self.split_file).exists():
             raise ConfigError(f"split_file: {self.split_file} does not exist")
         if self.init not in ("random", "imagenet") and not Path(self.init).expanduser().is_file():
@@ -196,9 +217,7 @@ class EvalConfig:
     def _check_language(self) -> None:
         """The checks of the tasks that train nothing (zeroshot, retrieval)."""
         if self.task == "zeroshot":
-            from pipeline.downstream.datasets.registry import TASKS_BY_DATASET
-
-            if "cls" not in TASKS_BY_DATASET[self.dataset]:
+            if "cls" not in dataset_tasks(self.dataset):
                 raise ConfigError(f"dataset: zeroshot classifies images; {self.dataset} has no labels for it")
             if self.zeroshot_protocol == "chexpert5x200" and self.dataset != "chexpert":
                 raise ConfigError(f"zeroshot_protocol: chexpert5x200 is CheXpert's set, not {self.dataset}'s; "
@@ -233,12 +252,8 @@ def run(cfg: EvalConfig) -> dict:
     hold_output_lock(cfg.out, "eval", clean_temps=("", "seeds", "split"))
     if not task_entry(cfg.task).trains:
         return _run_untrained(cfg)
-    from pipeline import downstream
-    from pipeline.downstream.datasets.registry import load_dataset
-    from pipeline.downstream.splits import sample_fraction, write_split
-
     out = Path(cfg.out)
-    task = downstream.get_task(cfg.task)
+    task = get_task(cfg.task)
     spec = load_dataset(cfg.dataset, cfg.root, cfg.task, protocol=cfg.protocol, **dict(cfg.dataset_options))
     task.check(spec)
     recipe = cfg.recipe(spec.label_kind)
@@ -281,11 +296,6 @@ def _run_untrained(cfg: EvalConfig) -> dict:
     """A task that trains nothing (zeroshot, retrieval): its module's ``evaluate`` computes every seed; this
     stage fingerprints the run (options, the weights' and prompts file's hashes), refuses a folder of
     another configuration and writes results.json and the results.md row."""
-    import datetime as _dt
-
-    from pipeline import downstream
-    from pipeline.downstream.results import summarise_seeds
-
     out = Path(cfg.out)
     d = result_config(cfg)
     d.update(init_sha256=_init_sha256(cfg.init), format=FORMAT_VERSION,
@@ -301,7 +311,7 @@ def _run_untrained(cfg: EvalConfig) -> dict:
     if finished is not None:
         return finished
     save_config(cfg, out, stage="eval", fingerprint=fp)  # one stage per folder (pipeline.locks)
-    res = downstream.get_task(cfg.task).evaluate(cfg, out)
+    res = get_task(cfg.task).evaluate(cfg, out)
     per_seed = [{**r, "fingerprint": fp} for r in res.pop("per_seed")]
     summary, summary_per_class = summarise_seeds(per_seed)
     hashes = d["init_sha256"] or {}
@@ -322,8 +332,6 @@ def _init_sha256(init: str) -> dict | None:
     """The weights behind a zeroshot/retrieval init: encoder and projector hashes of the run folder."""
     if init == "random":
         return None
-    from pipeline.downstream.language import run_folder
-
     run = run_folder(init)
     enc = Path(init).expanduser() if Path(init).expanduser().is_file() else run / "encoder.pt"
     return {p.name: file_sha256(p) for p in (enc, run / "projector.pt") if p.is_file()}
@@ -332,11 +340,6 @@ def _init_sha256(init: str) -> dict | None:
 def _run_seed(cfg: EvalConfig, task, recipe: Recipe, store: ImageStore, encoders: Encoders, seed: int,
               out: Path, fp: str, tracker: Tracker) -> dict:
     """Train and test one seed; writes its predictions, then ``seeds/seed-N.json`` (the seed's completion)."""
-    import torch
-
-    from pipeline.downstream import SeedRun
-    from pipeline.downstream.loop import TrainSettings, calibrate_bn
-
     t0 = time.monotonic()
 
     def on_epoch(row: dict) -> None:  # per-seed curves: seed-N/train_loss, seed-N/val_<metric>
@@ -382,8 +385,6 @@ def _run_seed(cfg: EvalConfig, task, recipe: Recipe, store: ImageStore, encoders
 # --------------------------------------------------------------------------- pieces of the stage
 def _split(cfg: EvalConfig, spec):
     """The run's split (generated, or ``--split-file``), every list non-empty and known to the dataset."""
-    from pipeline.downstream.splits import load_split_file, make_split
-
     if cfg.split_file:
         split = load_split_file(cfg.split_file, spec=spec, protocol=cfg.protocol)
     else:
@@ -403,8 +404,6 @@ def _split(cfg: EvalConfig, spec):
 
 def _write_fractions(fractions: dict, folder: Path, cfg: EvalConfig) -> dict:
     """Each seed's training subset as a file (under mgca one list, one file, shared by every seed)."""
-    from pipeline.downstream.splits import write_fraction
-
     written: dict = {}
     out = {}
     for seed, ids in fractions.items():

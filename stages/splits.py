@@ -25,13 +25,21 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.common import ConfigError, MflagError, config_to_dict, read_json, save_config
-from pipeline.downstream.datasets.registry import DATASETS, PROTOCOLS
+from pipeline.downstream.datasets.registry import (
+    PROTOCOLS,
+    check_options,
+    dataset_names,
+    dataset_tasks,
+    load_dataset,
+    mgca_pairs,
+    trained_tasks,
+)
+from pipeline.downstream.splits import make_split, sample_fraction, split_summary, write_fraction, write_split
 from pipeline.options import check_fields, option
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FRACTIONS = (0.01, 0.1, 1.0)
-TASKS = ("cls", "seg", "det")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,9 +48,11 @@ class SplitsConfig:
     ``seeds`` and ``split_seed`` apply to ``protocol="tool"`` only (MGCA's split and lists have fixed
     random states). ``dataset_options``: (name, value) pairs for the dataset reader, as for eval."""
 
-    dataset: str = option(help="Downstream dataset whose label files are split.", choices=DATASETS)
+    # choices are read from the registries when needed: the datasets (datasets.registry.DATASETS) and the
+    # trained tasks that read one (pipeline.downstream.TASKS)
+    dataset: str = option(help="Downstream dataset whose label files are split.", choices=dataset_names)
     task: str = option(help="The eval task the split is for (RSNA's MGCA split differs between cls and det/seg).",
-                       choices=TASKS)
+                       choices=trained_tasks)
     root: str = option(help="Dataset folder in its published layout, as for eval; only the label files are needed.",
                        exists="dir")
     out: str = option(help="Folder for train.txt, val.txt, test.txt, split.json and train-frac<F>[-seed<S>].txt; "
@@ -60,16 +70,13 @@ class SplitsConfig:
     force: bool = option(False, negatable=False, help="Replace the lists of another configuration in OUT.")
 
     def __post_init__(self) -> None:
-        from pipeline.downstream.datasets.registry import TASKS_BY_DATASET, check_options
-        from pipeline.downstream.mgca_splits import PAIRS
-
         check_fields(self)
-        if self.task not in TASKS_BY_DATASET[self.dataset]:
-            raise ConfigError(f"task: {self.dataset} supports {', '.join(TASKS_BY_DATASET[self.dataset])}, "
+        if self.task not in dataset_tasks(self.dataset):
+            raise ConfigError(f"task: {self.dataset} supports {', '.join(dataset_tasks(self.dataset))}, "
                               f"not {self.task!r}")
-        if self.protocol == "mgca" and (self.dataset, self.task) not in PAIRS:
+        if self.protocol == "mgca" and (self.dataset, self.task) not in mgca_pairs():
             raise ConfigError(f"protocol: MGCA has no split for {self.dataset} {self.task} (it has "
-                              f"{', '.join(f'{d} {t}' for d, t in PAIRS)}); use --protocol tool")
+                              f"{', '.join(f'{d} {t}' for d, t in mgca_pairs())}); use --protocol tool")
         if not self.fractions:
             raise ConfigError("fractions: give at least one fraction")
         if len(set(self.fractions)) != len(self.fractions):
@@ -125,9 +132,6 @@ def _clear(out: Path, cfg: SplitsConfig) -> None:
 
 
 def run(cfg: SplitsConfig) -> SplitsResult:
-    from pipeline.downstream.datasets.registry import load_dataset
-    from pipeline.downstream.splits import make_split, sample_fraction, split_summary, write_fraction, write_split
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     _clear(out, cfg)

@@ -28,7 +28,14 @@ def _png(path, arr):
 # --------------------------------------------------------------------------- registry and heads
 def test_registry_names_every_task_and_head():
     assert [get_task(n).name for n in ("cls", "seg", "det")] == ["cls", "seg", "det"]
-    assert tuple(det.DET_HEADS) == recipes.DET_HEAD_NAMES
+    # the heads are declared once (det_heads.DET_HEADS): --det-model, the recipes' defaults and the builders follow
+    from pipeline.downstream.det_heads import DET_HEADS
+    from pipeline.options import option_choices
+    from stages.evaluate import EvalConfig
+
+    assert option_choices(EvalConfig, "det_model") == tuple(DET_HEADS)
+    assert all(callable(det.head_builder(k)) for k in DET_HEADS)
+    assert {recipes.resolve(p, "det", "rsna", 1.0, False, "random").head for p in recipes.PROTOCOLS} <= set(DET_HEADS)
     with pytest.raises(KeyError, match="unknown task"):
         get_task("caption")
 

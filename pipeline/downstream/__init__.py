@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
-from pipeline.downstream.task import SeedOutcome, SeedRun, Task
-
 
 @dataclasses.dataclass(frozen=True)
 class TaskEntry:
@@ -41,7 +39,11 @@ TASKS: dict[str, TaskEntry] = {
     "retrieval": TaskEntry("pipeline.downstream.retrieval", False, False,
                            "image<->report retrieval over held-out pairs of --shards, no training"),
 }
-TASK_NAMES = tuple(TASKS)
+
+
+def task_names() -> tuple[str, ...]:
+    """The registered tasks (the ``--task`` choices, read when needed so a task registered later is seen)."""
+    return tuple(TASKS)
 
 
 def task_entry(name: str) -> TaskEntry:
@@ -55,4 +57,12 @@ def get_task(name: str):
     return importlib.import_module(task_entry(name).module).TASK
 
 
-__all__ = ["TASKS", "TASK_NAMES", "SeedOutcome", "SeedRun", "Task", "TaskEntry", "get_task", "task_entry"]
+def __getattr__(name: str):
+    # SeedOutcome, SeedRun, Task live in .task, which imports torch: loaded on first use only, so the registries
+    # (this one, datasets.registry, det_heads) stay cheap to import for `cli.py synth`, `splits` and config checks
+    if name in ("SeedOutcome", "SeedRun", "Task"):
+        return getattr(importlib.import_module("pipeline.downstream.task"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["TASKS", "SeedOutcome", "SeedRun", "Task", "TaskEntry", "get_task", "task_entry", "task_names"]

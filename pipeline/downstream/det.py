@@ -2,7 +2,7 @@
 
 Every head follows torchvision's detection call convention: ``model(list of [0, 1] 3 x S x S images,
 targets) -> dict of losses`` in training, ``model(images) -> [{boxes, scores, labels}]`` in eval
-mode, so the same step and evaluation drive them all. Heads (``DET_HEADS``):
+mode, so the same step and evaluation drive them all. Heads (declared in ``pipeline.downstream.det_heads``):
 - ``fasterrcnn``, ``retinanet``: torchvision's, on a ResNet50 + FPN body (``BackboneWithFPN``) with
   frozen BatchNorm (torchvision's detection convention); without ``--finetune`` the body's weights
   are frozen too, with it all five stages train.
@@ -19,7 +19,8 @@ the original image as (x * width / S, y * height / S). pycocotools' COCOeval wit
 """
 from __future__ import annotations
 
-import dataclasses
+import importlib
+import operator
 from pathlib import Path
 from typing import Callable
 
@@ -29,8 +30,10 @@ from torch import nn
 from pipeline.common import MflagError, progress, write_json
 from pipeline.downstream import metrics
 from pipeline.downstream.data import NORMALIZATIONS, DetDataset, collate_det
+from pipeline.downstream.det_heads import DET_HEADS
 from pipeline.downstream.loop import TrainSettings, fit, frozen_bn_mode, make_loader, place, to_device
 from pipeline.downstream.task import SeedOutcome, SeedRun, Task
+from pipeline.downstream.yolov3 import build_yolov3
 
 PREDICTIONS_FORMAT = "mflag-det-predictions/1"
 
@@ -106,8 +109,6 @@ def build_retinanet(encoder_state: dict, image_size: int, finetune: bool, norm: 
 def build_yolo(encoder_state: dict, image_size: int, finetune: bool, norm: str):
     """MGCA's YOLOv3 head on C3-C5 (``pipeline.downstream.yolov3``): its ResNet50 is frozen, BatchNorm following the
     model's mode; ``finetune`` makes the ResNet50's weights trainable too."""
-    from pipeline.downstream.yolov3 import build_yolov3
-
     model = build_yolov3(encoder_state, image_size, num_classes=1, norm=norm)
     if finetune:
         for p in model.backbone.parameters():
@@ -115,24 +116,15 @@ def build_yolo(encoder_state: dict, image_size: int, finetune: bool, norm: str):
     return model
 
 
-@dataclasses.dataclass(frozen=True)
-class DetHead:
-    """``build(encoder_state, image_size, finetune, norm) -> model`` (torchvision's call convention);
-    ``body(model)``: the ResNet50 inside it, kept in eval mode when the recipe fixes its BatchNorm."""
-
-    build: Callable[..., nn.Module]
-    body: Callable[[nn.Module], nn.Module]
-    description: str
+def head_builder(kind: str) -> Callable[..., nn.Module]:
+    """The function building ``DET_HEADS[kind]``'s model (its ``build``, ``"module:function"``)."""
+    module, _, name = DET_HEADS[kind].build.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
-DET_HEADS: dict[str, DetHead] = {
-    "fasterrcnn": DetHead(build_fasterrcnn, lambda m: m.backbone.body,
-                          "torchvision Faster R-CNN, ResNet50-FPN body with frozen BatchNorm"),
-    "retinanet": DetHead(build_retinanet, lambda m: m.backbone.body,
-                         "torchvision RetinaNet, ResNet50-FPN (P3-P7) body with frozen BatchNorm"),
-    "yolov3": DetHead(build_yolo, lambda m: m.backbone,
-                      "MGCA's YOLOv3 head on C3-C5 of a frozen ResNet50 whose BatchNorm follows the model's mode"),
-}
+def head_body(kind: str, model: nn.Module) -> nn.Module:
+    """The ResNet50 inside ``DET_HEADS[kind]``'s ``model``."""
+    return operator.attrgetter(DET_HEADS[kind].body)(model)
 
 
 def build_detector(kind: str, encoder_state: dict, image_size: int, finetune: bool, norm: str = "imagenet"
@@ -141,7 +133,7 @@ def build_detector(kind: str, encoder_state: dict, image_size: int, finetune: bo
     normalised inside with ``NORMALIZATIONS[norm]``."""
     if kind not in DET_HEADS:
         raise MflagError(f"unknown detection model {kind!r}; choose one of {', '.join(DET_HEADS)}")
-    return DET_HEADS[kind].build(encoder_state, image_size, finetune, norm)
+    return head_builder(kind)(encoder_state, image_size, finetune, norm)
 
 
 def det_images(img: torch.Tensor, settings: TrainSettings) -> list[torch.Tensor]:
@@ -178,13 +170,12 @@ class DetTask(Task):
     def run(self, r: SeedRun) -> SeedOutcome:
         s, rec = r.settings, r.recipe
         torch.manual_seed(s.seed)
-        head = DET_HEADS[rec.head]
-        model = place(head.build(r.encoder.state_dict(), rec.image_size, not rec.frozen_encoder, rec.normalize),
-                      s, conv=False)
+        model = place(build_detector(rec.head, r.encoder.state_dict(), rec.image_size, not rec.frozen_encoder,
+                                     rec.normalize), s, conv=False)
         train_t, eval_t = r.transforms()
         train = DetDataset(r.source, r.train_idx, transform=train_t, seed=r.seed)
         val = DetDataset(r.source, r.val_idx, transform=eval_t)
-        mode = frozen_bn_mode(model, [head.body(model)]) if rec.encoder_bn == "fixed" else model.train
+        mode = frozen_bn_mode(model, [head_body(rec.head, model)]) if rec.encoder_bn == "fixed" else model.train
 
         def step(batch):
             img, targets = batch

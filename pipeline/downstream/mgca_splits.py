@@ -35,16 +35,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from pipeline.common import MflagError
 from pipeline.downstream.datasets.base import LabelRow
 
-# (dataset, task) pairs MGCA has a split for; others have no MGCA recipe.
-PAIRS = (("chexpert", "cls"), ("covidx", "cls"), ("rsna", "cls"), ("rsna", "det"), ("rsna", "seg"),
-         ("siim", "seg"), ("object-cxr", "det"))
+# Which dataset takes which of the rules below, and the (dataset, task) pairs MGCA has a split for, are in
+# the dataset registry (pipeline.downstream.datasets.registry: DatasetEntry.mgca, mgca_pairs, mgca_lists).
 
 # mgca/constants.py and preprocess scripts
 CHEXPERT_VALID_NUM = 5000          # constants.CHEXPERT_VALID_NUM
@@ -292,14 +291,3 @@ def object_cxr(label_rows: dict[str, Sequence[LabelRow]], task: str = "det") -> 
                      description="mgca: Object-CXR dev.csv as test; train.csv rows split 90/10 "
                                  "(train_test_split, random_state=0)")
 
-
-_BUILDERS: dict[str, Callable[..., MgcaLists]] = {"chexpert": chexpert, "covidx": covidx, "rsna": rsna,
-                                                  "siim": siim, "object-cxr": object_cxr}
-
-
-def build(dataset: str, task: str, label_rows: dict[str, Sequence[LabelRow]]) -> MgcaLists:
-    """MGCA's lists for ``dataset``/``task`` from the rows a reader kept under protocol "mgca"."""
-    if (dataset, task) not in PAIRS:
-        have = ", ".join(f"{d} {t}" for d, t in PAIRS)
-        raise MgcaSplitError(f"MGCA has no {dataset} {task} recipe (it has: {have}); use --protocol tool")
-    return _BUILDERS[dataset](label_rows, task)

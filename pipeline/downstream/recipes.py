@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from pipeline.downstream.det_heads import DET_HEADS
+
 PROTOCOLS = ("mgca", "tool")
-# The detection heads (pipeline.downstream.det.DET_HEADS; named here so configs check them without torch)
-DET_HEAD_NAMES = ("fasterrcnn", "retinanet", "yolov3")
 NORMALIZE = ("auto", "imagenet", "half")
 # MGCA's classification loads images at 256 and crops 224: the stored size is the input size x 8/7.
 MGCA_CLS_LOAD = 256 / 224
@@ -139,12 +139,13 @@ def resolve(protocol: str, task: str, dataset: str, fraction: float, finetune: b
         monitor, mode = primary, "max"
     crops = base["eval_transform"] == "center-crop"
     frozen = not finetune
-    # the BN statistics of a frozen encoder stay fixed, except in MGCA's seg/det recipes (and in the YOLOv3
-    # head whichever the protocol), whose frozen encoder runs in training mode
-    if task == "det" and base["head"] in ("fasterrcnn", "retinanet"):
-        bn_train = False  # torchvision's detection body uses FrozenBatchNorm2d, fine-tuned or not
+    # the BN statistics of a frozen encoder stay fixed, except in MGCA's seg recipe, whose frozen encoder runs
+    # in training mode; a detection head decides for itself (det_heads.DetHeadEntry.frozen_bn): torchvision's
+    # bodies use FrozenBatchNorm2d, fine-tuned or not, the YOLOv3 head's BN follows the model's mode
+    if task == "det":
+        bn_train = not DET_HEADS[base["head"]].frozen_bn
     else:
-        bn_train = not frozen or (protocol == "mgca" and task in ("seg", "det")) or base["head"] == "yolov3"
+        bn_train = not frozen or (protocol == "mgca" and task == "seg")
     return Recipe(protocol=protocol, task=task, image_size=image_size,
                   load_size=int(round(image_size * MGCA_CLS_LOAD)) if crops else image_size,
                   normalize=normalize, monitor=monitor, mode=mode, primary=primary, frozen_encoder=frozen,

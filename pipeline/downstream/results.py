@@ -14,7 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.common import atomic_open, config_to_dict, file_sha256, read_text_utf8
+from pipeline.downstream import metrics
+from pipeline.downstream.data import ImageSource, labels_matrix
 from pipeline.downstream.recipes import Recipe
+from pipeline.downstream.splits import split_summary
+from pipeline.vision.checkpoints import imagenet_weights_path, load_encoder
 
 
 class ImageStore:
@@ -22,8 +26,6 @@ class ImageStore:
     with the index of each image id and, for cls, the label matrix."""
 
     def __init__(self, spec, recipe: Recipe, task, fractions: dict, split, decode: bool):
-        from pipeline.downstream.data import ImageSource, labels_matrix
-
         by_id = {r.image_id: i for i, r in enumerate(spec.records)}
         need = sorted({by_id[i] for ids in fractions.values() for i in ids} | {by_id[i] for i in split.val}
                       | {by_id[i] for i in split.test})
@@ -49,8 +51,6 @@ class Encoders:
 
     def get(self) -> tuple:
         """(encoder, info, cache)"""
-        from pipeline.vision.checkpoints import load_encoder
-
         if not self.shared:
             return (*load_encoder(self.init), {})
         if self._one is None:
@@ -63,8 +63,6 @@ def checkpoint_sha256(init: str) -> str | None:
     if init == "random":
         return None
     if init == "imagenet":
-        from pipeline.vision.checkpoints import imagenet_weights_path
-
         p = imagenet_weights_path()
         return file_sha256(p) if p is not None else None
     return file_sha256(Path(init).expanduser())
@@ -107,9 +105,6 @@ def clean_json(obj):
 def results(cfg, recipe: Recipe, spec, split, fractions, fraction_files, per_seed, fp, ckpt_hash) -> dict:
     """results.json of an eval run: ``cfg`` is its EvalConfig, ``per_seed`` the finished seeds' records;
     summaries over seeds, the split, the fractions and how the protocol was applied."""
-    from pipeline.downstream import metrics
-    from pipeline.downstream.splits import split_summary
-
     primary = recipe.primary
     summary, summary_per_class = summarise_seeds(per_seed)
     scalar_keys = list(summary)

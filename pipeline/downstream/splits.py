@@ -29,9 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.common import MflagError, atomic_open, open_text_utf8, read_json, read_text_utf8, write_json
-from pipeline.downstream import mgca_splits
 from pipeline.downstream.datasets.base import DatasetSpec, Record
-from pipeline.downstream.datasets.registry import PROTOCOLS
+from pipeline.downstream.datasets.registry import PROTOCOLS, mgca_lists, mgca_pairs
 from pipeline.downstream.mgca_splits import FractionDraw, MgcaSplitError
 
 log = logging.getLogger(__name__)
@@ -191,7 +190,7 @@ def _make_mgca_split(spec: DatasetSpec, warn: bool = True) -> Split:
         raise SplitError(f"dataset {spec.name!r} was read with protocol {spec.protocol!r}: MGCA's split needs "
                          f"the label rows a reader keeps under load_dataset(..., protocol='mgca')")
     try:
-        lists = mgca_splits.build(spec.name, spec.task, spec.label_rows)
+        lists = mgca_lists(spec.name, spec.task, spec.label_rows)
     except MgcaSplitError as e:
         raise SplitError(str(e)) from None
     present = {r.image_id for r in spec.records}
@@ -533,7 +532,7 @@ def _match_to_spec(split: Split, spec: DatasetSpec, path: Path) -> Split:
         return matched
     if spec.protocol == "mgca" and spec.label_rows:
         try:  # the published lists are MGCA's own: fractions can be drawn as MGCA draws them
-            mine = _make_mgca_split(spec, warn=False) if (spec.name, spec.task) in mgca_splits.PAIRS else None
+            mine = _make_mgca_split(spec, warn=False) if (spec.name, spec.task) in mgca_pairs() else None
         except SplitError:
             mine = None
         if mine is not None and (mine.train, mine.val, mine.test) == (matched.train, matched.val, matched.test):

@@ -43,6 +43,8 @@ from pipeline.downstream.language import (
     load_pretrained,
     text_model_of,
 )
+from pipeline.downstream.mgca_splits import chexpert_5x200
+from pipeline.downstream.splits import load_split_file, make_split
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,6 @@ def five_by_200(root: str, per_class: int | None, options: dict) -> tuple[list, 
     train.csv (frontal, exactly one competition task positive, the 8 other observations 0, blanks 0),
     ``sample(n, random_state=0)`` per class, classes in the competition-task order. ``per_class`` None:
     MGCA's 200 (its share of a smaller train.csv, as ``cli.py splits`` sets aside)."""
-    from pipeline.downstream.mgca_splits import chexpert_5x200
-
     spec = load_dataset("chexpert", root, "cls", protocol="mgca", **options)
     picked, n = chexpert_5x200(spec.label_rows, per_class)
     by_id = {r.image_id: r for r in spec.records}
@@ -95,8 +95,6 @@ def evaluate(cfg, out: Path) -> dict:
         class_names = list(CHEXPERT_TASKS)
         labels = np.eye(len(class_names), dtype=np.float32)[cls]
     else:
-        from pipeline.downstream.splits import load_split_file, make_split
-
         spec = load_dataset(cfg.dataset, cfg.root, "cls", protocol=cfg.protocol, **options)
         split = (load_split_file(cfg.split_file, spec=spec, protocol=cfg.protocol) if cfg.split_file
                  else make_split(spec, seed=cfg.split_seed, protocol=cfg.protocol))

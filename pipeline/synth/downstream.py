@@ -13,12 +13,15 @@ import logging
 import multiprocessing
 import uuid
 from collections import Counter
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from pipeline.common import MflagError, atomic_open, progress
+from pipeline.downstream.datasets import registry
+from pipeline.downstream.datasets.siim import rle_encode
 from pipeline.synth.dicom import siim_uids, write_dicom
 from pipeline.synth.phantom import LOBES, Findings, Opacity, Sided, render, sample_findings
 from pipeline.synth.reports import make_report, truth_labels
@@ -291,8 +294,6 @@ def write_covidx(out_dir, n: int, seed: int, image_size: int = 384, label_set: s
 # --------------------------------------------------------------------------- SIIM
 def _siim_image(job) -> list[str]:
     """Worker: render and write one SIIM DICOM; returns the RLE of each pneumothorax instance."""
-    from pipeline.downstream.datasets.siim import rle_encode
-
     path, findings, seed, size, view, dicom_kw = job
     img, geo = render(findings, np.random.default_rng(list(seed)), size, view)
     write_dicom(path, img, view=view, **dicom_kw)
@@ -396,10 +397,20 @@ def write_object_cxr(out_dir, n: int, seed: int, image_size: int = 512, dev_frac
             "csv": [str(out / "train.csv"), str(out / "dev.csv")]}
 
 
-WRITERS = {
-    "chexpert": write_chexpert,
-    "rsna": write_rsna,
-    "covidx": write_covidx,
-    "siim": write_siim,
-    "object-cxr": write_object_cxr,
-}
+class _Writers(Mapping):
+    """Dataset name -> its writer, read from the dataset registry (``DatasetEntry.writer``) at each look-up, so
+    a dataset registered there is written by ``cli.py synth`` and the pipeline YAML's ``downstream: synth:``."""
+
+    def __getitem__(self, name: str):
+        if name not in registry.DATASETS:
+            raise KeyError(name)
+        return registry.synth_writer(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(registry.dataset_names())
+
+    def __len__(self) -> int:
+        return len(registry.DATASETS)
+
+
+WRITERS: Mapping = _Writers()

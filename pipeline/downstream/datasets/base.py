@@ -57,7 +57,7 @@ class DatasetSpec:
     """A read dataset: its records plus what eval needs to know to train on it.
 
     ``label_kind``: "multilabel" (AUROC per class) or "multiclass" (accuracy).
-    ``tasks``: the eval tasks this dataset supports, subset of {"cls", "seg", "det"}.
+    ``tasks``: the eval tasks this dataset supports (``load_dataset`` sets them from the dataset registry).
     ``mask_fn(record, height, width) -> uint8 HxW`` renders the segmentation target.
     ``counts``: what the reader counted (rows read, missing images, clipped boxes, ...).
     ``task`` / ``protocol``: what the dataset was read for (``load_dataset`` sets them).

@@ -10,7 +10,6 @@ from pipeline.downstream.datasets._common import (
     DatasetError,
     Tally,
     check_protocol,
-    check_task,
     enforce_missing,
     missing_image,
     read_csv_rows,
@@ -90,7 +89,6 @@ def read_chexpert(root: str | Path, task: str = "cls", uncertainty: str = "compe
     Under ``protocol="mgca"`` every CSV row (laterals too) is also kept in ``label_rows``, and train.csv
     must have the eight other label columns MGCA's 5x200 selection reads.
     """
-    check_task("chexpert", task, ("cls",))
     check_protocol("chexpert", protocol)
     if uncertainty not in POLICIES:
         raise MflagError(f"CheXpert: unknown uncertainty policy {uncertainty!r} (one of {', '.join(POLICIES)})")
@@ -157,5 +155,5 @@ def read_chexpert(root: str | Path, task: str = "cls", uncertainty: str = "compe
     enforce_missing(tally, n_labelled, root, max_missing)
     tally.counts["images"] = len(records)
     return DatasetSpec(name="chexpert", root=root, records=records, class_names=TASKS,
-                       label_kind="multilabel", tasks=("cls",), counts=tally.counts, task=task,
+                       label_kind="multilabel", counts=tally.counts, task=task,
                        protocol=protocol, label_rows=label_rows)

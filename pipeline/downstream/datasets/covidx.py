@@ -9,7 +9,6 @@ from pipeline.downstream.datasets._common import (
     DatasetError,
     Tally,
     check_protocol,
-    check_task,
     enforce_missing,
     missing_image,
 )
@@ -61,7 +60,6 @@ def read_covidx(root: str | Path, task: str = "cls", label_set: str = "auto",
     line; nothing is mapped silently. Records carry ``official_split`` "train" or "test".
     Under ``protocol="mgca"`` every label line (duplicates too) is kept in ``label_rows`` by file.
     """
-    check_task("covidx", task, ("cls",))
     check_protocol("covidx", protocol)
     if label_set not in ("auto", *LABEL_SETS):
         raise MflagError(f"COVIDx: label_set must be auto, A or B, not {label_set!r}")
@@ -129,5 +127,5 @@ def read_covidx(root: str | Path, task: str = "cls", label_set: str = "auto",
             label_rows[split] = tuple(LabelRow(f"{split}/{fname}", pid, line_no)
                                       for _, line_no, sp, pid, fname, _ in rows if sp == split)
     return DatasetSpec(name="covidx", root=root, records=records, class_names=names,
-                       label_kind="multiclass", tasks=("cls",), counts=tally.counts, task=task,
+                       label_kind="multiclass", counts=tally.counts, task=task,
                        protocol=protocol, label_rows=label_rows)

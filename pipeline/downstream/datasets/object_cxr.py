@@ -11,7 +11,6 @@ from pipeline.downstream.datasets._common import (
     DatasetError,
     Tally,
     check_protocol,
-    check_task,
     clip_box,
     enforce_missing,
     fill_shapes,
@@ -107,7 +106,6 @@ def read_object_cxr(root: str | Path, task: str = "det", max_missing: float = DE
     Images live in ``<split>/`` next to ``<split>.csv``; ``official_split`` is "train" or "dev".
     There is no patient id, so ``patient_id`` = ``image_id`` ("<split>/<image_name>").
     """
-    check_task("object-cxr", task, ("det", "cls"))
     check_protocol("object-cxr", protocol)
     root = Path(root)
     tally = Tally()
@@ -183,5 +181,5 @@ def read_object_cxr(root: str | Path, task: str = "det", max_missing: float = DE
     tally.counts["images"] = len(records)
     tally.counts["boxes"] = sum(len(r.boxes) for r in records)
     return DatasetSpec(name="object-cxr", root=root, records=records, class_names=CLASS_NAMES,
-                       label_kind="multilabel", tasks=("det", "cls"), mask_fn=_mask, counts=tally.counts,
+                       label_kind="multilabel", mask_fn=_mask, counts=tally.counts,
                        task=task, protocol=protocol, label_rows=label_rows)

@@ -13,7 +13,6 @@ from pipeline.downstream.datasets._common import (
     Tally,
     box_corners,
     check_protocol,
-    check_task,
     clip_box,
     dicom_header,
     enforce_missing,
@@ -96,7 +95,6 @@ def read_rsna(root: str | Path, task: str = "cls", max_missing: float = DEFAULT_
     Under ``protocol="mgca"`` ``label_rows["train"]`` holds each patientId once (MGCA groups the rows
     by patientId, which sorts them).
     """
-    check_task("rsna", task, ("cls", "det", "seg"))
     check_protocol("rsna", protocol)
     root = Path(root)
     csv_path = root / labels_file if labels_file else find_file(root, LABELS_FILES, "RSNA labels CSV")
@@ -150,5 +148,5 @@ def read_rsna(root: str | Path, task: str = "cls", max_missing: float = DEFAULT_
     tally.counts["boxes"] = sum(len(r.boxes) for r in records)
     label_rows = {"train": tuple(LabelRow(pid, pid, first_line[pid]) for pid in labels)} if protocol == "mgca" else {}
     return DatasetSpec(name="rsna", root=root, records=records, class_names=CLASS_NAMES,
-                       label_kind="multilabel", tasks=("cls", "det", "seg"), mask_fn=_mask,
+                       label_kind="multilabel", mask_fn=_mask,
                        counts=tally.counts, task=task, protocol=protocol, label_rows=label_rows)

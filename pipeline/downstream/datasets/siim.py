@@ -11,7 +11,6 @@ from pipeline.downstream.datasets._common import (
     DatasetError,
     Tally,
     check_protocol,
-    check_task,
     dicom_header,
     enforce_missing,
     find_file,
@@ -122,7 +121,6 @@ def read_siim(root: str | Path, task: str = "seg", max_missing: float = DEFAULT_
     Under ``protocol="mgca"`` ``label_rows["train"]`` holds every CSV row in file order with
     ``positive`` = non-empty mask: MGCA splits SIIM by row, not by image.
     """
-    check_task("siim", task, ("seg", "cls"))
     check_protocol("siim", protocol)
     root = Path(root)
     # Only train-rle.csv: the later stage_2_train.csv uses absolute, not relative, run starts.
@@ -178,5 +176,5 @@ def read_siim(root: str | Path, task: str = "seg", max_missing: float = DEFAULT_
         label_rows = [LabelRow(x.image_id, patient.get(x.image_id, x.image_id), x.line, positive=x.positive)
                       for x in label_rows]
     return DatasetSpec(name="siim", root=root, records=records, class_names=CLASS_NAMES,
-                       label_kind="multilabel", tasks=("seg", "cls"), mask_fn=siim_mask, counts=tally.counts,
+                       label_kind="multilabel", mask_fn=siim_mask, counts=tally.counts,
                        task=task, protocol=protocol, label_rows={"train": tuple(label_rows)} if label_rows else {})
