@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Iterator
 
 from pipeline.common import ConfigError
-from pipeline.distributed import DistInfo, any_rank
+from pipeline.distributed import DistInfo, all_gather_object, any_rank
 from pipeline.pretrain import wds as wdsp
 from pipeline.pretrain.step import batch_per_rank
+from pipeline.text.models import OnlineTextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,6 @@ def _check_shard_files(train: wdsp.ShardSet, dist: DistInfo) -> None:
     over the ranks; the first problem any rank found stops every rank with the same line."""
     import os
 
-    from pipeline.distributed import all_gather_object
-
     if not train.digests:
         if train.manifest is not None and dist.is_main:
             log.warning("%s has no shard digests (written by an older prepare): the shards are not checked "
@@ -104,14 +103,28 @@ class Targets:
     identity: str | None = None  # the text cache's content identity (TextEmbeddingCache.identity)
 
 
-def open_targets(text_mode: str, urls: list[str], *, text_cache: str | None, reports: str | None,
-                 text_model: str | None, max_length: int, pooling: str, unfreeze_last: int | str,
-                 is_main: bool) -> Targets:
-    """The text cache (``text_mode`` "cache"), or the report texts and the text encoder loaded as
-    embed-text loads it (``pipeline.text.models``; "online": ``max_length`` tokens, ``pooling``, the
-    last ``unfreeze_last`` layers trainable). Fails before loading a model when the first samples of
+@dataclasses.dataclass(frozen=True)
+class TextSettings:
+    """Where the images' targets come from (``TrainVisionConfig.text_settings``), fields named as the
+    train-vision options they come from."""
+
+    text_mode: str = "cache"
+    text_cache: str | None = None
+    reports: str | None = None
+    text_model: str | None = None
+    text_max_length: int = 512
+    text_pooling: str = "cls"
+    unfreeze_last: int | str = 0
+
+
+def open_targets(t: TextSettings, urls: list[str], *, is_main: bool) -> Targets:
+    """The text cache (``t.text_mode`` "cache"), or the report texts and the text encoder loaded as
+    embed-text loads it (``pipeline.text.models``; "online": ``t.text_max_length`` tokens, ``t.text_pooling``,
+    the last ``t.unfreeze_last`` layers trainable). Fails before loading a model when the first samples of
     the training shards ``urls`` have no target (:func:`check_targets_cover`)."""
-    if text_mode == "cache":
+    text_cache, reports, text_model = t.text_cache, t.reports, t.text_model
+    if t.text_mode == "cache":
+        # here, not at the top: the cache package also loads its writer, which pipeline/ does not import
         from cache import TextEmbeddingCache
 
         cache = TextEmbeddingCache(text_cache)
@@ -127,11 +140,9 @@ def open_targets(text_mode: str, urls: list[str], *, text_cache: str | None, rep
         check_targets_cover(urls, targets, f"text cache {text_cache}", is_main)
         return Targets(targets, None, cache.dim, cache.attrs.get("text_encoder_params"),
                        cache.attrs.get("model_id", "?"), cache.identity)
-    from pipeline.text.models import OnlineTextEncoder
-
     targets = wdsp.ReportTexts(wdsp.read_reports(reports))
     check_targets_cover(urls, targets, f"reports {reports}", is_main)
-    text = OnlineTextEncoder.from_pretrained(text_model, max_length, pooling, unfreeze_last)
+    text = OnlineTextEncoder.from_pretrained(text_model, t.text_max_length, t.text_pooling, t.unfreeze_last)
     return Targets(targets, text, text.dim, sum(p.numel() for p in text.encoder.parameters()), text_model)
 
 
