@@ -221,6 +221,10 @@ class TrainVisionConfig:
     def text_settings(self) -> pretrain_data.TextSettings:
         return self._group(pretrain_data.TextSettings)
 
+    @property
+    def data_settings(self) -> pretrain_data.DataSettings:
+        return self._group(pretrain_data.DataSettings, splits=PAIRS[self.pairs])
+
 
 # --------------------------------------------------------------------------- the run
 def run(cfg: TrainVisionConfig) -> dict:
@@ -256,10 +260,7 @@ class _Trainer:
     # ------------------------------------------------------------------ set-up
     def _setup_data(self) -> None:
         cfg, dist = self.cfg, self.dist
-        d = pretrain_data.open_train_data(cfg.shards, PAIRS[cfg.pairs], num_samples=cfg.num_samples,
-                                          batch_size=cfg.batch_size, batch_semantics=cfg.batch_semantics,
-                                          max_steps=cfg.max_steps, epochs=cfg.epochs, num_workers=cfg.num_workers,
-                                          dist=dist)
+        d = pretrain_data.open_train_data(cfg.data_settings, dist)
         self.train, self.num_samples, self.steps_per_epoch, self.total_steps = (d.train, d.num_samples,
                                                                                 d.steps_per_epoch, d.total_steps)
         self.local_batch, self.global_batch = d.local_batch, d.global_batch
@@ -351,10 +352,9 @@ class _Trainer:
         last_probe: dict = {}
         self.module.train()
         batches = pretrain_data.stream(
-            self.train, self.text.targets, self.pos, steps=self.total_steps - step, window=window, dist=dist,
-            steps_per_epoch=self.steps_per_epoch, max_bad_fraction=cfg.max_bad_fraction, seed=cfg.seed,
-            num_workers=cfg.num_workers, batch=self.local_batch, image_size=cfg.image_size, on_missing=cfg.on_missing,
-            shuffle_buffer=cfg.shuffle_buffer, sample_aug=sample_aug, pin_memory=self.device.type == "cuda")
+            self.train, self.text.targets, self.pos, cfg.data_settings, steps=self.total_steps - step, window=window,
+            dist=dist, steps_per_epoch=self.steps_per_epoch, batch=self.local_batch, sample_aug=sample_aug,
+            pin_memory=self.device.type == "cuda")
         with contextlib.closing(batches):
             for batch in batches:
                 images, target = pretrain.batch_inputs(batch, self.batch_aug, self.module.text, self.device,

@@ -80,6 +80,9 @@ def test_config_gives_the_weights_by_term_name_and_the_grouped_settings(tmp_path
     m = cfg.model_settings
     assert (m.proj_dim, m.hidden_dim, m.seed, m.channels_last) == (32, 128, 0, cfg.channels_last)
     assert cfg.text_settings.text_cache == cfg.text_cache and cfg.text_settings.text_mode == "cache"
+    d = cfg.data_settings
+    assert (d.shards, d.splits, d.batch_size, d.image_size, d.seed) == (cfg.shards, ("train",), 4, 40, 0)
+    assert tiny_config(world, tmp_path / "o", pairs="all").data_settings.splits == ("train", "validate", "test")
 
 
 # --------------------------------------------------------------------------- the step
@@ -169,7 +172,7 @@ def test_train_vision_and_the_report_pick_up_a_registered_term(tmp_path, monkeyp
     ref = {k: v for k, v in data["trains"]["mflag"]["config"].items() if k != "toy_weight"}
     assert build._role(data["trains"]["toy"]["config"], ref) == ("other", {"differs_in": ["toy_weight"]})
     md = build.render(data, tmp_path / "report", "toy")
-    table = md.split("## The loss terms per variant")[1].split("\n## ")[0]
+    table = md.split("## The loss terms per variant")[1].split("\n## ")[0]  # three terms: not "two"
     assert "| align loss | orth loss | toy loss |" in table
     assert "| toy | align 1, orth 1 on zv, toy 0.5 |" in table
     assert "| mflag | align 1, orth 1 on zv |" in table

@@ -37,26 +37,45 @@ class TrainData:
     total_steps: int
 
 
-def open_train_data(shards: str, splits: tuple[str, ...], *, num_samples: int | None, batch_size: int,
-                    batch_semantics: str, max_steps: int | None, epochs: int, num_workers: int,
-                    dist: DistInfo) -> TrainData:
-    """Resolve ``shards`` (the ``splits`` of a prepare output) and size the run; raises ConfigError /
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    """The training stream's options (``TrainVisionConfig.data_settings``), fields named as the
+    train-vision options they come from; ``splits``: the splits of a prepare output trained on (``--pairs``)."""
+
+    shards: str
+    splits: tuple[str, ...] = ("train",)
+    num_samples: int | None = None
+    batch_size: int = 128
+    batch_semantics: str = "global"
+    max_steps: int | None = None
+    epochs: int = 1
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    image_size: int = 256
+    on_missing: str = "skip"
+    max_bad_fraction: float = 0.01
+    seed: int = 0
+
+
+def open_train_data(d: DataSettings, dist: DistInfo) -> TrainData:
+    """Resolve ``d.shards`` (the ``d.splits`` of a prepare output) and size the run; raises ConfigError /
     DataError naming the option to change."""
-    train = (wdsp.resolve_shards(shards, "train") if splits == ("train",)
-             else wdsp.resolve_splits(shards, splits))
+    splits, num_workers = d.splits, d.num_workers
+    train = (wdsp.resolve_shards(d.shards, "train") if splits == ("train",)
+             else wdsp.resolve_splits(d.shards, splits))
     _check_shard_files(train, dist)
-    n = num_samples or train.num_samples
+    n = d.num_samples or train.num_samples
     if n is None:
         raise ConfigError("num_samples: the shards have no sizes.json; pass --num-samples "
                           "(training samples per epoch)")
     try:
-        local_batch, global_batch = batch_per_rank(batch_size, batch_semantics, dist.world_size)
+        local_batch, global_batch = batch_per_rank(d.batch_size, d.batch_semantics, dist.world_size)
     except ValueError as e:
         raise ConfigError(f"batch_size: {e} (or use --batch-semantics per-process)") from e
     if local_batch < 2:
         raise ConfigError(f"batch_size: {local_batch} per rank; BatchNorm in the projector needs at least 2")
     steps_per_epoch = max(1, n // global_batch)
-    total_steps = max_steps or epochs * steps_per_epoch
+    total_steps = d.max_steps or d.epochs * steps_per_epoch
     slots = dist.world_size * max(1, num_workers)
     if len(train.urls) < slots:
         fix = ("lower --num-workers or re-shard" if num_workers > 1 else
@@ -237,32 +256,31 @@ class DataPos:
                              f"({100 * bad / expected:.1f}% > {100 * max_bad_fraction:g}%)")
 
 
-def epoch_loader(train: wdsp.ShardSet, targets, pos: DataPos, *, seed: int, dist: DistInfo, num_workers: int,
-                 batch: int, image_size: int, on_missing: str, shuffle_buffer: int, sample_aug,
-                 pin_memory: bool):
+def epoch_loader(train: wdsp.ShardSet, targets, pos: DataPos, d: DataSettings, *, dist: DistInfo, batch: int,
+                 sample_aug, pin_memory: bool):
     """The DataLoader of this rank for the epoch ``pos`` stands in, continuing where ``pos`` says: each
     logical worker skips the raw samples it had consumed, and the worker rotation resumes at
-    ``pos.step_in_epoch`` (``pipeline.pretrain.wds``)."""
-    nw = max(1, num_workers)
-    state = wdsp.StreamState(seed=seed, epoch=pos.epoch, rank=dist.rank, world_size=dist.world_size,
+    ``pos.step_in_epoch`` (``pipeline.pretrain.wds``). ``batch``: samples per process."""
+    nw = max(1, d.num_workers)
+    state = wdsp.StreamState(seed=d.seed, epoch=pos.epoch, rank=dist.rank, world_size=dist.world_size,
                              rotation=pos.step_in_epoch % nw, skip=dict(pos.workers))
-    pipe = wdsp.train_pipeline(list(train.urls), state, targets, batch, image_size, on_missing, shuffle_buffer,
-                               sample_aug, sizes=train.sizes, channels=train.channels)
-    return wdsp.make_loader(pipe, num_workers, pin_memory=pin_memory)
+    pipe = wdsp.train_pipeline(list(train.urls), state, targets, batch, d.image_size, d.on_missing,
+                               d.shuffle_buffer, sample_aug, sizes=train.sizes, channels=train.channels)
+    return wdsp.make_loader(pipe, d.num_workers, pin_memory=pin_memory)
 
 
-def stream(train: wdsp.ShardSet, targets, pos: DataPos, *, steps: int, steps_per_epoch: int, window: dict,
-           max_bad_fraction: float, dist: DistInfo, **loader) -> Iterator[dict]:
+def stream(train: wdsp.ShardSet, targets, pos: DataPos, d: DataSettings, *, steps: int, steps_per_epoch: int,
+           window: dict, dist: DistInfo, **loader) -> Iterator[dict]:
     """The next ``steps`` batches of this rank from where ``pos`` stands, each folded into ``pos`` (its
     counters, and one more ``step_in_epoch``) before it is yielded. At an epoch's end the bad samples
     are judged (:meth:`DataPos.check_bad`) and the next epoch's loader starts (:func:`epoch_loader`, with
-    ``loader`` its options); seconds spent waiting for a batch add to ``window["wait"]``, and a data error
+    ``loader`` its other arguments); seconds spent waiting for a batch add to ``window["wait"]``, and a data error
     on any rank stops every rank. Close the generator (``contextlib.closing``) to stop the loader's workers early."""
     while steps > 0:
         if pos.step_in_epoch >= steps_per_epoch:
-            pos.check_bad(True, bool(train.sizes), max_bad_fraction, dist.rank)
+            pos.check_bad(True, bool(train.sizes), d.max_bad_fraction, dist.rank)
             pos.epoch, pos.step_in_epoch, pos.workers = pos.epoch + 1, 0, {}
-        it = iter(epoch_loader(train, targets, pos, dist=dist, **loader))
+        it = iter(epoch_loader(train, targets, pos, d, dist=dist, **loader))
         try:
             while pos.step_in_epoch < steps_per_epoch and steps > 0:
                 t0 = time.perf_counter()

@@ -575,7 +575,8 @@ def render(data: dict, out: Path, title: str, see_also=()) -> str:
         logged = {n for tr in trains.values() for r in tr["runs"].values() for n, v in r["terms"].items()
                   if v is not None}
         terms = {n: t for n, t in loss_terms().items() if t.always or n in logged}
-        lines += ["", "## The loss terms per variant (mean over seeds of the last quarter of logged steps)", "",
+        count = "two " if len(terms) == 2 else ""
+        lines += ["", f"## The {count}loss terms per variant (mean over seeds of the last quarter of logged steps)", "",
                   "Loss ratio = orth_weight x orth / (align_weight x align); gradient ratio = the same for the norms "
                   "of the two unweighted terms' gradients on the trunk's last block (> 1: orthogonality drives the "
                   "shared trunk); equal-gradient weight = the orth_weight at which the two gradients would be "
