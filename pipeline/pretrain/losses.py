@@ -245,7 +245,7 @@ class LossTerm:
     fn: Callable[[Embeddings, LossSettings], Tensor]
     weight_option: str
     default_weight: float = 0.0
-    always: bool = False  # computed, logged and probed at weight 0 too (the ablations measure the unweighted term)
+    always: bool = False  # computed and logged at weight 0 too (the ablations measure the unweighted term)
     wide: bool = False  # values span orders of magnitude: a symlog axis and 3 significant digits in the report
     on_option: str | None = None  # the option naming what the term is applied to (the report shows it)
 

@@ -473,6 +473,7 @@ def _cxr_bert_reference() -> tuple[int, int] | None:
     """(trainable parameters of ResNet50 + projectors for 768-d text, CXR-BERT-general's parameters),
     counted on the meta device: no weights are loaded or allocated."""
     try:
+        # here, not at the top: torch and transformers only for this reference line (start-up time)
         import torch
         from transformers import BertConfig, BertModel
 
