@@ -1,7 +1,7 @@
 """The pipeline report: results.md with the verdict on each claim of the paper (mean ± std, per-seed
 paired differences, a 95% interval and a verdict; ``pipeline.report.stats``), the downstream table, the
 collapse diagnostic (centred and uncentred effective ranks of zv and za with N and D), the size of the
-two loss terms and of their gradients on the shared trunk per variant, the orthogonality-weight sweep,
+loss terms and of their gradients on the shared trunk per variant, the orthogonality-weight sweep,
 parameter counts and PNG plots.
 
 Every number comes from the stage outputs it reads (train ``config.json``, ``summary.json``,

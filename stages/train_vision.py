@@ -4,7 +4,8 @@ The image stream (``pipeline.pretrain.wds``) is joined by study_id to embeddings
 no text model lives in this process (``text_mode="online"`` runs one per step instead: the original
 design, kept as the baseline and the freezing ablation). Loss = align_weight x alignment(za, zt) +
 orth_weight x orthogonality(zv), on the raw 2048-d ResNet features as in the original code
-(``orth_on="za"``: on the projected embedding). torchrun DDP, AMP, atomic checkpoints and exact resume
+(``orth_on="za"``: on the projected embedding); the terms and their weight options are those of
+``pipeline.pretrain.losses.LOSS_TERMS``. torchrun DDP, AMP, atomic checkpoints and exact resume
 (a run killed after step k and resumed ends bit-identical on CPU); docs/DESIGN.md says how, and
 docs/RECIPES.md how the options express the original run.
 """
@@ -28,8 +29,10 @@ from pipeline.preempt import Stopped, StopSignals
 from pipeline.pretrain import data as pretrain_data
 from pipeline.pretrain import state as train_state
 from pipeline.pretrain import step as pretrain
-from pipeline.pretrain.step import BATCH_SEMANTICS
+from pipeline.pretrain.losses import LOSS_TERMS, LossSettings, active_terms
+from pipeline.pretrain.step import BATCH_SEMANTICS, ModelSettings, OptimSettings
 from pipeline.tracking import REPORT_TO, Tracker, append_metrics, open_tracker, trim_metrics
+from pipeline.vision.models import count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +180,9 @@ class TrainVisionConfig:
              f"must be <= image_size ({self.image_size}), got {self.crop_size}")
         need(self.unfreeze_last == "all" or self.unfreeze_last >= 0, "unfreeze_last",
              f"must be >= 0 or 'all', got {self.unfreeze_last}")
-        need(self.align_weight > 0 or self.orth_weight > 0, "align_weight",
-             "align_weight and orth_weight are both 0: nothing to train")
+        weights = {t.weight_option: self._weight(t.weight_option) for t in LOSS_TERMS.values()}
+        need(any(w > 0 for w in weights.values()), next(iter(weights)),
+             f"{' and '.join(weights)} are {'both' if len(weights) == 2 else 'all'} 0: nothing to train")
         need(self.min_lr is None or self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr:g}]")
         need(self.min_lr is None or self.min_lr_ratio == 0, "min_lr",
              "give either min_lr (an absolute floor) or min_lr_ratio (a fraction of lr), not both")
@@ -186,6 +190,40 @@ class TrainVisionConfig:
              "give either restart_every (steps) or restart_period 'original' (the original's T_0 formula), not both")
         need(self.unfreeze_last == 0 or self.text_mode == "online", "unfreeze_last",
              "only with text_mode 'online' (the cached mode has no text model to train)")
+
+    # ------------------------------------------------------------------ grouped settings
+    # The config stays flat (its fields are the CLI options and the fingerprint); the helpers take
+    # these groups whole, each field named as the option it comes from.
+    def _weight(self, option_name: str) -> float:
+        try:
+            return getattr(self, option_name)
+        except AttributeError:
+            raise ConfigError(f"{option_name}: a loss term in pipeline.pretrain.losses.LOSS_TERMS names this weight "
+                              f"option, but TrainVisionConfig has no such field") from None
+
+    def _group(self, cls, **extra):
+        return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls) if f.name not in extra}, **extra)
+
+    def loss_settings(self, world_size: int = 1) -> LossSettings:
+        """The loss terms' weights ({term name: its weight option's value}) and options."""
+        return self._group(LossSettings, weights={n: self._weight(t.weight_option) for n, t in LOSS_TERMS.items()},
+                           orth_global=self.orth_scope == "global", world_size=world_size)
+
+    @property
+    def optim_settings(self) -> OptimSettings:
+        return self._group(OptimSettings)
+
+    @property
+    def model_settings(self) -> ModelSettings:
+        return self._group(ModelSettings)
+
+    @property
+    def text_settings(self) -> pretrain_data.TextSettings:
+        return self._group(pretrain_data.TextSettings)
+
+    @property
+    def data_settings(self) -> pretrain_data.DataSettings:
+        return self._group(pretrain_data.DataSettings, splits=PAIRS[self.pairs])
 
 
 # --------------------------------------------------------------------------- the run
@@ -222,39 +260,22 @@ class _Trainer:
     # ------------------------------------------------------------------ set-up
     def _setup_data(self) -> None:
         cfg, dist = self.cfg, self.dist
-        d = pretrain_data.open_train_data(cfg.shards, PAIRS[cfg.pairs], num_samples=cfg.num_samples,
-                                          batch_size=cfg.batch_size, batch_semantics=cfg.batch_semantics,
-                                          max_steps=cfg.max_steps, epochs=cfg.epochs, num_workers=cfg.num_workers,
-                                          dist=dist)
+        d = pretrain_data.open_train_data(cfg.data_settings, dist)
         self.train, self.num_samples, self.steps_per_epoch, self.total_steps = (d.train, d.num_samples,
                                                                                 d.steps_per_epoch, d.total_steps)
         self.local_batch, self.global_batch = d.local_batch, d.global_batch
-        self.text = pretrain_data.open_targets(
-            cfg.text_mode, list(self.train.urls), text_cache=cfg.text_cache, reports=cfg.reports,
-            text_model=cfg.text_model, max_length=cfg.text_max_length, pooling=cfg.text_pooling,
-            unfreeze_last=cfg.unfreeze_last, is_main=dist.is_main)
+        self.text = pretrain_data.open_targets(cfg.text_settings, list(self.train.urls), is_main=dist.is_main)
 
     def _setup_model(self) -> None:
         cfg = self.cfg
-        from pipeline.vision.models import count_parameters
-
-        self.module = pretrain.build_train_module(
-            self.text.text_dim, self.text.encoder, proj_dim=cfg.proj_dim, text_head=cfg.text_head, init=cfg.init,
-            hidden_dim=cfg.hidden_dim, seed=cfg.seed, sync_bn=cfg.sync_bn, channels_last=cfg.channels_last,
-            dist=self.dist, device=self.device, local_batch=self.local_batch)
+        self.module = pretrain.build_train_module(self.text.text_dim, self.text.encoder, cfg.model_settings,
+                                                  dist=self.dist, device=self.device, local_batch=self.local_batch)
         self.trainable = count_parameters(self.module)
-        opt = pretrain.build_optimization(
-            self.module, lr=cfg.lr, weight_decay=cfg.weight_decay, decay_norm_bias=cfg.decay_norm_bias,
-            schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, min_lr=cfg.min_lr, min_lr_ratio=cfg.min_lr_ratio,
-            restart_every=cfg.restart_every, restart_period=cfg.restart_period,
-            restart_fraction=cfg.restart_fraction, epochs=cfg.epochs, num_samples=self.num_samples,
-            batch_per_process=self.local_batch, total_steps=self.total_steps, precision=self.precision,
-            device=self.device)
+        opt = pretrain.build_optimization(self.module, cfg.optim_settings, num_samples=self.num_samples,
+                                          batch_per_process=self.local_batch, total_steps=self.total_steps,
+                                          precision=self.precision, device=self.device)
         self.optimizer, self.scheduler, self.scaler, self.restart_cycle, autocast = opt
-        self.settings = pretrain.StepSettings(orth_weight=cfg.orth_weight, align_weight=cfg.align_weight,
-                                              orth_lambda=cfg.orth_lambda, orth_standardize=cfg.orth_standardize,
-                                              orth_on=cfg.orth_on, orth_global=cfg.orth_scope == "global",
-                                              world_size=self.dist.world_size, grad_clip=cfg.grad_clip,
+        self.settings = pretrain.StepSettings(loss=cfg.loss_settings(self.dist.world_size), grad_clip=cfg.grad_clip,
                                               autocast_dtype=autocast, channels_last=cfg.channels_last)
         self.grad_params = pretrain.trunk_probe_params(self.module.vision)
 
@@ -325,16 +346,15 @@ class _Trainer:
                  self.global_batch, self.local_batch, dist.world_size, self.precision, dist.device,
                  f", lr cycle {self.restart_cycle} steps" if self.restart_cycle else "")
         last_good = str(resume) if resume else None
-        watch = pretrain.NonFiniteWatch(self.device, step)
+        watch = pretrain.NonFiniteWatch(self.device, step, active_terms(self.settings.loss))
         last_ckpt = time.monotonic()
         window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
         last_probe: dict = {}
         self.module.train()
         batches = pretrain_data.stream(
-            self.train, self.text.targets, self.pos, steps=self.total_steps - step, window=window, dist=dist,
-            steps_per_epoch=self.steps_per_epoch, max_bad_fraction=cfg.max_bad_fraction, seed=cfg.seed,
-            num_workers=cfg.num_workers, batch=self.local_batch, image_size=cfg.image_size, on_missing=cfg.on_missing,
-            shuffle_buffer=cfg.shuffle_buffer, sample_aug=sample_aug, pin_memory=self.device.type == "cuda")
+            self.train, self.text.targets, self.pos, cfg.data_settings, steps=self.total_steps - step, window=window,
+            dist=dist, steps_per_epoch=self.steps_per_epoch, batch=self.local_batch, sample_aug=sample_aug,
+            pin_memory=self.device.type == "cuda")
         with contextlib.closing(batches):
             for batch in batches:
                 images, target = pretrain.batch_inputs(batch, self.batch_aug, self.module.text, self.device,
@@ -387,8 +407,9 @@ class _Trainer:
         rec = {"step": step, "epoch": self.pos.epoch,
                **pretrain.log_scalars(out, self.dist, self.optimizer, window, self.global_batch, self.pos)}
         if self.dist.is_main:
-            log.info("step %d/%d loss %.4f (align %.4f orth %.4f) lr %.3g %.1f img/s data-wait %.0f%%",
-                     step, self.total_steps, rec["train/loss"], rec["train/align"], rec["train/orth"],
+            terms = " ".join(f"{name} {rec[f'train/{name}']:.4f}" for name in pretrain.term_names(out))
+            log.info("step %d/%d loss %.4f (%s) lr %.3g %.1f img/s data-wait %.0f%%",
+                     step, self.total_steps, rec["train/loss"], terms,
                      rec["train/lr"], rec["train/images_per_s"], 100 * rec["train/data_wait"])
         self._write_metrics(rec)
 

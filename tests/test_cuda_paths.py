@@ -165,7 +165,7 @@ def test_non_finite_watch_keeps_the_first_bad_step_without_reading_the_device(mo
     assert watch.first_bad() is None
     for out in outs[1:]:
         watch.update(out)
-    assert watch.first_bad() == (12, 0.25, float("inf"))  # steps 11..14: the first bad one is 12
+    assert watch.first_bad() == (12, {"align": 0.25, "orth": float("inf")})  # steps 11..14: the first bad one is 12
     assert watch.flag().item() == 1.0
 
 

@@ -21,7 +21,7 @@ def _setup(seed=0):
 @pytest.mark.slow
 @pytest.mark.parametrize("orth_on", ["zv", "za"])
 def test_trunk_gradient_norms_match_separate_backward_passes_and_leave_the_step_unchanged(orth_on):
-    s = StepSettings(orth_weight=0.01, orth_on=orth_on)
+    s = StepSettings(losses.LossSettings(weights={"align": 1.0, "orth": 0.01}, orth_on=orth_on))
     module, opt, scaler, images, target = _setup()
     reference = copy.deepcopy(module)
     params = trunk_probe_params(module.vision)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Iterator
@@ -38,26 +39,45 @@ class TrainData:
     total_steps: int
 
 
-def open_train_data(shards: str, splits: tuple[str, ...], *, num_samples: int | None, batch_size: int,
-                    batch_semantics: str, max_steps: int | None, epochs: int, num_workers: int,
-                    dist: DistInfo) -> TrainData:
-    """Resolve ``shards`` (the ``splits`` of a prepare output) and size the run; raises ConfigError /
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    """The training stream's options (``TrainVisionConfig.data_settings``), fields named as the
+    train-vision options they come from; ``splits``: the splits of a prepare output trained on (``--pairs``)."""
+
+    shards: str
+    splits: tuple[str, ...] = ("train",)
+    num_samples: int | None = None
+    batch_size: int = 128
+    batch_semantics: str = "global"
+    max_steps: int | None = None
+    epochs: int = 1
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    image_size: int = 256
+    on_missing: str = "skip"
+    max_bad_fraction: float = 0.01
+    seed: int = 0
+
+
+def open_train_data(d: DataSettings, dist: DistInfo) -> TrainData:
+    """Resolve ``d.shards`` (the ``d.splits`` of a prepare output) and size the run; raises ConfigError /
     DataError naming the option to change."""
-    train = (wdsp.resolve_shards(shards, "train") if splits == ("train",)
-             else wdsp.resolve_splits(shards, splits))
+    splits, num_workers = d.splits, d.num_workers
+    train = (wdsp.resolve_shards(d.shards, "train") if splits == ("train",)
+             else wdsp.resolve_splits(d.shards, splits))
     _check_shard_files(train, dist)
-    n = num_samples or train.num_samples
+    n = d.num_samples or train.num_samples
     if n is None:
         raise ConfigError("num_samples: the shards have no sizes.json; pass --num-samples "
                           "(training samples per epoch)")
     try:
-        local_batch, global_batch = batch_per_rank(batch_size, batch_semantics, dist.world_size)
+        local_batch, global_batch = batch_per_rank(d.batch_size, d.batch_semantics, dist.world_size)
     except ValueError as e:
         raise ConfigError(f"batch_size: {e} (or use --batch-semantics per-process)") from e
     if local_batch < 2:
         raise ConfigError(f"batch_size: {local_batch} per rank; BatchNorm in the projector needs at least 2")
     steps_per_epoch = max(1, n // global_batch)
-    total_steps = max_steps or epochs * steps_per_epoch
+    total_steps = d.max_steps or d.epochs * steps_per_epoch
     slots = dist.world_size * max(1, num_workers)
     if len(train.urls) < slots:
         fix = ("lower --num-workers or re-shard" if num_workers > 1 else
@@ -72,9 +92,6 @@ def open_train_data(shards: str, splits: tuple[str, ...], *, num_samples: int | 
 def _check_shard_files(train: wdsp.ShardSet, dist: DistInfo) -> None:
     """Every training shard against prepare's record of it (``wds.check_shard_files``), the work split
     over the ranks; the first problem any rank found stops every rank with the same line."""
-    import os
-
-
     if not train.digests:
         if train.manifest is not None and dist.is_main:
             log.warning("%s has no shard digests (written by an older prepare): the shards are not checked "
@@ -105,14 +122,27 @@ class Targets:
     identity: str | None = None  # the text cache's content identity (TextEmbeddingCache.identity)
 
 
-def open_targets(text_mode: str, urls: list[str], *, text_cache: str | None, reports: str | None,
-                 text_model: str | None, max_length: int, pooling: str, unfreeze_last: int | str,
-                 is_main: bool) -> Targets:
-    """The text cache (``text_mode`` "cache"), or the report texts and the text encoder loaded as
-    embed-text loads it (``pipeline.text.models``; "online": ``max_length`` tokens, ``pooling``, the
-    last ``unfreeze_last`` layers trainable). Fails before loading a model when the first samples of
+@dataclasses.dataclass(frozen=True)
+class TextSettings:
+    """Where the images' targets come from (``TrainVisionConfig.text_settings``), fields named as the
+    train-vision options they come from."""
+
+    text_mode: str = "cache"
+    text_cache: str | None = None
+    reports: str | None = None
+    text_model: str | None = None
+    text_max_length: int = 512
+    text_pooling: str = "cls"
+    unfreeze_last: int | str = 0
+
+
+def open_targets(t: TextSettings, urls: list[str], *, is_main: bool) -> Targets:
+    """The text cache (``t.text_mode`` "cache"), or the report texts and the text encoder loaded as
+    embed-text loads it (``pipeline.text.models``; "online": ``t.text_max_length`` tokens, ``t.text_pooling``,
+    the last ``t.unfreeze_last`` layers trainable). Fails before loading a model when the first samples of
     the training shards ``urls`` have no target (:func:`check_targets_cover`)."""
-    if text_mode == "cache":
+    text_cache, reports, text_model = t.text_cache, t.reports, t.text_model
+    if t.text_mode == "cache":
 
         cache = TextEmbeddingCache(text_cache)
         t0 = time.perf_counter()
@@ -127,10 +157,9 @@ def open_targets(text_mode: str, urls: list[str], *, text_cache: str | None, rep
         check_targets_cover(urls, targets, f"text cache {text_cache}", is_main)
         return Targets(targets, None, cache.dim, cache.attrs.get("text_encoder_params"),
                        cache.attrs.get("model_id", "?"), cache.identity)
-
     targets = wdsp.ReportTexts(wdsp.read_reports(reports))
     check_targets_cover(urls, targets, f"reports {reports}", is_main)
-    text = OnlineTextEncoder.from_pretrained(text_model, max_length, pooling, unfreeze_last)
+    text = OnlineTextEncoder.from_pretrained(text_model, t.text_max_length, t.text_pooling, t.unfreeze_last)
     return Targets(targets, text, text.dim, sum(p.numel() for p in text.encoder.parameters()), text_model)
 
 
@@ -225,32 +254,31 @@ class DataPos:
                              f"({100 * bad / expected:.1f}% > {100 * max_bad_fraction:g}%)")
 
 
-def epoch_loader(train: wdsp.ShardSet, targets, pos: DataPos, *, seed: int, dist: DistInfo, num_workers: int,
-                 batch: int, image_size: int, on_missing: str, shuffle_buffer: int, sample_aug,
-                 pin_memory: bool):
+def epoch_loader(train: wdsp.ShardSet, targets, pos: DataPos, d: DataSettings, *, dist: DistInfo, batch: int,
+                 sample_aug, pin_memory: bool):
     """The DataLoader of this rank for the epoch ``pos`` stands in, continuing where ``pos`` says: each
     logical worker skips the raw samples it had consumed, and the worker rotation resumes at
-    ``pos.step_in_epoch`` (``pipeline.pretrain.wds``)."""
-    nw = max(1, num_workers)
-    state = wdsp.StreamState(seed=seed, epoch=pos.epoch, rank=dist.rank, world_size=dist.world_size,
+    ``pos.step_in_epoch`` (``pipeline.pretrain.wds``). ``batch``: samples per process."""
+    nw = max(1, d.num_workers)
+    state = wdsp.StreamState(seed=d.seed, epoch=pos.epoch, rank=dist.rank, world_size=dist.world_size,
                              rotation=pos.step_in_epoch % nw, skip=dict(pos.workers))
-    pipe = wdsp.train_pipeline(list(train.urls), state, targets, batch, image_size, on_missing, shuffle_buffer,
-                               sample_aug, sizes=train.sizes, channels=train.channels)
-    return wdsp.make_loader(pipe, num_workers, pin_memory=pin_memory)
+    pipe = wdsp.train_pipeline(list(train.urls), state, targets, batch, d.image_size, d.on_missing,
+                               d.shuffle_buffer, sample_aug, sizes=train.sizes, channels=train.channels)
+    return wdsp.make_loader(pipe, d.num_workers, pin_memory=pin_memory)
 
 
-def stream(train: wdsp.ShardSet, targets, pos: DataPos, *, steps: int, steps_per_epoch: int, window: dict,
-           max_bad_fraction: float, dist: DistInfo, **loader) -> Iterator[dict]:
+def stream(train: wdsp.ShardSet, targets, pos: DataPos, d: DataSettings, *, steps: int, steps_per_epoch: int,
+           window: dict, dist: DistInfo, **loader) -> Iterator[dict]:
     """The next ``steps`` batches of this rank from where ``pos`` stands, each folded into ``pos`` (its
     counters, and one more ``step_in_epoch``) before it is yielded. At an epoch's end the bad samples
     are judged (:meth:`DataPos.check_bad`) and the next epoch's loader starts (:func:`epoch_loader`, with
-    ``loader`` its options); seconds spent waiting for a batch add to ``window["wait"]``, and a data error
+    ``loader`` its other arguments); seconds spent waiting for a batch add to ``window["wait"]``, and a data error
     on any rank stops every rank. Close the generator (``contextlib.closing``) to stop the loader's workers early."""
     while steps > 0:
         if pos.step_in_epoch >= steps_per_epoch:
-            pos.check_bad(True, bool(train.sizes), max_bad_fraction, dist.rank)
+            pos.check_bad(True, bool(train.sizes), d.max_bad_fraction, dist.rank)
             pos.epoch, pos.step_in_epoch, pos.workers = pos.epoch + 1, 0, {}
-        it = iter(epoch_loader(train, targets, pos, dist=dist, **loader))
+        it = iter(epoch_loader(train, targets, pos, d, dist=dist, **loader))
         try:
             while pos.step_in_epoch < steps_per_epoch and steps > 0:
                 t0 = time.perf_counter()

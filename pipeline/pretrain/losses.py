@@ -1,4 +1,5 @@
-"""M-FLAG losses: the symmetric alignment loss and a fused orthogonality loss.
+"""M-FLAG losses: the symmetric alignment loss and a fused orthogonality loss, and the registry of the
+pre-training loss terms (``LOSS_TERMS``) that the training step, its logs and the report iterate over.
 
 Both losses are computed in fp32 (float64 inputs stay float64, for reference checks) whatever the
 autocast context, and return a 0-dim tensor.
@@ -16,12 +17,21 @@ element-wise work). When B >= D the D x D form is the cheaper one and is used in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from typing import Callable, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "LOSS_TERMS",
+    "Embeddings",
+    "LossSettings",
+    "LossTerm",
+    "active_terms",
+    "compute_terms",
+    "weighted_total",
     "alignment_loss",
     "orthogonality_loss",
     "orthogonality_loss_reference",
@@ -192,3 +202,93 @@ def gather_with_grad(z: Tensor, world_size: int, group=None) -> Tensor:
         parts = dist_fn.all_gather(z.contiguous(), group=group) if group is not None else dist_fn.all_gather(
             z.contiguous())
     return torch.cat(parts, dim=0)
+
+
+# --------------------------------------------------------------------------- the loss terms
+class Embeddings(NamedTuple):
+    """What one training step's forward gives the loss terms: ResNet features zv (B, 2048), projected
+    image embedding za (B, P) and projected text embedding zt (B, P)."""
+
+    zv: Tensor
+    za: Tensor
+    zt: Tensor
+
+
+def _default_weights() -> dict[str, float]:
+    return {name: term.default_weight for name, term in LOSS_TERMS.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    """How the terms are computed and combined: ``weights`` (term name -> weight; a term left out has
+    weight 0) and the terms' own options. train-vision builds it from its flat config
+    (``TrainVisionConfig.loss_settings``)."""
+
+    weights: Mapping[str, float] = dataclasses.field(default_factory=_default_weights)
+    orth_lambda: float = DEFAULT_LAMBDA
+    orth_standardize: bool = False
+    orth_on: str = "zv"  # "zv" (ResNet features, the original) or "za" (projected image embedding)
+    orth_global: bool = True  # gather z over ranks first
+    world_size: int = 1
+
+    def weight(self, name: str) -> float:
+        return self.weights.get(name, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossTerm:
+    """One pre-training loss term: ``fn(embeddings, settings) -> 0-dim fp32 tensor`` and the name of its
+    weight option in ``TrainVisionConfig`` (a new term's: ``option(0.0, min=0, added_later=True)``, so
+    the fingerprints of existing runs do not change; ``default_weight`` is that option's default, which
+    the report assumes for runs whose config.json predates the option)."""
+
+    fn: Callable[[Embeddings, LossSettings], Tensor]
+    weight_option: str
+    default_weight: float = 0.0
+    always: bool = False  # computed and logged at weight 0 too (the ablations measure the unweighted term)
+    wide: bool = False  # values span orders of magnitude: a symlog axis and 3 significant digits in the report
+    on_option: str | None = None  # the option naming what the term is applied to (the report shows it)
+
+
+def _align_term(e: Embeddings, s: LossSettings) -> Tensor:
+    return alignment_loss(e.za, e.zt)
+
+
+def _orth_term(e: Embeddings, s: LossSettings) -> Tensor:
+    z = e.zv if s.orth_on == "zv" else e.za
+    if s.orth_global and s.world_size > 1:
+        z = gather_with_grad(z, s.world_size)
+    return orthogonality_loss(z, lam=s.orth_lambda, standardize=s.orth_standardize)
+
+
+# The one place a term is registered. Its name is its key in train_step's output, ``train/<name>`` in
+# metrics.jsonl (``train/grad_<name>_trunk`` its gradient norm on the trunk) and its column in the report;
+# the order is the order of the sum (align_weight x align + orth_weight x orth, as the original code).
+LOSS_TERMS: dict[str, LossTerm] = {
+    "align": LossTerm(_align_term, "align_weight", default_weight=1.0, always=True),
+    "orth": LossTerm(_orth_term, "orth_weight", default_weight=1.0, always=True, wide=True,
+                     on_option="orth_on"),
+}
+
+
+def active_terms(s: LossSettings) -> list[str]:
+    """The names of the terms a step computes: those with a nonzero weight and those computed always."""
+    return [name for name, term in LOSS_TERMS.items() if term.always or s.weight(name) != 0]
+
+
+def compute_terms(e: Embeddings, s: LossSettings) -> dict[str, Tensor]:
+    """``{name: unweighted value}`` of the active terms (:func:`active_terms`), in registry order."""
+    return {name: LOSS_TERMS[name].fn(e, s) for name in active_terms(s)}
+
+
+def weighted_total(values: Mapping[str, Tensor], s: LossSettings) -> Tensor:
+    """``w_1 x t_1 + w_2 x t_2 + ...`` summed left to right from the first product (not from 0): the same
+    floating-point operations as writing the expression out. Zero-weight terms that are computed stay
+    in the sum, so a non-finite value of one still shows in the total."""
+    total = None
+    for name, value in values.items():
+        part = s.weight(name) * value
+        total = part if total is None else total + part
+    if total is None:
+        raise ValueError("no loss term to sum: every weight is 0")
+    return total

@@ -1,8 +1,9 @@
 """The M-FLAG training step and what it needs, shared by train-vision and the benchmarks.
 
 ``TrainModule`` is what DDP wraps (the vision model plus, in online mode, the text encoder) and
-``train_step`` runs one optimizer step of align_weight x alignment(za, zt) + orth_weight x
-orthogonality(zv or za), the losses in fp32 under any autocast dtype. Given a parameter group of the
+``train_step`` runs one optimizer step of the weighted sum of the loss terms registered in
+``pipeline.pretrain.losses.LOSS_TERMS`` (align_weight x alignment(za, zt) + orth_weight x
+orthogonality(zv or za)), the losses in fp32 under any autocast dtype. Given a parameter group of the
 shared trunk it also measures the norm of each term's gradient on that group (``trunk_probe_params``),
 so an ablation can show which term drives the trunk. ``SampleAugmentFactory`` builds the per-sample CPU
 augmentation the DataLoader workers run, seeded by each sample's position in the stream so that a
@@ -18,10 +19,17 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 import torch.nn as nn
 
-from pipeline.pretrain import losses, schedules
+from pipeline.common import ConfigError
+from pipeline.distributed import any_rank_flag
+from pipeline.pretrain import augment, losses, probes, schedules
+from pipeline.pretrain.losses import LossSettings
+from pipeline.pretrain.state import TrainingError
+from pipeline.pretrain.wds import stream_seed
 from pipeline.text.models import OnlineTextEncoder
+from pipeline.vision.models import MFlagVision, unwrap_model
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +55,50 @@ class TrainModule(nn.Module):
         return sd
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class StepSettings:
-    orth_weight: float = 1.0
-    align_weight: float = 1.0
-    orth_lambda: float = 0.0051
-    orth_standardize: bool = False
-    orth_on: str = "zv"
-    orth_global: bool = True
-    world_size: int = 1
+    """What :func:`train_step` needs besides the model and the batch: the loss terms' weights
+    (``loss.weights``, term name -> weight) and options, gradient clipping, the autocast dtype."""
+
+    loss: LossSettings = dataclasses.field(default_factory=LossSettings)
     grad_clip: float | None = None
     autocast_dtype: torch.dtype | None = None
+    channels_last: bool = True
+
+    @property
+    def weights(self):
+        return self.loss.weights
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSettings:
+    """The optimiser and learning-rate schedule options (``TrainVisionConfig.optim_settings``), fields
+    named as the train-vision options they come from."""
+
+    lr: float = 2e-5
+    weight_decay: float = 0.05
+    decay_norm_bias: bool = False
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    min_lr: float | None = None
+    min_lr_ratio: float = 0.0
+    restart_every: int | None = None
+    restart_period: str = "fraction"
+    restart_fraction: float = 0.4
+    epochs: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    """How the vision model is built (``TrainVisionConfig.model_settings``), fields named as the
+    train-vision options they come from."""
+
+    proj_dim: int | None = None
+    text_head: str = "mlp"
+    init: str = "random"
+    hidden_dim: int = 2048
+    seed: int = 0
+    sync_bn: bool = True
     channels_last: bool = True
 
 
@@ -100,23 +141,21 @@ class Optimization(NamedTuple):
     autocast_dtype: torch.dtype | None
 
 
-def build_optimization(module: nn.Module, *, lr: float, weight_decay: float, decay_norm_bias: bool, schedule: str,
-                       warmup_steps: int, min_lr: float | None, min_lr_ratio: float, restart_every: int | None,
-                       restart_period: str, restart_fraction: float, epochs: int, num_samples: int,
-                       batch_per_process: int, total_steps: int, precision: str,
-                       device: torch.device) -> Optimization:
+def build_optimization(module: nn.Module, o: OptimSettings, *, num_samples: int, batch_per_process: int,
+                       total_steps: int, precision: str, device: torch.device) -> Optimization:
     """AdamW over the trainable parameters (the original's: betas (0.9, 0.999), eps 1e-8, its main.py
     lines 73-77), the per-step LR schedule (``pipeline.pretrain.schedules``), the fp16 gradient scaler (disabled
-    otherwise) and the autocast dtype of ``precision``."""
+    otherwise) and the autocast dtype of ``precision`` (resolved: bf16, fp16 or fp32). ``num_samples``,
+    ``batch_per_process`` and ``total_steps`` are the run's sizes (``pipeline.pretrain.data.TrainData``)."""
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(param_groups(params, weight_decay, decay_norm_bias), lr=lr)
+    optimizer = torch.optim.AdamW(param_groups(params, o.weight_decay, o.decay_norm_bias), lr=o.lr)
     cycle = None
-    if schedule == "restarts":
-        cycle = schedules.restart_cycle(restart_every, restart_period, restart_fraction, epochs=epochs,
+    if o.schedule == "restarts":
+        cycle = schedules.restart_cycle(o.restart_every, o.restart_period, o.restart_fraction, epochs=o.epochs,
                                         num_samples=num_samples, batch_per_process=batch_per_process,
                                         total_steps=total_steps)
-    fn = schedules.lr_multiplier(schedule, warmup_steps=warmup_steps, total_steps=total_steps, lr=lr,
-                                 min_lr=min_lr, min_lr_ratio=min_lr_ratio, cycle=cycle)
+    fn = schedules.lr_multiplier(o.schedule, warmup_steps=o.warmup_steps, total_steps=total_steps, lr=o.lr,
+                                 min_lr=o.min_lr, min_lr_ratio=o.min_lr_ratio, cycle=cycle)
     return Optimization(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, fn),
                         torch.amp.GradScaler(device.type, enabled=precision == "fp16"), cycle,
                         {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision))
@@ -125,13 +164,11 @@ def build_optimization(module: nn.Module, *, lr: float, weight_decay: float, dec
 def prepare_images(images: torch.Tensor, augmenter, device, channels_last: bool) -> torch.Tensor:
     """A batch from the loader -> float (B, 3, c, c) on ``device``. uint8 batches (GPU path) are
     augmented here; the 3 channels are a stride-0 view of the one grey channel."""
-    from pipeline.pretrain.augment import to_three_channels
-
     images = images.to(device, non_blocking=True)
     if augmenter is not None:
         images = augmenter(images)
     elif images.shape[1] == 1:
-        images = to_three_channels(images)
+        images = augment.to_three_channels(images)
     if channels_last and images.device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
     return images
@@ -157,12 +194,10 @@ def wrap_for_training(module: nn.Module, dist, device: torch.device, compile: bo
 
 
 def trunk_probe_params(vision: nn.Module) -> list[nn.Parameter]:
-    """The parameter group on which the two loss terms' gradients are compared: the last bottleneck
+    """The parameter group on which the loss terms' gradients are compared: the last bottleneck
     block of the ResNet trunk. Both terms reach it (alignment through the projector, orthogonality
     directly on zv or through the projector), and a backward pass that stops there costs a few percent
     of a training step."""
-    from pipeline.vision.models import unwrap_model
-
     trunk = unwrap_model(vision.trunk)
     block = trunk.layer4[-1] if hasattr(trunk, "layer4") else trunk
     return [p for p in block.parameters() if p.requires_grad]
@@ -179,33 +214,34 @@ def _grad_norm(loss: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
 def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, scaler, images: torch.Tensor, target,
                s: StepSettings, grad_params: list[nn.Parameter] | None = None) -> dict[str, torch.Tensor]:
     """Forward, losses (fp32), backward, optional clipping, optimizer step. Returns 0-dim tensors
-    ``loss, align, orth, grad_norm`` (not synchronised to the host here); with ``grad_params`` also
-    ``grad_align_trunk`` and ``grad_orth_trunk``, the norms of the unweighted terms' gradients on those
-    parameters (this rank's batch; computed before the step, not all-reduced)."""
+    ``loss``, one per computed loss term (``losses.active_terms``: ``align``, ``orth``, ...) and
+    ``grad_norm`` (not synchronised to the host here); with ``grad_params`` also ``grad_<term>_trunk``,
+    the norms of the unweighted terms' gradients on those parameters (this rank's batch; computed before
+    the step, not all-reduced)."""
     device_type = images.device.type
     ac = (torch.autocast(device_type, dtype=s.autocast_dtype) if s.autocast_dtype is not None
           else contextlib.nullcontext())
     optimizer.zero_grad(set_to_none=True)
     with ac:
         zv, za, zt = module(images, target)
-    align = losses.alignment_loss(za, zt)
-    z = zv if s.orth_on == "zv" else za
-    if s.orth_global and s.world_size > 1:
-        z = losses.gather_with_grad(z, s.world_size)
-    orth = losses.orthogonality_loss(z, lam=s.orth_lambda, standardize=s.orth_standardize)
-    loss = s.align_weight * align + s.orth_weight * orth
+    values = losses.compute_terms(losses.Embeddings(zv, za, zt), s.loss)
+    loss = losses.weighted_total(values, s.loss)
     measured = {}
     if grad_params:
-        measured = {"grad_align_trunk": _grad_norm(align, grad_params),
-                    "grad_orth_trunk": _grad_norm(orth, grad_params)}
+        measured = {f"grad_{name}_trunk": _grad_norm(v, grad_params) for name, v in values.items()}
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip if s.grad_clip else float("inf"))
     scaler.step(optimizer)
     scaler.update()
-    return {"loss": loss.detach(), "align": align.detach(), "orth": orth.detach(), "grad_norm": grad_norm.detach(),
-            **measured}
+    return {"loss": loss.detach(), **{name: v.detach() for name, v in values.items()},
+            "grad_norm": grad_norm.detach(), **measured}
+
+
+def term_names(out: dict) -> list[str]:
+    """The loss terms in a :func:`train_step` output, in registry order."""
+    return [name for name in losses.LOSS_TERMS if name in out]
 
 
 class NonFiniteWatch:
@@ -214,41 +250,41 @@ class NonFiniteWatch:
     ``update`` runs on the device after each step (a few tiny kernels, no ``.item()``); the loop reads
     the result with :meth:`first_bad` where it synchronises anyway (log and checkpoint steps, the
     end), so a NaN is reported within ``log_every`` steps, before any checkpoint is written, and names
-    the step where it first appeared.
+    the step where it first appeared. ``terms``: the loss terms the steps compute
+    (``losses.active_terms``; by default those of the default weights).
     """
 
-    def __init__(self, device: torch.device | str, start_step: int = 0):
+    def __init__(self, device: torch.device | str, start_step: int = 0, terms: list[str] | None = None):
+        self.terms = list(terms) if terms is not None else losses.active_terms(LossSettings())
         self.step = torch.full((), float(start_step), dtype=torch.float64, device=device)
-        self.state = torch.zeros(4, dtype=torch.float64, device=device)  # [seen, step, align, orth]
+        # [seen, step, one value per term]
+        self.state = torch.zeros(2 + len(self.terms), dtype=torch.float64, device=device)
 
     def update(self, out: dict[str, torch.Tensor]) -> None:
         self.step += 1
         first = ~torch.isfinite(out["loss"]) & (self.state[0] == 0)
         seen = torch.ones_like(self.step)
-        here = torch.stack([seen, self.step, out["align"].double(), out["orth"].double()])
+        here = torch.stack([seen, self.step, *(out[name].double() for name in self.terms)])
         self.state = torch.where(first, here, self.state)
 
     def flag(self) -> torch.Tensor:
         """1-element tensor, nonzero once a non-finite loss was seen (for a cross-rank reduction)."""
         return self.state[:1]
 
-    def first_bad(self) -> tuple[int, float, float] | None:
-        """``(step, align, orth)`` of the first non-finite loss on this process, or None (one sync)."""
-        seen, step, align, orth = self.state.tolist()
-        return (int(step), align, orth) if seen else None
+    def first_bad(self) -> tuple[int, dict[str, float]] | None:
+        """``(step, {term: value})`` of the first non-finite loss on this process, or None (one sync)."""
+        seen, step, *values = self.state.tolist()
+        return (int(step), dict(zip(self.terms, values))) if seen else None
 
     def check(self, dist, last_good: str | None) -> None:
         """Raise TrainingError when any rank has seen a non-finite loss since the start (one host sync),
         naming the step, the last good checkpoint and the fixes. Called at log and checkpoint steps, so a
         checkpoint never holds weights trained through a NaN."""
-        from pipeline.distributed import any_rank_flag
-        from pipeline.pretrain.state import TrainingError
-
         if not any_rank_flag(self.flag(), dist):
             return
         bad = self.first_bad()
-        where = (f"at step {bad[0]} (align {bad[1]:.4g}, orth {bad[2]:.4g}) on rank {dist.rank}" if bad
-                 else "on another rank")
+        terms = ", ".join(f"{name} {v:.4g}" for name, v in bad[1].items()) if bad else ""
+        where = f"at step {bad[0]} ({terms}) on rank {dist.rank}" if bad else "on another rank"
         raise TrainingError(
             f"non-finite loss {where}; stopping. The last good checkpoint is "
             f"{last_good or 'none (no checkpoint written yet)'}; lower --lr, set --grad-clip or use "
@@ -277,8 +313,6 @@ class _SampleAugment:
         self.generator = torch.Generator()
 
     def __call__(self, image: np.ndarray, seed: int) -> torch.Tensor:
-        from pipeline.pretrain import augment
-
         # (1, c, c) normalized float; the 3-channel view is made after collation.
         return augment.augment_one(image, self.generator.manual_seed(seed), self.recipe, self.crop)
 
@@ -286,9 +320,6 @@ class _SampleAugment:
 def make_augmenters(aug: str, aug_device: str, crop_size: int, seed: int, device: str, rank: int = 0):
     """(per-sample augmentation factory for the CPU workers or None, batched augmenter for the main
     process or None, deterministic centre-crop preprocessor for the probe batch)."""
-    from pipeline.pretrain import augment
-    from pipeline.pretrain.wds import stream_seed
-
     probe_aug = augment.Augmenter("none", device=device, seed=0, out_size=crop_size)
     if aug_device == "cuda":
         batch_seed = stream_seed(seed, 0, rank, 0, "batch-augment")
@@ -302,8 +333,6 @@ def probe_model(module: TrainModule, probe: dict, probe_aug, device: torch.devic
     """(metrics, spectra of zv and za) of ``module`` on a probe set (``pipeline.pretrain.data``), in eval
     mode, in chunks of ``chunk`` images (a final probe of several hundred images at full size would not
     fit at once on a small GPU)."""
-    from pipeline.pretrain import probes
-
     was = module.training
     module.eval()
     try:
@@ -326,22 +355,21 @@ def probe_model(module: TrainModule, probe: dict, probe_aug, device: torch.devic
 
 
 def step_scalars(out: dict[str, torch.Tensor], dist) -> dict[str, float]:
-    """The logged numbers of :func:`train_step`'s output, averaged over ranks (one all-reduce).
+    """The logged numbers of :func:`train_step`'s output, averaged over ranks (one all-reduce):
+    ``train/loss``, ``train/<term>`` per loss term, ``train/grad_norm``, ``train/grad_<term>_trunk``.
 
-    grad_*_trunk: norms of the unweighted terms' gradients on the trunk's last block (mean over ranks
-    of each rank's own batch); the weighted ratio orth_weight x g_orth / (align_weight x g_align) says
-    which term drives the shared trunk."""
+    grad_<term>_trunk: norms of the unweighted terms' gradients on the trunk's last block (mean over ranks
+    of each rank's own batch; 0 when not measured); the weighted ratio orth_weight x g_orth /
+    (align_weight x g_align) says which term drives the shared trunk."""
     zero = torch.zeros((), device=out["loss"].device)
-    vals = torch.stack([out["loss"], out["align"], out["orth"], out["grad_norm"].float(),
-                        out.get("grad_align_trunk", zero), out.get("grad_orth_trunk", zero)]).float()
+    names = term_names(out)
+    keys = ["loss", *names, "grad_norm", *(f"grad_{name}_trunk" for name in names)]
+    vals = torch.stack([out["loss"], *(out[name] for name in names), out["grad_norm"].float(),
+                        *(out.get(f"grad_{name}_trunk", zero) for name in names)]).float()
     if dist.enabled:
-        import torch.distributed as tdist
-
         tdist.all_reduce(vals)
         vals /= dist.world_size
-    loss, align, orth, gnorm, g_align, g_orth = (float(v) for v in vals.cpu())
-    return {"train/loss": loss, "train/align": align, "train/orth": orth, "train/grad_norm": gnorm,
-            "train/grad_align_trunk": g_align, "train/grad_orth_trunk": g_orth}
+    return {f"train/{k}": float(v) for k, v in zip(keys, vals.cpu())}
 
 
 def log_scalars(out: dict[str, torch.Tensor], dist, optimizer: torch.optim.Optimizer, window: dict,
@@ -382,22 +410,18 @@ def parameter_report(trainable: int, text_params: int | None, text_model_id: str
     return out
 
 
-def build_train_module(text_dim: int, text, *, proj_dim: int | None, text_head: str, init: str, hidden_dim: int,
-                       seed: int, sync_bn: bool, channels_last: bool, dist, device: torch.device,
+def build_train_module(text_dim: int, text, m: ModelSettings, *, dist, device: torch.device,
                        local_batch: int) -> TrainModule:
-    """The vision model (seeded by ``seed``) with the online text encoder ``text`` or None, on ``device``;
-    SyncBatchNorm on several CUDA processes when ``sync_bn``. Raises ConfigError when ``text_head`` "none"
-    meets a ``proj_dim`` other than ``text_dim``."""
-    from pipeline.common import ConfigError
-    from pipeline.vision.models import MFlagVision
-
-    if text_head == "none" and proj_dim is not None and proj_dim != text_dim:
+    """The vision model (seeded by ``m.seed``) with the online text encoder ``text`` or None, on ``device``;
+    SyncBatchNorm on several CUDA processes when ``m.sync_bn``. Raises ConfigError when ``m.text_head``
+    "none" meets a ``m.proj_dim`` other than ``text_dim``."""
+    if m.text_head == "none" and m.proj_dim is not None and m.proj_dim != text_dim:
         raise ConfigError(f"proj_dim: the text embeddings have dimension {text_dim}; with --text-head "
                           f"none images are projected into that space, so --proj-dim must be "
-                          f"{text_dim} (got {proj_dim})")
-    torch.manual_seed(seed)
-    vision = MFlagVision(text_dim, proj_dim, text_head, init, hidden_dim)
-    if dist.enabled and sync_bn:
+                          f"{text_dim} (got {m.proj_dim})")
+    torch.manual_seed(m.seed)
+    vision = MFlagVision(text_dim, m.proj_dim, m.text_head, m.init, m.hidden_dim)
+    if dist.enabled and m.sync_bn:
         # BatchNorm over the global batch, as on one GPU: otherwise its statistics (and zv, za, zt)
         # come from batch_size / world_size samples and the run depends on the number of GPUs.
         if device.type == "cuda":
@@ -406,6 +430,6 @@ def build_train_module(text_dim: int, text, *, proj_dim: int | None, text_head: 
             log.warning("sync_bn: SyncBatchNorm needs CUDA; on %s each of the %d processes normalises "
                         "over its own %d samples", device.type, dist.world_size, local_batch)
     module = TrainModule(vision, text).to(device)
-    if channels_last:
+    if m.channels_last:
         module.vision.trunk.to(memory_format=torch.channels_last)
     return module

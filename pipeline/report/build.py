@@ -22,13 +22,14 @@ from pipeline.vision.models import MFlagVision, count_parameters
 
 log = logging.getLogger(__name__)
 
-# The configuration fields an ablation varies; a variant's role comes from which of them differ from
-# the reference. Fields that name paths or only change logging, probing or resources are ignored.
-ABLATION_FIELDS = ("align_weight", "orth_weight", "orth_on", "text_mode", "unfreeze_last")
+# The configuration fields an ablation varies besides the loss terms' weights (``ablation_fields``); a
+# variant's role comes from which of them differ from the reference. Fields that name paths or only
+# change logging, probing or resources are ignored.
+_ABLATION_OTHER = ("orth_on", "text_mode", "unfreeze_last")
 _IGNORED_FIELDS = {"shards", "out", "text_cache", "text_model", "reports", "text_pooling", "text_max_length",
                    "seed", "resume", "log_every", "ckpt_every", "probe_every", "probe_size", "final_probe_size",
                    "probe_shards", "keep_checkpoints", "compile", "threads", "num_workers", "device"}
-_DEFAULTS = {"align_weight": 1.0, "orth_weight": 1.0, "orth_on": "zv", "text_mode": "cache", "unfreeze_last": 0}
+_DEFAULTS_OTHER = {"orth_on": "zv", "text_mode": "cache", "unfreeze_last": 0}
 # Below this on both sides a downstream metric means the task was not learnt (e.g. detection mAP in a
 # CPU budget): no verdict either way.
 NOT_LEARNT = 0.02
@@ -40,6 +41,31 @@ LANGUAGE_TASKS = ("zeroshot", "retrieval")
 # AUROC's 95% interval above 0.5.
 LANGUAGE_AUROC = 0.70
 LANGUAGE_MIN_FINDINGS = 3
+
+
+# --------------------------------------------------------------------------- the loss terms
+def loss_terms() -> dict:
+    """``pipeline.pretrain.losses.LOSS_TERMS``: the tables, curves and descriptions below iterate over it."""
+    # Imported here, not at the top: losses imports torch (about 2 s), which the report stage and
+    # ``mflag report --help`` otherwise do without.
+    from pipeline.pretrain.losses import LOSS_TERMS
+
+    return LOSS_TERMS
+
+
+def ablation_fields() -> tuple[str, ...]:
+    """The configuration fields an ablation varies: every loss term's weight option, then the others."""
+    return (*(t.weight_option for t in loss_terms().values()), *_ABLATION_OTHER)
+
+
+def _defaults() -> dict:
+    """The value a train config.json written before an option existed stands for."""
+    return {**{t.weight_option: t.default_weight for t in loss_terms().values()}, **_DEFAULTS_OTHER}
+
+
+def _weight(cfg: dict, name: str) -> float:
+    term = loss_terms()[name]
+    return float(cfg.get(term.weight_option, term.default_weight))
 
 
 
@@ -72,10 +98,11 @@ def _last_quarter(rows: list[dict]) -> list[dict]:
 
 
 def _loss_terms(rows: list[dict], cfg: dict) -> dict:
-    """Size of the two weighted terms and of their gradients on the trunk's last block, averaged over
-    the last quarter of the logged steps: the ratio orth/align of each (> 1: orthogonality drives the
+    """Size of each loss term (``<term>``) and of its gradient on the trunk's last block
+    (``grad_<term>_trunk``), averaged over the last quarter of the logged steps (None where not logged);
+    for the orthogonality-weight sweep also the ratio orth/align of each (> 1: orthogonality drives the
     trunk), and the orthogonality weight at which the two gradients would be equal."""
-    wa, wo = float(cfg.get("align_weight", 1.0)), float(cfg.get("orth_weight", 1.0))
+    wa, wo = _weight(cfg, "align"), _weight(cfg, "orth")
     tail = _last_quarter([r for r in rows if "train/loss" in r])
 
     def mean(key):
@@ -83,10 +110,11 @@ def _loss_terms(rows: list[dict], cfg: dict) -> dict:
         vals = [v for v in vals if v is not None]
         return sum(vals) / len(vals) if vals else None
 
-    align, orth = mean("train/align"), mean("train/orth")
-    ga, go = mean("train/grad_align_trunk"), mean("train/grad_orth_trunk")
-    out = {"align": align, "orth": orth, "grad_align_trunk": ga, "grad_orth_trunk": go,
+    names = list(loss_terms())
+    out = {**{n: mean(f"train/{n}") for n in names},
+           **{f"grad_{n}_trunk": mean(f"train/grad_{n}_trunk") for n in names},
            "loss_ratio": None, "grad_ratio": None, "equal_grad_weight": None}
+    align, orth, ga, go = out["align"], out["orth"], out["grad_align_trunk"], out["grad_orth_trunk"]
     if align and orth is not None and wa > 0:
         out["loss_ratio"] = wo * orth / (wa * align)
     if ga and go is not None and wa > 0:
@@ -107,7 +135,7 @@ def _collect_trains(train_dirs) -> dict[str, dict]:
         rows = _read_jsonl(d / "metrics.jsonl")
         curves: dict[str, list] = {}
         for r in rows:
-            for key in ("train/loss", "train/align", "train/orth"):
+            for key in ("train/loss", *(f"train/{n}" for n in loss_terms())):
                 if _num(r.get(key)) is not None:
                     curves.setdefault(key.split("/", 1)[1], []).append((r["step"], r[key]))
         run_seed = seed if seed is not None else int(train_cfg.get("seed", 0))
@@ -160,9 +188,10 @@ def _collect_evals(eval_dirs, trains: dict) -> dict[str, dict]:
 # --------------------------------------------------------------------------- claims
 def _role(cfg: dict, ref: dict) -> tuple[str, dict]:
     """What a variant tests against the reference, from the ablation fields in which it differs."""
+    defaults = _defaults()
     keys = (set(cfg) | set(ref)) - _IGNORED_FIELDS
-    diff = {k for k in keys if cfg.get(k, _DEFAULTS.get(k)) != ref.get(k, _DEFAULTS.get(k))}
-    get = lambda k: cfg.get(k, _DEFAULTS.get(k))  # noqa: E731
+    diff = {k for k in keys if cfg.get(k, defaults.get(k)) != ref.get(k, defaults.get(k))}
+    get = lambda k: cfg.get(k, defaults.get(k))  # noqa: E731
     if diff == {"orth_weight"}:
         return ("without-orth" if get("orth_weight") == 0 else "sweep"), {"orth_weight": get("orth_weight")}
     if diff == {"align_weight"} and get("align_weight") == 0:
@@ -445,6 +474,7 @@ def _cxr_bert_reference() -> tuple[int, int] | None:
     """(trainable parameters of ResNet50 + projectors for 768-d text, CXR-BERT-general's parameters),
     counted on the meta device: no weights are loaded or allocated."""
     try:
+        # here, not at the top: torch and transformers only for this reference line (start-up time)
         import torch
         from transformers import BertConfig, BertModel
 
@@ -459,8 +489,14 @@ def _cxr_bert_reference() -> tuple[int, int] | None:
 
 
 def _describe(cfg: dict) -> str:
-    parts = [f"align {cfg.get('align_weight', 1.0):g}", f"orth {cfg.get('orth_weight', 1.0):g} on "
-             f"{cfg.get('orth_on', 'zv')}"]
+    """The variant's loss terms with their weights (a term computed only when weighted: when its weight is
+    not 0) and its text encoder."""
+    parts, defaults = [], _defaults()
+    for name, term in loss_terms().items():
+        w = _weight(cfg, name)
+        if term.always or w:
+            on = f" on {cfg.get(term.on_option, defaults.get(term.on_option))}" if term.on_option else ""
+            parts.append(f"{name} {w:g}{on}")
     if cfg.get("text_mode") == "online":
         parts.append(f"online text, {cfg.get('unfreeze_last', 0)} layers trained")
     return ", ".join(parts)
@@ -536,19 +572,24 @@ def render(data: dict, out: Path, title: str, see_also=()) -> str:
                  for r in t["runs"].values() if r["probe"]}
         if len(sizes) > 1:
             lines.append(f"\nProbe sizes differ between runs: {sorted(sizes, key=str)} (N, D).")
-        lines += ["", "## The two loss terms per variant (mean over seeds of the last quarter of logged steps)", "",
+        # every term computed at weight 0 too, and any other that some run logged
+        logged = {n for tr in trains.values() for r in tr["runs"].values() for n, v in r["terms"].items()
+                  if v is not None}
+        terms = {n: t for n, t in loss_terms().items() if t.always or n in logged}
+        count = "two " if len(terms) == 2 else ""
+        lines += ["", f"## The {count}loss terms per variant (mean over seeds of the last quarter of logged steps)", "",
                   "Loss ratio = orth_weight x orth / (align_weight x align); gradient ratio = the same for the norms "
                   "of the two unweighted terms' gradients on the trunk's last block (> 1: orthogonality drives the "
                   "shared trunk); equal-gradient weight = the orth_weight at which the two gradients would be "
                   "equal.", "",
-                  "| variant | setting | steps | align loss | orth loss | loss ratio | gradient ratio | "
-                  "equal-gradient weight |", "|---|---|---|---|---|---|---|---|"]
+                  "| variant | setting | steps | " + " | ".join(f"{n} loss" for n in terms) + " | loss ratio | "
+                  "gradient ratio | equal-gradient weight |", "|---|---|---|" + "---|" * len(terms) + "---|---|---|"]
         for v, t in trains.items():
             runs = list(t["runs"].values())
-            m = lambda k: _mean_std([r["terms"][k] for r in runs])[0]  # noqa: E731, B023 (called in this iteration)
-            lines.append(f"| {v} | {_describe(t['config'])} | {runs[0]['steps']} | {_fmt(m('align'))} | "
-                         f"{_g(m('orth'))} | {_g(m('loss_ratio'))} | {_g(m('grad_ratio'))} | "
-                         f"{_g(m('equal_grad_weight'))} |")
+            m = lambda k: _mean_std([r["terms"].get(k) for r in runs])[0]  # noqa: E731, B023 (called in this iteration)
+            cells = [(_g if term.wide else _fmt)(m(n)) for n, term in terms.items()]
+            lines.append(f"| {v} | {_describe(t['config'])} | {runs[0]['steps']} | " + " | ".join(cells) +
+                         f" | {_g(m('loss_ratio'))} | {_g(m('grad_ratio'))} | {_g(m('equal_grad_weight'))} |")
         lines.append("")
     sw = data.get("sweep")
     if sw:
@@ -597,7 +638,8 @@ def _plots(data: dict, out: Path) -> list[tuple[str, str]]:
     figs = []
     first = {v: t["runs"][min(t["runs"])] for v, t in trains.items() if t["runs"]}
     if any(r["curves"] for r in first.values()):
-        plots.loss_curves({v: r["curves"] for v, r in first.items()}, out / "loss_curves.png")
+        plots.loss_curves({v: r["curves"] for v, r in first.items()}, out / "loss_curves.png",
+                          symlog={n for n, t in loss_terms().items() if t.wide})
         figs.append(("Loss curves (first seed of each variant)", "loss_curves.png"))
     spectra = {v: [r["spectrum"] for r in t["runs"].values() if r["spectrum"]] for v, t in trains.items()}
     spectra = {v: s for v, s in spectra.items() if s}

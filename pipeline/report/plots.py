@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 from pipeline.common import atomic_path
 
@@ -22,8 +22,10 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def loss_curves(curves: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], path: Path) -> Path:
-    """``curves[variant][loss name] = [(step, value), ...]``; one panel per loss name."""
+def loss_curves(curves: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], path: Path,
+                symlog: Collection[str] = ("orth",)) -> Path:
+    """``curves[variant][loss name] = [(step, value), ...]``; one panel per loss name, on a symlog axis
+    for the names in ``symlog`` (values over orders of magnitude)."""
     plt = _pyplot()
     names = sorted({k for c in curves.values() for k in c})
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.2), squeeze=False)
@@ -34,7 +36,7 @@ def loss_curves(curves: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]],
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], label=variant)
         ax.set_title(name)
         ax.set_xlabel("step")
-        if name.endswith("orth"):
+        if name in symlog:
             ax.set_yscale("symlog")
         ax.legend(fontsize=8)
     fig.tight_layout()
