@@ -28,7 +28,7 @@ from pipeline.text.models import DEFAULT_TEXT_MODEL, POOLINGS, TextEncoder, load
 from pipeline.text.reportfile import ReportInputError, ReportSet, load_reports
 
 # ReportInputError is what the stage raises for a bad reports file: part of its interface.
-__all__ = ["EmbedTextConfig", "EmbedTextResult", "ReportInputError", "content_key", "run"]
+__all__ = ["EmbedTextConfig", "EmbedTextResult", "ReportInputError", "content_key", "embed_file", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,17 @@ def content_key(encoder: TextEncoder, reports: ReportSet, config: EmbedTextConfi
             "tokenizer_hash": encoder.tokenizer_hash, "pooling": config.pooling,
             "max_length": config.max_length, "dtype": dtype, "store_dtype": config.store_dtype,
             "text_hash": reports.text_hash, "shard_size": config.shard_size}
+
+
+def embed_file(reports: Path, out: Path, *, model: str, pooling: str, max_length: int, dtype: str, device: str,
+               shard_size: int) -> Path:
+    """This stage as a function for other stages (eval's zero-shot prompts): embed the JSONL ``reports``
+    (``key``, ``text``) into a float32 cache under ``out`` and return its folder. ``dtype`` is the compute
+    dtype a training cache recorded ("auto" where it is not one of ``DTYPES``)."""
+    return run(EmbedTextConfig(
+        reports=str(reports), out=str(out), model=model, key_column="key", text_column="text", pooling=pooling,
+        max_length=max_length, dtype=dtype if dtype in DTYPES else "auto", device=device, store_dtype="float32",
+        shard_size=shard_size, on_empty="error")).cache_dir
 
 
 def run(config: EmbedTextConfig) -> EmbedTextResult:

@@ -69,6 +69,7 @@ from pipeline.downstream.zeroshot import PROTOCOLS as ZEROSHOT_PROTOCOLS
 from pipeline.locks import hold_output_lock
 from pipeline.options import check_fields, option, result_config
 from pipeline.tracking import REPORT_TO, Tracker, open_tracker
+from stages import embed_text
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +312,7 @@ def _run_untrained(cfg: EvalConfig) -> dict:
     if finished is not None:
         return finished
     save_config(cfg, out, stage="eval", fingerprint=fp)  # one stage per folder (pipeline.locks)
-    res = get_task(cfg.task).evaluate(cfg, out)
+    res = get_task(cfg.task).evaluate(cfg, out, embed_text.embed_file)
     per_seed = [{**r, "fingerprint": fp} for r in res.pop("per_seed")]
     summary, summary_per_class = summarise_seeds(per_seed)
     hashes = d["init_sha256"] or {}

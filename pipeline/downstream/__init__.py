@@ -21,7 +21,8 @@ import importlib
 @dataclasses.dataclass(frozen=True)
 class TaskEntry:
     """``module``: where the task's ``TASK`` lives. ``trains``: the task trains a head per seed on a split of
-    the dataset (the eval stage's loop); otherwise the task's ``evaluate(cfg, out)`` does all of its work.
+    the dataset (the eval stage's loop); otherwise the task's ``evaluate(cfg, out, embed_file)`` does all of its work
+    (``embed_file``: the embed-text stage as a function, for tasks that embed text).
     ``needs_dataset``: it reads a downstream dataset (``--dataset``/``--root``). ``help``: one line."""
 
     module: str

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from pipeline import imaging
 from pipeline.common import MflagError, progress
 from pipeline.downstream.datasets.base import DatasetSpec, Record
-from pipeline.imaging import MIN_IMAGE_SIDE
+from pipeline.imaging import MIN_IMAGE_SIDE, read_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -115,7 +115,6 @@ class ImageSource:
         return len(self.records)
 
     def _decode(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
-        from pipeline.imaging import read_image
 
         rec = self.records[i]
         try:

@@ -8,7 +8,8 @@ those paths, in eval mode:
 - ``load_pretrained``: the trunk, projector and text head of a finished train-vision run (its folder,
   or its ``encoder.pt`` with ``projector.pt`` and ``config.json`` beside it), with the image sizes and
   the text cache it trained with; or a random model (the null) of the same shape;
-- ``embed_prompts``: prompt texts through the frozen text encoder by the embed-text stage itself (same
+- ``embed_prompts``: prompt texts through the frozen text encoder by the embed-text stage itself (handed
+  in by the eval stage as ``embed_file``; same
   tokenizer, max length, pooling and compute dtype as the training cache, cached the same way), refused
   when the model is not the one that made the training cache;
 - ``image_embeddings`` / ``text_embeddings``: za and zt in eval mode.
@@ -20,7 +21,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -142,12 +143,17 @@ def text_model_of(pre: Pretrained, text_model: str | None, run_init: str) -> str
     return str(model)
 
 
-def embed_prompts(texts: list[str], out: Path, text_model: str, cache_attrs: dict, device: str = "cpu") -> np.ndarray:
-    """Embed ``texts`` with the embed-text stage into ``out`` (a cache of its own, keyed by each text's
-    hash, reused when rerun) with the training cache's pooling, max length and compute dtype; refuse a
-    model whose tokenizer or configuration differs from the one that made the training cache."""
-    from stages import embed_text
+# The embed-text stage as a function (``stages.embed_text.embed_file``), handed in by the eval stage:
+# ``embed_file(reports_jsonl, out, model=, pooling=, max_length=, dtype=, device=, shard_size=) -> cache folder``.
+# pipeline/ does not import stages/, and prompts must go through the stage itself (same cache, same checks).
+EmbedFile = Callable[..., Path]
 
+
+def embed_prompts(texts: list[str], out: Path, text_model: str, cache_attrs: dict, embed_file: EmbedFile,
+                  device: str = "cpu") -> np.ndarray:
+    """Embed ``texts`` with the embed-text stage (``embed_file``) into ``out`` (a cache of its own, keyed by
+    each text's hash, reused when rerun) with the training cache's pooling, max length and compute dtype;
+    refuse a model whose tokenizer or configuration differs from the one that made the training cache."""
     if not cache_attrs:
         raise LanguageEvalError("no text cache to check the prompts against; give --text-cache")
     keys = [hashlib.sha256(t.encode("utf-8")).hexdigest()[:24] for t in texts]
@@ -158,13 +164,10 @@ def embed_prompts(texts: list[str], out: Path, text_model: str, cache_attrs: dic
     if not src.is_file() or src.read_text(encoding="utf-8") != body:
         with atomic_open(src, "w", encoding="utf-8") as fh:
             fh.write(body)
-    dtype = str(cache_attrs.get("dtype", "fp32"))
-    res = embed_text.run(embed_text.EmbedTextConfig(
-        reports=str(src), out=str(out / "cache"), model=text_model, key_column="key", text_column="text",
-        pooling=str(cache_attrs.get("pooling", "cls")), max_length=int(cache_attrs.get("max_length", 512)),
-        dtype=dtype if dtype in embed_text.DTYPES else "auto", device=device,
-        store_dtype="float32", shard_size=max(1, len(rows)), on_empty="error"))
-    cache = TextEmbeddingCache(res.cache_dir)
+    cache = TextEmbeddingCache(embed_file(
+        src, out / "cache", model=text_model, pooling=str(cache_attrs.get("pooling", "cls")),
+        max_length=int(cache_attrs.get("max_length", 512)), dtype=str(cache_attrs.get("dtype", "fp32")),
+        device=device, shard_size=max(1, len(rows))))
     diffs = [f"{k}: prompts {cache.attrs.get(k)!r}, training cache {cache_attrs.get(k)!r}"
              for k in TEXT_PATH_ATTRS if cache.attrs.get(k) != cache_attrs.get(k)]
     if diffs:

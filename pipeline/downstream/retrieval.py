@@ -35,7 +35,14 @@ import numpy as np
 from cache import TextEmbeddingCache
 from pipeline.common import atomic_path, write_json
 from pipeline.downstream import language_metrics as lm
-from pipeline.downstream.language import TEXT_PATH_ATTRS, LanguageEvalError, cosine, jsonable, load_pretrained
+from pipeline.downstream.language import (
+    TEXT_PATH_ATTRS,
+    EmbedFile,
+    LanguageEvalError,
+    cosine,
+    jsonable,
+    load_pretrained,
+)
 from pipeline.pretrain.wds import CacheTargets, read_fixed_batch, resolve_shards
 
 log = logging.getLogger(__name__)
@@ -71,8 +78,9 @@ def _shard_urls(shards: str, split: str) -> list[str]:
     return urls
 
 
-def evaluate(cfg, out: Path) -> dict:
-    """Run every seed of ``cfg`` (an EvalConfig with task retrieval) and return the results dict."""
+def evaluate(cfg, out: Path, embed_file: EmbedFile) -> dict:
+    """Run every seed of ``cfg`` (an EvalConfig with task retrieval) and return the results dict. The
+    reports' embeddings come from the training cache, so ``embed_file`` (the embed-text stage) is unused."""
     if not cfg.shards:
         raise LanguageEvalError("retrieval: give --shards (a prepare output folder)")
     per_seed = []

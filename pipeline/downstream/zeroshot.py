@@ -35,6 +35,7 @@ from pipeline.downstream.data import labels_matrix
 from pipeline.downstream.datasets.chexpert import TASKS as CHEXPERT_TASKS
 from pipeline.downstream.datasets.registry import load_dataset
 from pipeline.downstream.language import (
+    EmbedFile,
     LanguageEvalError,
     cosine,
     embed_prompts,
@@ -83,8 +84,9 @@ def five_by_200(root: str, per_class: int | None, options: dict) -> tuple[list, 
     return [by_id[i] for i, _ in picked], [c for _, c in picked], desc
 
 
-def evaluate(cfg, out: Path) -> dict:
-    """Run every seed of ``cfg`` (an EvalConfig with task zeroshot) and return the results dict."""
+def evaluate(cfg, out: Path, embed_file: EmbedFile) -> dict:
+    """Run every seed of ``cfg`` (an EvalConfig with task zeroshot) and return the results dict; prompts go
+    through the embed-text stage (``embed_file``)."""
     protocol = cfg.zeroshot_protocol or default_protocol(cfg.dataset)
     options = dict(cfg.dataset_options)
     if protocol == "chexpert5x200":
@@ -124,12 +126,12 @@ def evaluate(cfg, out: Path) -> dict:
         model = text_model_of(pre, cfg.text_model, cfg.init)
         if protocol == "chexpert5x200":
             sets = file_prompts or pr.gloria_class_prompts(cfg.prompts_per_class, seed)
-            scores, used = _class_scores(za, sets, class_names, model, pre, out, cfg)
+            scores, used = _class_scores(za, sets, class_names, model, pre, out, cfg, embed_file)
             test = lm.multiclass_report(np.asarray(cls), scores.argmax(axis=1), class_names)
             test["auroc_per_class"] = {c: _auroc(labels[:, k], scores[:, k]) for k, c in enumerate(class_names)}
         else:
             sets = file_prompts or pr.binary_prompts(class_names)
-            scores, used = _binary_scores(za, sets, class_names, model, pre, out, cfg)
+            scores, used = _binary_scores(za, sets, class_names, model, pre, out, cfg, embed_file)
             per_label = lm.auroc_per_label(labels, scores, class_names, n_resamples=cfg.bootstrap, seed=0)
             test = {"auroc": per_label["mean"], "auroc_ci": [per_label["mean_low"], per_label["mean_high"]],
                     "auroc_per_class": {c: per_label["per_label"][c]["auroc"] for c in class_names},
@@ -161,16 +163,16 @@ def _auroc(y: np.ndarray, s: np.ndarray) -> float | None:
     return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else None
 
 
-def _embed_sets(texts: list[str], model: str, pre, out: Path) -> np.ndarray:
+def _embed_sets(texts: list[str], model: str, pre, out: Path, embed_file: EmbedFile) -> np.ndarray:
     """zt of ``texts`` (rows in order), unit length."""
-    emb = embed_prompts(texts, out / "prompts", model, pre.cache_attrs, device="cpu")
+    emb = embed_prompts(texts, out / "prompts", model, pre.cache_attrs, embed_file, device="cpu")
     zt = pre.text_embeddings(emb)
     return zt / np.maximum(np.linalg.norm(zt, axis=1, keepdims=True), 1e-12)
 
 
-def _class_scores(za, sets: dict, class_names: list[str], model: str, pre, out: Path, cfg):
+def _class_scores(za, sets: dict, class_names: list[str], model: str, pre, out: Path, cfg, embed_file):
     texts = [t for c in class_names for t in sets[c]]
-    zt = _embed_sets(texts, model, pre, out)
+    zt = _embed_sets(texts, model, pre, out, embed_file)
     sim = cosine(za, zt)
     scores = np.empty((len(za), len(class_names)))
     k = 0
@@ -181,9 +183,9 @@ def _class_scores(za, sets: dict, class_names: list[str], model: str, pre, out: 
     return scores, {c: list(sets[c]) for c in class_names}
 
 
-def _binary_scores(za, sets: dict, class_names: list[str], model: str, pre, out: Path, cfg):
+def _binary_scores(za, sets: dict, class_names: list[str], model: str, pre, out: Path, cfg, embed_file):
     texts = [t for c in class_names for side in ("positive", "negative") for t in sets[c][side]]
-    zt = _embed_sets(texts, model, pre, out)
+    zt = _embed_sets(texts, model, pre, out, embed_file)
     probs = np.empty((len(za), len(class_names)))
     k = 0
     for j, c in enumerate(class_names):
