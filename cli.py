@@ -23,7 +23,7 @@ import click
 from cache.verify import cache_info, verify_cache
 from pipeline.common import ConfigError, MflagError, atomic_open
 from pipeline.corpora import CORPORA
-from pipeline.downstream.datasets.registry import DATASETS, dataset_names
+from pipeline.downstream.datasets.registry import DATASETS, synth_names
 from pipeline.options import (
     Option,
     default_text,
@@ -303,14 +303,14 @@ def cli(verbose: int, quiet: int) -> None:
 class SynthGroup(click.Group):
     """``synth``: the commands declared below (mimic, openi) plus one per downstream dataset of the dataset
     registry (``pipeline/downstream/datasets/registry.py``), built when listed or invoked so that a dataset
-    registered there is a command with no change here."""
+    registered there with a writer is a command with no change here."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *dataset_names()})
+        return sorted({*super().list_commands(ctx), *synth_names()})
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         cmd = super().get_command(ctx, name)
-        if cmd is None and name in DATASETS:
+        if cmd is None and name in synth_names():
             cmd = _downstream_command(name, DATASETS[name])
         return cmd
 

@@ -33,7 +33,6 @@ from pipeline.corpora import corpus as corpus_entry
 from pipeline.downstream import task_entry
 from pipeline.downstream.zeroshot import default_protocol
 from pipeline.locks import output_lock
-from pipeline.options import option_choices
 from pipeline.run.graph import Node, NodeStatus, execute, explain
 from pipeline.run.spec import (
     check_call,
@@ -255,10 +254,9 @@ def _downstream_nodes(section: Any, planned: _Planned) -> list[Node]:
         raise MflagError(f"downstream: unknown keys {sorted(set(down) - {'synth', 'roots'})}; give synth "
                          "(datasets to generate) and/or roots (dataset -> folder)")
     nodes: list[Node] = []
-    synth_datasets = option_choices(evaluate.EvalConfig, "dataset")  # the datasets eval takes
     for ds, opts in mapping("downstream.synth", down.get("synth")).items():
-        if ds not in synth_datasets:
-            raise MflagError(f"downstream.synth: unknown dataset {ds!r}; one of {', '.join(synth_datasets)}")
+        if ds not in WRITERS:  # the registered datasets with a synthetic writer
+            raise MflagError(f"downstream.synth: unknown dataset {ds!r}; one of {', '.join(WRITERS)}")
         opts = check_call(f"downstream.synth.{ds}", mapping(f"downstream.synth.{ds}", opts), WRITERS[ds])
         nodes.append(Node(f"synth:{ds}", planned.work / "data" / ds, {"dataset": ds, **opts}, (), _run_synth_down))
         planned.roots[ds] = f"@synth:{ds}"

@@ -77,7 +77,7 @@ def test_the_command_line_sees_a_registered_dataset_task_and_head(toy, tmp_path)
     res = CliRunner().invoke(cli.cli, ["synth", "toy", "--out", str(tmp_path / "d"), "--n", "5", "--shade", "0.25"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "d" / "toy.txt").read_text() == "5 0 64 0.25\n"
-    assert set(WRITERS) == {*registry.dataset_names()} and WRITERS["toy"] is write_toy
+    assert set(WRITERS) == {*registry.synth_names()} == {*registry.dataset_names()} and WRITERS["toy"] is write_toy
 
 
 def test_the_configs_and_the_task_dataset_check_see_it(toy, tmp_path):
@@ -144,3 +144,23 @@ def test_every_registered_dataset_is_complete():
     assert registry.trained_tasks() == ("cls", "seg", "det")
     for head in det_heads.DET_HEADS.values():
         assert head.build.startswith("pipeline.downstream.det:")
+
+
+def test_a_dataset_needs_only_its_reader_and_entry(monkeypatch, tmp_path):
+    """A real dataset added without a synthetic writer: eval and splits take it, `cli.py synth` and the
+    YAML's `downstream: synth:` do not offer it (and say which datasets they have)."""
+    monkeypatch.setitem(registry.DATASETS, "bare", DatasetEntry(read_toy, ("cls",)))
+    assert "bare" in _eval_help() and "bare" in registry.dataset_names()
+    EvalConfig(task="cls", dataset="bare", root=str(tmp_path), out=str(tmp_path / "o"), init="random")
+    assert "bare" not in WRITERS and "bare" not in registry.synth_names()
+    res = CliRunner().invoke(cli.cli, ["synth", "bare", "--help"])
+    assert res.exit_code != 0 and "No such command 'bare'" in res.output
+    with pytest.raises(MflagError, match="dataset 'bare' has no synthetic writer; one of chexpert, rsna"):
+        registry.synth_writer("bare")
+    spec = yaml.safe_load(TINY.read_text())
+    spec["workdir"] = str(tmp_path / "work")
+    spec["downstream"]["synth"]["bare"] = {"n": 6}
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(MflagError, match=r"downstream\.synth: unknown dataset 'bare'; one of chexpert, rsna"):
+        orchestrate.build_nodes(orchestrate.load_spec(path))

@@ -402,15 +402,15 @@ class _Writers(Mapping):
     a dataset registered there is written by ``cli.py synth`` and the pipeline YAML's ``downstream: synth:``."""
 
     def __getitem__(self, name: str):
-        if name not in registry.DATASETS:
+        if name not in registry.synth_names():
             raise KeyError(name)
         return registry.synth_writer(name)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(registry.dataset_names())
+        return iter(registry.synth_names())
 
     def __len__(self) -> int:
-        return len(registry.DATASETS)
+        return len(registry.synth_names())
 
 
 WRITERS: Mapping = _Writers()

@@ -54,13 +54,15 @@ class DatasetEntry:
 
     reader: Callable[..., DatasetSpec]
     tasks: tuple[str, ...]
-    writer: str
-    synth_size: int
+    writer: str | None = None
+    synth_size: int = 512
     synth_options: tuple[SynthOption, ...] = ()
     mgca: Callable[..., mgca.MgcaLists] | None = None
     mgca_tasks: tuple[str, ...] = ()
 
     def synth_writer(self) -> Callable[..., dict]:
+        if self.writer is None:
+            raise MflagError("this dataset has no synthetic writer (DatasetEntry.writer)")
         module, _, name = self.writer.partition(":")
         return getattr(importlib.import_module(module), name)
 
@@ -122,9 +124,18 @@ def mgca_lists(dataset: str, task: str, label_rows: dict[str, Sequence[LabelRow]
     return DATASETS[dataset].mgca(label_rows, task)
 
 
+def synth_names() -> tuple[str, ...]:
+    """The registered datasets that have a synthetic writer (``cli.py synth <name>``, the YAML's
+    ``downstream: synth:``)."""
+    return tuple(name for name, entry in DATASETS.items() if entry.writer is not None)
+
+
 def synth_writer(name: str) -> Callable[..., dict]:
     """The function writing dataset ``name`` synthetically."""
-    return _entry(name)[1].synth_writer()
+    key, entry = _entry(name)
+    if entry.writer is None:
+        raise MflagError(f"dataset {key!r} has no synthetic writer; one of {', '.join(synth_names())}")
+    return entry.synth_writer()
 
 
 # --------------------------------------------------------------------------- reading
