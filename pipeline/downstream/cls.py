@@ -39,6 +39,7 @@ from pipeline.downstream.loop import (
     place,
     to_device,
 )
+from pipeline.downstream.recipes import MGCA_COMMON, TOOL_COMMON
 from pipeline.downstream.task import SeedOutcome, SeedRun, Task
 
 FEATURE_DIM = 2048
@@ -132,6 +133,23 @@ class ClsTask(Task):
     predictions_suffix = ".csv"
     predictions_format = ("CSV, one row per test image: image_id, label:<class> (0/1, one-hot for multi-class) "
                           "and score:<class> (sigmoid; softmax for multi-class)")
+
+    def recipe(self, protocol: str, finetune: bool, dataset: str, fraction: float) -> dict:
+        if protocol == "mgca":  # mgca_finetuner.py, ssl_finetuner.py, transforms.py, utils.py (recipes.py)
+            return dict(MGCA_COMMON, batch_size=48, lr=5e-4, weight_decay=1e-6, resize="pad", resample="area",
+                        train_transform="moco2" if dataset == "chexpert" else "crop", eval_transform="center-crop",
+                        features="finetuned" if finetune else "per-epoch",
+                        head="linear (encoder fine-tuned)" if finetune else "linear",
+                        loss="bce (multi-label) / cross-entropy (multi-class)")
+        if not finetune:
+            # the linear probe trains on features computed once, so many cheap epochs
+            return dict(TOOL_COMMON, epochs=100, patience=10, lr=1e-3, train_transform="none", features="cached",
+                        head="linear", loss="bce (multi-label) / cross-entropy (multi-class)")
+        return dict(TOOL_COMMON, epochs=10, patience=3, lr=1e-4, train_transform="mild", features="finetuned",
+                    head="linear (encoder fine-tuned)", loss="bce (multi-label) / cross-entropy (multi-class)")
+
+    def primary(self, protocol: str, label_kind: str) -> str:
+        return "accuracy" if label_kind == "multiclass" else "auroc"
 
     def check(self, spec: DatasetSpec) -> None:
         super().check(spec)

@@ -32,6 +32,7 @@ from pipeline.downstream import metrics
 from pipeline.downstream.data import NORMALIZATIONS, DetDataset, collate_det
 from pipeline.downstream.det_heads import DET_HEADS
 from pipeline.downstream.loop import TrainSettings, fit, frozen_bn_mode, make_loader, place, to_device
+from pipeline.downstream.recipes import MGCA_COMMON, ONE_PERCENT, TOOL_COMMON
 from pipeline.downstream.task import SeedOutcome, SeedRun, Task
 from pipeline.downstream.yolov3 import build_yolov3
 
@@ -166,6 +167,19 @@ class DetTask(Task):
     predictions_suffix = ".json"
     predictions_format = ("JSON, per test image: image_id, original height/width, the head's boxes (x1 y1 x2 y2 in "
                           "network-input pixels), scores and labels after its NMS, and the ground-truth boxes")
+
+    def recipe(self, protocol: str, finetune: bool, dataset: str, fraction: float) -> dict:
+        if protocol == "mgca":  # mgca_detector.py, run_det_finetune.sh (recipes.py)
+            one = fraction <= ONE_PERCENT
+            return dict(MGCA_COMMON, batch_size=8 if one else 16,
+                        lr=({"rsna": 2e-4, "object-cxr": 2.5e-4}.get(dataset, 5e-4) if one else 5e-4),
+                        weight_decay=1e-6, train_transform="none", features="", head="yolov3", loss="the head's own")
+        # detection losses spike early (few positives, random heads); clipping keeps AdamW stable
+        return dict(TOOL_COMMON, epochs=10, patience=3, lr=1e-4, train_transform="photometric", features="",
+                    head="fasterrcnn", loss="the head's own", grad_clip=10.0)
+
+    def primary(self, protocol: str, label_kind: str) -> str:
+        return "map_40_75_mgca" if protocol == "mgca" else "map_40_75"
 
     def run(self, r: SeedRun) -> SeedOutcome:
         s, rec = r.settings, r.recipe

@@ -2,7 +2,9 @@
 
 ``resolve(...)`` turns (protocol, task, dataset, fraction, ...) plus the values a user gave explicitly
 into one ``Recipe``: every setting a seed's training and evaluation follow, recorded in results.json.
-Explicit values always win over the protocol's defaults.
+Explicit values always win over the protocol's defaults. A trained task's own defaults per protocol are its
+``Task.recipe`` (and ``Task.primary``, the metric heading its tables), beside its head in its module; the
+rules across tasks (normalisation, what early stopping monitors, BatchNorm, crops) are here.
 
 The ``mgca`` values come from HKU-MedAI/MGCA (commit 680fe4a):
 - linear probe: mgca/models/mgca/mgca_finetuner.py (batch 48, 50 epochs, EarlyStopping/ModelCheckpoint on
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from pipeline.downstream import get_task
 from pipeline.downstream.det_heads import DET_HEADS
 
 PROTOCOLS = ("mgca", "tool")
@@ -68,51 +71,12 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-def _primary(protocol: str, task: str, label_kind: str) -> str:
-    if task == "cls":
-        return "accuracy" if label_kind == "multiclass" else "auroc"
-    if task == "seg":
-        return "dice"
-    return "map_40_75_mgca" if protocol == "mgca" else "map_40_75"
-
-
-def _tool(task: str, finetune: bool, dataset: str, fraction: float) -> dict:
-    """This tool's protocol (what `eval` did before protocols existed)."""
-    common = dict(batch_size=16, weight_decay=1e-4, resize="stretch", resample="antialias", eval_transform="none",
-                  grad_clip=None, drop_last=False, soft_masks=False)
-    if task == "cls" and not finetune:
-        # the linear probe trains on features computed once, so many cheap epochs
-        return dict(common, epochs=100, patience=10, lr=1e-3, train_transform="none", features="cached",
-                    head="linear", loss="bce (multi-label) / cross-entropy (multi-class)")
-    if task == "cls":
-        return dict(common, epochs=10, patience=3, lr=1e-4, train_transform="mild", features="finetuned",
-                    head="linear (encoder fine-tuned)", loss="bce (multi-label) / cross-entropy (multi-class)")
-    if task == "seg":
-        return dict(common, epochs=10, patience=3, lr=1e-4 if finetune else 3e-4, train_transform="mild",
-                    features="", head="smp Unet(resnet50)", loss="bce + per-image soft dice")
-    # detection losses spike early (few positives, random heads); clipping keeps AdamW stable
-    return dict(common, epochs=10, patience=3, lr=1e-4, train_transform="photometric", features="",
-                head="fasterrcnn", loss="the head's own", grad_clip=10.0)
-
-
-def _mgca(task: str, finetune: bool, dataset: str, fraction: float) -> dict:
-    """MGCA's published recipe (sources in the module docstring)."""
-    common = dict(epochs=50, patience=10, grad_clip=None, drop_last=True, soft_masks=False, eval_transform="none",
-                  resize="stretch", resample="linear")
-    if task == "cls":
-        return dict(common, batch_size=48, lr=5e-4, weight_decay=1e-6, resize="pad", resample="area",
-                    train_transform="moco2" if dataset == "chexpert" else "crop", eval_transform="center-crop",
-                    features="finetuned" if finetune else "per-epoch",
-                    head="linear (encoder fine-tuned)" if finetune else "linear",
-                    loss="bce (multi-label) / cross-entropy (multi-class)")
-    if task == "seg":
-        return dict(common, batch_size=16 if dataset == "rsna" else 8, lr=5e-4, weight_decay=0.05,
-                    train_transform="shift-scale-rotate", features="", head="smp Unet(resnet50)",
-                    loss="10 x focal(gamma 2) - log(batch soft dice)", soft_masks=True)
-    one = fraction <= ONE_PERCENT
-    return dict(common, batch_size=8 if one else 16,
-                lr=({"rsna": 2e-4, "object-cxr": 2.5e-4}.get(dataset, 5e-4) if one else 5e-4),
-                weight_decay=1e-6, train_transform="none", features="", head="yolov3", loss="the head's own")
+# The values every task of a protocol starts from; each trained task's ``Task.recipe`` adds its own (the
+# task modules say where MGCA's values come from).
+TOOL_COMMON = dict(batch_size=16, weight_decay=1e-4, resize="stretch", resample="antialias", eval_transform="none",
+                   grad_clip=None, drop_last=False, soft_masks=False)
+MGCA_COMMON = dict(epochs=50, patience=10, grad_clip=None, drop_last=True, soft_masks=False, eval_transform="none",
+                   resize="stretch", resample="linear")
 
 
 def resolve(protocol: str, task: str, dataset: str, fraction: float, finetune: bool, init: str,
@@ -123,7 +87,8 @@ def resolve(protocol: str, task: str, dataset: str, fraction: float, finetune: b
     taking precedence over the protocol's default."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    base = (_mgca if protocol == "mgca" else _tool)(task, finetune, dataset, fraction)
+    task_impl = get_task(task)
+    base = task_impl.recipe(protocol, finetune, dataset, fraction)
     given = dict(epochs=epochs, patience=patience, lr=lr, batch_size=batch_size, weight_decay=weight_decay)
     base.update({k: v for k, v in given.items() if v is not None})
     if task == "det" and det_model is not None:
@@ -132,7 +97,7 @@ def resolve(protocol: str, task: str, dataset: str, fraction: float, finetune: b
         # MGCA normalises every encoder's input with mean/std 0.5; this tool uses ImageNet statistics for
         # ImageNet weights and 0.5 for the others (what M-FLAG, MGCA and GLoRIA pre-trained with)
         normalize = "half" if protocol == "mgca" or init != "imagenet" else "imagenet"
-    primary = _primary(protocol, task, label_kind)
+    primary = task_impl.primary(protocol, label_kind)
     if protocol == "mgca" and task != "det":
         monitor, mode = "loss", "min"
     else:

@@ -34,6 +34,7 @@ from pipeline.downstream.loop import (
     place,
     to_device,
 )
+from pipeline.downstream.recipes import MGCA_COMMON, TOOL_COMMON
 from pipeline.downstream.task import SeedOutcome, SeedRun, Task
 
 PREDICTIONS_FORMAT = "mflag-seg-predictions/1"
@@ -118,6 +119,17 @@ class SegTask(Task):
     predictions_suffix = ".json"
     predictions_format = ("JSON, per test image: image_id, original height/width, predicted and true masks at the "
                           "network input size as COCO run-length encodings (pycocotools.mask)")
+
+    def recipe(self, protocol: str, finetune: bool, dataset: str, fraction: float) -> dict:
+        if protocol == "mgca":  # mgca_segmenter.py, run_seg_finetune.sh, segmentation_loss.py (recipes.py)
+            return dict(MGCA_COMMON, batch_size=16 if dataset == "rsna" else 8, lr=5e-4, weight_decay=0.05,
+                        train_transform="shift-scale-rotate", features="", head="smp Unet(resnet50)",
+                        loss="10 x focal(gamma 2) - log(batch soft dice)", soft_masks=True)
+        return dict(TOOL_COMMON, epochs=10, patience=3, lr=1e-4 if finetune else 3e-4, train_transform="mild",
+                    features="", head="smp Unet(resnet50)", loss="bce + per-image soft dice")
+
+    def primary(self, protocol: str, label_kind: str) -> str:
+        return "dice"
 
     def check(self, spec) -> None:
         super().check(spec)

@@ -73,6 +73,15 @@ class Task(abc.ABC):
         return False
 
     @abc.abstractmethod
+    def recipe(self, protocol: str, finetune: bool, dataset: str, fraction: float) -> dict:
+        """This task's training defaults under ``protocol`` (``recipes.TOOL_COMMON``/``MGCA_COMMON`` plus its
+        own: epochs, patience, lr, transforms, head, loss, features); ``recipes.resolve`` completes them."""
+
+    @abc.abstractmethod
+    def primary(self, protocol: str, label_kind: str) -> str:
+        """The test metric that heads this task's tables."""
+
+    @abc.abstractmethod
     def run(self, run: SeedRun) -> SeedOutcome:
         """Train the head of this task on ``run`` and test it."""
 
