@@ -28,9 +28,8 @@ from pipeline.common import (
     write_json,
 )
 from pipeline.corpora import corpus_of
-from pipeline.corpora.base import CorpusError, ShardOptions, natural_key
+from pipeline.corpora.base import BadItem, CorpusError, CsvColumnError, ShardOptions, natural_key
 from pipeline.corpora.mimic import MimicConfig
-from pipeline.corpora.mimic_files import BadItem, CsvColumnError
 from pipeline.corpora.shards import (
     IMAGE_EXT,
     EncodeResults,

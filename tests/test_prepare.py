@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from pipeline.common import ConfigError, MflagError, read_json
-from pipeline.corpora.mimic_files import METADATA_CSV, SPLIT_CSV, BadItem, CsvColumnError, image_relpath, report_relpath
+from pipeline.corpora.base import BadItem, CsvColumnError
+from pipeline.corpora.mimic_files import METADATA_CSV, SPLIT_CSV, image_relpath, report_relpath
 from stages.prepare import PrepareConfig, TooManyBadItems, run
 from tests._prepare_helpers import (
     META_HEADER,

@@ -7,12 +7,16 @@ every skipped or bad input already counted in the :class:`~pipeline.corpora.shar
 """
 from __future__ import annotations
 
+import csv
+import gzip
 import hashlib
+import io
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator, Sequence
 
 from pipeline.common import ConfigError, MflagError, config_to_dict, unsafe_id_reason
 from pipeline.imaging import DEFAULT_MAX_PIXELS
@@ -185,3 +189,82 @@ def image_key(relpath: str) -> str:
 def unsafe_relpath_reason(relpath: str) -> str | None:
     """Why a path read from a table must not be joined to the image root (it could leave it), or None."""
     return unsafe_id_reason(relpath, allow_subfolders=True)
+
+
+# --------------------------------------------------------------------------- reading tables
+class CsvColumnError(MflagError):
+    """A CSV lacks a required column; ``path`` and ``column`` say which."""
+
+    def __init__(self, path: Path, column: str, columns: Sequence[str]):
+        self.path, self.column = path, column
+        super().__init__(f"{path}: missing required column {column!r} (found: {', '.join(columns) or 'none'})")
+
+
+@dataclass(frozen=True)
+class BadItem:
+    """One input problem: ``reason`` (e.g. "missing_image"), where (path or "file:line"), and detail."""
+
+    reason: str
+    where: str
+    detail: str = ""
+    ids: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"reason": self.reason, "where": self.where, "detail": self.detail, **self.ids}
+
+
+def read_csv(path: str | os.PathLike, required: Sequence[str],
+             optional: Sequence[str] = ()) -> Iterator[tuple[int, dict[str, str]]]:
+    """Yield ``(line number, {column: value})`` for the ``required`` columns of a .csv or .csv.gz, and
+    the ``optional`` ones the header has (None where it has not).
+
+    Raises ``CsvColumnError`` (before yielding anything) when a required column is missing, and
+    ``MflagError`` naming the file when it cannot be read. Only required columns are kept, so the
+    377k-row metadata CSV stays small in memory.
+    """
+    path = Path(path)
+    try:
+        raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    except OSError as e:
+        raise MflagError(f"{path}: cannot open ({e})") from e
+    try:
+        with raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(fh)
+            try:
+                header = next(reader)
+            except StopIteration:
+                header = []
+            header = [h.strip() for h in header]
+            for col in required:
+                if col not in header:
+                    raise CsvColumnError(path, col, header)
+            idx = [header.index(c) for c in required]
+            opt = {c: header.index(c) for c in optional if c in header}
+            width = max(idx) + 1
+            for row in reader:
+                if not row:
+                    continue
+                line = reader.line_num
+                if len(row) < width:
+                    yield line, {c: None for c in required}  # the caller reports the short row
+                    continue
+                values = {c: row[i].strip() for c, i in zip(required, idx)}
+                values.update({c: (row[i].strip() if i < len(row) else None) for c, i in opt.items()})
+                yield line, values
+    except UnicodeDecodeError:
+        raise MflagError(_first_bad_utf8_line(path)) from None
+    except (OSError, EOFError, zlib.error, csv.Error) as e:
+        raise MflagError(f"{path}: cannot read CSV ({type(e).__name__}: {e})") from e
+
+
+def _first_bad_utf8_line(path: Path) -> str:
+    """The line of a (gzipped) CSV that is not UTF-8, for the one-line error (the CSV is read streaming,
+    where the decoder fails a whole chunk ahead of the csv reader)."""
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return (f"{path}: line {n}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                        "save the file as UTF-8")
+    return f"{path}: not valid UTF-8"

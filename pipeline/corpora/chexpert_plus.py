@@ -16,16 +16,18 @@ from typing import ClassVar
 from pipeline.common import ConfigError
 from pipeline.corpora.base import (
     SPLIT_ALIASES,
+    BadItem,
     CorpusError,
     CorpusImage,
+    CsvColumnError,
     Selection,
     ShardOptions,
     image_key,
+    read_csv,
     sections_option,
     splits_option,
     unsafe_relpath_reason,
 )
-from pipeline.corpora.mimic_files import BadItem, CsvColumnError, read_csv
 from pipeline.options import option
 
 CSV_NAME = "df_chexpert_plus_240401.csv"

@@ -12,8 +12,17 @@ from pathlib import Path
 from typing import ClassVar
 
 from pipeline.common import ConfigError
-from pipeline.corpora.base import CorpusError, CorpusImage, Selection, ShardOptions, sections_option, splits_option
-from pipeline.corpora.mimic_files import BadItem, CsvColumnError, MimicImage, load_index, study_texts
+from pipeline.corpora.base import (
+    BadItem,
+    CorpusError,
+    CorpusImage,
+    CsvColumnError,
+    Selection,
+    ShardOptions,
+    sections_option,
+    splits_option,
+)
+from pipeline.corpora.mimic_files import MimicImage, load_index, study_texts
 from pipeline.options import option
 
 

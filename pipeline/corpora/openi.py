@@ -19,16 +19,17 @@ from typing import ClassVar, Iterator
 
 from pipeline.common import ConfigError, MflagError, unsafe_id_reason
 from pipeline.corpora.base import (
+    BadItem,
     CorpusError,
     CorpusImage,
     Selection,
     ShardOptions,
     check_fractions,
     draw_split,
+    read_csv,
     sections_option,
     splits_option,
 )
-from pipeline.corpora.mimic_files import BadItem, read_csv
 from pipeline.options import option
 from pipeline.text.sections import ALIASES, join_sections
 

@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Iterator
 from pipeline.common import ConfigError, MflagError, decode_utf8, replace_surrogates
 from pipeline.corpora.base import (
     SPLIT_ALIASES,
+    BadItem,
     CorpusError,
     CorpusImage,
     Selection,
@@ -40,7 +41,6 @@ from pipeline.corpora.base import (
     splits_option,
     unsafe_relpath_reason,
 )
-from pipeline.corpora.mimic_files import BadItem
 from pipeline.options import option
 
 log = logging.getLogger(__name__)

@@ -30,8 +30,7 @@ from pipeline.common import (
     read_json,
     write_json,
 )
-from pipeline.corpora.base import IMAGE_FORMATS, CorpusImage
-from pipeline.corpora.mimic_files import BadItem
+from pipeline.corpora.base import IMAGE_FORMATS, BadItem, CorpusImage
 from pipeline.imaging import (
     DegenerateImageError,
     ImageError,
