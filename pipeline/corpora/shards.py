@@ -40,7 +40,6 @@ from pipeline.imaging import (
     load_for_shard,
     load_rgb_for_shard,
 )
-from pipeline.preempt import pool_worker_init
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +168,7 @@ class EncodeResults:
     def __enter__(self) -> Iterator:
         if self.workers <= 1:
             return map(encode_task, self.tasks)
-        self.pool = multiprocessing.get_context().Pool(self.workers, initializer=pool_worker_init)
+        self.pool = multiprocessing.get_context().Pool(self.workers)
         # Small chunks keep the ordered stream flowing; imap preserves task order.
         return self.pool.imap(encode_task, self.tasks, chunksize=4)
 
