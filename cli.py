@@ -415,12 +415,10 @@ class CorpusGroup(click.Group):
         return list(CORPORA)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name not in CORPORA:
+        c = CORPORA.get(name)
+        if c is None:
             return None
-        c = CORPORA[name]
-        if name not in self.commands or self.commands[name].config not in (c.config_path, c.config_class()):
-            self.commands[name] = StageCommand(name, config=c.config_path, callback=_prepare_corpus, help=c.summary)
-        return self.commands[name]
+        return StageCommand(name, config=c.config_path, callback=_prepare_corpus, help=c.summary)
 
 
 @cli.group(cls=CorpusGroup)
