@@ -21,6 +21,7 @@ results dict the eval stage writes as results.json. Seeds change the prompt draw
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import logging
 import time
@@ -124,14 +125,15 @@ def evaluate(cfg, out: Path, embed_file: EmbedFile) -> dict:
             if key is not None:
                 za_cache[key] = za
         model = text_model_of(pre, cfg.text_model, cfg.init)
+        zt_of = functools.partial(_embed_sets, model=model, pre=pre, out=out, embed_file=embed_file)
         if protocol == "chexpert5x200":
             sets = file_prompts or pr.gloria_class_prompts(cfg.prompts_per_class, seed)
-            scores, used = _class_scores(za, sets, class_names, model, pre, out, cfg, embed_file)
+            scores, used = _class_scores(za, sets, class_names, zt_of, cfg)
             test = lm.multiclass_report(np.asarray(cls), scores.argmax(axis=1), class_names)
             test["auroc_per_class"] = {c: _auroc(labels[:, k], scores[:, k]) for k, c in enumerate(class_names)}
         else:
             sets = file_prompts or pr.binary_prompts(class_names)
-            scores, used = _binary_scores(za, sets, class_names, model, pre, out, cfg, embed_file)
+            scores, used = _binary_scores(za, sets, class_names, zt_of)
             per_label = lm.auroc_per_label(labels, scores, class_names, n_resamples=cfg.bootstrap, seed=0)
             test = {"auroc": per_label["mean"], "auroc_ci": [per_label["mean_low"], per_label["mean_high"]],
                     "auroc_per_class": {c: per_label["per_label"][c]["auroc"] for c in class_names},
@@ -170,9 +172,9 @@ def _embed_sets(texts: list[str], model: str, pre, out: Path, embed_file: EmbedF
     return zt / np.maximum(np.linalg.norm(zt, axis=1, keepdims=True), 1e-12)
 
 
-def _class_scores(za, sets: dict, class_names: list[str], model: str, pre, out: Path, cfg, embed_file):
+def _class_scores(za, sets: dict, class_names: list[str], zt_of, cfg):
     texts = [t for c in class_names for t in sets[c]]
-    zt = _embed_sets(texts, model, pre, out, embed_file)
+    zt = zt_of(texts)
     sim = cosine(za, zt)
     scores = np.empty((len(za), len(class_names)))
     k = 0
@@ -183,9 +185,9 @@ def _class_scores(za, sets: dict, class_names: list[str], model: str, pre, out: 
     return scores, {c: list(sets[c]) for c in class_names}
 
 
-def _binary_scores(za, sets: dict, class_names: list[str], model: str, pre, out: Path, cfg, embed_file):
+def _binary_scores(za, sets: dict, class_names: list[str], zt_of):
     texts = [t for c in class_names for side in ("positive", "negative") for t in sets[c][side]]
-    zt = _embed_sets(texts, model, pre, out, embed_file)
+    zt = zt_of(texts)
     probs = np.empty((len(za), len(class_names)))
     k = 0
     for j, c in enumerate(class_names):
