@@ -20,10 +20,8 @@ from typing import Any, Callable
 
 import click
 
-from cache.verify import cache_info, verify_cache
 from pipeline.common import ConfigError, MflagError, atomic_open
 from pipeline.corpora import CORPORA
-from pipeline.downstream.datasets.registry import DATASETS, synth_names
 from pipeline.options import (
     Option,
     default_text,
@@ -34,11 +32,10 @@ from pipeline.options import (
     unwrap_optional,
 )
 from pipeline.preempt import Stopped, sigterm_interrupts
-from pipeline.synth.mimic import write_mimic
-from pipeline.synth.openi import write_openi
 
-# The stage modules import torch (about 3 s); each command imports its stage when it runs ("lazy" below),
-# so `mflag --help`, `mflag synth ...` and `mflag cache info` start without it.
+# The stage modules import torch (about 3 s), the synthetic writers, dataset readers and cache tools numpy or
+# h5py (~0.25 s together); each command imports what it needs when it runs ("lazy" below), so `mflag --help`
+# starts in ~0.1 s and `mflag synth ...` / `mflag cache info` without torch.
 log = logging.getLogger("mflag")
 
 
@@ -306,9 +303,16 @@ class SynthGroup(click.Group):
     registered there with a writer is a command with no change here."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
+        from pipeline.downstream.datasets.registry import synth_names  # lazy: numpy/h5py, kept out of start-up
+
         return sorted({*super().list_commands(ctx), *synth_names()})
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        from pipeline.downstream.datasets.registry import (  # lazy: numpy/h5py, kept out of start-up
+            DATASETS,
+            synth_names,
+        )
+
         cmd = super().get_command(ctx, name)
         if cmd is None and name in synth_names():
             cmd = _downstream_command(name, DATASETS[name])
@@ -346,6 +350,8 @@ def _echo_summary(summary: dict) -> None:
 @user_errors
 def synth_mimic(out_dir, n_studies, seed, image_size, zip_reports, workers):
     """A MIMIC-CXR-JPG 2.0.0 tree with reports, CSVs and chest phantoms."""
+
+    from pipeline.synth.mimic import write_mimic  # lazy: numpy/h5py, kept out of start-up
 
     _echo_summary(write_mimic(out_dir, n_studies, seed, image_size=image_size, zip_reports=zip_reports,
                               workers=workers))
@@ -390,6 +396,8 @@ def _downstream_command(name: str, entry) -> click.Command:
 @user_errors
 def synth_openi(out_dir, n_reports, seed, image_size):
     """An IU X-ray / OpenI corpus: NLMCXR_reports.tgz, images/<id>.png, indiana_projections.csv."""
+
+    from pipeline.synth.openi import write_openi  # lazy: numpy/h5py, kept out of start-up
 
     _echo_summary(write_openi(out_dir, n_reports, seed, image_size=image_size))
 
@@ -448,6 +456,7 @@ def cache_info_cmd(path: str, as_json: bool) -> None:
     """Attributes, counts and truncation stats of a text cache (PATH: cache folder or its parent)."""
     import json
 
+    from cache.verify import cache_info  # lazy: numpy/h5py, kept out of start-up
 
     info = cache_info(path)
     if as_json:
@@ -465,6 +474,8 @@ def cache_info_cmd(path: str, as_json: bool) -> None:
 @user_errors
 def cache_verify_cmd(path: str) -> None:
     """Check every shard of a text cache: present, readable, counts, dims, hashes, attributes."""
+
+    from cache.verify import verify_cache  # lazy: numpy/h5py, kept out of start-up
 
     report = verify_cache(path)
     click.echo(f"ok: {report['path']} ({report['count']} embeddings, dim {report['dim']}, "
