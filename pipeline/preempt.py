@@ -14,7 +14,6 @@ the step finish.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import threading
 
@@ -89,13 +88,7 @@ def sigterm_interrupts():
         yield
         return
 
-    owner = os.getpid()
-
     def _raise(signum, frame):
-        if os.getpid() != owner:  # a forked child (a pool worker, which Pool.terminate() ends with SIGTERM):
-            signal.signal(signum, signal.SIG_DFL)  # end quietly, as SIGTERM ends any process, not with a
-            os.kill(os.getpid(), signum)           # traceback of the parent's Interrupted
-            return
         raise Interrupted(signum)
 
     previous = signal.signal(signal.SIGTERM, _raise)
@@ -109,3 +102,11 @@ def ignore_in_worker(_worker_id: int | None = None) -> None:
     """DataLoader ``worker_init_fn``: the main process alone decides when to stop (module docstring)."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+def pool_worker_init() -> None:
+    """``multiprocessing.Pool`` initializer: the main process alone decides when to stop (SIGINT ignored),
+    and the SIGTERM with which ``Pool.terminate()`` ends its workers ends them quietly (the default action),
+    rather than through the parent's inherited handler, which printed a traceback per worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)

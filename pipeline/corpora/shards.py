@@ -40,6 +40,7 @@ from pipeline.imaging import (
     load_for_shard,
     load_rgb_for_shard,
 )
+from pipeline.preempt import pool_worker_init
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ class EncodeResults:
     def __enter__(self) -> Iterator:
         if self.workers <= 1:
             return map(encode_task, self.tasks)
-        self.pool = multiprocessing.get_context().Pool(self.workers)
+        self.pool = multiprocessing.get_context().Pool(self.workers, initializer=pool_worker_init)
         # Small chunks keep the ordered stream flowing; imap preserves task order.
         return self.pool.imap(encode_task, self.tasks, chunksize=4)
 

@@ -22,6 +22,7 @@ from PIL import Image
 from pipeline.common import MflagError, atomic_open, progress
 from pipeline.downstream.datasets import registry
 from pipeline.downstream.datasets.siim import rle_encode
+from pipeline.preempt import pool_worker_init
 from pipeline.synth.dicom import siim_uids, write_dicom
 from pipeline.synth.phantom import LOBES, Findings, Opacity, Sided, render, sample_findings
 from pipeline.synth.reports import make_report, truth_labels
@@ -88,7 +89,7 @@ def _map(fn, jobs: list, workers: int, desc: str) -> list:
     out = []
     with progress(total=len(jobs), desc=desc, unit="img") as bar:
         if workers > 1 and len(jobs) > 1:
-            with multiprocessing.get_context().Pool(workers) as pool:
+            with multiprocessing.get_context().Pool(workers, initializer=pool_worker_init) as pool:
                 for res in pool.imap(fn, jobs, chunksize=4):
                     out.append(res)
                     bar.update(1)

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.common import MflagError, atomic_path, progress
+from pipeline.preempt import pool_worker_init
 from pipeline.synth.phantom import Findings, Opacity, Sided, is_lateral, render, sample_findings
 from pipeline.synth.reports import CHEXPERT_LABELS, Report, make_report
 
@@ -240,7 +241,7 @@ def write_mimic(out_dir, n_studies: int, seed: int, image_size: int = 256, zip_r
     n_images = sum(len(s.images) for s in studies)
     with progress(total=n_images, desc="synth mimic", unit="img") as bar:
         if workers > 1:
-            with multiprocessing.get_context().Pool(workers) as pool:
+            with multiprocessing.get_context().Pool(workers, initializer=pool_worker_init) as pool:
                 for n in pool.imap_unordered(_render_study_images, jobs, chunksize=8):
                     bar.update(n)
         else:
